@@ -1,0 +1,74 @@
+"""LoRA Studio desktop app.
+
+Run `python app.py` and open the printed URL (http://127.0.0.1:7860 by default).
+Flags: --host, --port, --share, --data-dir, --inbrowser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LoRA Studio: fine-tune an LLM on one GPU.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument(
+        "--share", action="store_true", help="open a public Gradio link (exposes the app!)"
+    )
+    parser.add_argument("--data-dir", help="where models/, runs/, datasets/ live (~/.lora-studio)")
+    parser.add_argument("--inbrowser", action="store_true", help="open the page in a browser")
+    return parser.parse_args(argv)
+
+
+def _prepare_default_model() -> None:
+    """Convert the embedded model in the background on first start; the page is up meanwhile."""
+    from studio import models
+
+    if models.embedded_ready():
+        return
+
+    def report(msg: str, frac: float) -> None:
+        print(f"[default model {frac:4.0%}] {msg}", flush=True)
+
+    def work() -> None:
+        try:
+            models.resolve_model(models.DEFAULT_MODEL, report)
+        except Exception as exc:  # noqa: BLE001 - reported, the app stays up
+            print(f"[default model] not ready: {exc}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=work, name="default-model", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from studio import paths
+
+    paths.set_data_dir(args.data_dir)
+    if args.share:
+        print(
+            "WARNING: --share makes this studio reachable from the internet through a public"
+            " link. Anyone with the link can read your datasets and start runs.",
+            file=sys.stderr,
+        )
+    if args.host not in {"127.0.0.1", "localhost", "::1"}:
+        print(f"WARNING: listening on {args.host}: other machines on the network can reach it.")
+    from studio.ui.app import build_app
+
+    demo = build_app()
+    print(f"LoRA Studio data dir: {paths.data_dir()}", flush=True)
+    _prepare_default_model()
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        inbrowser=args.inbrowser,
+        show_error=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

