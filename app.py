@@ -36,7 +36,7 @@ def _prepare_default_model() -> None:
     def work() -> None:
         try:
             models.resolve_model(models.DEFAULT_MODEL, report)
-        except Exception as exc:  # noqa: BLE001 - reported, the app stays up
+        except Exception as exc:
             print(f"[default model] not ready: {exc}", file=sys.stderr, flush=True)
 
     threading.Thread(target=work, name="default-model", daemon=True).start()

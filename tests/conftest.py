@@ -37,7 +37,7 @@ def studio_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_model(studio_home: Path):  # noqa: ANN201
+def embedded_model(studio_home: Path):
     """The real SmolLM2-135M-Instruct, resolved the way the app does it (no mocks)."""
     from studio import models
 
@@ -45,7 +45,7 @@ def embedded_model(studio_home: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_model):  # noqa: ANN001, ANN201
+def tokenizer(embedded_model):
     from studio.models import load_tokenizer
 
     return load_tokenizer(embedded_model.path)
@@ -149,7 +149,7 @@ def browser() -> Iterator:
 
 
 @pytest.fixture()
-def page(browser, request: pytest.FixtureRequest) -> Iterator:  # noqa: ANN001
+def page(browser, request: pytest.FixtureRequest) -> Iterator:
     """A new page; on failure its screenshot lands in test-artifacts/."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
@@ -162,7 +162,7 @@ def page(browser, request: pytest.FixtureRequest) -> Iterator:  # noqa: ANN001
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Keep each phase's report on the item so fixtures can save artifacts on failure."""
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
