@@ -1,0 +1,94 @@
+"""The ground every tab stands on: data dir, model resolution, a fast-starting app."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from studio import models, paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_data_dir_follows_flag_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = paths.data_dir()
+    try:
+        monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "from-env"))
+        paths.set_data_dir(None)
+        assert paths.data_dir() == (tmp_path / "from-env").resolve()
+        paths.set_data_dir(tmp_path / "from-flag")
+        assert paths.runs_dir() == (tmp_path / "from-flag" / "runs").resolve()
+        assert paths.models_dir().is_dir() and paths.datasets_dir().is_dir()
+    finally:
+        paths.set_data_dir(before)
+
+
+def test_unknown_model_lists_every_route_tried(studio_home: Path, tmp_path: Path) -> None:
+    with pytest.raises(models.ModelNotFoundError) as err:
+        models.resolve_model(str(tmp_path / "no-such-model"))
+    assert "no-such-model" in str(err.value) and "does not exist" in str(err.value)
+    not_a_model = tmp_path / "folder"
+    not_a_model.mkdir()
+    with pytest.raises(models.ModelNotFoundError, match="no config.json"):
+        models.resolve_model(str(not_a_model))
+    with pytest.raises(models.ModelNotFoundError) as err:
+        models.resolve_model("nobody-here/not-a-real-model-xyz", allow_hub=False)
+    text = str(err.value)
+    assert "hub id nobody-here/not-a-real-model-xyz" in text
+    assert "embedded copy: only for the default model" in text
+
+
+@pytest.mark.slow
+def test_embedded_model_resolves_and_answers(embedded_model: models.ResolvedModel) -> None:
+    """The real SmolLM2 from the PyPI wheel, converted once, answers a simple question."""
+    assert embedded_model.source in {"embedded", "hub"}
+    assert (embedded_model.path / "config.json").is_file()
+    assert models.resolve_model(models.DEFAULT_MODEL).path == embedded_model.path  # reused
+    model = models.load_model_for_inference(embedded_model.path, device="cpu")
+    tok = models.load_tokenizer(embedded_model.path)
+    answer = models.greedy_answer(model, tok, "What is the capital of France?")
+    assert "Paris" in answer
+
+
+def test_build_app_has_four_tabs_and_no_heavy_imports() -> None:
+    """Building the UI must not import torch & co.: the window has to come up fast."""
+    code = (
+        "import sys; from studio.ui.app import build_app; demo = build_app();"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes')"
+        " if m in sys.modules]; print('HEAVY', heavy);"
+        "import gradio as gr;"
+        "print('TABS', [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "HEAVY []" in out, out
+    for name in ("Dataset", "Hardware", "Train", "Chat"):
+        assert f"'{name}'" in out.split("TABS", 1)[1]
+
+
+def test_engine_never_imports_gradio() -> None:
+    offenders = []
+    for path in (ROOT / "studio").rglob("*.py"):
+        if "ui" in path.relative_to(ROOT / "studio").parts:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "import gradio" in text or "from gradio" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_app_serves_four_tabs_in_chromium(start_app, page) -> None:  # noqa: ANN001
+    app = start_app()
+    assert "127.0.0.1" in app.log()
+    page.goto(app.url)
+    for name in ("Dataset", "Hardware", "Train", "Chat"):
+        page.get_by_role("tab", name=name, exact=True).wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    page.get_by_role("tab", name="Dataset", exact=True).click()
+    assert "Error" not in page.title()
