@@ -1,15 +1,211 @@
-"""Export section, shown inside the Chat tab (placeholder until its issue lands)."""
+"""Export section of the Chat tab: merged model, GGUF and an Ollama Modelfile from a run.
+
+A thin layer over `studio.export.export_run` (the same engine as `python -m studio.export`):
+the export runs in a worker thread while the Export button's handler streams its progress,
+then shows the sanity check, the files written, the Modelfile and the ollama commands.
+"""
 
 from __future__ import annotations
 
+import html
+import threading
+import time
 from typing import Any
 
 import gradio as gr
 
+from studio import export
+
+GGUF_CHOICES = [
+    ("GGUF f16 (exact, about the size of the merged model)", "f16"),
+    ("GGUF q8_0 (about half the size, tiny rounding)", "q8_0"),
+    ("No GGUF (Ollama imports the merged safetensors folder)", "none"),
+]
+CHECK_HEADERS = ["Check", "Prompt", "Reference answer", "Exported answer", "Same?"]
+FILE_HEADERS = ["File", "Size (MB)"]
+INTRO = (
+    "Turn a run into files other tools use: the **merged model** (base + adapter folded into"
+    " one safetensors folder, always written), optionally a **GGUF** file for llama.cpp / LM"
+    " Studio, and an **Ollama Modelfile** with the exact `ollama create` / `ollama run`"
+    " commands. Same as `python -m studio.export RUN_DIR`. Nothing is overwritten: a second"
+    " export of a run goes to `export-<time>/`."
+)
+QLORA_MD = "**Why QLoRA runs are merged into a 16-bit base.** " + export.QLORA_NOTE
+
+
+def _run_choices() -> list[tuple[str, str]]:
+    try:
+        return [(r["label"], r["path"]) for r in export.list_exportable_runs()]
+    except Exception:  # a broken runs folder must not break the page
+        return []
+
+
+def _run_details(run_path: str | None) -> str:
+    if not run_path:
+        return "No finished run with an adapter yet: train one in the Train tab."
+    try:
+        src = export.inspect_run(run_path)
+    except export.ExportError as exc:
+        return f"⚠️ {exc}"
+    done = [r for r in export.list_exportable_runs() if r["path"] == run_path]
+    earlier = done[0]["exports"] if done else []
+    text = f"Base **{src.base_model}** · method **{src.method}** · folder `{src.run_dir}`"
+    if earlier:
+        text += f"\n\nEarlier exports (kept): {', '.join(f'`{e}`' for e in earlier)}"
+    if src.method == "qlora":
+        text += (
+            "\n\nQLoRA run: the adapter is merged into the **16-bit** base, not the 4-bit one"
+            " it was trained on (why: see below)."
+        )
+    return text
+
+
+def _bar(frac: float, msg: str, elapsed: float) -> str:
+    width = 30
+    done = int(max(0.0, min(1.0, frac)) * width)
+    bar = "█" * done + "░" * (width - done)
+    return f"`{bar}` **{frac:.0%}** · {elapsed:.0f} s · {html.escape(msg)}"
+
+
+def _check_rows(result: export.ExportResult) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for chk in (result.merge_check, result.gguf_check):
+        if chk is None:
+            continue
+        for c in chk.cases:
+            mark = "✅ " if c.match else ("🟡 " if c.near_tie else "❌ ")
+            rows.append([chk.title, c.prompt, c.expected, c.got, mark + export.case_verdict(c)])
+    return rows
+
+
+def _summary(result: export.ExportResult) -> str:
+    lines = [f"✅ **Exported** to `{result.export_dir}` in {result.seconds:.0f} s."]
+    for chk in (result.merge_check, result.gguf_check):
+        if chk is not None:
+            lines.append(("✅ " if chk.passed else "⚠️ ") + chk.summary + ".")
+            if chk.note:
+                lines.append(chk.note)
+    if result.gguf_check is None and result.gguf_path:
+        lines.append("The GGUF file was not loaded back (verification was switched off).")
+    lines.append(f"Merge: {result.merge_precision}")
+    tmpl = "derived and checked" if result.template_exact else "**approximated** (see Modelfile)"
+    lines.append(f"Ollama template: {result.template_family} style, {tmpl}.")
+    lines += [f"ℹ️ {n}" for n in result.notes]
+    lines += [f"⚠️ {w}" for w in result.warnings]
+    return "\n\n".join(lines)
+
 
 def build_export_section(ctx: dict[str, Any]) -> None:
-    gr.Markdown("Export (merged model, GGUF, Ollama) is being built.")
+    """Create the section's components inside the open Accordion; own events attached here."""
+    gr.Markdown(INTRO)
+    with gr.Row():
+        run_dd = gr.Dropdown(
+            choices=_run_choices(),
+            label="Run to export",
+            scale=4,
+            elem_id="export-run",
+        )
+        refresh_btn = gr.Button("Refresh runs", scale=1, elem_id="export-refresh")
+    details = gr.Markdown("", elem_id="export-run-details")
+    with gr.Row():
+        gguf = gr.Radio(
+            choices=GGUF_CHOICES, value="f16", label="GGUF file", scale=3, elem_id="export-gguf"
+        )
+        verify = gr.Checkbox(
+            value=True,
+            label="Load the GGUF back and compare answers (slower, recommended)",
+            scale=2,
+        )
+    with gr.Accordion("Why QLoRA runs are merged into a 16-bit base", open=False):
+        gr.Markdown(QLORA_MD)
+    export_btn = gr.Button("Export", variant="primary", elem_id="export-button")
+    status = gr.Markdown("", elem_id="export-status")
+    with gr.Group(visible=False) as results:
+        checks = gr.Dataframe(
+            headers=CHECK_HEADERS,
+            label="Sanity check: greedy answers, same prompts",
+            wrap=True,
+            column_widths=["16%", "26%", "24%", "24%", "10%"],
+            interactive=False,
+            elem_id="export-checks",
+        )
+        files = gr.Dataframe(
+            headers=FILE_HEADERS,
+            label="Files written",
+            interactive=False,
+            column_widths=["80%", "20%"],
+            elem_id="export-files",
+        )
+        commands = gr.Code(
+            label="Ollama commands (Ollama need not be installed to export)",
+            language="shell",
+            interactive=False,
+            elem_id="export-commands",
+        )
+        modelfile = gr.Code(
+            label="Modelfile", language="dockerfile", interactive=False, elem_id="export-modelfile"
+        )
+
+    def refresh(current: str | None):
+        choices = _run_choices()
+        values = {v for _, v in choices}
+        value = current if current in values else (choices[0][1] if choices else None)
+        return gr.update(choices=choices, value=value), _run_details(value)
+
+    def do_export(run_path: str | None, gguf_type: str, verify_gguf: bool):
+        empty = (gr.update(visible=False), [], [], "", "")
+        if not run_path:
+            yield ("Pick a run first (train one in the Train tab if the list is empty).", *empty)
+            return
+        state: dict[str, Any] = {"msg": "Starting", "frac": 0.0, "result": None, "error": None}
+
+        def progress(msg: str, frac: float) -> None:
+            state["msg"], state["frac"] = msg, frac
+
+        def work() -> None:
+            try:
+                state["result"] = export.export_run(
+                    run_path, gguf=gguf_type, progress=progress, verify_gguf=verify_gguf
+                )
+            except export.ExportError as exc:
+                state["error"] = str(exc)
+            except Exception as exc:  # the app must survive any export failure
+                state["error"] = f"Export failed: {type(exc).__name__}: {exc}"
+
+        t0 = time.time()
+        worker = threading.Thread(target=work, name="export", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            yield (_bar(state["frac"], state["msg"], time.time() - t0), *empty)
+            worker.join(timeout=0.5)
+        if state["error"]:
+            text = html.escape(state["error"]).replace("\n", "<br>")
+            yield (f"❌ {text}", *empty)
+            return
+        result: export.ExportResult = state["result"]
+        file_rows = [[p, round(n / 1e6, 1)] for p, n in result.files]
+        cmds = f"{result.create_command}\n{result.run_command}\n"
+        shown = gr.update(visible=True)
+        yield (_summary(result), shown, _check_rows(result), file_rows, cmds, result.modelfile)
+
+    refresh_btn.click(refresh, run_dd, [run_dd, details])
+    run_dd.change(_run_details, run_dd, details)
+    export_btn.click(
+        do_export,
+        [run_dd, gguf, verify],
+        [status, results, checks, files, commands, modelfile],
+        concurrency_limit=1,
+        concurrency_id="export",
+    )
+    ctx["export._refresh"] = (refresh, run_dd, details)
 
 
 def wire_export_section(ctx: dict[str, Any]) -> None:
-    """Attach events that involve other tabs' components."""
+    """Refresh the run list when the page loads and when the Train tab says a run ended."""
+    refresh, run_dd, details = ctx["export._refresh"]
+    demo = ctx.get("demo")
+    if demo is not None:
+        demo.load(refresh, run_dd, [run_dd, details])
+    signal = ctx.get("runs.refresh")
+    if signal is not None and hasattr(signal, "change"):
+        signal.change(refresh, run_dd, [run_dd, details])

@@ -1,4 +1,10 @@
-"""Hardware tab (placeholder until its issue lands)."""
+"""Hardware tab: detected GPU, preset and model pickers, VRAM fit estimate, environment check.
+
+Choosing a preset or a model fills the Train tab's settings (still editable there); changing
+any of those settings re-estimates. Detection and the environment check run when the page
+loads, not at start-up, so the app serves at once. The engine (studio.presets, .hardware,
+.vram, .doctor) does the work; this module only turns its plain data into components.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,389 @@ from typing import Any
 
 import gradio as gr
 
+from studio import vram
+from studio.models import DEFAULT_MODEL
+from studio.presets import BAND_LABELS, PresetCatalog, band_for, defaults_for, load_presets
+
+# The Train tab's fields this tab fills and watches (RunConfig names, as "train.<name>").
+SETTING_FIELDS = (
+    "method",
+    "batch_size",
+    "grad_accum",
+    "max_seq_len",
+    "gradient_checkpointing",
+    "optimizer",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+)
+_STATUS_ICON = {"ok": "✅", "warning": "⚠️", "problem": "❌"}
+GIB = vram.GIB
+
+
+def _catalog() -> PresetCatalog:
+    return load_presets()
+
+
+def _preset_choices(catalog: PresetCatalog) -> list[tuple[str, str]]:
+    ordered = sorted(
+        catalog.presets.values(), key=lambda p: (p.user, p.kind == "cpu", p.vram_gb, p.name)
+    )
+    return [(p.label + (" (yours)" if p.user else ""), p.name) for p in ordered]
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """The picker's list: known models with their size; the embedded default first."""
+    choices = []
+    for name, shape in vram.known_models():
+        label = f"{name.split('/')[-1]} · {vram.format_params(shape.n_params)}"
+        if name == DEFAULT_MODEL:
+            label += " · default, works offline"
+        choices.append((label, name))
+    return choices
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def detected_markdown(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "**Detecting hardware…**"
+    lines = [
+        f"**Device:** {report['device']['reason']}",
+        f"**Precision:** {report['dtype']['reason']}",
+    ]
+    for gpu in report["gpus"]:
+        free = gpu.get("free_bytes")
+        free_text = f", {free / GIB:.1f} GiB free now" if free is not None else ""
+        lines.append(
+            f"**GPU {gpu['index']}:** {gpu['name']} · {gpu['total_bytes'] / GIB:.1f} GiB{free_text}"
+            f" · compute capability {gpu['cc']}"
+        )
+    lines.append(f"**Preset:** {report['preset']['reason']}")
+    lines += [f"ℹ️ {note}" for note in report.get("notes", [])]
+    return "\n\n".join(lines)
+
+
+def checks_markdown(checks: list[dict[str, Any]] | None) -> str:
+    if checks is None:
+        return "Running the environment check…"
+    rows = ["| | Check | Result | Fix |", "|---|---|---|---|"]
+    for c in checks:
+        cells = [_STATUS_ICON.get(c["status"], c["status"]), c["name"], c["detail"], c["fix"]]
+        rows.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
+    return "\n".join(rows)
+
+
+def _verdict_markdown(est: vram.VramEstimate, in_use_note: str) -> str:
+    icon = {"fits": "✅", "tight": "⚠️", "won't fit": "❌"}.get(est.verdict, "❔")
+    head = f"### {icon} {est.verdict.capitalize()}: {est.summary()}"
+    rows = ["| Part | GiB | How |", "|---|---:|---|"]
+    rows.append(f"| {vram.PART_LABELS['in_use']} | {est.in_use_bytes / GIB:.2f} | {in_use_note} |")
+    rows += [f"| {p.label} | {p.gib:.2f} | {p.detail} |" for p in est.parts]
+    notes = [f"ℹ️ {n}" for n in est.notes]
+    return "\n\n".join([head, "\n".join(rows), *notes])
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _memory_target(
+    preset_name: str, catalog: PresetCatalog, report: dict[str, Any] | None
+) -> tuple[int, int, str, str]:
+    """(capacity, in use, how 'in use' was found, device) for the estimate."""
+    preset = catalog.get(preset_name)
+    if preset.kind == "cpu":
+        from studio.hardware import ram_used_by_others, system_ram
+
+        return system_ram()[0], ram_used_by_others(), "RAM used by other programs, measured", "cpu"
+    gpus = (report or {}).get("gpus") or []
+    detected = (report or {}).get("preset", {}).get("value")
+    if gpus and detected == preset.name and gpus[0].get("free_bytes") is not None:
+        gpu = gpus[0]
+        return (
+            int(gpu["total_bytes"]),
+            int(gpu["total_bytes"] - gpu["free_bytes"]),
+            "measured on your card",
+            "cuda",
+        )
+    return (
+        preset.vram_bytes,
+        vram.TYPICAL_DESKTOP_USE,
+        "typical desktop use (not measured: this card is not here)",
+        "cuda",
+    )
+
+
+def model_markdown(model: str) -> str:
+    try:
+        shape = vram.model_shape(model)
+    except vram.ModelShapeError as exc:
+        return f"⚠️ {exc}"
+    band = BAND_LABELS[band_for(shape.n_params)]
+    return (
+        f"**{model}**: {vram.format_params(shape.n_params)} parameters ({band} band),"
+        f" {shape.num_layers} layers, hidden {shape.hidden_size}, vocab {shape.vocab_size:,}"
+        f" · from the {shape.source}"
+    )
+
+
+def estimate_view(
+    preset_name: str | None,
+    model: str | None,
+    settings: dict[str, Any],
+    report: dict[str, Any] | None,
+) -> tuple[str, Any]:
+    """Verdict markdown and chart for the current choices; errors become a message."""
+    if not preset_name:
+        return "Choose a preset.", None
+    try:
+        catalog = _catalog()
+        shape = vram.model_shape(model or DEFAULT_MODEL)
+        capacity, in_use, how, device = _memory_target(preset_name, catalog, report)
+        est = vram.estimate(
+            shape, settings, capacity_bytes=capacity, in_use_bytes=in_use, device=device
+        )
+    except (vram.ModelShapeError, ValueError, KeyError) as exc:
+        return f"### ❔ No estimate\n\n{exc}", None
+    label = catalog.get(preset_name).label
+    fig = vram.vram_figure(est, capacity / GIB)
+    fig.update_layout(title={"text": f"{label} · {shape.name.split('/')[-1]}: {est.verdict}"})
+    return _verdict_markdown(est, how), fig
+
+
+def _fill(preset_name: str | None, model: str | None, current: dict[str, Any]) -> dict[str, Any]:
+    """The preset's defaults for this model's size band (current settings if either is unknown)."""
+    if not preset_name:
+        return dict(current)
+    try:
+        shape = vram.model_shape(model or DEFAULT_MODEL)
+        preset = _catalog().get(preset_name)
+    except (vram.ModelShapeError, KeyError):
+        return dict(current)
+    return {**current, **defaults_for(preset, shape.n_params)}
+
+
+def _initial_settings() -> dict[str, Any]:
+    catalog = _catalog()
+    cpu = next((p for p in catalog.presets.values() if p.kind == "cpu"), None)
+    if cpu is None:
+        from studio.config import RunConfig
+
+        cfg = RunConfig()
+        return {name: getattr(cfg, name) for name in SETTING_FIELDS}
+    shape = vram.model_shape(DEFAULT_MODEL)
+    return defaults_for(cpu, shape.n_params)
+
+
+# --------------------------------------------------------------------------- build and wire
+
 
 def build_hardware_tab(ctx: dict[str, Any]) -> None:
     """Create the tab's components inside the open gr.Tab; register shared ones in ctx."""
-    gr.Markdown("The Hardware tab is being built.")
+    catalog = _catalog()
+    gr.Markdown(
+        "Pick your GPU and base model: the studio fills the Train tab's settings and checks"
+        " that the run fits in memory before you start it."
+    )
+    detected = gr.Markdown(detected_markdown(None), elem_id="hw-detected")
+    with gr.Row():
+        preset = gr.Dropdown(
+            choices=_preset_choices(catalog),
+            value="cpu" if "cpu" in catalog.presets else None,
+            label="Hardware preset",
+            info="Detected on page load; pick another card to plan for it.",
+            elem_id="hw-preset",
+            interactive=True,
+        )
+        model = gr.Dropdown(
+            choices=model_choices(),
+            value=DEFAULT_MODEL,
+            label="Base model",
+            info="A listed model, a hub id, or a local folder with config.json.",
+            allow_custom_value=True,
+            elem_id="hw-model",
+            interactive=True,
+        )
+    model_info = gr.Markdown(model_markdown(DEFAULT_MODEL), elem_id="hw-model-info")
+    verdict = gr.Markdown("Estimating…", elem_id="hw-verdict")
+    chart = gr.Plot(label="Estimated peak memory", elem_id="hw-chart")
+    with gr.Row():
+        autofit = gr.Button("Auto-fit", variant="secondary", elem_id="hw-autofit", scale=0)
+        autofit_msg = gr.Markdown(
+            "Auto-fit picks the largest batch (then sequence length) that fits with 10% to"
+            " spare, raising gradient accumulation to keep the effective batch.",
+            elem_id="hw-autofit-msg",
+        )
+    with gr.Accordion("Environment check (running…)", open=False) as checks_box:
+        checks = gr.Markdown(checks_markdown(None), elem_id="hw-checks")
+        recheck = gr.Button("Run the checks again", size="sm")
+    presets_note = gr.Markdown(_presets_note(catalog), elem_id="hw-presets-note")
+
+    ctx["model.name"] = model
+    ctx["hardware.preset"] = preset
+    ctx["hardware.report"] = gr.State(None)
+    ctx["hardware.settings"] = gr.State(_initial_settings())
+    ctx["hardware._ui"] = {
+        "detected": detected,
+        "model_info": model_info,
+        "verdict": verdict,
+        "chart": chart,
+        "autofit": autofit,
+        "autofit_msg": autofit_msg,
+        "checks": checks,
+        "checks_box": checks_box,
+        "recheck": recheck,
+        "presets_note": presets_note,
+    }
+
+    def run_checks() -> list[Any]:
+        from studio.doctor import checks_as_dicts
+
+        found = checks_as_dicts()
+        counts = {s: sum(c["status"] == s for c in found) for s in ("ok", "warning", "problem")}
+        label = (
+            f"Environment check: {counts['ok']} ok · {counts['warning']} warning(s) ·"
+            f" {counts['problem']} problem(s)"
+        )
+        box = gr.Accordion(label=label, open=counts["problem"] > 0)
+        return [checks_markdown(found), box]
+
+    ctx["demo"].load(run_checks, outputs=[checks, checks_box], show_progress="hidden")
+    recheck.click(run_checks, outputs=[checks, checks_box])
+
+
+def _presets_note(catalog: PresetCatalog) -> str:
+    from studio.presets import user_presets_dir
+
+    text = (
+        f"Your own presets: copy a file from the repo's `presets/` into `{user_presets_dir()}`,"
+        " edit it, and reload the page."
+    )
+    if catalog.problems:
+        text += "\n\n" + "\n\n".join(f"⚠️ Preset not loaded: {p}" for p in catalog.problems)
+    return text
 
 
 def wire_hardware_tab(ctx: dict[str, Any]) -> None:
-    """Attach events that involve other tabs' components (all tabs exist by now)."""
+    """Fill the Train tab's fields from presets/models; re-estimate when any of them changes."""
+    ui = ctx["hardware._ui"]
+    preset, model = ctx["hardware.preset"], ctx["model.name"]
+    report_state, settings_state = ctx["hardware.report"], ctx["hardware.settings"]
+    # The Train tab may not exist yet (or may lack a field): fill and watch what is there.
+    keys = [k for k in SETTING_FIELDS if f"train.{k}" in ctx]
+    train = [ctx[f"train.{k}"] for k in keys]
+
+    def merged(settings: dict[str, Any], values: tuple[Any, ...]) -> dict[str, Any]:
+        out = dict(settings or {})
+        out.update({k: v for k, v in zip(keys, values, strict=True) if v is not None})
+        return out
+
+    def view(p: str | None, m: str | None, settings: dict[str, Any], report: Any) -> list[Any]:
+        text, fig = estimate_view(p, m, settings, report)
+        return [text, fig]
+
+    def fill(p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any):
+        new = _fill(p, m, merged(settings, values))
+        return [
+            new,
+            *[new[k] for k in keys],
+            model_markdown(m or DEFAULT_MODEL),
+            *view(p, m, new, report),
+        ]
+
+    fill_outputs = [settings_state, *train, ui["model_info"], ui["verdict"], ui["chart"]]
+    fill_inputs = [preset, model, settings_state, report_state, *train]
+
+    def on_load(settings: dict[str, Any], m: str | None, *values: Any):
+        from studio.hardware import detect
+
+        catalog = _catalog()
+        report = detect(catalog).to_dict()
+        chosen = report["preset"]["value"]
+        dropdown = gr.Dropdown(choices=_preset_choices(catalog), value=chosen)
+        return [
+            detected_markdown(report),
+            dropdown,
+            report,
+            _presets_note(catalog),
+            *fill(chosen, m, settings, report, *values),
+        ]
+
+    ctx["demo"].load(
+        on_load,
+        inputs=[settings_state, model, *train],
+        outputs=[ui["detected"], preset, report_state, ui["presets_note"], *fill_outputs],
+    )
+    for picker in (preset, model):
+        picker.input(
+            fill,
+            inputs=fill_inputs,
+            outputs=fill_outputs,
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
+
+    def on_settings_change(
+        p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any
+    ):
+        new = merged(settings, values)
+        return [new, *view(p, m, new, report)]
+
+    if train:
+        gr.on(
+            triggers=[c.change for c in train],
+            fn=on_settings_change,
+            inputs=fill_inputs,
+            outputs=[settings_state, ui["verdict"], ui["chart"]],
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
+
+    def on_model_change(
+        p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any
+    ):
+        return [model_markdown(m or DEFAULT_MODEL), *view(p, m, merged(settings, values), report)]
+
+    model.change(
+        on_model_change,
+        inputs=fill_inputs,
+        outputs=[ui["model_info"], ui["verdict"], ui["chart"]],
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
+
+    def on_autofit(
+        p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any
+    ):
+        current = merged(settings, values)
+        try:
+            catalog = _catalog()
+            shape = vram.model_shape(m or DEFAULT_MODEL)
+            capacity, in_use, _how, device = _memory_target(p or "", catalog, report)
+            result = vram.auto_fit(
+                shape, current, capacity_bytes=capacity, in_use_bytes=in_use, device=device
+            )
+        except (vram.ModelShapeError, ValueError, KeyError) as exc:
+            return [
+                current,
+                *[current.get(k) for k in keys],
+                f"⚠️ Auto-fit: {exc}",
+                *view(p, m, current, report),
+            ]
+        new = {**current, **result.settings}
+        icon = "✅" if result.fits else "❌"
+        return [
+            new,
+            *[new[k] for k in keys],
+            f"{icon} {result.message()}",
+            *view(p, m, new, report),
+        ]
+
+    ui["autofit"].click(
+        on_autofit,
+        inputs=fill_inputs,
+        outputs=[settings_state, *train, ui["autofit_msg"], ui["verdict"], ui["chart"]],
+        show_progress="hidden",
+    )

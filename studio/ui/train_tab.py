@@ -1,16 +1,434 @@
-"""Train tab (placeholder until its issue lands)."""
+"""Train tab: the run settings, Start / Stop / Resume, a live loss chart, progress and log.
+
+A thin layer over `studio.jobs` (the process-wide background job) and `studio.runs` (run
+folders): a gr.Timer polls the job once a second, so a reloaded page or a second browser tab
+shows the same run, and a closed page does not stop it. The settings are RunConfig fields,
+registered in ctx as "train.<field>" for the Hardware tab to fill.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from studio import runs
+from studio.config import DEVICES, METHODS, OPTIMIZERS, TARGETS, ConfigError, RunConfig
+from studio.jobs import JobBusyError, JobSnapshot, get_manager
+from studio.models import DEFAULT_MODEL
+
+# (field, label, kind, extra kwargs); kind: text, int, float, bool, or a tuple of choices.
+BASIC_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
+    ("run_name", "Run name", "text", {}),
+    ("method", "Method", METHODS, {"info": "QLoRA: 4-bit NF4 base, about 1/4 of the memory"}),
+    ("target_modules", "LoRA targets", TARGETS, {}),
+    ("lora_r", "LoRA rank r", "int", {}),
+    ("lora_alpha", "LoRA alpha", "int", {}),
+    ("lora_dropout", "LoRA dropout", "float", {}),
+    ("max_seq_len", "Max length (tokens)", "int", {}),
+    ("batch_size", "Batch size", "int", {}),
+    ("grad_accum", "Gradient accumulation", "int", {}),
+    ("learning_rate", "Learning rate", "float", {}),
+    ("epochs", "Epochs", "float", {}),
+    ("max_steps", "Max steps (0 = use epochs)", "int", {}),
+    ("optimizer", "Optimizer", OPTIMIZERS, {}),
+    ("gradient_checkpointing", "Gradient checkpointing", "bool", {}),
+]
+ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
+    ("save_steps", "Checkpoint every N steps (0 = about 4 per run)", "int", {}),
+    ("eval_steps", "Evaluate every N steps (0 = about 5 per run)", "int", {}),
+    ("val_fraction", "Validation share", "float", {}),
+    ("warmup_ratio", "Warmup ratio", "float", {}),
+    ("lr_scheduler", "LR schedule", ("cosine", "linear", "constant_with_warmup"), {}),
+    ("max_grad_norm", "Gradient clipping (max norm)", "float", {}),
+    ("weight_decay", "Weight decay", "float", {}),
+    ("logging_steps", "Log every N steps", "int", {}),
+    ("seed", "Seed", "int", {}),
+    ("device", "Device", DEVICES, {}),
+    ("price_per_kwh", "Electricity price per kWh", "float", {}),
+    ("assistant_only_loss", "Loss on assistant replies only", "bool", {}),
+    ("packing", "Pack rows into full-length blocks", "bool", {}),
+    (
+        "trust_remote_code",
+        "Trust remote code (runs Python from the model repo!)",
+        "bool",
+        {"info": "Only for models you trust; off by default."},
+    ),
+]
+FIELDS = [f[0] for f in BASIC_FIELDS + ADVANCED_FIELDS] + ["allow_pii"]
+CROSS_TAB = ("model.name", "dataset.path", "dataset.format", "dataset.pii_count", "hardware.preset")
+RUN_HEADERS = [
+    "run",
+    "status",
+    "method",
+    "base model",
+    "steps",
+    "train loss",
+    "eval loss",
+    "created",
+]
+RESUMABLE = ("interrupted", "stopped", "failed")
+
+
+def _component(field: str, label: str, kind: Any, extra: dict[str, Any], default: Any):
+    elem_id = f"train-{field.replace('_', '-')}"
+    if isinstance(kind, tuple):
+        return gr.Dropdown(list(kind), value=default, label=label, elem_id=elem_id, **extra)
+    if kind == "bool":
+        return gr.Checkbox(value=default, label=label, elem_id=elem_id, **extra)
+    if kind == "int":
+        return gr.Number(value=default, label=label, precision=0, elem_id=elem_id, **extra)
+    if kind == "float":
+        return gr.Number(value=default, label=label, elem_id=elem_id, **extra)
+    return gr.Textbox(value=default, label=label, elem_id=elem_id, **extra)
+
 
 def build_train_tab(ctx: dict[str, Any]) -> None:
     """Create the tab's components inside the open gr.Tab; register shared ones in ctx."""
-    gr.Markdown("The Train tab is being built.")
+    defaults = RunConfig()
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("### Settings\nFilled by the Hardware tab's preset; edit freely.")
+            ui["target"] = gr.Markdown(elem_id="train-target")
+            with gr.Row():
+                for name, label, kind, extra in BASIC_FIELDS[:3]:
+                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+            with gr.Row():
+                for name, label, kind, extra in BASIC_FIELDS[3:6]:
+                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+            with gr.Row():
+                for name, label, kind, extra in BASIC_FIELDS[6:9]:
+                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+            with gr.Row():
+                for name, label, kind, extra in BASIC_FIELDS[9:12]:
+                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+            with gr.Row():
+                for name, label, kind, extra in BASIC_FIELDS[12:]:
+                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+            with gr.Accordion("Advanced settings", open=False):
+                with gr.Row():
+                    for name, label, kind, extra in ADVANCED_FIELDS:
+                        if kind != "bool":
+                            ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+                with gr.Column():
+                    for name, label, kind, extra in ADVANCED_FIELDS:
+                        if kind == "bool":
+                            ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+            with gr.Group(visible=False) as ui["pii_group"]:
+                ui["pii_md"] = gr.Markdown()
+                ui["allow_pii"] = gr.Checkbox(
+                    value=False,
+                    label="Train anyway: I checked the findings and accept them",
+                    elem_id="train-allow-pii",
+                )
+            with gr.Accordion("Run config (YAML): the same run headless", open=False):
+                gr.Markdown("Save it as `run.yaml` and run `python -m studio.train run.yaml`.")
+                ui["yaml"] = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
+        with gr.Column(scale=1):
+            with gr.Row():
+                ui["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
+                ui["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
+            ui["notice"] = gr.Markdown(elem_id="train-notice")
+            ui["progress"] = gr.Markdown("No run yet.", elem_id="train-progress")
+            ui["chart"] = gr.Plot(label="Loss", elem_id="train-chart")
+            ui["result"] = gr.Markdown(elem_id="train-result")
+            ui["retry"] = gr.Button(
+                "Retry with the suggested settings", visible=False, elem_id="train-retry"
+            )
+            ui["run_dir"] = gr.Textbox(
+                label="Run folder", interactive=False, elem_id="train-run-dir", buttons=["copy"]
+            )
+            ui["log"] = gr.Textbox(
+                label="Log", lines=10, max_lines=10, interactive=False, elem_id="train-log"
+            )
+    with gr.Accordion("Past runs", open=True):
+        with gr.Row():
+            ui["refresh"] = gr.Button("Refresh", size="sm", elem_id="train-refresh")
+            ui["resume_dd"] = gr.Dropdown(
+                label="Run to resume (interrupted, stopped or failed)",
+                choices=[],
+                elem_id="train-resume-run",
+                scale=3,
+            )
+            ui["resume"] = gr.Button("Resume", elem_id="train-resume")
+        ui["runs_table"] = gr.Dataframe(
+            headers=RUN_HEADERS, interactive=False, elem_id="train-runs", wrap=True
+        )
+        ui["overlay_dd"] = gr.Dropdown(
+            label="Overlay the curves of runs",
+            multiselect=True,
+            choices=[],
+            elem_id="train-overlay",
+        )
+        ui["compare"] = gr.Plot(label="Compare runs", elem_id="train-compare")
+    ui["seen"] = gr.State(-1)  # the job version this browser tab last drew
+    ui["timer"] = gr.Timer(1.0)
+    for name in FIELDS:
+        ctx[f"train.{name}"] = ui[name]
+    ctx["runs.refresh"] = gr.State(0)
+    ctx["train._ui"] = ui
 
 
 def wire_train_tab(ctx: dict[str, Any]) -> None:
-    """Attach events that involve other tabs' components (all tabs exist by now)."""
+    """Attach the events; other tabs' model, dataset and preset are read when they exist."""
+    ui = ctx["train._ui"]
+    settings = [ui[name] for name in FIELDS]
+    present = [key for key in CROSS_TAB if key in ctx]
+    inputs = settings + [ctx[key] for key in present]
+    refresh_signal = ctx["runs.refresh"]
+    past_outputs = [ui["runs_table"], ui["resume_dd"], ui["overlay_dd"]]
+
+    def split(args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        values = dict(zip(FIELDS, args[: len(FIELDS)], strict=True))
+        extras = dict(zip(present, args[len(FIELDS) :], strict=True))
+        return values, extras
+
+    def preview(*args: Any) -> tuple[str, str]:
+        values, extras = split(args)
+        try:
+            cfg = config_from_ui(values, extras)
+        except ConfigError as exc:
+            return f"# not valid yet: {exc}\n", f"⚠️ Setting `{exc.field}`: {exc}"
+        data = Path(cfg.dataset_path).name if cfg.dataset_path else "the bundled sample"
+        preset = f" · preset **{cfg.preset}**" if cfg.preset else ""
+        return cfg.to_yaml(), f"Base model **{cfg.base_model}** · dataset **{data}**{preset}"
+
+    def start(*args: Any):
+        values, extras = split(args)
+        pii = extras.get("dataset.pii_count") or 0
+        try:
+            get_manager().check_idle()  # busy first: no PII question when nothing can start
+            cfg = config_from_ui(values, extras)
+            if pii and not cfg.allow_pii:
+                gr.Warning("Confirm the PII findings first (or redact them in the Dataset tab).")
+                group, text, _ = pii_notice(pii)
+                return f"⚠️ **Not started.** {text}", group, text
+            run_dir = get_manager().start(cfg)
+        except ConfigError as exc:
+            gr.Warning(f"Setting {exc.field}: {exc}")
+            return f"❌ **Not started.** Setting `{exc.field}`: {exc}", gr.skip(), gr.skip()
+        except JobBusyError as exc:
+            gr.Warning(str(exc))
+            return f"⏳ **Not started.** {exc}", gr.skip(), gr.skip()
+        return f"▶️ Started **{run_dir.name}**.", gr.skip(), gr.skip()
+
+    def stop() -> str:
+        if get_manager().stop():
+            return "⏹️ Stop requested: the run ends after the current step and keeps its adapter."
+        return "No run is training."
+
+    def resume(run_dir: str | None) -> str:
+        if not run_dir:
+            return "Pick a run to resume first."
+        try:
+            path = get_manager().resume(run_dir)
+        except (ConfigError, JobBusyError) as exc:
+            gr.Warning(str(exc))
+            return f"❌ **Not resumed.** {exc}"
+        return f"▶️ Resuming **{path.name}** from its last checkpoint."
+
+    def retry():
+        snap = get_manager().snapshot()
+        if not snap.retry_config:
+            return [gr.skip()] * len(FIELDS) + ["Nothing to retry."]
+        try:
+            cfg = RunConfig.from_dict(snap.retry_config)
+            run_dir = get_manager().start(cfg)
+        except (ConfigError, JobBusyError) as exc:
+            return [gr.skip()] * len(FIELDS) + [f"❌ **Retry not started.** {exc}"]
+        fills = [getattr(cfg, name) for name in FIELDS]
+        return [*fills, f"▶️ Retrying as **{run_dir.name}** with the suggested settings."]
+
+    def poll(seen: int, signal: int):
+        snap = get_manager().snapshot()
+        if snap.version == seen:
+            return [gr.skip()] * (8 + len(past_outputs))
+        finished = not snap.active and snap.finished_at is not None
+        return [
+            progress_markdown(snap),
+            live_figure(snap),
+            "\n".join(snap.log_lines[-200:]),
+            snap.run_dir or "",
+            result_markdown(snap),
+            gr.Button(visible=bool(snap.retry_config) and snap.state == "failed"),
+            snap.version,
+            signal + 1 if finished else gr.skip(),  # Chat/Export refresh their run lists
+            *(past_runs_updates() if finished else [gr.skip()] * len(past_outputs)),
+        ]
+
+    def overlay(selected: list[str] | None):
+        from studio.plots import loss_figure
+
+        curves = {Path(p).name: runs.load_log(p) for p in selected or []}
+        return loss_figure(curves, title="Compare runs")
+
+    for comp in inputs:
+        if hasattr(comp, "change"):
+            comp.change(preview, inputs, [ui["yaml"], ui["target"]], show_progress="hidden")
+    demo = ctx.get("demo")
+    if demo is not None:
+        demo.load(preview, inputs, [ui["yaml"], ui["target"]])
+        demo.load(past_runs_updates, None, past_outputs)
+    if "dataset.pii_count" in ctx:
+        ctx["dataset.pii_count"].change(
+            pii_notice,
+            ctx["dataset.pii_count"],
+            [ui["pii_group"], ui["pii_md"], ui["allow_pii"]],
+        )
+    ui["start"].click(start, inputs, [ui["notice"], ui["pii_group"], ui["pii_md"]])
+    ui["stop"].click(stop, None, ui["notice"])
+    ui["resume"].click(resume, ui["resume_dd"], ui["notice"])
+    ui["retry"].click(retry, None, [*settings, ui["notice"]])
+    ui["refresh"].click(past_runs_updates, None, past_outputs)
+    ui["overlay_dd"].change(overlay, ui["overlay_dd"], ui["compare"])
+    ui["timer"].tick(
+        poll,
+        [ui["seen"], refresh_signal],
+        [
+            ui["progress"],
+            ui["chart"],
+            ui["log"],
+            ui["run_dir"],
+            ui["result"],
+            ui["retry"],
+            ui["seen"],
+            refresh_signal,
+            *past_outputs,
+        ],
+        show_progress="hidden",
+    )
+
+
+# --- handlers' helpers (plain functions, testable without a browser) ---------------------------
+
+
+def config_from_ui(values: dict[str, Any], extras: dict[str, Any]) -> RunConfig:
+    """A RunConfig from the widgets plus the other tabs' model, dataset and preset."""
+    data: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None or (isinstance(value, str) and not value.strip() and name != "run_name"):
+            raise ConfigError(name, "enter a value")
+        data[name] = value
+    data["base_model"] = extras.get("model.name") or DEFAULT_MODEL
+    data["dataset_path"] = extras.get("dataset.path") or ""
+    data["dataset_format"] = extras.get("dataset.format") or "auto"
+    data["preset"] = extras.get("hardware.preset") or ""
+    return RunConfig.from_dict(data)
+
+
+def pii_notice(count: int | None):
+    """Show the confirmation when the dataset changes to one with findings; a new dataset
+    always needs a new confirmation, so the box is cleared."""
+    if not count:
+        return gr.Group(visible=False), "", False
+    text = (
+        f"⚠️ The dataset has **{count}** unresolved personal-data finding(s) (emails, phone "
+        "numbers, IDs). Redact them in the Dataset tab, or confirm below to train anyway."
+    )
+    return gr.Group(visible=True), text, False
+
+
+def past_runs_updates():
+    """Rows for the past-runs table and choices for the resume and overlay pickers."""
+    infos = runs.list_runs()
+    rows = [
+        [
+            r.name,
+            r.status,
+            r.method,
+            r.base_model.rsplit("/", 1)[-1],
+            f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps),
+            _fmt(r.train_loss),
+            _fmt(r.eval_loss),
+            r.created.replace("T", " "),
+        ]
+        for r in infos
+    ]
+    resumable = [
+        (f"{r.name} ({r.status})", str(r.path))
+        for r in infos
+        if r.status in RESUMABLE and runs.latest_checkpoint(r.path) is not None
+    ]
+    curves = [(r.label, str(r.path)) for r in infos]
+    return (
+        gr.Dataframe(value=rows or [[""] * len(RUN_HEADERS)], headers=RUN_HEADERS),
+        gr.Dropdown(choices=resumable, value=resumable[0][1] if resumable else None),
+        gr.Dropdown(choices=curves),
+    )
+
+
+def live_figure(snap: JobSnapshot):
+    from studio.plots import loss_figure
+
+    title = f"Loss · {snap.run_name}" if snap.run_name else "Loss"
+    return loss_figure({snap.run_name or "run": snap.history}, title=title)
+
+
+def progress_markdown(snap: JobSnapshot) -> str:
+    if snap.state == "idle":
+        return "No run yet. Press **Start training**."
+    state = {
+        "running": "🟢 Training",
+        "stopping": "🟡 Stopping",
+        "completed": "✅ Completed",
+        "stopped": "⏹️ Stopped",
+        "failed": "❌ Failed",
+    }.get(snap.state, snap.state)
+    total = snap.total_steps or 0
+    frac = snap.step / total if total else 0.0
+    bar = "▰" * round(frac * 20) + "▱" * (20 - round(frac * 20))
+    lines = [
+        f"**{state}** · `{snap.run_name}` · {snap.method}",
+        f"{bar} step **{snap.step}/{total or '?'}** ({frac:.0%})"
+        + (f" · epoch {snap.epoch:.2f}" if snap.epoch is not None else ""),
+        f"train loss **{_fmt(snap.train_loss)}** · eval loss **{_fmt(snap.eval_loss)}** · "
+        f"lr {snap.learning_rate or 0:.2e} · {snap.tokens_per_s or 0:.0f} trained tokens/s",
+        f"elapsed {_duration(snap.elapsed_s)} · ETA "
+        f"{_duration(snap.eta_s) if snap.active and snap.eta_s is not None else '-'}"
+        + (
+            f" · peak memory {snap.peak_memory_mb / 1024:.2f} GiB ({snap.memory_kind})"
+            if snap.peak_memory_mb
+            else ""
+        ),
+    ]
+    if snap.energy_kwh is not None:
+        note = f"{snap.power_w:g} W" if snap.power_w else "0 W: pick a hardware preset"
+        lines.append(
+            f"electricity ≈ {snap.energy_kwh:.4f} kWh ≈ {snap.energy_cost or 0:.4f} ({note})"
+        )
+    if snap.active and snap.message:
+        lines.append(f"_{snap.message}_")
+    return "  \n".join(lines)
+
+
+def result_markdown(snap: JobSnapshot) -> str:
+    if snap.active or snap.state == "idle":
+        return ""
+    parts = [f"**{snap.message}**"]
+    if snap.checks:
+        parts.append("**Did it learn?**")
+        parts += [
+            f"- {'✅' if c['ok'] else '⚠️' if c['ok'] is False else '•'} {c['name']}: {c['detail']}"
+            for c in snap.checks
+        ]
+    if snap.advice:
+        parts.append("**What to do:**")
+        parts += [f"- {line}" for line in snap.advice]
+    if snap.run_dir and snap.state in ("completed", "stopped"):
+        parts.append(f"Adapter: `{Path(snap.run_dir) / runs.ADAPTER}`")
+    return "\n".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,335 @@
+"""Detect the GPU (or its absence) and pick the closest hardware preset, saying why.
+
+Every choice comes with its reason ("bf16: compute capability 8.6"), so the Hardware tab can
+show why it chose what it chose. Without a GPU the CPU preset is chosen, with a note on
+speed and on which model sizes are sensible.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio.presets import Preset, PresetCatalog, load_presets
+
+GIB = 1024**3
+# A "12 GB" card reports a little less than 12 GiB; presets match within this share.
+VRAM_TOLERANCE = 0.08
+_SMI_TIMEOUT_S = 10
+
+
+@dataclass
+class Choice:
+    """A decision and the reason for it, for people to read."""
+
+    value: Any
+    reason: str
+
+
+@dataclass
+class GpuInfo:
+    """One CUDA device as torch sees it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    compute_capability: tuple[int, int]
+    free_bytes: int | None = None  # measured now (the desktop and other apps use some)
+
+    @property
+    def cc(self) -> str:
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute_capability >= (8, 0)
+
+    @property
+    def used_bytes(self) -> int | None:
+        return None if self.free_bytes is None else max(0, self.total_bytes - self.free_bytes)
+
+
+@dataclass
+class HardwareReport:
+    """What this machine offers for training, each decision with its reason."""
+
+    device: Choice  # "cuda" or "cpu"
+    dtype: Choice  # "bf16", "fp16" or "fp32"
+    preset: Choice  # preset name
+    gpus: list[GpuInfo]
+    ram_total_bytes: int
+    ram_available_bytes: int
+    cpu_count: int
+    capacity_bytes: int  # memory of the device training would use (VRAM, or RAM on CPU)
+    in_use_bytes: int  # already used there by the desktop and other programs, measured now
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for gpu, raw in zip(self.gpus, data["gpus"], strict=True):
+            raw["cc"] = gpu.cc
+            raw["bf16"] = gpu.bf16
+        return data
+
+
+# ------------------------------------------------------------------------- NVIDIA outside torch
+
+
+def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
+    """Rows of `nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader`."""
+    rows = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not parts[0]:
+            continue
+        match = re.match(r"(\d+)", parts[1])
+        rows.append(
+            {
+                "name": parts[0],
+                "memory_bytes": int(match.group(1)) * 1024**2 if match else 0,
+                "driver": parts[2],
+            }
+        )
+    return rows
+
+
+def nvidia_smi() -> list[dict[str, Any]] | None:
+    """The driver's own view of the GPUs (works with a CPU-only torch); None without a driver."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run(
+            [
+                exe,
+                "--query-gpu=name,memory.total,driver_version",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=_SMI_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi(done.stdout) if done.returncode == 0 else None
+
+
+def driver_cuda_version() -> str | None:
+    """Highest CUDA version the installed driver supports ("12.4"), from nvidia-smi's header."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run(
+            [exe], capture_output=True, text=True, timeout=_SMI_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"CUDA Version:\s*([\d.]+)", done.stdout)
+    return match.group(1) if match else None
+
+
+def nvidia_pci_devices(root: Path = Path("/sys/bus/pci/devices")) -> int:
+    """NVIDIA display controllers on the PCI bus (Linux), even with no driver installed."""
+    count = 0
+    if not root.is_dir():
+        return 0
+    for dev in root.iterdir():
+        try:
+            vendor = (dev / "vendor").read_text().strip().lower()
+            klass = (dev / "class").read_text().strip().lower()
+        except OSError:
+            continue
+        if vendor == "0x10de" and klass.startswith("0x03"):
+            count += 1
+    return count
+
+
+def nvidia_hardware_present() -> bool:
+    """An NVIDIA card is in this PC, whether or not torch can use it."""
+    smi = nvidia_smi()
+    return bool(smi) or nvidia_pci_devices() > 0
+
+
+# ------------------------------------------------------------------------- torch's view
+
+
+def torch_build() -> dict[str, Any]:
+    """torch's version and CUDA build (imports torch: call it off the start-up path)."""
+    import torch
+
+    return {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,  # None on a CPU-only build
+        "available": bool(torch.cuda.is_available()),
+    }
+
+
+def detect_gpus() -> tuple[list[GpuInfo], str]:
+    """The CUDA devices torch can use, or none and the reason."""
+    import torch
+
+    if torch.version.cuda is None:
+        reason = f"this torch build ({torch.__version__}) has no CUDA support"
+        if nvidia_hardware_present():
+            reason += (
+                ", although an NVIDIA card is present: install the CUDA build of torch"
+                " (see `python -m studio.doctor`)"
+            )
+        return [], reason
+    if not torch.cuda.is_available():
+        if nvidia_smi() is None:
+            return [], "torch has CUDA but no NVIDIA driver answers (nvidia-smi not found)"
+        return [], "torch has CUDA but cannot use the GPU (driver too old for this torch?)"
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        try:
+            free, _total = torch.cuda.mem_get_info(index)
+        except RuntimeError:
+            free = None
+        gpus.append(
+            GpuInfo(
+                index=index,
+                name=props.name,
+                total_bytes=int(props.total_memory),
+                compute_capability=(props.major, props.minor),
+                free_bytes=None if free is None else int(free),
+            )
+        )
+    return gpus, f"{len(gpus)} CUDA device(s)"
+
+
+def _norm(text: str) -> str:
+    text = re.sub(r"\b(nvidia|geforce)\b", " ", text.lower())
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def closest_preset(catalog: PresetCatalog, gpu_name: str | None, total_bytes: int | None) -> Choice:
+    """The preset for this GPU: by name when its memory agrees, else the closest by memory."""
+    cuda = [p for p in catalog.presets.values() if p.kind == "cuda"]
+    cpu = next((p for p in catalog.presets.values() if p.kind == "cpu"), None)
+    if gpu_name is None or total_bytes is None:
+        if cpu is None:
+            raise ValueError("no CPU preset is loaded")
+        return Choice(cpu.name, "no CUDA GPU: the CPU preset")
+    gib = total_bytes / GIB
+    name = _norm(gpu_name)
+    best: tuple[int, Preset, str] | None = None
+    for preset in cuda:
+        for fragment in preset.match:
+            frag = _norm(fragment)
+            found = frag and re.search(rf"(?<![\w]){re.escape(frag)}(?![\w])", name)
+            if found and (best is None or len(frag) > best[0]):
+                best = (len(frag), preset, fragment)
+    if best is not None:
+        _, preset, fragment = best
+        if abs(gib - preset.vram_gb) <= VRAM_TOLERANCE * preset.vram_gb:
+            return Choice(
+                preset.name, f"'{gpu_name}' matches '{fragment}' ({gib:.1f} GiB, as the preset)"
+            )
+        named = f"'{gpu_name}' looks like '{fragment}' but has {gib:.1f} GiB, not"
+        named += f" {preset.vram_gb:g}; "
+    else:
+        named = f"no preset names '{gpu_name}'; "
+    if not cuda:
+        if cpu is None:
+            raise ValueError("no presets are loaded")
+        return Choice(cpu.name, named + "no GPU presets are loaded: the CPU preset")
+    fitting = [p for p in cuda if p.vram_gb <= gib * (1 + VRAM_TOLERANCE)]
+    if fitting:
+        top = max(p.vram_gb for p in fitting)
+        pick = sorted((p for p in fitting if p.vram_gb == top), key=lambda p: p.board_power_w)[0]
+        return Choice(pick.name, named + f"closest by memory: {gib:.1f} GiB → {pick.label}")
+    pick = min(cuda, key=lambda p: p.vram_gb)
+    return Choice(
+        pick.name,
+        named + f"{gib:.1f} GiB is less than any preset: {pick.label}, the smallest;"
+        " check the fit estimate",
+    )
+
+
+def cpu_note(ram_total_bytes: int, cpu_count: int) -> str:
+    """What to expect from CPU training, so nobody waits a day for a 7B model."""
+    return (
+        f"No GPU: training runs on the CPU ({cpu_count} cores, {ram_total_bytes / GIB:.0f} GiB"
+        " RAM) and is slow. The 135M default model takes a few seconds per step (batch 4, short"
+        " rows): fine for a demo or a small dataset. Up to about 0.5B parameters is sensible;"
+        " 1B and larger take hours per epoch."
+    )
+
+
+def system_ram() -> tuple[int, int]:
+    """(total, available) system RAM in bytes."""
+    try:
+        import psutil
+
+        mem = psutil.virtual_memory()
+        return int(mem.total), int(mem.available)
+    except Exception:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(pages), int(pages)
+
+
+def ram_used_by_others() -> int:
+    """RAM other programs hold: in use minus this process (the estimate counts the app itself)."""
+    total, available = system_ram()
+    try:
+        import psutil
+
+        own = int(psutil.Process().memory_info().rss)
+    except Exception:
+        own = 0
+    return max(0, total - available - own)
+
+
+def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
+    """The device training will use, its dtype and the closest preset, each with its reason."""
+    catalog = catalog or load_presets()
+    ram_total, ram_available = system_ram()
+    cpus = os.cpu_count() or 1
+    try:
+        gpus, why = detect_gpus()
+    except Exception as exc:  # a broken torch install must not break the Hardware tab
+        gpus, why = [], f"torch failed to start: {type(exc).__name__}: {exc}"
+    notes: list[str] = []
+    if gpus:
+        gpu = gpus[0]
+        device = Choice("cuda", f"CUDA GPU 0: {gpu.name}, {gpu.total_bytes / GIB:.1f} GiB")
+        if gpu.bf16:
+            dtype = Choice("bf16", f"bf16: compute capability {gpu.cc}")
+        else:
+            dtype = Choice("fp16", f"fp16: compute capability {gpu.cc} has no bf16 (needs 8.0)")
+        preset = closest_preset(catalog, gpu.name, gpu.total_bytes)
+        capacity, in_use = gpu.total_bytes, gpu.used_bytes or 0
+        if len(gpus) > 1:
+            notes.append(f"{len(gpus)} GPUs found; the studio trains on GPU 0 only")
+        if gpu.used_bytes is not None and gpu.used_bytes > 0.15 * gpu.total_bytes:
+            notes.append(
+                f"{gpu.used_bytes / GIB:.1f} GiB of the card is already in use by other programs:"
+                " close games or GPU-heavy apps before training"
+            )
+    else:
+        device = Choice("cpu", f"CPU: {why}")
+        dtype = Choice("fp32", "fp32: CPU training (bf16 matmuls are slow on most CPUs)")
+        preset = closest_preset(catalog, None, None)
+        capacity, in_use = ram_total, ram_used_by_others()
+        notes.append(cpu_note(ram_total, cpus))
+    return HardwareReport(
+        device=device,
+        dtype=dtype,
+        preset=preset,
+        gpus=gpus,
+        ram_total_bytes=ram_total,
+        ram_available_bytes=ram_available,
+        cpu_count=cpus,
+        capacity_bytes=int(capacity),
+        in_use_bytes=int(in_use),
+        notes=notes + catalog.problems,
+    )

@@ -1,0 +1,304 @@
+"""Run folders: one per training run under `<data dir>/runs/<run_name>-<YYYYmmdd-HHMMSS>/`.
+
+A run folder holds `run.yaml`, `training_metadata.json`, `log.jsonl`, `adapter/`, `README.md`,
+`chat_template.jinja` and `checkpoints/checkpoint-N/`. This module creates folders (never
+reusing one), writes files atomically, reads the log back for curves, and lists past runs.
+
+A run whose metadata still says "running" but that no live process is training (the app or
+CLI was killed) is listed as "interrupted"; liveness is a lock file the training process holds
+(`flock`, released by the kernel when a process dies), so it also works across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from studio import paths
+
+try:  # POSIX: a lock the kernel drops when the holder dies, even on SIGKILL
+    import fcntl
+except ImportError:  # Windows: fall back to the pid recorded in the metadata
+    fcntl = None  # type: ignore[assignment]
+
+STATUSES = ("running", "completed", "stopped", "failed", "interrupted")
+METADATA = "training_metadata.json"
+LOG = "log.jsonl"
+RUN_YAML = "run.yaml"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+# Runs being trained by this process (their lock files are held open here).
+_live: dict[str, TextIO | None] = {}
+_live_guard = threading.Lock()
+
+
+@dataclass
+class RunInfo:
+    """One past or present run as the Train, Chat and Export tabs list it."""
+
+    path: Path
+    name: str  # the folder name, e.g. "support-20250101-120000"
+    status: str  # running, completed, stopped, failed, interrupted
+    base_model: str
+    method: str
+    train_loss: float | None  # last logged training loss
+    eval_loss: float | None  # last evaluation loss
+    created: str  # ISO time the run started
+    steps: int  # optimizer steps done
+    total_steps: int | None
+    error: str | None = None
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.path / ADAPTER / "adapter_config.json").is_file()
+
+    @property
+    def label(self) -> str:
+        loss = f"{self.train_loss:.3f}" if self.train_loss is not None else "-"
+        return f"{self.name} · {self.status} · loss {loss}"
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def new_run_dir(run_name: str, root: Path | None = None) -> Path:
+    """Create `runs/<run_name>-<timestamp>/`; a clash within the same second gets a suffix."""
+    root = root or paths.runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1, 1000):
+        path = root / (f"{run_name}-{stamp}" if i == 1 else f"{run_name}-{stamp}-{i}")
+        try:
+            path.mkdir()  # exclusive: an existing folder is never reused
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a new run folder for {run_name} in {root}")
+
+
+def read_metadata(run_dir: str | Path) -> dict[str, Any]:
+    """The run's metadata, or {} when missing or unreadable (a run killed before writing it)."""
+    try:
+        data = json.loads((Path(run_dir) / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_metadata(run_dir: str | Path, meta: dict[str, Any]) -> Path:
+    return atomic_write_json(Path(run_dir) / METADATA, meta)
+
+
+def open_log(run_dir: str | Path) -> TextIO:
+    """Open log.jsonl for appending; each entry is flushed as written so a SIGKILL keeps it."""
+    return (Path(run_dir) / LOG).open("a", encoding="utf-8")
+
+
+def append_log(fh: TextIO, entry: dict[str, Any]) -> None:
+    fh.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+    fh.flush()
+
+
+def load_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every logged entry in order; entries a resume replaced are dropped.
+
+    On resume the run restarts from checkpoint N, so steps after N logged before the resume
+    were redone; the "resumed" event marks that and the older entries are left out. A torn
+    last line (the process died mid-write) is skipped.
+    """
+    entries: list[dict[str, Any]] = []
+    try:
+        lines = (Path(run_dir) / LOG).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return entries
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("event") == "resumed":
+            start = int(entry.get("from_step", 0))
+            entries = [e for e in entries if "event" in e or int(e.get("step", 0)) <= start]
+        entries.append(entry)
+    return entries
+
+
+def loss_curves(entries: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) pairs for the train and eval curves of a log."""
+    train = [(int(e["step"]), float(e["loss"])) for e in entries if e.get("kind") == "train"]
+    evals = [(int(e["step"]), float(e["eval_loss"])) for e in entries if e.get("kind") == "eval"]
+    return {"train": train, "eval": evals}
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Complete: trainer_state.json (written last) parses
+    and the adapter weights are there, so a save cut short is never resumed from."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found: list[tuple[int, Path]] = []
+    if not folder.is_dir():
+        return []
+    for sub in folder.iterdir():
+        match = _CKPT_RE.match(sub.name)
+        if not match or not sub.is_dir():
+            continue
+        try:
+            json.loads((sub / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not any(sub.glob("adapter_model.*")):
+            continue
+        found.append((int(match.group(1)), sub))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# --- liveness ----------------------------------------------------------------------------
+
+
+def mark_live(run_dir: str | Path) -> None:
+    """Claim the run for this process until `mark_done`; dies with the process."""
+    key = str(Path(run_dir).resolve())
+    fh: TextIO | None = None
+    if fcntl is not None:
+        fh = (Path(run_dir) / LOCK).open("w", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.close()
+            raise RuntimeError(
+                f"run {Path(run_dir).name} is being trained by another process"
+            ) from exc
+        fh.write(str(os.getpid()))
+        fh.flush()
+    with _live_guard:
+        _live[key] = fh
+
+
+def mark_done(run_dir: str | Path) -> None:
+    key = str(Path(run_dir).resolve())
+    with _live_guard:
+        fh = _live.pop(key, None)
+    if fh is not None:
+        with contextlib.suppress(OSError):
+            fh.close()
+
+
+def is_live(run_dir: str | Path, meta: dict[str, Any] | None = None) -> bool:
+    """True while some process is training this run."""
+    run_dir = Path(run_dir)
+    with _live_guard:
+        if str(run_dir.resolve()) in _live:
+            return True
+    if fcntl is not None:
+        lock = run_dir / LOCK
+        if not lock.is_file():
+            return False
+        try:
+            with lock.open("r", encoding="utf-8") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return True  # someone holds it
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        except OSError:
+            return False
+        return False
+    pid = (meta or read_metadata(run_dir)).get("pid")
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        import psutil
+
+        return psutil.pid_exists(int(pid))
+    except Exception:
+        return False
+
+
+# --- listing -----------------------------------------------------------------------------
+
+
+def run_info(run_dir: str | Path) -> RunInfo | None:
+    """Summarize one run folder, or None when it is not a run folder."""
+    run_dir = Path(run_dir)
+    meta = read_metadata(run_dir)
+    if not meta and not (run_dir / RUN_YAML).is_file():
+        return None
+    settings = meta.get("settings") or {}
+    status = meta.get("status") or "interrupted"
+    if status == "running" and not is_live(run_dir, meta):
+        status = "interrupted"
+    final = meta.get("final_metrics") or {}
+    train_loss, eval_loss, steps = (
+        final.get("train_loss"),
+        final.get("eval_loss"),
+        final.get("step"),
+    )
+    if status in ("running", "interrupted") or train_loss is None:
+        curves = loss_curves(load_log(run_dir))
+        if curves["train"]:
+            steps, train_loss = curves["train"][-1]
+        if curves["eval"]:
+            eval_loss = curves["eval"][-1][1]
+    return RunInfo(
+        path=run_dir,
+        name=run_dir.name,
+        status=status,
+        base_model=str(
+            (meta.get("base_model") or {}).get("name") or settings.get("base_model", "")
+        ),
+        method=str(settings.get("method", "")),
+        train_loss=train_loss,
+        eval_loss=eval_loss,
+        created=str(meta.get("created") or ""),
+        steps=int(steps or 0),
+        total_steps=meta.get("total_steps"),
+        error=meta.get("error"),
+    )
+
+
+def list_runs(root: Path | None = None) -> list[RunInfo]:
+    """All runs in the runs folder, newest first."""
+    root = root or paths.runs_dir()
+    infos = [info for d in root.iterdir() if d.is_dir() and (info := run_info(d))]
+    return sorted(infos, key=lambda r: (r.created, r.name), reverse=True)

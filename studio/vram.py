@@ -1,0 +1,1034 @@
+"""Estimate the peak GPU memory of a LoRA/QLoRA run from the model's config.json alone.
+
+No weights are loaded: the shapes in config.json (hidden size, layers, heads, KV heads,
+intermediate size, vocab, tied embeddings) plus the run settings (method, LoRA targets and
+rank, batch, sequence length, gradient checkpointing, optimizer) give the peak as parts:
+
+- base weights: 16-bit for LoRA; for QLoRA the decoder's linear layers in NF4 (0.5 byte per
+  parameter plus the double-quantized block constants), embeddings, norms and lm_head 16-bit;
+- LoRA: adapter weights, their gradients and the optimizer states;
+- activations: what autograd keeps per token and layer for the backward pass (per-layer
+  inputs only, plus one recomputed layer, with gradient checkpointing), the backward's
+  transient buffers, and the mask of the padding-free batches the studio trains with;
+- logits: the LM head and loss. TRL's SFTTrainer (1.x) computes the loss with a fused,
+  chunked LM head that never builds the (tokens x vocab) logits; `fused_lm_head=False` gives
+  the classic cost (fp32 logits plus their gradient), the largest part for small models with
+  a 152k vocabulary;
+- overhead: the CUDA context, cuBLAS workspace, QLoRA dequantization buffers and the
+  caching allocator's slack.
+
+The constants follow the code paths of the pinned stack (transformers 5, peft, TRL 1.x,
+bitsandbytes): which tensors autograd saves, in which dtype. `python -m studio.vram --measure`
+(studio/vram_measure.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
+
+Run: `python -m studio.vram MODEL [--method qlora --batch-size 2 --card-gb 12 ...]` prints
+the estimate; `python -m studio.vram --measure` runs the CUDA calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio.config import ConfigError, RunConfig
+from studio.models import DEFAULT_MODEL
+
+GIB = 1024**3
+MIB = 1024**2
+
+# --- Reference configs: the fields of each model's published config.json that the estimate
+# needs, so the picker and the estimate work offline. Shapes are shared by base and instruct
+# variants, so "Qwen2.5-7B" finds the "Qwen2.5-7B-Instruct" entry too.
+REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+    },
+    "HuggingFaceTB/SmolLM2-360M-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+    },
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 130000.0,
+    },
+    "Qwen/Qwen2.5-0.5B-Instruct": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    },
+    "Qwen/Qwen2.5-1.5B-Instruct": {
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    },
+    "Qwen/Qwen2.5-3B-Instruct": {
+        "model_type": "qwen2",
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    },
+    "Qwen/Qwen2.5-7B-Instruct": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    },
+    "meta-llama/Llama-3.2-1B-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    },
+    "meta-llama/Llama-3.2-3B-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    },
+    "meta-llama/Llama-3.1-8B-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    },
+    "mistralai/Mistral-7B-Instruct-v0.3": {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 32768,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+    },
+}
+
+# --- Constants of the estimate (bytes). Each says which code path it stands for.
+NF4_BYTES = 0.5  # two 4-bit codes per byte (bitsandbytes Params4bit)
+NF4_BLOCK = 64  # one absmax per 64 weights (bnb_4bit default blocksize)
+NF4_DQ_BLOCK = 256  # double quantization: absmax stored as 8 bit, one fp32 scale per 256 blocks
+NF4_TENSOR_CONST = 1024 + 64  # per quantized tensor: the 8-bit code table and the quant state
+ADAM_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps tensors smaller than this in 32-bit states
+ADAM_8BIT_BLOCK = 256  # blockwise 8-bit states: one fp32 absmax per 256 values and state
+CUDA_CONTEXT = 500 * MIB  # driver context, kernels, cuBLAS/cuDNN handles: not in torch's counters
+CUBLAS_WORKSPACE = 32 * MIB  # cuBLAS workspaces come from torch's allocator
+ALLOCATOR_SLACK = 0.05  # reserved but unallocated share of the per-step memory (fragmentation)
+CPU_PROCESS = 1200 * MIB  # on CPU: Python, torch, transformers and the app itself in RAM
+FUSED_HEAD_TOKENS = 4096  # TRL chunked log-prob: tokens per tile...
+FUSED_HEAD_VOCAB = 32768  # ...and vocabulary entries per tile
+BATCH_INPUT_BYTES = 40  # per token: input_ids, labels, attention and completion masks (int64)
+# The studio trains padding-free (TRL flattens a batch into one row of T tokens): with more
+# than one row, transformers builds a boolean (T x T) block-diagonal mask for SDPA.
+PACKED_MASK_BYTES = 1
+TYPICAL_DESKTOP_USE = 512 * MIB  # used by the desktop on a card that is not measured here
+
+TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "qv": ("q_proj", "v_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "attention_mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    # peft's "all-linear" minus lm_head: the same seven for Llama/Qwen/Mistral decoders
+    "all_linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+# Which tensor each linear layer reads: layers reading the same tensor share a saved input.
+_INPUT_GROUP = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "o_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "down_in",
+}
+PART_LABELS = {
+    "in_use": "Already in use",
+    "base": "Base weights",
+    "lora": "LoRA weights + grads + optimizer",
+    "activations": "Activations",
+    "logits": "Logits (LM head + loss)",
+    "overhead": "CUDA context & overhead",
+}
+HEADROOM = 0.10  # "fits" leaves 10% of the free memory spare
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How the training stack stores things on one kind of device (bytes per value)."""
+
+    name: str
+    compute: int  # activations: bf16/fp16 autocast on CUDA, fp32 on CPU
+    weights: int  # weights that are not quantized
+    adapter_lora: int  # peft upcasts adapters to fp32 (autocast_adapter_dtype)...
+    adapter_qlora: int  # ...and TRL casts them back to bf16 on a quantized model
+    autocast: bool  # matmuls run in `compute` whatever the weight dtype
+    dropout_mask: int | None  # bool mask (CUDA's fused dropout); None: noise in the input's dtype
+    head_tile_temps: int  # fp32 tile-sized temporaries of the chunked head (0 with Triton)
+    context: int  # memory the process takes before any tensor (CUDA context / Python + libs)
+    workspace: int  # allocator-counted scratch (cuBLAS)
+    slack: float  # allocator slack as a share of the per-step memory
+
+
+CUDA = Kernels("cuda", 2, 2, 4, 2, True, 1, 0, CUDA_CONTEXT, CUBLAS_WORKSPACE, ALLOCATOR_SLACK)
+# On CPU, studio.train casts QLoRA adapters back to fp32 (TRL made them bf16).
+CPU = Kernels("cpu", 4, 4, 4, 4, False, None, 8, CPU_PROCESS, 0, 0.0)
+# What the calibration script runs when no GPU is at hand: the CUDA recipe (bf16 autocast) on
+# CPU kernels. It checks the formulas' structure, not CUDA's kernels.
+CPU_BF16_PROXY = Kernels("cpu-bf16", 2, 2, 4, 2, True, None, 8, 0, 0, 0.0)
+KERNELS = {k.name: k for k in (CUDA, CPU, CPU_BF16_PROXY)}
+
+
+class ModelShapeError(ValueError):
+    """The model's shape cannot be read (no config.json, or not a decoder the estimate knows)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that decide its training memory."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    source: str = ""
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of all decoder linear layers (what QLoRA stores in NF4)."""
+        per_layer = sum(a * b for a, b in self.linear_shapes().values())
+        return per_layer * self.num_layers
+
+    @property
+    def bias_params(self) -> int:
+        per_layer = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias
+        per_layer += (2 * self.intermediate_size + self.hidden_size) * self.mlp_bias
+        return per_layer * self.num_layers
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """0 when the head shares the embedding matrix."""
+        return 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.num_layers + 1) * self.hidden_size
+
+    @property
+    def n_params(self) -> int:
+        return (
+            self.linear_params
+            + self.bias_params
+            + self.embed_params
+            + self.lm_head_params
+            + self.norm_params
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["n_params"] = self.n_params
+        return data
+
+
+def format_params(n: int) -> str:
+    """135M, 1.5B, 7.6B: how model sizes are usually written."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.0f}M"
+
+
+def shape_from_config(config: Mapping[str, Any], name: str = "", source: str = "") -> ModelShape:
+    """Read a ModelShape from a config.json mapping (Llama-style decoders: Llama, Qwen2, ...)."""
+    cfg = dict(config)
+    if isinstance(cfg.get("text_config"), Mapping):  # multimodal wrappers keep the LM inside
+        cfg = {**cfg, **cfg["text_config"]}
+    if cfg.get("num_local_experts") or cfg.get("num_experts"):
+        raise ModelShapeError(
+            f"{name or 'this model'} is a mixture-of-experts model; the estimate only knows dense"
+            " decoders (Llama, Qwen2, Mistral, SmolLM...)"
+        )
+    missing = [
+        key
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        if not cfg.get(key)
+    ]
+    if not cfg.get("intermediate_size"):
+        missing.append("intermediate_size")
+    if missing:
+        raise ModelShapeError(
+            f"{source or name}: config lacks {', '.join(missing)}; the estimate knows Llama-style"
+            " decoders (Llama, Qwen2, Mistral, SmolLM...)"
+        )
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    model_type = str(cfg.get("model_type", "")) or "unknown"
+    qkv_bias = bool(cfg.get("attention_bias", model_type in {"qwen2", "qwen2_5"}))
+    return ModelShape(
+        name=name or str(cfg.get("_name_or_path", "")) or model_type,
+        model_type=model_type,
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        vocab_size=int(cfg["vocab_size"]),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        qkv_bias=qkv_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        source=source,
+    )
+
+
+def _reference_key(name: str) -> str | None:
+    """Match a hub id or bare model name to a reference config, ignoring case and -Instruct."""
+
+    def norm(text: str) -> str:
+        base = text.strip().lower().rsplit("/", 1)[-1]
+        return base.removesuffix("-instruct")
+
+    wanted = norm(name)
+    for key in REFERENCE_CONFIGS:
+        if key.lower() == name.strip().lower() or norm(key) == wanted:
+            return key
+    return None
+
+
+def known_models() -> list[tuple[str, ModelShape]]:
+    """The built-in reference models, smallest first, the default model first of all."""
+    shapes = [
+        (key, shape_from_config(cfg, key, "built-in reference config"))
+        for key, cfg in REFERENCE_CONFIGS.items()
+    ]
+    shapes.sort(key=lambda item: (item[0] != DEFAULT_MODEL, item[1].n_params))
+    return shapes
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """The shape of a model: local folder's config.json, the hub cache, or a reference config.
+
+    Never touches the network, so the Hardware tab answers at once on an offline machine.
+    """
+    name = (name_or_path or DEFAULT_MODEL).strip()
+    local = Path(name).expanduser()
+    if local.is_dir():
+        config_path = local / "config.json"
+        if not config_path.is_file():
+            raise ModelShapeError(f"{local} has no config.json: is it a model folder?")
+        return _shape_from_file(config_path, name)
+    if local.suffix == ".json" and local.is_file():
+        return _shape_from_file(local, name)
+    key = _reference_key(name)
+    if key is not None:
+        return shape_from_config(REFERENCE_CONFIGS[key], key, "built-in reference config")
+    if name.count("/") == 1:
+        cached = _hub_cached_config(name)
+        if cached is not None:
+            return _shape_from_file(cached, name)
+    raise ModelShapeError(
+        f"no config.json for '{name}' on this machine: pick a listed model, give a local model"
+        " folder, or download the model once (the estimate reads only its config.json)"
+    )
+
+
+def _shape_from_file(path: Path, name: str) -> ModelShape:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelShapeError(f"{path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelShapeError(f"{path}: expected a JSON object")
+    return shape_from_config(data, name, f"config.json at {path}")
+
+
+def _hub_cached_config(repo_id: str) -> Path | None:
+    """config.json from the local Hugging Face cache, without any network call."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class VramPart:
+    key: str
+    label: str
+    bytes: int
+    detail: str = ""
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class VramEstimate:
+    """Peak memory of one training step, in parts, against the memory that is free for it."""
+
+    model: str
+    n_params: int
+    settings: dict[str, Any]
+    device: str  # "cuda" or "cpu" (then the memory is system RAM)
+    parts: list[VramPart]  # without "in_use"
+    capacity_bytes: int | None  # the card's memory (or RAM); None: unknown
+    in_use_bytes: int  # already used by the desktop and other programs
+    allocated_bytes: int  # what torch.cuda.max_memory_allocated should show at the peak
+    trainable_params: int
+    tokens_per_step: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def available_bytes(self) -> int | None:
+        if self.capacity_bytes is None:
+            return None
+        return max(0, self.capacity_bytes - self.in_use_bytes)
+
+    @property
+    def verdict(self) -> str:
+        """fits (10% spare), tight (fits without the spare) or won't fit; unknown without a card."""
+        return verdict_for(self.total_bytes, self.available_bytes)
+
+    @property
+    def usage(self) -> float | None:
+        """Peak / free memory."""
+        available = self.available_bytes
+        return None if not available else self.total_bytes / available
+
+    def part(self, key: str) -> int:
+        for p in self.parts:
+            if p.key == key:
+                return p.bytes
+        raise KeyError(key)
+
+    def summary(self) -> str:
+        peak = f"{self.total_bytes / GIB:.1f} GiB"
+        if self.available_bytes is None:
+            return f"Estimated peak {peak} (no memory size to compare with)"
+        return f"Estimated peak {peak} of {self.available_bytes / GIB:.1f} GiB free: {self.verdict}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "n_params": self.n_params,
+            "settings": dict(self.settings),
+            "device": self.device,
+            "parts": [asdict(p) for p in self.parts],
+            "total_bytes": self.total_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "in_use_bytes": self.in_use_bytes,
+            "available_bytes": self.available_bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "verdict": self.verdict,
+            "trainable_params": self.trainable_params,
+            "tokens_per_step": self.tokens_per_step,
+            "notes": list(self.notes),
+        }
+
+
+def verdict_for(total_bytes: int, available_bytes: int | None, headroom: float = HEADROOM) -> str:
+    if available_bytes is None:
+        return "unknown"
+    if total_bytes <= (1.0 - headroom) * available_bytes:
+        return "fits"
+    if total_bytes <= available_bytes:
+        return "tight"
+    return "won't fit"
+
+
+_SETTING_FIELDS = (
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "max_seq_len",
+    "batch_size",
+    "grad_accum",
+    "gradient_checkpointing",
+    "optimizer",
+)
+
+
+def run_settings(settings: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The memory-relevant RunConfig fields, type-checked (ConfigError names a bad field)."""
+    if isinstance(settings, RunConfig):
+        cfg = settings
+    else:
+        given = {k: v for k, v in settings.items() if k in _SETTING_FIELDS and v is not None}
+        cfg = RunConfig.from_dict(given)
+    cfg.validate()
+    return {name: getattr(cfg, name) for name in _SETTING_FIELDS}
+
+
+def lora_param_count(shape: ModelShape, target_modules: str, r: int) -> int:
+    """Trainable LoRA parameters: r x (in + out) per targeted linear layer."""
+    shapes = shape.linear_shapes()
+    per_layer = sum(r * (shapes[m][0] + shapes[m][1]) for m in TARGET_MODULES[target_modules])
+    return per_layer * shape.num_layers
+
+
+def nf4_bytes(n_params: int, n_tensors: int, double_quant: bool = True) -> float:
+    """bitsandbytes NF4 storage: packed codes plus the per-block constants."""
+    blocks = n_params / NF4_BLOCK
+    constants = blocks * 1 + (blocks / NF4_DQ_BLOCK) * 4 if double_quant else blocks * 4
+    return n_params * NF4_BYTES + constants + n_tensors * NF4_TENSOR_CONST
+
+
+def _optimizer_bytes(shape: ModelShape, s: dict[str, Any], param_bytes: int) -> int:
+    """AdamW keeps two states per trainable value; the 8-bit ones store them blockwise."""
+    r = s["lora_r"]
+    shapes = shape.linear_shapes()
+    total = 0.0
+    for module in TARGET_MODULES[s["target_modules"]]:
+        d_in, d_out = shapes[module]
+        for numel in (r * d_in, r * d_out):  # lora_A, lora_B
+            if s["optimizer"] == "adamw_torch":
+                total += 2 * numel * param_bytes  # states in the parameter's dtype
+            elif numel < ADAM_8BIT_MIN_SIZE:
+                total += 2 * numel * 4
+            else:
+                total += 2 * numel + 2 * 4 * math.ceil(numel / ADAM_8BIT_BLOCK)
+    return int(total * shape.num_layers)
+
+
+def _lora_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int) -> float:
+    """Bytes per token one layer's LoRA branches keep for backward.
+
+    peft runs `lora_B(lora_A(dropout(x)))` after casting x to the adapter dtype: lora_A keeps
+    its input (in the autocast dtype under autocast). With dropout each module keeps its own
+    dropped-out copy and the mask (CUDA: 1-byte bool; CPU: a noise tensor in x's dtype);
+    without dropout or cast, the modules reading the same tensor share it.
+    """
+    shapes = shape.linear_shapes()
+    dropout = s["lora_dropout"] > 0
+    cast = adapter != k.compute
+    kept = k.compute if k.autocast else adapter  # dtype of the copy lora_A keeps
+    mask = k.dropout_mask if k.dropout_mask is not None else adapter
+    total = 0.0
+    groups: set[str] = set()
+    for module in TARGET_MODULES[s["target_modules"]]:
+        d_in = shapes[module][0]
+        if cast or dropout:
+            total += kept * d_in + (mask * d_in if dropout else 0)
+        elif _INPUT_GROUP[module] not in groups:
+            groups.add(_INPUT_GROUP[module])
+            total += k.compute * d_in
+        total += k.compute * s["lora_r"]  # lora_A's output, kept by lora_B
+    return total
+
+
+def _layer_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int) -> float:
+    """Bytes per token that one decoder layer keeps for backward (without checkpointing).
+
+    Frozen base linears keep nothing (autograd saves a matmul input only when the weight
+    needs a gradient; bitsandbytes' 4-bit matmul saves no input either). RMSNorm keeps an
+    fp32 copy of its input; attention (SDPA flash / memory-efficient) keeps q, k, v, its output
+    and the log-sum-exp; the SwiGLU MLP keeps gate, silu(gate) and up.
+    """
+    c, h, i = k.compute, shape.hidden_size, shape.intermediate_size
+    # With a mask (several rows), transformers repeats k/v to all heads for SDPA.
+    repeat = s["batch_size"] > 1 and shape.num_kv_heads < shape.num_heads
+    kv_dim = shape.q_dim if repeat else shape.kv_dim
+    norms = 2 * 4 * h
+    attention = c * (2 * shape.q_dim + 2 * kv_dim) + 4 * shape.num_heads
+    mlp = 3 * c * i
+    return norms + attention + mlp + _lora_saved_per_token(shape, s, k, adapter)
+
+
+def _backward_transient_per_token(shape: ModelShape, k: Kernels) -> float:
+    """Gradient buffers alive while one layer runs backward: the MLP's, plus fp32 norm grads."""
+    return 3 * k.compute * shape.intermediate_size + 3 * 4 * shape.hidden_size
+
+
+def estimate(
+    shape: ModelShape,
+    settings: RunConfig | Mapping[str, Any],
+    *,
+    capacity_bytes: int | None = None,
+    in_use_bytes: int = 0,
+    device: str = "cuda",
+    fused_lm_head: bool = True,
+) -> VramEstimate:
+    """Peak memory of training `shape` with `settings` (RunConfig field names), in parts.
+
+    `device="cpu"` estimates RAM for a CPU run (fp32 compute, no CUDA context);
+    "cpu-bf16" is the calibration script's CPU stand-in for the CUDA recipe.
+    """
+    s = run_settings(settings)
+    if device not in KERNELS:
+        raise ValueError(f"device must be one of {', '.join(KERNELS)}, not {device!r}")
+    k = KERNELS[device]
+    cuda = k is CUDA
+    qlora = s["method"] == "qlora"
+    c = k.compute
+    adapter = k.adapter_qlora if qlora else k.adapter_lora
+    h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
+    B, S = s["batch_size"], s["max_seq_len"]
+    T = B * S
+    notes: list[str] = []
+
+    # Base weights
+    other = shape.embed_params + shape.lm_head_params + shape.norm_params + shape.bias_params
+    if qlora:
+        n_linear_tensors = len(shape.linear_shapes()) * L
+        nf4 = nf4_bytes(shape.linear_params, n_linear_tensors)
+        base = nf4 + other * k.weights
+        base_detail = (
+            f"{format_params(shape.linear_params)} linear weights in NF4"
+            f" ({nf4 / shape.linear_params:.3f} B each) + {format_params(other)}"
+            f" embeddings/head/norms at {k.weights} B"
+        )
+    else:
+        base = shape.n_params * k.weights
+        base_detail = f"{format_params(shape.n_params)} parameters at {k.weights} B"
+
+    # LoRA weights, gradients and optimizer states
+    n_lora = lora_param_count(shape, s["target_modules"], s["lora_r"])
+    optimizer = _optimizer_bytes(shape, s, adapter)
+    lora = 2 * n_lora * adapter + optimizer
+    lora_detail = (
+        f"{n_lora / 1e6:.1f}M trainable values at {adapter} B, their gradients at {adapter} B"
+        f" and {s['optimizer']} states ({optimizer / max(n_lora, 1):.1f} B per value)"
+    )
+    if s["optimizer"] == "paged_adamw_8bit" and cuda:
+        notes.append(
+            "paged 8-bit AdamW keeps its states in CUDA unified memory: they can spill to RAM"
+            " under pressure, and torch's memory counters do not show them"
+        )
+
+    # Activations
+    layer = _layer_saved_per_token(shape, s, k, adapter)
+    transient = _backward_transient_per_token(shape, k)
+    per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
+    mask = T * T * PACKED_MASK_BYTES if B > 1 else 0  # shared by all layers
+    if s["gradient_checkpointing"]:
+        # Each layer keeps only its input; backward recomputes one layer at a time.
+        act = T * (L * c * h + layer + transient + per_token_once) + mask
+        act_detail = (
+            f"{T} tokens x ({L} layer inputs x {c * h} B + one recomputed layer"
+            f" {layer / 1024:.0f} KiB + backward buffers {transient / 1024:.0f} KiB)"
+        )
+    else:
+        act = T * (L * layer + transient + per_token_once) + mask
+        act_detail = (
+            f"{T} tokens x ({L} layers x {layer / 1024:.0f} KiB"
+            f" + backward buffers {transient / 1024:.0f} KiB)"
+        )
+
+    if k.autocast and adapter != c:  # autocast caches a bf16 copy of each fp32 adapter
+        act += n_lora * c
+
+    # Logits and loss. Backward runs the head first, then the layers: only the larger of the
+    # head's and a layer's transient buffers adds to the saved activations.
+    # (with checkpointing, the recomputed layer exists only during the layers' backward)
+    layer_transient = T * (transient + (layer if s["gradient_checkpointing"] else 0))
+    if fused_lm_head:
+        tile = min(T, FUSED_HEAD_TOKENS) * min(V, FUSED_HEAD_VOCAB)
+        # Triton folds each tile in place; the torch fallback (CPU) makes fp32 temporaries.
+        tile_bytes = tile * c + k.head_tile_temps * tile * 4
+        head_saved = T * h * c  # the hidden states of the scored tokens
+        head_transient = T * h * (4 + c) + tile_bytes  # fp32 gradient and its cast, tiles
+        logits_detail = (
+            f"chunked LM head: {tile_bytes / MIB:.0f} MiB of tiles + {T} tokens x hidden and"
+            f" its fp32 gradient (the {T} x {V} logits are never built)"
+        )
+    else:
+        head_saved = T * V * (c + 4)  # bf16 logits and the fp32 log-softmax
+        head_transient = T * V * (4 + 4)  # its gradient and the gradient of the logits
+        logits_detail = f"{T} x {V} logits: {c} B + fp32 copy, log-softmax and gradient (4 B each)"
+    logits = head_saved + max(0, head_transient - layer_transient)
+
+    # Overhead
+    workspace = k.workspace
+    if qlora and cuda:
+        largest = max(a * b for a, b in shape.linear_shapes().values())
+        workspace += 2 * largest * c  # a dequantized weight in forward and one in backward
+    slack = k.slack * (act + logits + workspace)
+    overhead = k.context + workspace + slack
+    allocated = base + lora + act + logits + workspace
+    if cuda:
+        overhead_detail = (
+            f"CUDA context {k.context / MIB:.0f} MiB + workspace {workspace / MIB:.0f} MiB"
+            f" + allocator slack {slack / MIB:.0f} MiB"
+        )
+    else:
+        overhead_detail = f"Python, torch and the app: about {k.context / GIB:.1f} GiB"
+        notes.append(
+            "CPU run: the memory is system RAM" + (" and compute is fp32" if k.compute == 4 else "")
+        )
+
+    parts = [
+        VramPart("base", PART_LABELS["base"], int(base), base_detail),
+        VramPart("lora", PART_LABELS["lora"], int(lora), lora_detail),
+        VramPart("activations", PART_LABELS["activations"], int(act), act_detail),
+        VramPart("logits", PART_LABELS["logits"], int(logits), logits_detail),
+        VramPart(
+            "overhead",
+            PART_LABELS["overhead"] if cuda else "Process overhead",
+            int(overhead),
+            overhead_detail,
+        ),
+    ]
+    return VramEstimate(
+        model=shape.name,
+        n_params=shape.n_params,
+        settings=s,
+        device=device,
+        parts=parts,
+        capacity_bytes=capacity_bytes,
+        in_use_bytes=int(in_use_bytes),
+        allocated_bytes=int(allocated),
+        trainable_params=n_lora,
+        tokens_per_step=T,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- auto-fit
+
+
+@dataclass
+class AutoFit:
+    """The settings auto-fit chose, the estimate for them and what it changed."""
+
+    settings: dict[str, Any]
+    estimate: VramEstimate
+    changes: list[str]
+    fits: bool
+
+    def message(self) -> str:
+        if not self.fits:
+            return "Nothing fits: " + "; ".join(self.changes)
+        if not self.changes:
+            return "Already the largest batch that fits; nothing changed."
+        return "Auto-fit: " + "; ".join(self.changes)
+
+
+def auto_fit(
+    shape: ModelShape,
+    settings: RunConfig | Mapping[str, Any],
+    *,
+    capacity_bytes: int,
+    in_use_bytes: int = 0,
+    device: str = "cuda",
+    headroom: float = HEADROOM,
+) -> AutoFit:
+    """The largest batch size (then sequence length) that fits with `headroom` spare.
+
+    Gradient accumulation rises to keep the effective batch; gradient checkpointing is turned
+    on before the sequence length is cut, since it costs time but not data.
+    """
+    start = run_settings(settings)
+    effective = start["batch_size"] * start["grad_accum"]
+    batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= effective} | {effective})
+    batches.reverse()
+    budget = (1.0 - headroom) * max(0, capacity_bytes - in_use_bytes)
+
+    def trial(**changes: Any) -> tuple[dict[str, Any], VramEstimate]:
+        s = {**start, **changes}
+        s["grad_accum"] = max(1, math.ceil(effective / s["batch_size"]))
+        est = estimate(
+            shape, s, capacity_bytes=capacity_bytes, in_use_bytes=in_use_bytes, device=device
+        )
+        return s, est
+
+    checkpointing = [start["gradient_checkpointing"]]
+    if not start["gradient_checkpointing"]:
+        checkpointing.append(True)
+    chosen: tuple[dict[str, Any], VramEstimate] | None = None
+    for gc in checkpointing:
+        for b in batches:
+            s, est = trial(batch_size=b, gradient_checkpointing=gc)
+            if est.total_bytes <= budget:
+                chosen = (s, est)
+                break
+        if chosen:
+            break
+    if chosen is None:
+        seq = start["max_seq_len"]
+        while seq > 128 and chosen is None:
+            seq = max(128, (seq // 2) // 64 * 64)
+            s, est = trial(batch_size=1, gradient_checkpointing=True, max_seq_len=seq)
+            if est.total_bytes <= budget:
+                chosen = (s, est)
+    if chosen is None:
+        s, est = trial(batch_size=1, gradient_checkpointing=True, max_seq_len=128)
+        hint = "switch to QLoRA" if start["method"] == "lora" else "pick a smaller model"
+        return AutoFit(
+            start,
+            est,
+            [
+                f"even batch 1 with 128 tokens needs {est.total_bytes / GIB:.1f} GiB of"
+                f" {budget / GIB:.1f} GiB usable: {hint}"
+            ],
+            False,
+        )
+    s, est = chosen
+    changes = [
+        f"{key} {start[key]} → {s[key]}"
+        for key in ("batch_size", "grad_accum", "gradient_checkpointing", "max_seq_len")
+        if s[key] != start[key]
+    ]
+    return AutoFit(s, est, changes, True)
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def vram_figure(estimate: VramEstimate, card_gb: float | None = None, title: str = ""):
+    """A plotly stacked bar of the estimate's parts against the card's memory (GiB)."""
+    import plotly.graph_objects as go
+
+    colors = {
+        "in_use": "#9e9e9e",
+        "base": "#3b6fb6",
+        "lora": "#8e5bd0",
+        "activations": "#e0892b",
+        "logits": "#d64b4b",
+        "overhead": "#5a9e6f",
+    }
+    bars = [("in_use", PART_LABELS["in_use"], estimate.in_use_bytes, "measured or typical")]
+    bars += [(p.key, p.label, p.bytes, p.detail) for p in estimate.parts]
+    fig = go.Figure()
+    for key, label, size, detail in bars:
+        if size <= 0:
+            continue
+        fig.add_trace(
+            go.Bar(
+                x=[size / GIB],
+                y=["memory"],
+                orientation="h",
+                name=f"{label}: {size / GIB:.2f} GiB",
+                marker_color=colors.get(key, "#777777"),
+                hovertext=[detail],
+                hovertemplate="%{x:.2f} GiB<br>%{hovertext}<extra>" + label + "</extra>",
+            )
+        )
+    if card_gb is None and estimate.capacity_bytes is not None:
+        card_gb = estimate.capacity_bytes / GIB
+    total_gib = (estimate.total_bytes + estimate.in_use_bytes) / GIB
+    if card_gb:
+        fig.add_vline(x=card_gb, line_color="black", line_width=3)
+        fig.add_annotation(
+            x=card_gb, y=1.0, yref="paper", text=f"{card_gb:.1f} GiB", showarrow=False, yshift=10
+        )
+        spare = card_gb - (card_gb - estimate.in_use_bytes / GIB) * HEADROOM
+        fig.add_vline(x=spare, line_color="black", line_dash="dot", line_width=1)
+    verdict = estimate.verdict
+    heading = title or f"Peak {total_gib:.1f} GiB incl. in use — {verdict}"
+    fig.update_layout(
+        barmode="stack",
+        title={"text": heading},
+        xaxis={"title": "GiB", "range": [0, max(total_gib, card_gb or 0) * 1.08 or 1]},
+        yaxis={"showticklabels": False},
+        height=300,
+        margin={"l": 20, "r": 20, "t": 60, "b": 40},
+        legend={"orientation": "h", "y": -0.35},
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _print_estimate(est: VramEstimate) -> None:
+    print(f"{est.model}: {format_params(est.n_params)} parameters, device {est.device}")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in est.settings.items()))
+    for part in est.parts:
+        print(f"  {part.label:<34} {part.gib:7.2f} GiB   {part.detail}")
+    print(f"  {'total':<34} {est.total_bytes / GIB:7.2f} GiB")
+    print(f"  (torch max_memory_allocated should read about {est.allocated_bytes / GIB:.2f} GiB)")
+    if est.capacity_bytes is not None:
+        print(est.summary())
+    for note in est.notes:
+        print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m studio.vram MODEL [settings]`: print the estimate; `--measure`: calibrate."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--measure", action="store_true", help="run the CUDA calibration (see studio.vram_measure)"
+    )
+    parser.add_argument("--method", default="lora", choices=("lora", "qlora"))
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--target-modules", default="all_linear")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--optimizer", default="paged_adamw_8bit")
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--card-gb", type=float, help="card memory in GiB")
+    parser.add_argument("--device", default="cuda", choices=tuple(KERNELS))
+    parser.add_argument("--unfused", action="store_true", help="classic full-logits loss")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--measure" in argv:  # the calibration has its own options
+        from studio import vram_measure
+
+        return vram_measure.main([a for a in argv if a != "--measure"])
+    args = parser.parse_args(argv)
+    try:
+        shape = model_shape(args.model)
+        est = estimate(
+            shape,
+            {
+                "method": args.method,
+                "lora_r": args.lora_r,
+                "lora_alpha": 2 * args.lora_r,
+                "target_modules": args.target_modules,
+                "batch_size": args.batch_size,
+                "grad_accum": args.grad_accum,
+                "max_seq_len": args.max_seq_len,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "optimizer": args.optimizer,
+                "lora_dropout": args.lora_dropout,
+            },
+            capacity_bytes=int(args.card_gb * GIB) if args.card_gb else None,
+            device=args.device,
+            fused_lm_head=not args.unfused,
+        )
+    except (ModelShapeError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_estimate(est)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

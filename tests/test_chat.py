@@ -1,0 +1,470 @@
+"""Chat engine: base vs fine-tuned from one loaded model, streaming, blind votes, batch scores.
+
+The scoring, prompt-file and vote tests are pure and fast. The `slow` ones train a real
+adapter with the studio's own training engine (a few steps on the sample dataset) and chat
+with it through the real embedded SmolLM2.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import random
+import threading
+import types
+import weakref
+from pathlib import Path
+
+import pytest
+
+from studio import chat
+
+RUN_NAME = "chat-test"
+SYSTEM = (
+    "You are the support triage assistant of Lotus Shop. Reply with a JSON object with keys"
+    " category, priority and answer."
+)
+TICKET = "I was charged twice for order 5521, please refund one of the payments."
+
+
+# --------------------------------------------------------------------------- shared run
+
+
+def train_chat_run(studio_home: Path) -> Path:
+    """A LoRA run trained by studio.train (12 steps, lr 1e-3), reused within a session.
+
+    Evaluation and intermediate checkpoints are pushed past the end to keep it short.
+    """
+    from studio import runs
+    from studio.config import RunConfig
+    from studio.train import run_training
+
+    for info in runs.list_runs():
+        if info.name.startswith(RUN_NAME + "-") and info.status == "completed":
+            return info.path
+    cfg = RunConfig(
+        run_name=RUN_NAME,
+        method="lora",
+        max_steps=12,
+        learning_rate=1e-3,
+        max_seq_len=128,
+        batch_size=4,
+        val_fraction=0.1,
+        eval_steps=1000,
+        save_steps=1000,
+        device="cpu",
+    )
+    result = run_training(cfg)
+    assert result.status == "completed", result.message
+    return Path(result.run_dir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(studio_home: Path, embedded_model) -> Path:
+    return train_chat_run(studio_home)
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir: Path):
+    eng = chat.ChatEngine()
+    eng.load(run_dir)
+    yield eng
+    eng.unload()
+
+
+GREEDY = chat.GenerationSettings(temperature=0.0, max_new_tokens=24)
+TINY = chat.GenerationSettings(max_new_tokens=4)
+
+
+def ticket_messages(text: str = TICKET) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+# --------------------------------------------------------------------------- scores (fast)
+
+
+def test_rouge_l_known_values():
+    # LCS of "the cat sat on the mat" / "the cat is on the mat" = "the cat on the mat" (5 of 6)
+    assert chat.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert chat.rouge_l("The  Cat.", "the cat") == 1.0  # case and punctuation ignored
+    assert chat.rouge_l("dog", "the cat") == 0.0
+    assert chat.rouge_l("", "") == 1.0
+    assert chat.rouge_l("", "x") == 0.0
+    # precision 2/2, recall 2/4 -> F1 = 2 * 1 * 0.5 / 1.5
+    assert chat.rouge_l("a b", "a x b y") == pytest.approx(2 / 3)
+
+
+def test_rouge_l_unicode_scripts():
+    # Vietnamese words keep their diacritics; NFC and NFD spellings are the same text
+    nfd = "Xin cha\u0300o ba\u0323n"
+    assert chat.rouge_l(nfd, "Xin chào bạn") == 1.0
+    assert chat.rouge_tokens("Xin chào bạn") == ["xin", "chào", "bạn"]
+    # Thai has no spaces: characters are the units, so a partial match scores between 0 and 1
+    tokens = chat.rouge_tokens("สวัสดีครับ")
+    assert len(tokens) == len("สวัสดีครับ")
+    score = chat.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
+    assert 0.5 < score < 1.0
+
+
+def test_exact_match_normalizes_whitespace_only():
+    assert chat.exact_match("  Paris \n is  big ", "Paris is big")
+    assert not chat.exact_match("paris is big", "Paris is big")
+
+
+def test_json_format_accuracy_rules():
+    ref = json.dumps({"category": "billing", "priority": "high", "answer": "Refunded."})
+    good = '{"category": "account", "priority": "low", "answer": "x", "extra": 1}'
+    assert chat.json_format_ok(good, ref) is True  # other values, same keys: format is right
+    assert chat.json_format_ok('```json\n{"category": 1, "priority": 2, "answer": 3}\n```', ref)
+    assert chat.json_format_ok('{"category": "billing", "priority": "high"}', ref) is False
+    assert chat.json_format_ok('{"category": "billing",', ref) is False  # does not parse
+    assert chat.json_format_ok("[1, 2]", ref) is False  # parses, not an object
+    assert chat.json_format_ok("anything", "plain text reference") is None
+
+
+def test_score_and_summary_on_known_rows():
+    ref = '{"category": "billing", "priority": "high"}'
+    rows = []
+    for base, tuned in [("Sorry!", ref), ("{}", '{"category": "x", "priority": "y"}')]:
+        row = {"prompt": "p", "reference": ref, "base": base, "fine_tuned": tuned}
+        for side, text in (("base", base), ("tuned", tuned)):
+            row.update({f"{side}_{k}": v for k, v in chat.score(text, ref).items()})
+        rows.append(row)
+    assert rows[0]["tuned_exact_match"] is True and rows[0]["base_exact_match"] is False
+    assert rows[1]["base_json_ok"] is False and rows[1]["tuned_json_ok"] is True
+    summary = chat.summarize(rows)
+    assert summary["rows"] == 2 and summary["json_references"] == 2
+    assert summary["base_exact_match"] == 0.0 and summary["tuned_exact_match"] == 0.5
+    assert summary["base_json_format"] == 0.0 and summary["tuned_json_format"] == 1.0
+    assert summary["tuned_rouge_l"] == pytest.approx(
+        round((1.0 + chat.rouge_l(rows[1]["fine_tuned"], ref)) / 2, 4)
+    )
+    assert chat.score("x", None) == {"exact_match": None, "rouge_l": None, "json_ok": None}
+
+
+# --------------------------------------------------------------------------- inputs (fast)
+
+
+def test_prompt_files_in_every_format(tmp_path: Path):
+    jl = tmp_path / "p.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        {"prompt": "Xin chào", "reference": {"a": 1}},
+        {"instruction": "Sum", "input": "1 2", "output": "3"},
+        {"conversations": [{"from": "human", "value": "สวัสดี"}]},
+    ]
+    jl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", "utf-8")
+    items = chat.load_prompt_file(jl)
+    assert [i.prompt for i in items] == ["Hi", "Xin chào", "Sum\n\n1 2", "สวัสดี"]
+    assert [i.reference for i in items] == ["Yo", '{"a": 1}', "3", None]
+    assert items[0].messages == [{"role": "user", "content": "Hi"}]
+
+    cs = tmp_path / "p.csv"
+    cs.write_text("Prompt,Reference\nOne,1\n,skipped\nTwo,\n", "utf-8")
+    assert [(i.prompt, i.reference) for i in chat.load_prompt_file(cs)] == [
+        ("One", "1"),
+        ("Two", None),
+    ]
+    tx = tmp_path / "p.txt"
+    tx.write_text("first\n\nsecond\n", "utf-8")
+    assert [i.prompt for i in chat.load_prompt_file(tx, limit=1)] == ["first"]
+
+
+def test_prompt_file_errors_say_where(tmp_path: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n', "utf-8")
+    with pytest.raises(chat.ChatError, match=r"bad\.jsonl: line 2: invalid JSON"):
+        chat.load_prompt_file(bad)
+    nop = tmp_path / "nop.jsonl"
+    nop.write_text('{"title": "no prompt here"}\n', "utf-8")
+    with pytest.raises(chat.ChatError, match="line 1: no prompt found"):
+        chat.load_prompt_file(nop)
+    with pytest.raises(chat.ChatError, match="no such file"):
+        chat.load_prompt_file(tmp_path / "missing.jsonl")
+    nocol = tmp_path / "x.csv"
+    nocol.write_text("a,b\n1,2\n", "utf-8")
+    with pytest.raises(chat.ChatError, match="no 'prompt' column"):
+        chat.load_prompt_file(nocol)
+
+
+def test_settings_validation_and_kwargs(tokenizer):
+    with pytest.raises(chat.ChatError, match="top_p"):
+        chat.GenerationSettings(top_p=0).validate()
+    with pytest.raises(chat.ChatError, match="max_new_tokens"):
+        chat.GenerationSettings(max_new_tokens=0).validate()
+    greedy = chat.GenerationSettings(temperature=0).generate_kwargs(tokenizer)
+    assert greedy["do_sample"] is False
+    sampled = chat.GenerationSettings(temperature=0.7, top_p=0.9).generate_kwargs(tokenizer)
+    assert sampled["do_sample"] is True and sampled["top_p"] == 0.9
+
+
+def test_system_prompt_replaces_the_first_one():
+    msgs = [{"role": "system", "content": "old"}, {"role": "user", "content": "hi"}]
+    assert chat.with_system(msgs, " new ")[0] == {"role": "system", "content": "new"}
+    assert len(chat.with_system(msgs, "new")) == 2
+    assert chat.with_system(msgs, "") == msgs
+
+
+def test_resolve_adapter_errors(tmp_path: Path):
+    with pytest.raises(chat.ChatError, match="no such folder"):
+        chat.resolve_adapter(tmp_path / "nope")
+    with pytest.raises(chat.ChatError, match="no adapter here"):
+        chat.resolve_adapter(tmp_path)
+    with pytest.raises(chat.ChatError, match="Pick a run"):
+        chat.resolve_adapter("")
+
+
+def test_streamer_releases_thai_text_before_the_end(tokenizer):
+    """Thai has no spaces; the stock streamer would hold it all until the last token."""
+    import torch
+
+    text = "สวัสดีครับ ขอบคุณมากครับ"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    streamer = chat._streamer_class()(tokenizer)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    released_before_end = streamer.text_queue.qsize()
+    streamer.end()
+    chunks = [c for c in streamer if c]
+    assert "".join(chunks) == text
+    assert released_before_end >= 3 and streamer.new_tokens == len(ids)
+
+
+# --------------------------------------------------------------------------- blind (fast)
+
+
+def test_blind_votes_append_and_tally(tmp_path: Path):
+    rng = random.Random(0)
+    seen = {tuple(chat.new_blind_assignment(rng).items()) for _ in range(40)}
+    assert seen == {(("A", "base"), ("B", "tuned")), (("A", "tuned"), ("B", "base"))}
+
+    a_is_tuned = {"A": "tuned", "B": "base"}
+    a_is_base = {"A": "base", "B": "tuned"}
+    chat.record_blind_vote(tmp_path, "A", a_is_tuned, prompt="xin chào")  # tuned wins
+    chat.record_blind_vote(tmp_path, "A", a_is_base)  # base wins
+    chat.record_blind_vote(tmp_path, "B", a_is_base)  # tuned wins
+    tally = chat.record_blind_vote(tmp_path, "tie", a_is_base)
+    assert tally == {
+        "tuned_wins": 2,
+        "base_wins": 1,
+        "ties": 1,
+        "total": 4,
+        "adapter_win_rate": 0.625,  # (2 + 0.5) / 4
+    }
+    assert chat.blind_tally(tmp_path) == tally
+    lines = (tmp_path / chat.VOTES_FILE).read_text("utf-8").splitlines()
+    assert len(lines) == 4  # appended, never rewritten
+    first = json.loads(lines[0])
+    assert first["winner"] == "tuned" and first["prompt"] == "xin chào"
+    assert json.loads(lines[-1])["tally"] == tally
+    with pytest.raises(chat.ChatError, match="vote"):
+        chat.record_blind_vote(tmp_path, "C", a_is_base)
+    with pytest.raises(chat.ChatError, match="assignment"):
+        chat.record_blind_vote(tmp_path, "A", {"A": "base", "B": "base"})
+    assert len((tmp_path / chat.VOTES_FILE).read_text("utf-8").splitlines()) == 4
+
+
+# --------------------------------------------------------------------------- training guard
+
+
+def test_chat_refused_while_a_gpu_run_trains(studio_home: Path):
+    """A run folder held by a live training process on cuda blocks Load; on cpu it does not."""
+    from studio import runs
+
+    run = runs.new_run_dir("guard-test")
+    meta = {"status": "running", "base_model": {"name": "x"}, "device": {"used": "cuda"}}
+    runs.write_metadata(run, meta)
+    runs.mark_live(run)
+    try:
+        assert "using the GPU" in (chat.training_blocker() or "")
+        with pytest.raises(chat.ChatError, match="using the GPU"):
+            chat.ChatEngine().load(run)
+        runs.write_metadata(run, {**meta, "device": {"used": "cpu"}})
+        assert chat.training_blocker() is None
+    finally:
+        runs.mark_done(run)
+        runs.write_metadata(run, {**meta, "status": "failed"})
+    assert chat.training_blocker() is None
+
+
+# --------------------------------------------------------------------------- real model
+
+
+def _reachable_tensor_bytes(root: object) -> int:
+    """Bytes of every tensor storage reachable from `root` (each storage counted once)."""
+    import torch
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type(len))
+    seen_obj: set[int] = set()
+    seen_storage: set[int] = set()
+    total = 0
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen_obj or isinstance(obj, skip):
+            continue
+        seen_obj.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen_storage:
+                seen_storage.add(storage.data_ptr())
+                total += storage.nbytes()
+            continue
+        stack.extend(gc.get_referents(obj))
+    return total
+
+
+@pytest.mark.slow
+def test_greedy_sides_differ_and_base_side_is_the_plain_base(engine, embedded_model, tokenizer):
+    import torch
+
+    from studio.chat_format import render
+    from studio.models import load_model_for_inference
+
+    a = engine.generate(chat.SIDE_BASE, ticket_messages(), GREEDY, system=SYSTEM)
+    b = engine.generate(chat.SIDE_TUNED, ticket_messages(), GREEDY, system=SYSTEM)
+    assert a.strip() and b.strip()
+    assert a != b, "the adapter did not change the greedy answer"
+
+    plain = load_model_for_inference(embedded_model.path)
+    msgs = [{"role": "system", "content": SYSTEM}, *ticket_messages()]
+    enc = tokenizer(render(tokenizer, msgs, True), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        out = plain.generate(
+            **enc,
+            max_new_tokens=GREEDY.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    expected = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert a == expected
+    # repeatable: the same greedy question gives the same answers
+    assert engine.generate(chat.SIDE_TUNED, ticket_messages(), GREEDY, system=SYSTEM) == b
+
+
+@pytest.mark.slow
+def test_streaming_yields_text_in_pieces(engine):
+    settings = chat.GenerationSettings(max_new_tokens=24)
+    chunks = list(engine.stream(chat.SIDE_BASE, ticket_messages("Hello! Who are you?"), settings))
+    assert len([c for c in chunks if c]) >= 3
+    assert "".join(chunks) == engine.generate(
+        chat.SIDE_BASE, ticket_messages("Hello! Who are you?"), settings
+    )
+    stats = engine.last_stats[chat.SIDE_BASE]
+    assert stats.new_tokens >= 3 and stats.ttft_s is not None and stats.ttft_s < stats.total_s
+
+
+@pytest.mark.slow
+def test_both_sides_share_one_model_in_memory(engine, embedded_model):
+    """The engine holds one base: everything reachable from it is ~1x a plain base model."""
+    from studio.models import load_model_for_inference
+
+    for side in chat.SIDES:  # both sides have generated
+        engine.generate(side, ticket_messages(), TINY)
+    plain = load_model_for_inference(embedded_model.path)
+    plain_bytes = chat._tensor_bytes(plain)
+    held = _reachable_tensor_bytes(engine)
+    assert plain_bytes <= held <= 1.1 * plain_bytes, (held, plain_bytes)
+    assert engine.tensor_bytes() <= 1.1 * plain_bytes
+
+
+@pytest.mark.slow
+def test_stop_halts_generation_and_both_sides(engine):
+    settings = chat.GenerationSettings(max_new_tokens=200)
+    msgs = {s: ticket_messages("Write a very long story about a cat.") for s in chat.SIDES}
+    got: list[tuple[str, str]] = []
+    for side, chunk in engine.compare_stream(msgs, settings):
+        got.append((side, chunk))
+        if len(got) == 2:
+            engine.stop()
+    assert {side for side, _ in got} == {chat.SIDE_BASE}, "the second side must not start"
+    stats = engine.last_stats[chat.SIDE_BASE]
+    assert stats.stopped and stats.new_tokens < 200
+    # the next turn is not affected by the earlier Stop
+    assert engine.generate(chat.SIDE_TUNED, ticket_messages(), TINY)
+
+
+@pytest.mark.slow
+def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
+    items = chat.validation_items(run_dir, limit=2)
+    assert len(items) == 2 and all(i.reference for i in items)
+    # the split is the one training held out: its rows are absent from nothing but training
+    assert json.loads(run_dir.joinpath("training_metadata.json").read_text())["dataset"][
+        "val_rows"
+    ] >= len(items)
+    seen: list[tuple[int, int]] = []
+    settings = chat.GenerationSettings(max_new_tokens=24)
+    first = chat.batch_compare(
+        engine, items, settings, progress=lambda d, t, m: seen.append((d, t))
+    )
+    assert [r["prompt"] for r in first.rows] == [i.prompt for i in items]
+    assert seen[0] == (0, 2) and seen[-1] == (2, 2)
+    for row, item in zip(first.rows, items, strict=True):
+        assert row["base"] != row["fine_tuned"]
+        assert row["tuned_rouge_l"] == round(chat.rouge_l(row["fine_tuned"], item.reference), 4)
+        assert row["base_json_ok"] in (True, False)  # sample references are JSON objects
+    assert first.summary["json_references"] == 2
+    assert first.csv_path is not None and first.csv_path.parent == run_dir
+    assert first.csv_path.name.startswith("compare-") and first.csv_path.suffix == ".csv"
+    with first.csv_path.open(encoding="utf-8") as fh:
+        saved = list(csv.DictReader(fh))
+    assert [r["fine_tuned"] for r in saved] == [r["fine_tuned"] for r in first.rows]
+
+    second = chat.batch_compare(engine, items[:1], TINY)
+    assert second.csv_path != first.csv_path and first.csv_path.is_file()
+
+
+@pytest.mark.slow
+def test_four_bit_base_template_warning_and_unload(run_dir: Path, tmp_path: Path):
+    """4-bit (QLoRA-style) loading works on CPU; a changed template is flagged; Unload frees."""
+    import shutil
+
+    copy = tmp_path / "run-copy"
+    shutil.copytree(run_dir / "adapter", copy / "adapter")
+    meta = json.loads((run_dir / "training_metadata.json").read_text("utf-8"))
+    meta["template_hash"] = "0000000000000000"
+    (copy / "training_metadata.json").write_text(json.dumps(meta), "utf-8")
+
+    eng = chat.ChatEngine()
+    info = eng.load(copy, precision=chat.PRECISION_4)
+    assert info.precision == "4-bit"
+    assert any("Linear4bit" in type(m).__name__ for m in eng.model.modules())
+    assert any("template" in w.lower() for w in info.warnings)
+    assert eng.generate(chat.SIDE_BASE, ticket_messages(), TINY)
+    ref = weakref.ref(eng.model)
+    eng.unload()
+    gc.collect()
+    assert ref() is None and not eng.loaded
+    with pytest.raises(chat.ChatError, match="No model loaded"):
+        eng.generate(chat.SIDE_BASE, ticket_messages())
+
+
+@pytest.mark.slow
+def test_concurrent_turns_do_not_mix_sides(engine):
+    """Two turns at once (two browser tabs) are serialized: each side keeps its own answer."""
+    msgs = ticket_messages()
+    short = chat.GenerationSettings(max_new_tokens=12)
+    want = {s: engine.generate(s, msgs, short, system=SYSTEM) for s in chat.SIDES}
+    got: dict[str, str] = {}
+
+    def run(side: str) -> None:
+        got[side] = engine.generate(side, msgs, short, system=SYSTEM)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in chat.SIDES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+
+
+@pytest.mark.slow
+def test_bench_chat_reports_memory_and_speed(run_dir: Path):
+    result = chat.bench_chat(None, run_dir, ["Hello!"], max_new_tokens=4)
+    mem = result["memory"]
+    assert mem["base_alone_weights_mb"] > 0 and mem["rss_ratio"] > 0
+    assert mem["weights_ratio"] <= 1.1  # one base in memory, plus a small adapter
+    for side in ("base", "fine-tuned"):
+        assert result[side]["new_tokens"] > 0 and result[side]["ttft_s"] > 0

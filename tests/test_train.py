@@ -1,0 +1,370 @@
+"""Training engine tests: real short LoRA/QLoRA runs of the embedded SmolLM2 on CPU.
+
+Each run is a few steps on ~32 short synthetic support tickets (max length 128), so the file
+stays within a few minutes on 2 cores. Failures are injected the way they happen for real: an
+out-of-memory error raised from the model's forward at step 2, a checkpoint file that lands
+on /dev/full (ENOSPC), a SIGKILL of the CLI process.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+
+from studio import runs
+from studio.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TICKETS = [
+    ("I was charged twice for order {n}.", "billing", "high"),
+    ("How do I reset my password? My username is shopper{n}.", "account", "medium"),
+    ("Package {n} is late, where is it?", "shipping", "medium"),
+    ("Tôi bị trừ tiền hai lần cho đơn hàng {n}.", "billing", "high"),
+]
+PROMPT = "I was charged twice for order 4242."
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 short chat rows whose replies follow one JSON pattern (quick to learn)."""
+    path = tmp_path_factory.mktemp("train-data") / "tickets.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(32):
+            text, category, priority = TICKETS[i % len(TICKETS)]
+            reply = json.dumps({"category": category, "priority": priority})
+            row = {
+                "messages": [
+                    {"role": "user", "content": text.format(n=100 + i)},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def tiny_cfg(rows: Path, **changes) -> RunConfig:
+    base = RunConfig(
+        run_name="t",
+        dataset_path=str(rows),
+        max_seq_len=128,
+        batch_size=4,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules="attention",
+        max_steps=8,
+        val_fraction=0.125,
+        eval_steps=4,
+        save_steps=4,
+        allow_pii=True,
+        seed=0,
+    )
+    return base.replace(**changes)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [e["loss"] for e in runs.load_log(run_dir) if e.get("kind") == "train"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manager():
+    from studio.jobs import get_manager
+
+    return get_manager()
+
+
+def test_invalid_settings_are_refused_before_any_model_loads(studio_home, tiny_rows, tmp_path):
+    existing = {p.name for p in (studio_home / "runs").glob("*")}
+    cases = [
+        (tiny_cfg(tiny_rows, lora_r=0), "lora_r"),
+        (tiny_cfg(tiny_rows, run_name="no spaces please"), "run_name"),
+        (tiny_cfg(tiny_rows, device="cuda"), "device"),  # no GPU on the test machine
+        (tiny_cfg(tiny_rows, dataset_path=str(tmp_path / "missing.jsonl")), "dataset_path"),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\nnot json at all\n", encoding="utf-8")
+    cases.append((tiny_cfg(tiny_rows, dataset_path=str(bad), dataset_format="messages"), "dataset"))
+    for cfg, field in cases:
+        with pytest.raises(ConfigError) as info:
+            manager().start(cfg)
+        assert info.value.field.startswith(field), (field, str(info.value))
+    assert not manager().active
+    assert {p.name for p in (studio_home / "runs").glob("*")} == existing  # no run folder made
+
+
+@pytest.mark.slow
+def test_lora_run_learns_and_leaves_a_complete_run_folder(embedded_model, tiny_rows, tokenizer):
+    from peft import PeftModel
+
+    from studio.chat_format import template_hash
+    from studio.models import greedy_answer, load_model_for_inference
+
+    weights = embedded_model.path / "model.safetensors"
+    weights_hash = sha256(weights)
+    cfg = tiny_cfg(tiny_rows, run_name="lora-learns", max_steps=8, eval_steps=8, save_steps=3)
+
+    run_dir = manager().start(cfg)
+    assert runs.run_info(run_dir).status == "running"  # listed live while it trains
+    snap = manager().wait(timeout=600)
+    assert snap.state == "completed", snap.message + "\n" + "\n".join(snap.log_lines[-30:])
+
+    # Loss fell from the first steps to the last, and the result's checks agree.
+    losses = train_losses(run_dir)
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    checks = {c["name"]: c["ok"] for c in snap.checks}
+    assert checks == {
+        "adapter weights moved": True,
+        "loss went down": True,
+        "intended device": True,
+    }
+
+    # The run folder holds everything Chat and Export need.
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "tokenizer_config.json").is_file()
+    assert RunConfig.load(run_dir / "run.yaml").max_steps == 8
+    assert (run_dir / "chat_template.jinja").read_text(encoding="utf-8") == tokenizer.chat_template
+    assert "PeftModel.from_pretrained" in (run_dir / "README.md").read_text(encoding="utf-8")
+    meta = json.loads((run_dir / "training_metadata.json").read_text(encoding="utf-8"))
+    assert meta["status"] == "completed"
+    assert meta["base_model"]["revision"] == embedded_model.revision
+    assert meta["dataset"]["sha256"] == sha256(tiny_rows)
+    assert meta["dataset"]["rows"] == 32 and meta["dataset"]["val_rows"] == 4
+    assert meta["settings"]["max_steps"] == 8 and meta["seed"] == 0
+    assert {"torch", "transformers", "peft", "trl"} <= set(meta["versions"])
+    assert meta["hardware"]["device"] == "cpu"
+    assert meta["template_hash"] == template_hash(tokenizer)
+    assert meta["final_metrics"]["train_loss"] == losses[-1]
+    assert meta["final_metrics"]["eval_loss"] < meta["final_metrics"]["first_eval_loss"]
+    assert meta["timings"]["train_s"] > 0
+    entries = runs.load_log(run_dir)
+    last = [e for e in entries if e.get("kind") == "train"][-1]
+    for key in ("epoch", "learning_rate", "tokens_per_s", "elapsed_s", "eta_s", "peak_memory_mb"):
+        assert last[key] is not None, key
+    assert last["tokens_per_s"] > 0 and last["peak_memory_mb"] > 100
+    assert [e["step"] for e in entries if e.get("kind") == "eval"] == [0, 8]
+    assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-6", "checkpoint-8"]
+    info = runs.run_info(run_dir)
+    assert (info.status, info.steps, info.train_loss) == ("completed", 8, losses[-1])
+
+    # Base weights untouched, on disk and through the adapter; the adapter changes answers.
+    assert sha256(weights) == weights_hash
+    base = load_model_for_inference(embedded_model.path)
+    base_answer = greedy_answer(base, tokenizer, PROMPT, max_new_tokens=24)
+    tuned = PeftModel.from_pretrained(
+        load_model_for_inference(embedded_model.path), str(run_dir / "adapter")
+    ).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    import torch
+
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        with tuned.disable_adapter():
+            assert torch.allclose(tuned(ids).logits, base_logits, atol=1e-5)
+    tuned_answer = greedy_answer(tuned, tokenizer, PROMPT, max_new_tokens=24)
+    assert tuned_answer != base_answer
+    assert '"category"' in tuned_answer, tuned_answer
+
+
+@pytest.mark.slow
+def test_qlora_run_on_cpu_learns(embedded_model, tiny_rows, tokenizer):
+    from peft import PeftModel
+
+    from studio.models import greedy_answer, load_model_for_inference
+    from studio.train import run_training
+
+    cfg = tiny_cfg(tiny_rows, run_name="qlora", method="qlora", max_steps=8, val_fraction=0.0)
+    result = run_training(cfg)
+    assert result.status == "completed", result.message
+    losses = train_losses(result.run_dir)
+    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    meta = runs.read_metadata(result.run_dir)
+    assert meta["settings"]["method"] == "qlora" and meta["status"] == "completed"
+    base = load_model_for_inference(embedded_model.path)
+    base_answer = greedy_answer(base, tokenizer, PROMPT, max_new_tokens=24)
+    tuned = PeftModel.from_pretrained(base, str(result.run_dir / "adapter")).eval()
+    assert greedy_answer(tuned, tokenizer, PROMPT, max_new_tokens=24) != base_answer
+
+
+@pytest.mark.slow
+def test_stop_keeps_a_loadable_adapter_and_resume_finishes(embedded_model, tiny_rows):
+    from peft import PeftModel
+    from transformers import TrainerCallback
+
+    from studio.jobs import JobBusyError
+    from studio.models import load_model_for_inference
+
+    class PressStopAtStep2(TrainerCallback):
+        """What the Stop button does, at a known step."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                manager().stop()
+
+    cfg = tiny_cfg(tiny_rows, run_name="stop-resume", max_steps=6, val_fraction=0.0, save_steps=0)
+    run_dir = manager().start(cfg, extra_callbacks=[PressStopAtStep2()])
+    with pytest.raises(JobBusyError):  # a second Start (another browser tab) is refused
+        manager().start(cfg)
+    snap = manager().wait(timeout=600)
+    assert snap.state == "stopped", snap.message
+    stopped_at = snap.step
+    assert 2 <= stopped_at < 6
+    assert runs.run_info(run_dir).status == "stopped"
+    PeftModel.from_pretrained(
+        load_model_for_inference(embedded_model.path), str(run_dir / "adapter")
+    )
+    assert runs.latest_checkpoint(run_dir).name == f"checkpoint-{stopped_at}"
+
+    manager().resume(run_dir)
+    snap = manager().wait(timeout=600)
+    assert snap.state == "completed", snap.message
+    steps = [e["step"] for e in runs.load_log(run_dir) if e.get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    meta = runs.read_metadata(run_dir)
+    assert meta["status"] == "completed"
+    assert meta["resumes"][0]["from_step"] == stopped_at
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_a_step_fails_the_run_with_advice_and_frees_it(tiny_rows):
+    import torch
+    from transformers import TrainerCallback
+
+    class OutOfMemoryAtStep2(TrainerCallback):
+        """Raise the real torch.OutOfMemoryError from the model's forward during step 2."""
+
+        model_ref = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.model_ref = weakref.ref(model)
+
+            def forward_hook(module, args, kwargs):
+                if module.training and state.global_step == 1:  # the 2nd step is running
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+            model.register_forward_pre_hook(forward_hook, with_kwargs=True)
+
+    oom = OutOfMemoryAtStep2()
+    cfg = tiny_cfg(tiny_rows, run_name="oom", batch_size=2, max_seq_len=512, val_fraction=0.0)
+    run_dir = manager().start(cfg, extra_callbacks=[oom])
+    snap = manager().wait(timeout=600)
+    assert snap.state == "failed"
+    assert "Out of" in snap.message and "memory" in snap.message
+    text = " ".join(snap.advice)
+    for advice in ("Halve the batch", "QLoRA", "max length", "gradient checkpointing"):
+        assert advice in text, advice
+    retry = snap.retry_config
+    assert (retry["batch_size"], retry["grad_accum"]) == (1, 2)
+    assert retry["method"] == "qlora" and retry["gradient_checkpointing"] is True
+    assert retry["max_seq_len"] == 256
+    meta = runs.read_metadata(run_dir)
+    assert meta["status"] == "failed" and "memory" in meta["error"]
+    assert meta["retry_config"] == retry
+    gc.collect()
+    assert oom.model_ref() is None, "the model was not freed after the OOM"
+
+    # The manager is usable again: the suggested retry (with a single step) completes.
+    # (LoRA instead of the suggested QLoRA only to keep the test short.)
+    retry_cfg = RunConfig.from_dict({**retry, "max_steps": 1, "method": "lora", "run_name": "r"})
+    manager().start(retry_cfg)
+    assert manager().wait(timeout=600).state == "completed"
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_fails_the_run_and_keeps_earlier_checkpoints(tiny_rows):
+    from transformers import TrainerCallback
+
+    from studio.train import run_training
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full to simulate a full disk")
+
+    class DiskFillsBeforeStep4Save(TrainerCallback):
+        """Step 4's optimizer file lands on /dev/full, which answers every write with ENOSPC."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                folder = Path(args.output_dir) / "checkpoint-4"
+                folder.mkdir(parents=True, exist_ok=True)
+                os.symlink("/dev/full", folder / "optimizer.pt")
+
+    cfg = tiny_cfg(tiny_rows, run_name="disk-full", max_steps=6, save_steps=2, val_fraction=0.0)
+    result = run_training(cfg, extra_callbacks=[DiskFillsBeforeStep4Save()])
+    assert result.status == "failed"
+    assert result.message.startswith("Saving failed"), result.message
+    assert "checkpoint-2" in " ".join(result.advice)
+    assert [p.name for p in runs.checkpoints(result.run_dir)] == ["checkpoint-2"]
+    meta = runs.read_metadata(result.run_dir)
+    assert meta["status"] == "failed" and meta["error"].startswith("Saving failed")
+    assert [e["step"] for e in runs.load_log(result.run_dir) if e.get("kind") == "train"] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+@pytest.mark.slow
+def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, tmp_path):
+    cfg = tiny_cfg(tiny_rows, run_name="cli-kill", max_steps=6, save_steps=2, val_fraction=0.0)
+    yaml_path = cfg.save(tmp_path / "run.yaml")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "studio.train", str(yaml_path), "--data-dir", str(studio_home)]
+    log = (tmp_path / "cli.log").open("w", encoding="utf-8")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    run_dir = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            found = sorted((studio_home / "runs").glob("cli-kill-*"))
+            if found and runs.checkpoints(found[-1]):
+                run_dir = found[-1]
+                break
+            time.sleep(0.5)
+        assert run_dir is not None, (tmp_path / "cli.log").read_text(encoding="utf-8")
+        assert runs.run_info(run_dir).status == "running"  # the CLI process holds it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "cli.log").read_text(encoding="utf-8")
+    assert "Run folder:" in output
+    info = runs.run_info(run_dir)
+    assert info.status == "interrupted"
+    killed_at = int(runs.latest_checkpoint(run_dir).name.split("-")[1])
+    assert killed_at in (2, 4)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "studio.train", "--resume", str(run_dir)],
+        cwd=ROOT,
+        env={**env, "LORA_STUDIO_HOME": str(studio_home)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "COMPLETED" in done.stdout
+    info = runs.run_info(run_dir)
+    assert (info.status, info.steps) == ("completed", 6)
+    steps = [e["step"] for e in runs.load_log(run_dir) if e.get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
