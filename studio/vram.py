@@ -732,20 +732,27 @@ def estimate(
     layer = _layer_saved_per_token(shape, s, k, adapter)
     transient = _backward_transient_per_token(shape, k)
     per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
-    mask = T * T * PACKED_MASK_BYTES if B > 1 else 0  # shared by all layers
-    if s["gradient_checkpointing"]:
+    # Padding-free batches of several rows need a (T x T) block-diagonal mask: built once as
+    # booleans, and SDPA turns it into an additive mask in the compute dtype in every layer,
+    # which the attention backward keeps. Quadratic in the tokens of the whole batch.
+    mask = T * T * PACKED_MASK_BYTES if B > 1 else 0
+    layer_mask = T * T * c if B > 1 else 0
+    gc = s["gradient_checkpointing"]
+    if gc:
         # Each layer keeps only its input; backward recomputes one layer at a time.
-        act = T * (L * c * h + layer + transient + per_token_once) + mask
+        act = T * (L * c * h + layer + transient + per_token_once) + mask + layer_mask
         act_detail = (
             f"{T} tokens x ({L} layer inputs x {c * h} B + one recomputed layer"
             f" {layer / 1024:.0f} KiB + backward buffers {transient / 1024:.0f} KiB)"
         )
     else:
-        act = T * (L * layer + transient + per_token_once) + mask
+        act = T * (L * layer + transient + per_token_once) + mask + L * layer_mask
         act_detail = (
             f"{T} tokens x ({L} layers x {layer / 1024:.0f} KiB"
             f" + backward buffers {transient / 1024:.0f} KiB)"
         )
+    if layer_mask:
+        act_detail += f" + attention masks {(mask + layer_mask * (1 if gc else L)) / MIB:.0f} MiB"
 
     if k.autocast and adapter != c:  # autocast caches a bf16 copy of each fp32 adapter
         act += n_lora * c
@@ -753,7 +760,7 @@ def estimate(
     # Logits and loss. Backward runs the head first, then the layers: only the larger of the
     # head's and a layer's transient buffers adds to the saved activations.
     # (with checkpointing, the recomputed layer exists only during the layers' backward)
-    layer_transient = T * (transient + (layer if s["gradient_checkpointing"] else 0))
+    layer_transient = T * transient + (T * layer + layer_mask if gc else 0)
     if fused_lm_head:
         tile = min(T, FUSED_HEAD_TOKENS) * min(V, FUSED_HEAD_VOCAB)
         # Triton folds each tile in place; the torch fallback (CPU) makes fp32 temporaries.
