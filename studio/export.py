@@ -1416,6 +1416,22 @@ def format_report(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """Keep library progress bars and deprecation chatter out of the CLI's own progress line."""
+    import logging
+    import warnings
+
+    # bitsandbytes notes a missing optional CPU kernel package; export never runs 4-bit.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -1431,6 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data_dir:
         paths.set_data_dir(args.data_dir)
+    _quiet_libraries()
     bar = _TerminalProgress()
     try:
         result = export_run(args.run_dir, gguf=args.gguf, out=args.out, progress=bar)

@@ -502,14 +502,14 @@ def wire_dataset_tab(ctx: dict[str, Any]) -> None:
 
     def on_upload(file: str | None, *args: Any) -> dict[Any, Any]:
         if not file:
-            return {}
+            return {ui["status"]: gr.update()}  # an empty dict reads as one missing value
         path = Path(file)
         return load(path, path.name, read_settings(args), keep_copy=True)
 
     def on_reload(loaded: dict[str, Any] | None, *args: Any) -> dict[Any, Any]:
         """The current file again, with the changed format, JSON check or model."""
         if not loaded:
-            return {}
+            return {ui["status"]: gr.update()}  # an empty dict reads as one missing value
         report: data.DatasetReport = loaded["report"]
         return load(
             Path(loaded["source"]), loaded["display"], read_settings(args), report.column_map
