@@ -42,6 +42,29 @@ def _prepare_default_model() -> None:
     threading.Thread(target=work, name="default-model", daemon=True).start()
 
 
+def _patient_localhost_check() -> None:
+    """Gradio gives its own localhost probe 3 s and then refuses to start; on a busy 2-core
+    PC (a training run, a compile) the first answer can take longer. Retry for up to 60 s,
+    and keep proxies away from the loopback address."""
+    import os
+    import time
+
+    from gradio import networking
+
+    for var in ("NO_PROXY", "no_proxy"):
+        os.environ[var] = ",".join(filter(None, [os.environ.get(var), "127.0.0.1,localhost"]))
+    original = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        deadline = time.time() + 60
+        while not original(url):
+            if time.time() > deadline:
+                return False
+        return True
+
+    networking.url_ok = url_ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from studio import paths
@@ -58,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from studio.ui.app import build_app
 
     demo = build_app()
+    _patient_localhost_check()
     print(f"LoRA Studio data dir: {paths.data_dir()}", flush=True)
     _prepare_default_model()
     demo.queue(default_concurrency_limit=4).launch(

@@ -259,12 +259,386 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated file")
 
 
+# --------------------------------------------------------------------------- train
+
+
+def bench_rows(n: int, seed: int = 11) -> list[dict[str, Any]]:
+    """The bundled sample (90 to ~430 tokens a row) repeated and shuffled to n rows."""
+    from studio.data import SAMPLE_DATASET
+
+    base = [json.loads(line) for line in SAMPLE_DATASET.read_text(encoding="utf-8").splitlines()]
+    rows = [{"messages": [dict(m) for m in base[i % len(base)]["messages"]]} for i in range(n)]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+class _TokenCounter:
+    """Wraps a collator and counts what each batch holds: slots, real tokens, labelled ones."""
+
+    def __init__(self, collate: Callable[[list], dict], pad_id: int | None) -> None:
+        self.collate = collate
+        self.pad_id = pad_id
+        self.batches: list[dict[str, int]] = []
+
+    def __call__(self, features: list) -> dict:
+        batch = self.collate(features)
+        ids, labels = batch["input_ids"], batch["labels"]
+        slots = int(ids.numel())
+        # Padding-free batches have no attention mask: every slot is a real token.
+        mask = batch.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else slots
+        self.batches.append({"slots": slots, "real": real, "labelled": int((labels != -100).sum())})
+        return batch
+
+
+def _train_with(trainer: Any, counter: _TokenCounter, steps: int) -> dict[str, Any]:
+    """Run `steps` optimizer steps and return timing, token and memory figures."""
+    import torch
+
+    from studio.train import memory_now
+
+    warm = 1  # the first step pays for lazy init; it is timed apart
+    times: list[float] = []
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # keep the output to the figures
+    trainer.add_callback(Clock())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    out = trainer.train()
+    per_step = len(counter.batches) // max(1, len(times))
+    timed = counter.batches[warm * per_step :]
+    secs = sum(times[warm:])
+    real = sum(b["real"] for b in timed)
+    labelled = sum(b["labelled"] for b in timed)
+    slots = sum(b["slots"] for b in timed)
+    mem, mem_kind = memory_now("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "steps_timed": len(times) - warm,
+        "seconds": round(secs, 2),
+        "tokens_per_s": round(real / secs, 1),
+        "labelled_tokens_per_s": round(labelled / secs, 1),
+        "padding_share": round(1 - real / slots, 3) if slots else 0.0,
+        "peak_memory_mb": round(mem, 1),
+        "memory_kind": mem_kind,
+        "final_loss": round(float(out.training_loss), 4),
+    }
+
+
+def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: str, out: Path):
+    """(a) The tutorial recipe: pad every row to max length, loss on every token, plain
+    Trainer with DataCollatorForLanguageModeling (which also masks every EOS when pad == eos)."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from studio import train as studio_train
+    from studio.chat_format import render
+
+    texts = [render(tok, r["messages"]) for r in rows]
+    enc = tok(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len)
+    ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    model = studio_train.load_base_model(cfg, model_path, device)
+    model = get_peft_model(model, studio_train.build_peft_config(cfg, model))
+    counter = _TokenCounter(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
+    dtype, _ = studio_train.compute_dtype(device)
+    args = TrainingArguments(
+        output_dir=str(out / "tutorial"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and str(dtype) == "torch.bfloat16",
+        fp16=device == "cuda" and str(dtype) == "torch.float16",
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counter)
+    return trainer, counter
+
+
+def _studio_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: str, out: Path):
+    """(b) The studio's own path: the same builders the Train tab uses."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from studio import train as studio_train
+
+    tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)
+    model = studio_train.load_base_model(cfg, model_path, device)
+    args = studio_train.build_training_args(cfg, out / "studio", device, False, False)
+    args.save_strategy = "no"
+    args.max_steps = cfg.max_steps
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(tokenized),
+        processing_class=tok,
+        peft_config=studio_train.build_peft_config(cfg, model),
+    )
+    counter = _TokenCounter(trainer.data_collator, tok.pad_token_id)
+    trainer.data_collator = counter
+    return trainer, counter
+
+
+def bench_train(args: argparse.Namespace) -> int:
+    """(a) the tutorial recipe vs (b) the studio path, same data/model/steps, one process."""
+    import gc
+
+    import torch
+
+    from studio import models
+    from studio import train as studio_train
+    from studio.config import RunConfig
+
+    resolved = models.resolve_model(args.model)
+    tok = models.load_tokenizer(resolved.path)
+    rows = bench_rows(args.rows)
+    cfg = RunConfig(
+        base_model=str(resolved.path),
+        method=args.method,
+        max_seq_len=args.max_len,
+        batch_size=args.batch,
+        grad_accum=1,
+        max_steps=args.steps,
+        learning_rate=2e-4,
+        warmup_ratio=0.0,
+        target_modules="qv",
+        device=args.device,
+    ).validate()
+    device, why = studio_train.resolve_device(cfg)
+    print(
+        f"train benchmark: {resolved.name} ({cfg.method}), {len(rows)} rows, max length"
+        f" {cfg.max_seq_len}, batch {cfg.batch_size}, {cfg.max_steps} optimizer steps each;"
+        f" device {why}; {os.cpu_count()} cores, load {_load()}",
+        flush=True,
+    )
+    results: dict[str, Any] = {
+        "machine": _machine(),
+        "model": resolved.name,
+        "method": cfg.method,
+        "rows": len(rows),
+        "max_len": cfg.max_seq_len,
+        "batch": cfg.batch_size,
+        "steps": cfg.max_steps,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="lora-studio-bench-train-"))
+    try:
+        for key, build in (("tutorial", _tutorial_trainer), ("studio", _studio_trainer)):
+            torch.manual_seed(cfg.seed)
+            trainer, counter = build(cfg, resolved.path, tok, rows, device, tmp)
+            results[key] = _train_with(trainer, counter, cfg.max_steps)
+            if device == "cuda":
+                results[key].update(_cuda_extras(cfg, resolved.path, trainer, results[key]))
+            del trainer, counter
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            r = results[key]
+            print(
+                f"({'a' if key == 'tutorial' else 'b'}) {key:8s}: {r['tokens_per_s']:8.1f} real"
+                f" tokens/s, {r['labelled_tokens_per_s']:8.1f} label-bearing tokens/s, padding"
+                f" {r['padding_share']:.0%}, peak {r['peak_memory_mb']:,.0f} MB"
+                f" ({r['memory_kind']}), final loss {r['final_loss']}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    a, b = results["tutorial"], results["studio"]
+    results["ratio_tokens_per_s"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
+    results["ratio_labelled_tokens_per_s"] = round(
+        b["labelled_tokens_per_s"] / a["labelled_tokens_per_s"], 2
+    )
+    results["ratio_step_time"] = round(a["seconds"] / b["seconds"], 2)
+    print(
+        f"ratio (b)/(a): {results['ratio_tokens_per_s']}x real tokens/s,"
+        f" {results['ratio_labelled_tokens_per_s']}x label-bearing tokens/s,"
+        f" {results['ratio_step_time']}x faster per optimizer step (goal >= 3x)"
+    )
+    _write_results(args, "train", results)
+    return 0
+
+
+def _cuda_extras(cfg: Any, model_path: Path, trainer: Any, r: dict[str, Any]) -> dict[str, Any]:
+    """MFU and the VRAM estimate next to the measured peak (CUDA only)."""
+    import torch
+
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    name = torch.cuda.get_device_name(0)
+    peak_tflops = _PEAK_BF16_TFLOPS.get(next((k for k in _PEAK_BF16_TFLOPS if k in name), ""), 0)
+    extras: dict[str, Any] = {"gpu": name, "params": n_params}
+    if peak_tflops:
+        extras["mfu"] = round(4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12), 4)
+    try:
+        from studio import vram
+
+        est = vram.estimate_for_config(cfg, model_path)
+        extras["vram_estimate_mb"] = round(est["total_gb"] * 1024, 0)
+        extras["vram_measured_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 0)
+    except Exception as exc:  # the estimate is a bonus here; say why it is missing
+        extras["vram_estimate_error"] = str(exc)
+    return extras
+
+
+# Dense bf16 peak of common cards (TFLOP/s), for MFU.
+_PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "4090": 165.2,
+    "4080": 97.5,
+    "4070": 58.3,
+    "4060": 30.2,
+    "3090": 71.0,
+    "3060": 25.4,
+}
+
+
+def _machine() -> str:
+    import platform
+
+    import psutil
+
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{platform.machine()} {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}"
+
+
+def _write_results(args: argparse.Namespace, name: str, results: dict[str, Any]) -> None:
+    if getattr(args, "json", None):
+        path = Path(args.json)
+        path.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        print(f"results written to {path}")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=300, help="rows of varied length (300)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per recipe (8)")
+    p.add_argument("--max-len", type=int, default=512, help="max sequence length (512)")
+    p.add_argument("--batch", type=int, default=4, help="rows per step (4)")
+    p.add_argument("--method", choices=("lora", "qlora"), default="lora")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+# --------------------------------------------------------------------------- app
+
+
+def bench_app(args: argparse.Namespace) -> int:
+    """Seconds from `python app.py` to the page being served, and from Start to step 1.
+
+    The second figure clicks Start in Chromium (Playwright + /usr/bin/chromium) when both are
+    installed, and otherwise starts the same run through the job manager the button calls.
+    """
+    import socket
+    import subprocess
+    import urllib.request
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, str(root / "app.py"), "--port", str(port)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    results: dict[str, Any] = {"machine": _machine()}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                print("app.py exited before serving the page", file=sys.stderr)
+                return 1
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        results["page_served_s"] = round(time.perf_counter() - t0, 2)
+        print(f"python app.py -> page served: {results['page_served_s']:.2f} s (target < 10 s)")
+        if not args.no_train:
+            results.update(_start_to_first_step(url, args))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    _write_results(args, "app", results)
+    return 0
+
+
+def _start_to_first_step(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not chromium.exists():
+        print("Start -> first step: skipped (needs Playwright and /usr/bin/chromium)")
+        return {}
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=flags)
+        page = browser.new_page()
+        page.goto(url)
+        page.get_by_role("tab", name="Train", exact=True).click()
+        page.get_by_text("Advanced settings").click()
+        for elem_id, value in (("train-max-steps", "2"), ("train-max-seq-len", "128")):
+            box = page.locator(f"#{elem_id}").locator("input, textarea").first
+            box.fill(value)
+            box.press("Tab")
+        allow = page.locator("#train-allow-pii input")
+        if allow.count():
+            allow.check()
+        page.wait_for_timeout(1000)
+        t0 = time.perf_counter()
+        page.locator("#train-start").click()
+        page.locator("#train-progress").get_by_text("Step 1/").wait_for(timeout=600_000)
+        secs = round(time.perf_counter() - t0, 2)
+        page.locator("#train-progress").get_by_text("Completed").wait_for(timeout=600_000)
+        browser.close()
+    print(f"click Start -> first training step shown: {secs:.2f} s (model load included)")
+    return {"start_to_first_step_s": secs}
+
+
+def _app_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="the studio data dir to start the app with")
+    p.add_argument("--no-train", action="store_true", help="only time the page start-up")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
 # name -> (help, argument setup, function)
 COMMANDS: dict[
     str,
     tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
 ] = {
     "data": ("dataset load/validate/PII-scan and token-length speed", _data_args, bench_data),
+    "train": ("tutorial recipe vs the studio's training path", _train_args, bench_train),
+    "app": ("app start-up and Start -> first training step", _app_args, bench_app),
 }
 
 
