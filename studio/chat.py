@@ -310,6 +310,11 @@ def _streamer_class():
                 self.new_tokens += int(value.numel())
             super().put(value)
 
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if stream_end:  # cut by max_new_tokens inside a multi-byte character
+                text = text.rstrip("\ufffd")
+            super().on_finalized_text(text, stream_end)
+
         def _is_chinese_char(self, cp: int) -> bool:
             no_space_scripts = (
                 (0x0E00, 0x0EFF),  # Thai, Lao

@@ -232,6 +232,7 @@ def build_chat_tab(ctx: dict[str, Any]) -> None:
                 label="Prompt file (.jsonl / .json / .csv / .txt)",
                 file_types=[".jsonl", ".json", ".csv", ".txt"],
                 type="filepath",
+                elem_id="chat-batch-file",
             )
             batch_limit = gr.Number(value=20, precision=0, label="At most this many prompts")
         batch_btn = gr.Button("Run batch compare")
