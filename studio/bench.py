@@ -7,6 +7,17 @@ Run `python -m studio.bench <command>`; commands:
       >= 5,000 rows/s, peak memory < 2 GB) and compute token-length statistics for the same
       rows with the default model's tokenizer (target: < 30 s).
 
+  train [--rows 300] [--steps 8] [--max-len 512] [--batch 4] [--method lora|qlora]
+      (a) the tutorial recipe (pad to max length, loss on every token, plain Trainer with
+      DataCollatorForLanguageModeling) vs (b) the studio's path, same data/model/steps, in one
+      process: real and label-bearing tokens/s, padding share, peak memory, final loss, ratio.
+      On CUDA also MFU and the VRAM estimate next to the measured peak.
+  app [--no-train]
+      Seconds from `python app.py` to the page served, and from a click on Start (Chromium) to
+      the first training step shown.
+  chat RUN_DIR
+      Memory with both chat sides ready vs the base alone; time to first token and tokens/s.
+
 Each command is a function `bench_<name>(args)` registered in COMMANDS with its own
 argument setup, so new benchmarks (train, app) slot in beside `data`.
 """
@@ -631,6 +642,34 @@ def _app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
+# --------------------------------------------------------------------------- chat
+
+_CHAT_PROMPTS = [
+    "My parcel has not arrived after two weeks. What should I do?",
+    "Tôi bị trừ tiền hai lần cho cùng một đơn hàng, làm sao để được hoàn tiền?",
+    "How do I reset my password if the email never arrives?",
+]
+
+
+def bench_chat(args: argparse.Namespace) -> int:
+    """Memory with both chat sides ready vs the base alone, and per-side speed."""
+    from studio import chat
+
+    result = chat.bench_chat(args.model, args.run_dir, _CHAT_PROMPTS, max_new_tokens=args.tokens)
+    result["machine"] = _machine()
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    _write_results(args, "chat", result)
+    return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run folder (or adapter folder) to compare against its base")
+    p.add_argument("--model", help="base model (default: the run's own)")
+    p.add_argument("--tokens", type=int, default=64, help="max new tokens per answer (64)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
 # name -> (help, argument setup, function)
 COMMANDS: dict[
     str,
@@ -639,6 +678,7 @@ COMMANDS: dict[
     "data": ("dataset load/validate/PII-scan and token-length speed", _data_args, bench_data),
     "train": ("tutorial recipe vs the studio's training path", _train_args, bench_train),
     "app": ("app start-up and Start -> first training step", _app_args, bench_app),
+    "chat": ("chat memory (both sides vs base alone) and speed", _chat_args, bench_chat),
 }
 
 
