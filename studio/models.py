@@ -132,7 +132,7 @@ def _resolve_hub(repo_id: str, progress: Progress) -> ResolvedModel:
             return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name)
     except Exception:
         pass
-    progress(f"Downloading {repo_id} from the hub", 0.05)
+    progress(f"Checking the hub for {repo_id}", 0.05)
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=_HUB_TIMEOUT_S)
     except HfHubHTTPError as exc:

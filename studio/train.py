@@ -196,7 +196,7 @@ def check_pii(cfg: RunConfig) -> int | None:
 
 
 def tokenize_rows(
-    tok: Any, rows: list[dict[str, Any]], cfg: RunConfig
+    tok: Any, rows: list[dict[str, Any]], cfg: RunConfig, required: bool = True
 ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """input_ids + labels per row (-100 where no loss), with the one shared chat_format.
 
@@ -226,7 +226,7 @@ def tokenize_rows(
         stats["tokens"] += len(conv.input_ids)
         stats["trained_tokens"] += sum(x != -100 for x in labels[1:])
         out.append({"input_ids": conv.input_ids, "labels": labels})
-    if not out and rows:
+    if not out and rows and required:
         hint = first_error or f"every row was cut before its reply at max_seq_len={cfg.max_seq_len}"
         raise ConfigError("max_seq_len" if not first_error else "dataset_path", hint)
     return out, stats
@@ -266,31 +266,34 @@ def compute_dtype(device: str) -> tuple[Any, str]:
     return torch.float16, f"fp16: compute capability {major}.{minor} has no bf16"
 
 
+def hardware_preset(cfg: RunConfig) -> Any | None:
+    """The Hardware tab's preset named in the config (`studio.presets`), or None."""
+    if not cfg.preset:
+        return None
+    try:
+        from studio.presets import load_presets
+
+        return load_presets().get(cfg.preset)
+    except Exception:  # no presets module, or an unknown/broken preset: no estimate, no crash
+        return None
+
+
 def expected_device(cfg: RunConfig) -> str:
-    """The device the user meant: set explicitly, or implied by a GPU hardware preset."""
+    """The device the user meant: set explicitly, or implied by the hardware preset."""
     if cfg.device != "auto":
         return cfg.device
-    if cfg.preset and "cpu" not in cfg.preset.lower():
-        return "cuda"
+    preset = hardware_preset(cfg)
+    if preset is not None:
+        return "cuda" if getattr(preset, "kind", "") == "cuda" else "cpu"
     return "any"
 
 
 def board_power(cfg: RunConfig, device: str) -> tuple[float, str]:
-    """Watts drawn while training (from the hardware preset) and where the figure comes from."""
-    try:
-        from studio import presets
-    except ImportError:
-        presets = None
-    if presets is not None and cfg.preset:
-        getter = getattr(presets, "get_preset", None) or getattr(presets, "load_preset", None)
-        try:
-            preset = getter(cfg.preset) if getter else None
-        except Exception:
-            preset = None
-        for key in ("board_power_w", "power_w", "tdp_w"):
-            watts = preset.get(key) if isinstance(preset, dict) else getattr(preset, key, None)
-            if watts:
-                return float(watts), f"{watts:g} W board power of preset '{cfg.preset}'"
+    """Watts drawn while training (the preset's board power) and where the figure comes from."""
+    preset = hardware_preset(cfg)
+    watts = getattr(preset, "board_power_w", None)
+    if watts:
+        return float(watts), f"{watts:g} W board power of preset '{cfg.preset}'"
     if device == "cpu":
         return 0.0, "0 W: no board power known for CPU training (pick a hardware preset)"
     return 0.0, "0 W: pick a hardware preset to estimate electricity"
@@ -770,6 +773,12 @@ def execute_run(
                 " runs on the CPU and will be very slow (is the CUDA build of torch installed?)"
             )
         resolved = resolve_model(cfg.base_model, lambda m, f: say(f"[model {f:.0%}] {m}"))
+        before = (meta.get("base_model") or {}).get("revision")
+        if run.resume_from and before and before != resolved.revision:
+            say(
+                f"WARNING: the base model changed since the run began"
+                f" ({before} -> {resolved.revision})"
+            )
         meta["base_model"] = {
             "name": resolved.name,
             "path": str(resolved.path),
@@ -783,13 +792,13 @@ def execute_run(
 
         t = time.time()
         train_tok, train_stats = tokenize_rows(tok, run.train_rows, cfg)
-        val_tok, val_stats = tokenize_rows(tok, run.val_rows, cfg) if run.val_rows else ([], {})
+        val_tok, val_stats = tokenize_rows(tok, run.val_rows, cfg, required=False)
         timings["tokenize_s"] = round(time.time() - t, 2)
         meta["dataset"].update(
             train_examples=len(train_tok),
             val_examples=len(val_tok),
-            dropped_rows=train_stats["dropped"] + val_stats.get("dropped", 0),
-            truncated_rows=train_stats["truncated"] + val_stats.get("truncated", 0),
+            dropped_rows=train_stats["dropped"] + val_stats["dropped"],
+            truncated_rows=train_stats["truncated"] + val_stats["truncated"],
             train_tokens=train_stats["tokens"],
             trained_tokens=train_stats["trained_tokens"],
         )
@@ -807,6 +816,7 @@ def execute_run(
         check_stop()
 
         from datasets import Dataset
+        from transformers import PrinterCallback
         from trl import SFTTrainer
 
         args = build_training_args(
@@ -822,6 +832,7 @@ def execute_run(
             peft_config=build_peft_config(cfg, model),
             callbacks=[callback, *extra_callbacks],
         )
+        trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
         if cfg.method == "qlora" and run.device == "cpu":
             # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); CPU computes in fp32.
             for p in trainer.model.parameters():
@@ -1075,11 +1086,10 @@ def did_it_learn(
             " (is the CUDA build of torch installed?)"
         )
         ok: bool | None = False
+    elif expected in ("any", device):
+        detail, ok = f"trained on {device}" + ("" if expected == "any" else " as intended"), True
     else:
-        detail, ok = (
-            f"trained on {device}" + ("" if expected == "any" else f" as intended ({expected})"),
-            True,
-        )
+        detail, ok = f"trained on {device} (the settings suggested {expected})", True
     checks.append({"name": "intended device", "ok": ok, "detail": detail})
     return checks
 

@@ -32,7 +32,7 @@ def test_unknown_model_lists_every_route_tried(studio_home: Path, tmp_path: Path
     assert "no-such-model" in str(err.value) and "does not exist" in str(err.value)
     not_a_model = tmp_path / "folder"
     not_a_model.mkdir()
-    with pytest.raises(models.ModelNotFoundError, match="no config.json"):
+    with pytest.raises(models.ModelNotFoundError, match=r"no config\.json"):
         models.resolve_model(str(not_a_model))
     with pytest.raises(models.ModelNotFoundError) as err:
         models.resolve_model("nobody-here/not-a-real-model-xyz", allow_hub=False)
@@ -83,7 +83,7 @@ def test_engine_never_imports_gradio() -> None:
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_app_serves_four_tabs_in_chromium(start_app, page) -> None:  # noqa: ANN001
+def test_app_serves_four_tabs_in_chromium(start_app, page) -> None:
     app = start_app()
     assert "127.0.0.1" in app.log()
     page.goto(app.url)

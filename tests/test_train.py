@@ -190,7 +190,7 @@ def test_qlora_run_on_cpu_learns(embedded_model, tiny_rows, tokenizer):
     from studio.models import greedy_answer, load_model_for_inference
     from studio.train import run_training
 
-    cfg = tiny_cfg(tiny_rows, run_name="qlora", method="qlora", max_steps=8, val_fraction=0.0)
+    cfg = tiny_cfg(tiny_rows, run_name="qlora", method="qlora", max_steps=6, val_fraction=0.0)
     result = run_training(cfg)
     assert result.status == "completed", result.message
     losses = train_losses(result.run_dir)
@@ -218,7 +218,7 @@ def test_stop_keeps_a_loadable_adapter_and_resume_finishes(embedded_model, tiny_
             if state.global_step == 2:
                 manager().stop()
 
-    cfg = tiny_cfg(tiny_rows, run_name="stop-resume", max_steps=6, val_fraction=0.0, save_steps=0)
+    cfg = tiny_cfg(tiny_rows, run_name="stop-resume", max_steps=6, val_fraction=0.0, save_steps=50)
     run_dir = manager().start(cfg, extra_callbacks=[PressStopAtStep2()])
     with pytest.raises(JobBusyError):  # a second Start (another browser tab) is refused
         manager().start(cfg)

@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+from playwright.sync_api import expect
 
 from studio import runs
 from studio.config import ConfigError, RunConfig
@@ -136,10 +137,10 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
     run_dir = page.locator("#train-run-dir textarea").input_value()
     assert run_dir and runs.run_info(run_dir).status == "completed"
     assert (runs.run_info(run_dir).path / "adapter" / "adapter_model.safetensors").is_file()
-    assert page.locator("#train-result").get_by_text("Did it learn?").is_visible()
+    expect(page.locator("#train-result")).to_contain_text("Did it learn?")
     steps = [e["step"] for e in runs.load_log(run_dir) if e.get("kind") == "train"]
     assert steps == [1, 2, 3, 4]
     assert chart_traces.count() >= 1
     table = page.locator("#train-runs")
-    table.get_by_text(runs.run_info(run_dir).name, exact=True).first.wait_for(timeout=30_000)
-    assert "completed" in table.inner_text()
+    expect(table).to_contain_text(runs.run_info(run_dir).name, timeout=30_000)
+    expect(table).to_contain_text("completed")

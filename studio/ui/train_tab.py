@@ -204,7 +204,7 @@ def wire_train_tab(ctx: dict[str, Any]) -> None:
             if pii and not cfg.allow_pii:
                 gr.Warning("Confirm the PII findings first (or redact them in the Dataset tab).")
                 group, text, _ = pii_notice(pii)
-                return f"⚠️ **Not started.** {text}", group, text
+                return f"**Not started.** {text}", group, text
             run_dir = get_manager().start(cfg)
         except ConfigError as exc:
             gr.Warning(f"Setting {exc.field}: {exc}")
@@ -404,21 +404,19 @@ def progress_markdown(snap: JobSnapshot) -> str:
 
 
 def result_markdown(snap: JobSnapshot) -> str:
+    """How the last run ended: the message, the "did it learn?" checks, advice, the adapter."""
     if snap.active or snap.state == "idle":
         return ""
-    parts = [f"**{snap.message}**"]
+    blocks = [f"**{snap.message}**"]
     if snap.checks:
-        parts.append("**Did it learn?**")
-        parts += [
-            f"- {'✅' if c['ok'] else '⚠️' if c['ok'] is False else '•'} {c['name']}: {c['detail']}"
-            for c in snap.checks
-        ]
+        marks = {True: "✅", False: "⚠️", None: "•"}
+        lines = [f"- {marks[c['ok']]} {c['name']}: {c['detail']}" for c in snap.checks]
+        blocks.append("**Did it learn?**\n\n" + "\n".join(lines))
     if snap.advice:
-        parts.append("**What to do:**")
-        parts += [f"- {line}" for line in snap.advice]
+        blocks.append("**What to do:**\n\n" + "\n".join(f"- {line}" for line in snap.advice))
     if snap.run_dir and snap.state in ("completed", "stopped"):
-        parts.append(f"Adapter: `{Path(snap.run_dir) / runs.ADAPTER}`")
-    return "\n".join(parts)
+        blocks.append(f"Adapter: `{Path(snap.run_dir) / runs.ADAPTER}`")
+    return "\n\n".join(blocks)
 
 
 def _fmt(value: float | None) -> str:
