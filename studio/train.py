@@ -19,12 +19,9 @@ import argparse
 import contextlib
 import errno
 import gc
-import hashlib
-import json
 import math
 import os
 import platform
-import random
 import shutil
 import signal
 import sys
@@ -100,18 +97,13 @@ def dataset_file(cfg: RunConfig) -> Path:
 
 
 def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Rows as {"messages": [...]} dicts.
+    """Rows as {"messages": [...]} dicts, through the Dataset tab's own loader (every format,
+    errors with line numbers), so training sees exactly what the Dataset tab validated."""
+    from studio import data
 
-    Uses the Dataset tab's loader (`studio.data.load_dataset_file`: every format, errors with
-    line numbers) when it is there; otherwise reads a JSONL of messages rows directly.
-    """
     path = dataset_file(cfg)
     if not path.is_file():
         raise ConfigError("dataset_path", f"no such file: {path}")
-    try:
-        from studio import data
-    except ImportError:
-        return _read_messages_jsonl(path)
     try:
         report = data.load_dataset_file(path, fmt=cfg.dataset_format)
     except data.DatasetError as exc:
@@ -122,69 +114,26 @@ def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
     return [{"messages": row["messages"]} for row in report.rows]
 
 
-def _read_messages_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("dataset_path", f"{path} is not UTF-8 text: {exc}") from exc
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError("dataset_path", f"{path}, line {n}: not valid JSON ({exc})") from exc
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        ok = isinstance(msgs, list) and all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in msgs
-        )
-        if not ok or not msgs:
-            raise ConfigError(
-                "dataset_path",
-                f'{path}, line {n}: expected {{"messages": [{{"role": ..., "content": ...}}]}}',
-            )
-        rows.append({"messages": msgs})
-    if not rows:
-        raise ConfigError("dataset_path", f"{path} holds no conversations")
-    return rows
-
-
 def split_rows(
     rows: list[dict[str, Any]], val_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The seeded train/validation split, the same one the Dataset tab shows."""
-    try:
-        from studio.data import split_rows as dataset_split
-    except ImportError:
-        dataset_split = None
-    if dataset_split is not None:
-        return dataset_split(rows, val_fraction, seed)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction))) if val_fraction > 0 else 0
-    val_idx = set(order[: max(n_val, 0)])
-    train = [r for i, r in enumerate(rows) if i not in val_idx]
-    return train, [rows[i] for i in sorted(val_idx)]
+    from studio.data import split_rows as dataset_split
+
+    return dataset_split(rows, val_fraction, seed)
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The dataset file's hash, recorded in the run's metadata (same as the PII scan key)."""
+    from studio.pii import file_sha256 as sha256_of
+
+    return sha256_of(path)
 
 
 def check_pii(cfg: RunConfig) -> int | None:
     """Refuse a dataset with unresolved PII findings unless the user confirmed (allow_pii)."""
-    try:
-        from studio.pii import unresolved_pii
-    except ImportError:
-        return None
+    from studio.pii import unresolved_pii
+
     count = unresolved_pii(str(dataset_file(cfg)))
     if count and not cfg.allow_pii:
         raise ConfigError(
