@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import chat_format, models, paths
+from studio.runs import read_json
 
 SIDE_BASE = "base"
 SIDE_TUNED = "tuned"
@@ -165,14 +166,6 @@ class ChatRun:
         return f"{self.name} · {self.method} · {self.status}"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
@@ -228,7 +221,7 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
         if (parent / METADATA_FILE).is_file():
             run_dir = parent
             break
-    meta = _read_json(run_dir / METADATA_FILE) if run_dir else {}
+    meta = read_json(run_dir / METADATA_FILE) if run_dir else {}
     if run_dir is None:
         label = adapter.name
     elif adapter == run_dir / "adapter":
@@ -370,7 +363,7 @@ def _active_job_from_jobs() -> tuple[str, str] | None:
     run_dir = jobs.get_manager().active_run_dir()
     if run_dir is None:
         return None
-    device = (_read_json(run_dir / METADATA_FILE).get("device") or {}).get("used") or ""
+    device = (read_json(run_dir / METADATA_FILE).get("device") or {}).get("used") or ""
     if not device:  # metadata not written yet: the run will use the GPU if there is one
         import torch
 
@@ -1082,7 +1075,7 @@ def validation_items(run_dir: str | Path, limit: int | None = None) -> list[Batc
     the one the run held out, so that is refused.
     """
     run = Path(run_dir)
-    meta = _read_json(run / METADATA_FILE)
+    meta = read_json(run / METADATA_FILE)
     try:
         from studio import train
         from studio.config import RunConfig

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import chat_format, models, paths
+from studio.runs import read_json
 
 Progress = Callable[[str, float], None]
 Message = dict[str, str]
@@ -229,14 +230,6 @@ def _noop(_msg: str, _frac: float) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def inspect_run(run_dir: str | Path) -> RunSource:
     """Check a run folder holds what an export needs; ExportError says what is missing."""
     run = Path(str(run_dir or "").strip()).expanduser()
@@ -255,7 +248,7 @@ def inspect_run(run_dir: str | Path) -> RunSource:
             f"{run.name}: the adapter folder has no weights (adapter_model.safetensors is"
             " missing). Re-run the training or pick another run."
         )
-    meta = _read_json(run / "training_metadata.json")
+    meta = read_json(run / "training_metadata.json")
     settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
     if not settings and (run / "run.yaml").is_file():
         with contextlib.suppress(Exception):
@@ -266,7 +259,7 @@ def inspect_run(run_dir: str | Path) -> RunSource:
     base_name = base.get("name") if isinstance(base, dict) else base
     base_path = base.get("path") if isinstance(base, dict) else None
     base_path = base_path or meta.get("base_model_path")
-    adapter_cfg = _read_json(adapter / "adapter_config.json")
+    adapter_cfg = read_json(adapter / "adapter_config.json")
     base_name = (
         base_name or settings.get("base_model") or adapter_cfg.get("base_model_name_or_path")
     )
@@ -393,7 +386,7 @@ def _safetensors_bytes(folder: Path) -> int:
 
 
 def _config_dtype(folder: Path) -> str:
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
     return name if name in ("bfloat16", "float16", "float32") else "bfloat16"
 
@@ -733,7 +726,7 @@ def convert_to_gguf(
         raise ExportError(
             "The GGUF converter needs the sentencepiece package: pip install sentencepiece==0.2.3"
         ) from exc
-    layers = int(_read_json(merged_dir / "config.json").get("num_hidden_layers") or 1)
+    layers = int(read_json(merged_dir / "config.json").get("num_hidden_layers") or 1)
     cmd = [sys.executable, str(script), str(merged_dir), "--outfile", str(out_file)]
     cmd += ["--outtype", outtype, "--model-name", name]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
@@ -1028,8 +1021,8 @@ def _modelfile_text(text: str) -> str:
 
 def sampling_parameters(merged_dir: Path, base_path: Path) -> tuple[dict[str, Any], str]:
     """Ollama sampling parameters and where they came from."""
-    gen = _read_json(merged_dir / "generation_config.json")
-    cfg = _read_json(merged_dir / "config.json")
+    gen = read_json(merged_dir / "generation_config.json")
+    cfg = read_json(merged_dir / "config.json")
     params: dict[str, Any] = {}
     src = "the model's generation_config.json"
     if gen.get("do_sample") and gen.get("temperature") is not None:

@@ -108,13 +108,18 @@ def new_run_dir(run_name: str, root: Path | None = None) -> Path:
     raise FileExistsError(f"could not create a new run folder for {run_name} in {root}")
 
 
-def read_metadata(run_dir: str | Path) -> dict[str, Any]:
-    """The run's metadata, or {} when missing or unreadable (a run killed before writing it)."""
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file, or {} when missing or unreadable (a run killed mid-write)."""
     try:
-        data = json.loads((Path(run_dir) / METADATA).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_metadata(run_dir: str | Path) -> dict[str, Any]:
+    """The run's metadata, or {} when missing or unreadable."""
+    return read_json(Path(run_dir) / METADATA)
 
 
 def write_metadata(run_dir: str | Path, meta: dict[str, Any]) -> Path:
