@@ -1,17 +1,20 @@
 """Benchmarks that print measured figures for the studio's speed and memory targets.
 
 Run `python -m studio.bench <command>`; commands:
-  data [--rows 100000] [--max-len 512] [--no-tokens] [--keep]
+  data [--rows 100000] [--max-len 512] [--no-tokens] [--keep] [--json FILE]
       Write a generated JSONL of mixed English/Vietnamese/Thai support conversations (~600
       bytes a row) to a temp dir, then load + validate + normalize + PII-scan it (target:
       >= 5,000 rows/s, peak memory < 2 GB) and compute token-length statistics for the same
       rows with the default model's tokenizer (target: < 30 s).
 
   train [--rows 300] [--steps 8] [--max-len 512] [--batch 4] [--method lora|qlora]
+        [--no-breakdown] [--json FILE]
       (a) the tutorial recipe (pad to max length, loss on every token, plain Trainer with
       DataCollatorForLanguageModeling) vs (b) the studio's path, same data/model/steps, in one
       process: real and label-bearing tokens/s, padding share, peak memory, final loss, ratio.
-      On CUDA also MFU and the VRAM estimate next to the measured peak.
+      Then (b) with one of its choices undone (padding-free batches; on CPU also TRL's loss
+      head and fp32), to show what each is worth. On CUDA also MFU and the VRAM estimate next
+      to the measured peak.
   app [--no-train]
       Seconds from `python app.py` to the page served, and from a click on Start (Chromium) to
       the first training step shown.
@@ -25,6 +28,8 @@ argument setup, so new benchmarks (train, app) slot in beside `data`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import random
@@ -33,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +229,17 @@ def bench_data(args: argparse.Namespace) -> int:
                 pii_note = f"{len(scan.findings):,} findings in {len(scan.rows_with_pii):,} rows"
         total = t_load + t_pii
         cpu = _cpu() - c0
+        results: dict[str, Any] = {
+            "machine": _machine(),
+            "rows": report.total,
+            "mb": round(size / 1e6, 1),
+            "load_average_at_start": _load(),
+            "load_validate_normalize_s": round(t_load, 2),
+            "pii_scan_s": round(t_pii, 2),
+            "rows_per_s": round(report.total / max(total, 1e-9)),
+            "cpu_s": round(cpu, 2),
+            "peak_rss_mb": round(mem.peak_bytes / 2**20),
+        }
         print(
             f"load+validate+normalize: {t_load:.2f} s ({report.valid:,} valid,"
             f" {report.invalid:,} invalid)"
@@ -249,6 +265,8 @@ def bench_data(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             stats = data.token_stats(report.rows, tok, args.max_len)
             t_tok = time.perf_counter() - t0
+            results.update(token_stats_s=round(t_tok, 2), token_p50=stats["p50"])
+            results.update(token_p95=stats["p95"], token_max=stats["max"])
             print(
                 f"token lengths: {stats['rows']:,} rows in {t_tok:.2f} s (target < 30 s;"
                 f" CPU {_cpu() - c0:.2f} s on {os.cpu_count()} cores, load {_load()});"
@@ -257,6 +275,7 @@ def bench_data(args: argparse.Namespace) -> int:
             )
         if args.keep:
             print(f"kept {path}")
+        _write_results(args, "data", results)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -268,6 +287,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=512, help="max sequence length (512)")
     p.add_argument("--no-tokens", action="store_true", help="skip the token-length part")
     p.add_argument("--keep", action="store_true", help="keep the generated file")
+    p.add_argument("--json", help="also write the results to this JSON file")
 
 
 # --------------------------------------------------------------------------- train
@@ -302,12 +322,13 @@ class _TokenCounter:
         return batch
 
 
-def _train_with(trainer: Any, counter: _TokenCounter, steps: int) -> dict[str, Any]:
-    """Run `steps` optimizer steps and return timing, token and memory figures."""
+def _train_with(trainer: Any, counter: _TokenCounter) -> dict[str, Any]:
+    """Train (args.max_steps optimizer steps) and return timing, token and memory figures."""
     import torch
 
     from studio.train import memory_now
 
+    _release_memory()  # so the RSS peak is this recipe's, not the previous one's heap
     warm = 1  # the first step pays for lazy init; it is timed apart
     times: list[float] = []
 
@@ -324,16 +345,21 @@ def _train_with(trainer: Any, counter: _TokenCounter, steps: int) -> dict[str, A
 
     trainer.remove_callback(PrinterCallback)  # keep the output to the figures
     trainer.add_callback(Clock())
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    out = trainer.train()
+    with PeakRSS() as rss:
+        out = trainer.train()
     per_step = len(counter.batches) // max(1, len(times))
     timed = counter.batches[warm * per_step :]
     secs = sum(times[warm:])
     real = sum(b["real"] for b in timed)
     labelled = sum(b["labelled"] for b in timed)
     slots = sum(b["slots"] for b in timed)
-    mem, mem_kind = memory_now("cuda" if torch.cuda.is_available() else "cpu")
+    if cuda:
+        mem, mem_kind = memory_now("cuda")
+    else:  # the process's peak while training (model, data and Python included)
+        mem, mem_kind = rss.peak_bytes / 2**20, "process RSS peak"
     return {
         "steps_timed": len(times) - warm,
         "seconds": round(secs, 2),
@@ -346,9 +372,37 @@ def _train_with(trainer: Any, counter: _TokenCounter, steps: int) -> dict[str, A
     }
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, with None, leave) one environment variable for the block."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc), so RSS can fall again."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: str, out: Path):
     """(a) The tutorial recipe: pad every row to max length, loss on every token, plain
-    Trainer with DataCollatorForLanguageModeling (which also masks every EOS when pad == eos)."""
+    Trainer with DataCollatorForLanguageModeling (which also masks every EOS when pad == eos).
+    Precision as the tutorials had it: fp32 on CPU (Trainer's default there), the card's
+    16-bit type on CUDA."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -359,10 +413,11 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
     texts = [render(tok, r["messages"]) for r in rows]
     enc = tok(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len)
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    model = studio_train.load_base_model(cfg, model_path, device)
+    with _env("LORA_STUDIO_CPU_FP32", "1"):  # no effect on CUDA
+        dtype, _ = studio_train.compute_dtype(device)
+        model = studio_train.load_base_model(cfg, model_path, device)
     model = get_peft_model(model, studio_train.build_peft_config(cfg, model))
     counter = _TokenCounter(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
-    dtype, _ = studio_train.compute_dtype(device)
     args = TrainingArguments(
         output_dir=str(out / "tutorial"),
         per_device_train_batch_size=cfg.batch_size,
@@ -381,31 +436,82 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counter)
+    trainer.precision = _precision(dtype, device)
     return trainer, counter
 
 
-def _studio_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: str, out: Path):
-    """(b) The studio's own path: the same builders the Train tab uses."""
+def _precision(dtype: Any, device: str) -> str:
+    name = str(dtype).replace("torch.", "")
+    if name == "float32":
+        return "fp32"
+    return f"{name} base + autocast" if device == "cpu" else name
+
+
+def _studio_trainer(
+    cfg: Any,
+    model_path: Path,
+    tok: Any,
+    rows: list,
+    device: str,
+    out: Path,
+    *,
+    fp32: bool = False,
+    padding_free: bool | None = None,
+    compact_head: bool = True,
+):
+    """(b) The studio's own path: the same builders the Train tab uses. `fp32`,
+    `padding_free` and `compact_head=False` each undo one of its choices, for the breakdown of
+    where the speed comes from."""
     from datasets import Dataset
-    from trl import SFTTrainer
 
     from studio import train as studio_train
 
     tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)
-    model = studio_train.load_base_model(cfg, model_path, device)
-    args = studio_train.build_training_args(cfg, out / "studio", device, False, False)
+    with _env("LORA_STUDIO_CPU_FP32", "1" if fp32 else None):
+        dtype, _ = studio_train.compute_dtype(device)
+        model = studio_train.load_base_model(cfg, model_path, device)
+        if padding_free is None:
+            padding_free = studio_train.padding_free_ok(model)
+        args = studio_train.build_training_args(
+            cfg, out / "studio", device, False, False, padding_free=padding_free
+        )
     args.save_strategy = "no"
     args.max_steps = cfg.max_steps
-    trainer = SFTTrainer(
+    trainer = studio_train.trainer_class()(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(tokenized),
         processing_class=tok,
         peft_config=studio_train.build_peft_config(cfg, model),
     )
+    trainer.compact_head = compact_head and studio_train.compact_head_ok(model, device)
     counter = _TokenCounter(trainer.data_collator, tok.pad_token_id)
     trainer.data_collator = counter
+    batches = "padding-free" if padding_free else "length-grouped"
+    head = "compact head" if trainer.compact_head else "TRL's fused head"
+    trainer.precision = f"{_precision(dtype, device)}, {batches}, {head}"
     return trainer, counter
+
+
+# The breakdown: (b) with one of its choices undone, and what that choice is.
+_UNDONE = [
+    ("studio_padding_free", "(b) padding-free", {"padding_free": True}, "length-grouped batches"),
+    ("studio_trl_head", "(b) TRL's head", {"compact_head": False}, "the compact CPU loss head"),
+    ("studio_fp32", "(b) in fp32", {"fp32": True}, "bf16 on a CPU with native bf16"),
+]
+
+
+def _recipes(device: str, breakdown: bool) -> list[tuple[str, str, Callable[..., Any]]]:
+    """(key, label, builder): the two recipes, then the studio path with one choice undone
+    (the last two only exist on CPU)."""
+    out: list[tuple[str, str, Callable[..., Any]]] = [
+        ("tutorial", "(a) tutorial", _tutorial_trainer),
+        ("studio", "(b) studio", _studio_trainer),
+    ]
+    for key, label, undo, _ in _UNDONE if breakdown else []:
+        if device == "cpu" or key == "studio_padding_free":
+            out.append((key, label, functools.partial(_studio_trainer, **undo)))
+    return out
 
 
 def bench_train(args: argparse.Namespace) -> int:
@@ -448,13 +554,14 @@ def bench_train(args: argparse.Namespace) -> int:
         "max_len": cfg.max_seq_len,
         "batch": cfg.batch_size,
         "steps": cfg.max_steps,
+        "load_average_at_start": _load(),
     }
     tmp = Path(tempfile.mkdtemp(prefix="lora-studio-bench-train-"))
     try:
-        for key, build in (("tutorial", _tutorial_trainer), ("studio", _studio_trainer)):
+        for key, label, build in _recipes(device, args.breakdown):
             torch.manual_seed(cfg.seed)
             trainer, counter = build(cfg, resolved.path, tok, rows, device, tmp)
-            results[key] = _train_with(trainer, counter, cfg.max_steps)
+            results[key] = {"precision": trainer.precision, **_train_with(trainer, counter)}
             if device == "cuda":
                 results[key].update(_cuda_extras(cfg, resolved.path, trainer, results[key]))
             del trainer, counter
@@ -463,10 +570,11 @@ def bench_train(args: argparse.Namespace) -> int:
                 torch.cuda.empty_cache()
             r = results[key]
             print(
-                f"({'a' if key == 'tutorial' else 'b'}) {key:8s}: {r['tokens_per_s']:8.1f} real"
-                f" tokens/s, {r['labelled_tokens_per_s']:8.1f} label-bearing tokens/s, padding"
-                f" {r['padding_share']:.0%}, peak {r['peak_memory_mb']:,.0f} MB"
-                f" ({r['memory_kind']}), final loss {r['final_loss']}",
+                f"{label:17s}: {r['tokens_per_s']:7.1f} real tokens/s,"
+                f" {r['labelled_tokens_per_s']:7.1f} label-bearing tokens/s,"
+                f" padding {r['padding_share']:.0%}, peak"
+                f" {r['peak_memory_mb']:,.0f} MB ({r['memory_kind']}), final loss"
+                f" {r['final_loss']}; {r['precision']}",
                 flush=True,
             )
     finally:
@@ -478,10 +586,15 @@ def bench_train(args: argparse.Namespace) -> int:
     )
     results["ratio_step_time"] = round(a["seconds"] / b["seconds"], 2)
     print(
-        f"ratio (b)/(a): {results['ratio_tokens_per_s']}x real tokens/s,"
-        f" {results['ratio_labelled_tokens_per_s']}x label-bearing tokens/s,"
-        f" {results['ratio_step_time']}x faster per optimizer step (goal >= 3x)"
+        f"ratio (b)/(a): {results['ratio_labelled_tokens_per_s']}x label-bearing tokens/s"
+        f" (goal >= 3x), {results['ratio_tokens_per_s']}x real tokens/s,"
+        f" {results['ratio_step_time']}x faster per optimizer step"
     )
+    for key, label, _, choice in _UNDONE:
+        if key in results:
+            ratio = round(b["tokens_per_s"] / results[key]["tokens_per_s"], 2)
+            results[f"gain_over_{key}"] = ratio
+            print(f"breakdown: {choice}: (b) runs {ratio}x the real tokens/s of {label}")
     _write_results(args, "train", results)
     return 0
 
@@ -496,13 +609,17 @@ def _cuda_extras(cfg: Any, model_path: Path, trainer: Any, r: dict[str, Any]) ->
     extras: dict[str, Any] = {"gpu": name, "params": n_params}
     if peak_tflops:
         extras["mfu"] = round(4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12), 4)
-    try:
-        from studio import vram
+    from studio import vram
 
-        est = vram.estimate_for_config(cfg, model_path)
-        extras["vram_estimate_mb"] = round(est["total_gb"] * 1024, 0)
-        extras["vram_measured_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 0)
-    except Exception as exc:  # the estimate is a bonus here; say why it is missing
+    extras["vram_measured_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    try:
+        est = vram.estimate(vram.model_shape(str(model_path)), vram.run_settings(cfg))
+        # allocated: what max_memory_allocated counts (no CUDA context or allocator slack)
+        extras["vram_estimate_mb"] = round(est.allocated_bytes / 2**20)
+        extras["vram_estimate_error_share"] = round(
+            est.allocated_bytes / torch.cuda.max_memory_allocated() - 1, 3
+        )
+    except (vram.ModelShapeError, ValueError) as exc:  # a bonus here; say why it is missing
         extras["vram_estimate_error"] = str(exc)
     return extras
 
@@ -522,10 +639,18 @@ _PEAK_BF16_TFLOPS = {
 
 
 def _machine() -> str:
+    """The machine in words: CPU model, cores, native bf16 or not, RAM, GPU."""
     import platform
 
     import psutil
 
+    from studio.hardware import cpu_bf16
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        cpu = next(names, cpu)
+    bf16 = "native bf16" if cpu_bf16()[0] else "no native bf16"
     gpu = ""
     try:
         import torch
@@ -535,7 +660,7 @@ def _machine() -> str:
     except ImportError:
         pass
     mem = psutil.virtual_memory().total / 2**30
-    return f"{platform.machine()} {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}"
+    return f"{cpu} ({platform.machine()}, {bf16}), {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}"
 
 
 def _write_results(args: argparse.Namespace, name: str, results: dict[str, Any]) -> None:
@@ -553,6 +678,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("lora", "qlora"), default="lora")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the runs of (b) with one choice undone (padding-free batches, fp32 on CPU)",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
@@ -562,8 +693,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def bench_app(args: argparse.Namespace) -> int:
     """Seconds from `python app.py` to the page being served, and from Start to step 1.
 
-    The second figure clicks Start in Chromium (Playwright + /usr/bin/chromium) when both are
-    installed, and otherwise starts the same run through the job manager the button calls.
+    The second figure clicks Start in Chromium (Playwright + /usr/bin/chromium) and waits
+    for step 1 of a 2-step run; without them it says it skipped.
     """
     import socket
     import subprocess

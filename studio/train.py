@@ -8,7 +8,7 @@ Run headless (the Train tab runs the very same functions in a background thread)
 It reads top to bottom: rows are loaded and split, each conversation is tokenized with
 `studio.chat_format` (assistant turns and their end-of-turn token carry the loss), the base
 model is loaded (NF4 4-bit for QLoRA), small `build_*` helpers make the LoRA and trainer
-configs, TRL's SFTTrainer trains with padding-free batches, and the run folder receives the
+configs, TRL's SFTTrainer trains on length-grouped batches, and the run folder receives the
 adapter, metadata, log and model card. Failures (out of memory, NaN loss, a full disk) end the
 run as "failed" with concrete advice instead of taking the app down.
 """
@@ -204,11 +204,14 @@ def resolve_device(cfg: RunConfig) -> tuple[str, str]:
 
 
 def compute_dtype(device: str) -> tuple[Any, str]:
-    """bf16 where the GPU supports it, else fp16; fp32 on CPU (bf16 matmuls are slow there)."""
+    """bf16 where the GPU supports it, else fp16; on CPU bf16 only where it is native."""
     import torch
 
     if device != "cuda":
-        return torch.float32, "fp32: training on CPU"
+        from studio.hardware import cpu_bf16
+
+        fast, why = cpu_bf16()
+        return (torch.bfloat16 if fast else torch.float32), why
     major, minor = torch.cuda.get_device_capability(0)
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, f"bf16: compute capability {major}.{minor}"
@@ -314,7 +317,7 @@ def build_quantization_config(cfg: RunConfig, device: str):
 
 
 def load_base_model(cfg: RunConfig, model_path: Path, device: str):
-    """The frozen base: 16-bit on GPU / fp32 on CPU for LoRA, NF4 4-bit for QLoRA."""
+    """The frozen base: 16-bit (`compute_dtype`) for LoRA, NF4 4-bit for QLoRA."""
     from transformers import AutoModelForCausalLM
 
     dtype, _ = compute_dtype(device)
@@ -398,9 +401,32 @@ def build_peft_config(cfg: RunConfig, model: Any):
     )
 
 
-def build_training_args(cfg: RunConfig, run_dir: Path, device: str, has_eval: bool, resume: bool):
+def padding_free_ok(model: Any) -> bool:
+    """Padding-free batches (rows concatenated, no mask) pay off only with flash attention.
+
+    With SDPA or eager attention transformers must build a block-diagonal mask over the
+    whole flattened batch, quadratic in its tokens; on CPU that measured 1.5x slower than
+    length-grouped padded batches (the breakdown of `python -m studio.bench train`).
+    """
+    attn = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return "flash" in attn
+
+
+def build_training_args(
+    cfg: RunConfig,
+    run_dir: Path,
+    device: str,
+    has_eval: bool,
+    resume: bool,
+    padding_free: bool = False,
+):
     """SFTConfig for one run. Step counts are placeholders until the data is prepared
-    (see `plan_steps`); TRL defaults that differ from what a hobbyist expects are set here."""
+    (see `plan_steps`); TRL defaults that differ from what a hobbyist expects are set here.
+
+    Batches: packing when asked; else padding-free with flash attention (`padding_free_ok`);
+    else rows of similar length batched together (length-grouped sampling), padded only to
+    the longest row of their batch: a few percent of padding. The sampler puts the longest
+    row in the first batch, so a run that will not fit in memory fails at its first step."""
     import torch
     from trl import SFTConfig
 
@@ -420,7 +446,7 @@ def build_training_args(cfg: RunConfig, run_dir: Path, device: str, has_eval: bo
         optim=cfg.optimizer,
         activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default
         activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=device == "cuda" and dtype == torch.bfloat16,  # TRL defaults bf16 to True
+        bf16=dtype == torch.bfloat16,  # TRL defaults bf16 to True; on CPU this is autocast
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         logging_steps=cfg.logging_steps,
@@ -439,14 +465,123 @@ def build_training_args(cfg: RunConfig, run_dir: Path, device: str, has_eval: bo
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
-        # Padding-free batches of whole rows (already truncated), or packed blocks.
-        padding_free=not cfg.packing,
+        # Whole rows (already truncated): padding-free or length-grouped; or packed blocks.
+        padding_free=padding_free and not cfg.packing,
+        train_sampling_strategy="random" if cfg.packing or padding_free else "group_by_length",
         packing=cfg.packing,
         max_length=cfg.max_seq_len if cfg.packing else None,
         # Labels come from chat_format's assistant mask; TRL must not rebuild them.
         assistant_only_loss=False,
         completion_only_loss=False,
     )
+
+
+# Logit-scaling configs the compact CPU head leaves to TRL's own (which knows them all).
+_SCALED_HEAD_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+HEAD_CHUNK_VALUES = 32 * 2**20  # logits per piece of the compact head (128 MiB in fp32)
+
+
+def compact_head_ok(model: Any, device: str) -> bool:
+    """Whether the loss may score only the label positions with plain torch ops (CPU).
+
+    TRL's fused head scores only those positions with its Triton kernel on GPUs, but on CPU
+    it scores every position (to keep tile shapes fixed for compilers) and folds each tile
+    in Python-level ops: measured at about 40% of a CPU step. Models that scale or cap their
+    logits keep TRL's head, which knows how.
+    """
+    if device != "cpu":
+        return False
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not any(getattr(text, key, None) not in (None, 1.0) for key in _SCALED_HEAD_KEYS)
+
+
+def head_loss_sum(hidden: Any, head: Any, targets: Any) -> Any:
+    """Summed cross-entropy of `head(hidden)` against `targets` ([K, H] and [K]).
+
+    In pieces of at most HEAD_CHUNK_VALUES logits, each recomputed in the backward pass
+    instead of kept, so memory stays bounded for large vocabularies and many tokens.
+    """
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: Any, y: Any) -> Any:
+        return F.cross_entropy(F.linear(h, head.weight, head.bias).float(), y, reduction="sum")
+
+    n = max(1, HEAD_CHUNK_VALUES // head.weight.shape[0])
+    if hidden.shape[0] <= n:
+        return piece(hidden, targets)
+    return sum(
+        checkpoint(piece, hidden[i : i + n], targets[i : i + n], use_reentrant=False)
+        for i in range(0, hidden.shape[0], n)
+    )
+
+
+def install_compact_head(model: Any) -> None:
+    """Give the causal LM under `model` (PEFT or not) a `studio_compact_head=True` forward.
+
+    Like TRL's `fused_lm_head`, it is a keyword of the model's own forward, so whatever hooks
+    the model's forward (the progress callback's token count, tests' injected failures)
+    still sees every training step. Installed once; other calls go to the original forward.
+    """
+    import functools
+
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(causal_lm, "_studio_compact_head", False):
+        return
+    inner = causal_lm.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, studio_compact_head: bool = False, **kwargs: Any) -> Any:
+        if not studio_compact_head:
+            return inner(*args, **kwargs)
+        labels = kwargs.pop("labels")[:, 1:]
+        count = kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
+        mask = labels != -100
+        head = causal_lm.get_output_embeddings()
+        total = head_loss_sum(hidden[:, :-1][mask], head, labels[mask])
+        count = mask.sum() if count is None else count
+        # a batch without labels gives a zero loss, still connected to the model
+        return CausalLMOutputWithPast(loss=total / torch.as_tensor(count).clamp(min=1))
+
+    causal_lm.forward = forward
+    causal_lm._studio_compact_head = True
+
+
+def trainer_class():
+    """SFTTrainer with a compact loss head on CPU (`compact_head_ok`); TRL's elsewhere.
+
+    Defined lazily so importing this module does not import trl.
+    """
+    from trl import SFTTrainer
+
+    class StudioSFTTrainer(SFTTrainer):
+        compact_head = False  # set by run_training / the benchmark after construction
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.compact_head or return_outputs or self.aux_loss_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            install_compact_head(self.accelerator.unwrap_model(model))
+            outputs = model(
+                **inputs, studio_compact_head=True, num_items_in_batch=num_items_in_batch
+            )
+            loss = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+    return StudioSFTTrainer
 
 
 def plan_steps(cfg: RunConfig, n_batches_per_epoch: int) -> dict[str, int]:
@@ -766,13 +901,17 @@ def execute_run(
 
         from datasets import Dataset
         from transformers import PrinterCallback
-        from trl import SFTTrainer
 
         args = build_training_args(
-            cfg, run_dir, run.device, bool(val_tok), run.resume_from is not None
+            cfg,
+            run_dir,
+            run.device,
+            bool(val_tok),
+            run.resume_from is not None,
+            padding_free=padding_free_ok(model),
         )
         callback = _progress_callback_class()(run, emit, stop)
-        trainer = SFTTrainer(
+        trainer = trainer_class()(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(train_tok),
@@ -782,8 +921,9 @@ def execute_run(
             callbacks=[callback, *extra_callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
-        if cfg.method == "qlora" and run.device == "cpu":
-            # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); CPU computes in fp32.
+        trainer.compact_head = compact_head_ok(model, run.device)
+        if cfg.method == "qlora" and run.device == "cpu" and not args.bf16:
+            # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); this CPU computes in fp32.
             for p in trainer.model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -798,6 +938,13 @@ def execute_run(
         meta["parameters"] = {"trainable": trainable, "total": total}
         meta["peft"] = {
             "target_modules": _jsonable(trainer.model.peft_config["default"].target_modules)
+        }
+        meta["recipe"] = {
+            "precision": compute_dtype(run.device)[1],
+            "batches": "packed"
+            if cfg.packing
+            else ("padding-free" if args.padding_free else "length-grouped, padded per batch"),
+            "loss_head": "compact (label positions only)" if trainer.compact_head else "TRL fused",
         }
         runs.write_metadata(run_dir, meta)
         say(

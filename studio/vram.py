@@ -9,7 +9,7 @@ rank, batch, sequence length, gradient checkpointing, optimizer) give the peak a
 - LoRA: adapter weights, their gradients and the optimizer states;
 - activations: what autograd keeps per token and layer for the backward pass (per-layer
   inputs only, plus one recomputed layer, with gradient checkpointing), the backward's
-  transient buffers, and the mask of the padding-free batches the studio trains with;
+  transient buffers, and the attention mask of the padded batches the studio trains with;
 - logits: the LM head and loss. TRL's SFTTrainer (1.x) computes the loss with a fused,
   chunked LM head that never builds the (tokens x vocab) logits; `fused_lm_head=False` gives
   the classic cost (fp32 logits plus their gradient), the largest part for small models with
@@ -209,9 +209,9 @@ CPU_PROCESS = 1200 * MIB  # on CPU: Python, torch, transformers and the app itse
 FUSED_HEAD_TOKENS = 4096  # TRL chunked log-prob: tokens per tile...
 FUSED_HEAD_VOCAB = 32768  # ...and vocabulary entries per tile
 BATCH_INPUT_BYTES = 40  # per token: input_ids, labels, attention and completion masks (int64)
-# The studio trains padding-free (TRL flattens a batch into one row of T tokens): with more
-# than one row, transformers builds a boolean (T x T) block-diagonal mask for SDPA.
-PACKED_MASK_BYTES = 1
+# The studio batches rows of similar length padded to the longest (studio.train): when a row
+# is shorter, transformers builds a boolean (rows x L x L) mask for SDPA.
+MASK_BYTES = 1
 TYPICAL_DESKTOP_USE = 512 * MIB  # used by the desktop on a card that is not measured here
 
 TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -262,10 +262,11 @@ class Kernels:
 CUDA = Kernels("cuda", 2, 2, 4, 2, True, 1, 0, CUDA_CONTEXT, CUBLAS_WORKSPACE, ALLOCATOR_SLACK)
 # On CPU, studio.train casts QLoRA adapters back to fp32 (TRL made them bf16).
 CPU = Kernels("cpu", 4, 4, 4, 4, False, None, 8, CPU_PROCESS, 0, 0.0)
-# What the calibration script runs when no GPU is at hand: the CUDA recipe (bf16 autocast) on
-# CPU kernels. It checks the formulas' structure, not CUDA's kernels.
-CPU_BF16_PROXY = Kernels("cpu-bf16", 2, 2, 4, 2, True, None, 8, 0, 0, 0.0)
-KERNELS = {k.name: k for k in (CUDA, CPU, CPU_BF16_PROXY)}
+# A CPU with native bf16 (studio.hardware.cpu_bf16): the CUDA recipe (bf16 base, autocast,
+# bf16 QLoRA adapters) on CPU kernels. The calibration script also runs it when no GPU is at
+# hand, to check the formulas' structure (not CUDA's kernels).
+CPU_BF16 = Kernels("cpu-bf16", 2, 2, 4, 2, True, None, 8, CPU_PROCESS, 0, 0.0)
+KERNELS = {k.name: k for k in (CUDA, CPU, CPU_BF16)}
 
 
 class ModelShapeError(ValueError):
@@ -683,8 +684,9 @@ def estimate(
 ) -> VramEstimate:
     """Peak memory of training `shape` with `settings` (RunConfig field names), in parts.
 
-    `device="cpu"` estimates RAM for a CPU run (fp32 compute, no CUDA context);
-    "cpu-bf16" is the calibration script's CPU stand-in for the CUDA recipe.
+    `device="cpu"` estimates RAM for a CPU run (fp32 compute, no CUDA context), "cpu-bf16"
+    for a CPU with native bf16 (`studio.hardware.cpu_bf16`), which is also the calibration
+    script's CPU stand-in for the CUDA recipe.
     """
     s = run_settings(settings)
     if device not in KERNELS:
@@ -732,11 +734,11 @@ def estimate(
     layer = _layer_saved_per_token(shape, s, k, adapter)
     transient = _backward_transient_per_token(shape, k)
     per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
-    # Padding-free batches of several rows need a (T x T) block-diagonal mask: built once as
-    # booleans, and SDPA turns it into an additive mask in the compute dtype in every layer,
-    # which the attention backward keeps. Quadratic in the tokens of the whole batch.
-    mask = T * T * PACKED_MASK_BYTES if B > 1 else 0
-    layer_mask = T * T * c if B > 1 else 0
+    # Padded batches of several rows need a (B x S x S) mask: built once as booleans, and
+    # SDPA turns it into an additive mask in the compute dtype in every layer, which the
+    # attention backward keeps. Quadratic in the sequence length.
+    mask = B * S * S * MASK_BYTES if B > 1 else 0
+    layer_mask = B * S * S * c if B > 1 else 0
     gc = s["gradient_checkpointing"]
     if gc:
         # Each layer keeps only its input; backward recomputes one layer at a time.

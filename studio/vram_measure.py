@@ -9,8 +9,9 @@ Each case builds the model from its reference config with random weights (memory
 depend on the values, so nothing is downloaded), saves it once to a temporary folder, loads
 it as the estimate assumes (bf16, or NF4 with double quantization through BitsAndBytesConfig,
 embeddings and lm_head left 16-bit), adds LoRA with peft and runs a few real steps of TRL's
-SFTTrainer on synthetic rows of max_seq_len tokens, padding-free as the studio trains (a batch
-becomes one row of whole sequences with a block-diagonal mask). It prints the estimate
+SFTTrainer on synthetic rows of max_seq_len tokens, padded batches as the studio trains (one
+row of each batch a token shorter, so the batch carries the padding mask of the worst case).
+It prints the estimate
 against what torch measured, per part and in total:
 
 - base weights: `torch.cuda.memory_allocated()` after loading;
@@ -176,12 +177,14 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _rows(vocab: int, seq: int, n: int) -> list[list[int]]:
-    """Rows of exactly `seq` tokens: the worst case the estimate describes."""
+def _rows(vocab: int, seq: int, n: int, batch: int = 1) -> list[list[int]]:
+    """Rows of `seq` tokens, the last of each batch one shorter: the worst case the estimate
+    describes (every token of the batch real, and a padding mask)."""
     import random
 
     rng = random.Random(0)
-    return [[rng.randrange(2, vocab) for _ in range(seq)] for _ in range(n)]
+    lengths = [seq - 1 if batch > 1 and i % batch == batch - 1 else seq for i in range(n)]
+    return [[rng.randrange(2, vocab) for _ in range(length)] for length in lengths]
 
 
 def run_case(
@@ -276,13 +279,14 @@ def run_case(
         result.base = sum(t.untyped_storage().nbytes() for t in storages.values())
 
     tok = _word_tokenizer(shape.vocab_size)
-    data = Dataset.from_dict({"input_ids": _rows(shape.vocab_size, seq, batch * (steps + 1))})
+    rows = _rows(shape.vocab_size, seq, batch * (steps + 1), batch)
+    data = Dataset.from_dict({"input_ids": rows})
     args = SFTConfig(
         output_dir=str(root / "trainer-out"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         max_steps=steps,
-        max_length=None,  # padding-free takes rows as they are; they are `seq` long already
+        max_length=None,  # rows are at most `seq` long already
         learning_rate=1e-4,
         logging_steps=1,
         save_strategy="no",
@@ -294,7 +298,8 @@ def run_case(
         optim=optimizer,
         dataloader_num_workers=0,
         packing=False,
-        padding_free=True,  # as studio.train does: a batch is one row of whole sequences
+        padding_free=False,  # as studio.train does without flash attention: padded batches
+        train_sampling_strategy="sequential",  # keep each batch's shorter row in it
         seed=0,
     )
     peft_config = LoraConfig(
@@ -405,9 +410,10 @@ def _estimated_saved(est: vram.VramEstimate, shape: vram.ModelShape) -> int:
     T = est.tokens_per_step
     per_layer = k.compute * shape.hidden_size if s["gradient_checkpointing"] else layer
     once = 4 * shape.hidden_size + 2 * shape.head_dim * k.compute
-    # SDPA's additive copy of the padding-free mask, kept per layer (the boolean original is
-    # not saved for backward, so it is not counted here)
-    layer_mask = T * T * k.compute if s["batch_size"] > 1 else 0
+    # SDPA's additive copy of the padding mask, kept per layer (the boolean original is not
+    # saved for backward, so it is not counted here)
+    S = s["max_seq_len"]
+    layer_mask = s["batch_size"] * S * S * k.compute if s["batch_size"] > 1 else 0
     layers_kept = 0 if s["gradient_checkpointing"] else shape.num_layers
     head = T * shape.hidden_size * k.compute  # the chunked head keeps its hidden states
     return int(T * (shape.num_layers * per_layer + once) + head + layers_kept * layer_mask)

@@ -35,8 +35,15 @@ def test_train_bench_compares_both_recipes(embedded_model, tmp_path: Path) -> No
     result = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
     a, b = result["tutorial"], result["studio"]
     assert a["padding_share"] > 0.1  # rows padded to 128 tokens
-    assert b["padding_share"] == 0.0  # padding-free batches
-    assert a["tokens_per_s"] > 0 and b["tokens_per_s"] > 0
+    assert b["padding_share"] < a["padding_share"]  # padded only to the batch's longest row
+    assert result["studio_padding_free"]["padding_share"] == 0.0
+    assert "length-grouped" in b["precision"] and "compact head" in b["precision"]
+    assert "TRL's fused head" in result["studio_trl_head"]["precision"]
+    assert result["studio_fp32"]["precision"].startswith("fp32")
+    for recipe in ("tutorial", "studio", "studio_padding_free", "studio_trl_head", "studio_fp32"):
+        r = result[recipe]
+        assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["final_loss"] > 0
+    assert result["ratio_labelled_tokens_per_s"] > 0 and "breakdown:" in out
 
 
 @pytest.mark.slow
@@ -44,3 +51,13 @@ def test_app_bench_times_the_page_start(studio_home: Path, tmp_path: Path) -> No
     out = _bench("app", "--no-train", "--data-dir", str(studio_home), "--json", str(tmp_path / "a"))
     assert "page served" in out
     assert json.loads((tmp_path / "a").read_text(encoding="utf-8"))["page_served_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_app_bench_times_start_to_the_first_step(studio_home: Path, embedded_model, tmp_path):
+    """Clicks Start in Chromium on the real app and waits for step 1 (a 2-step run)."""
+    out = _bench("app", "--data-dir", str(studio_home), "--json", str(tmp_path / "a"))
+    assert "click Start -> first training step shown" in out, out
+    result = json.loads((tmp_path / "a").read_text(encoding="utf-8"))
+    assert result["page_served_s"] > 0 and result["start_to_first_step_s"] > 0

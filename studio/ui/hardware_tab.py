@@ -106,9 +106,10 @@ def _memory_target(
     """(capacity, in use, how 'in use' was found, device) for the estimate."""
     preset = catalog.get(preset_name)
     if preset.kind == "cpu":
-        from studio.hardware import ram_used_by_others, system_ram
+        from studio.hardware import cpu_bf16, ram_used_by_others, system_ram
 
-        return system_ram()[0], ram_used_by_others(), "RAM used by other programs, measured", "cpu"
+        device = "cpu-bf16" if cpu_bf16()[0] else "cpu"  # as studio.train will compute
+        return system_ram()[0], ram_used_by_others(), "RAM used by other programs, measured", device
     gpus = (report or {}).get("gpus") or []
     detected = (report or {}).get("preset", {}).get("value")
     if gpus and detected == preset.name and gpus[0].get("free_bytes") is not None:

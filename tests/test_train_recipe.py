@@ -1,0 +1,132 @@
+"""The speed choices of the training path keep its results: the compact CPU loss head gives
+TRL's loss and gradients, batches group rows by length, and the CPU precision follows the CPU.
+
+Speed itself is measured by `python -m studio.bench train`, not asserted here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio import hardware
+from studio import train as studio_train
+from studio.config import RunConfig
+
+
+def test_head_loss_sum_matches_cross_entropy_in_one_piece_and_in_pieces(monkeypatch) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (want,) = torch.autograd.grad(expected, hidden)
+    for values in (10**6, 50 * 8):  # one piece; pieces of 8 tokens, recomputed in backward
+        monkeypatch.setattr(studio_train, "HEAD_CHUNK_VALUES", values)
+        got = studio_train.head_loss_sum(hidden, head, targets)
+        (grad,) = torch.autograd.grad(got, hidden)
+        assert torch.allclose(got, expected, atol=1e-4), (values, got, expected)
+        assert torch.allclose(grad, want, atol=1e-5), values
+
+
+def test_compact_head_is_only_for_plain_heads_on_cpu() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(tiny)
+    assert studio_train.compact_head_ok(model, "cpu")
+    assert not studio_train.compact_head_ok(model, "cuda")  # TRL's Triton head is compact there
+    model.config.final_logit_softcapping = 30.0  # Gemma-style: TRL's head applies it
+    assert not studio_train.compact_head_ok(model, "cpu")
+    assert not studio_train.padding_free_ok(model)  # SDPA: padded batches, no flattened mask
+    model.config._attn_implementation = "flash_attention_2"
+    assert studio_train.padding_free_ok(model)
+
+
+def test_batches_are_length_grouped_unless_padding_free_or_packed(tmp_path) -> None:
+    cfg = RunConfig(max_steps=2)
+    grouped = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False)
+    assert grouped.train_sampling_strategy == "group_by_length" and not grouped.padding_free
+    free = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False, padding_free=True)
+    assert free.train_sampling_strategy == "random" and free.padding_free
+    packed = studio_train.build_training_args(
+        cfg.replace(packing=True), tmp_path, "cpu", False, False
+    )
+    assert packed.packing and packed.train_sampling_strategy == "random"
+
+
+def test_cpu_precision_follows_the_cpu_and_the_override(monkeypatch, tmp_path) -> None:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    monkeypatch.delenv("LORA_STUDIO_CPU_FP32", raising=False)
+    assert hardware.cpu_bf16()[0] is native
+    dtype, why = studio_train.compute_dtype("cpu")
+    assert dtype == (torch.bfloat16 if native else torch.float32) and why
+    args = studio_train.build_training_args(RunConfig(max_steps=1), tmp_path, "cpu", False, False)
+    assert args.bf16 is native and not args.fp16
+    monkeypatch.setenv("LORA_STUDIO_CPU_FP32", "1")
+    assert studio_train.compute_dtype("cpu")[0] == torch.float32
+    assert "LORA_STUDIO_CPU_FP32" in studio_train.compute_dtype("cpu")[1]
+
+
+def test_compact_head_gives_trls_loss_and_gradients_on_the_embedded_model(
+    embedded_model, tokenizer, monkeypatch, tmp_path
+) -> None:
+    """One padded batch of real conversations through both heads of the real trainer."""
+    from datasets import Dataset
+
+    monkeypatch.setenv("LORA_STUDIO_CPU_FP32", "1")  # fp32 both ways: the sums must agree
+    cfg = RunConfig(base_model=str(embedded_model.path), max_seq_len=128, batch_size=3,
+                    max_steps=1, target_modules="qv", lora_dropout=0.0, device="cpu")  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [
+            ("Where is my parcel 123?", "It left the depot today."),
+            ("Tôi quên mật khẩu.", "Bạn hãy bấm 'Quên mật khẩu' để đặt lại."),
+            ("สวัสดีครับ", "สวัสดีครับ ยินดีให้บริการ"),
+        ]
+    ]
+    tokenized, _ = studio_train.tokenize_rows(tokenizer, rows, cfg)
+    model = studio_train.load_base_model(cfg, embedded_model.path, "cpu")
+    args = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False)
+    trainer = studio_train.trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(tokenized),
+        processing_class=tokenizer,
+        peft_config=studio_train.build_peft_config(cfg, model),
+    )
+    batch = trainer._prepare_inputs(trainer.data_collator(tokenized))
+    assert batch["attention_mask"].eq(0).any()  # rows of different length: padded
+    lora = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    seen: list[int] = []  # what a hook on the model's forward sees (the progress callback's)
+    trainer.model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(int(kw["labels"].ne(-100).sum())), with_kwargs=True
+    )
+
+    def loss_and_grads(compact: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        trainer.compact_head = compact
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, lora)]
+
+    trl_loss, trl_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert 0.5 < float(loss) < 10
+    assert torch.allclose(loss, trl_loss, rtol=1e-4), (loss, trl_loss)
+    for g, want in zip(grads, trl_grads, strict=True):
+        assert torch.allclose(g, want, rtol=1e-3, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert len(seen) == 2 and seen[0] == seen[1] == int(batch["labels"].ne(-100).sum())
+
+
+def test_a_batch_without_labels_sums_to_zero() -> None:
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(0, 8, requires_grad=True)
+    total = studio_train.head_loss_sum(hidden, head, torch.zeros(0, dtype=torch.long))
+    assert float(total.detach()) == 0.0
+    total.backward()  # still connected to the model: backward() does not fail
