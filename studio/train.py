@@ -318,6 +318,7 @@ def build_quantization_config(cfg: RunConfig, device: str):
 
 def load_base_model(cfg: RunConfig, model_path: Path, device: str):
     """The frozen base: 16-bit (`compute_dtype`) for LoRA, NF4 4-bit for QLoRA."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     dtype, _ = compute_dtype(device)
@@ -327,7 +328,10 @@ def load_base_model(cfg: RunConfig, model_path: Path, device: str):
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
-    if quant is not None:
+    if quant is not None and dtype == torch.float16:
+        # fp16 only (cards without bf16): the classic recipe upcasts norms, embeddings and
+        # lm_head to fp32 for stability. With bf16 that costs memory (2 GiB on an 8B model,
+        # which the VRAM estimate does not count) and buys nothing; TRL no longer calls it.
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
