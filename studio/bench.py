@@ -462,7 +462,6 @@ def _studio_trainer(
     """(b) The studio's own path: the same builders the Train tab uses. `fp32`,
     `padding_free` and `compact_head=False` each undo one of its choices, for the breakdown of
     where the speed comes from."""
-    from datasets import Dataset
 
     from studio import train as studio_train
 
@@ -477,14 +476,8 @@ def _studio_trainer(
         )
     args.save_strategy = "no"
     args.max_steps = cfg.max_steps
-    trainer = studio_train.trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(tokenized),
-        processing_class=tok,
-        peft_config=studio_train.build_peft_config(cfg, model),
-    )
-    trainer.compact_head = compact_head and studio_train.compact_head_ok(model, device)
+    trainer = studio_train.build_trainer(cfg, model, tok, args, device, tokenized)
+    trainer.compact_head = compact_head and trainer.compact_head
     counter = _TokenCounter(trainer.data_collator, tok.pad_token_id)
     trainer.data_collator = counter
     batches = "padding-free" if padding_free else "length-grouped"

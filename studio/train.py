@@ -588,6 +588,33 @@ def trainer_class():
     return StudioSFTTrainer
 
 
+def build_trainer(
+    cfg: RunConfig,
+    model: Any,
+    tok: Any,
+    args: Any,
+    device: str,
+    train_tok: list[dict[str, list[int]]],
+    val_tok: list[dict[str, list[int]]] | None = None,
+    callbacks: Iterable[Any] = (),
+):
+    """The studio's SFTTrainer on tokenized rows (`tokenize_rows`), LoRA from `cfg`, and the
+    compact loss head where it applies (`compact_head_ok`)."""
+    from datasets import Dataset
+
+    trainer = trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_tok),
+        eval_dataset=Dataset.from_list(val_tok) if val_tok else None,
+        processing_class=tok,
+        peft_config=build_peft_config(cfg, model),
+        callbacks=list(callbacks) or None,
+    )
+    trainer.compact_head = compact_head_ok(model, device)
+    return trainer
+
+
 def plan_steps(cfg: RunConfig, n_batches_per_epoch: int) -> dict[str, int]:
     """Total optimizer steps and the eval/checkpoint intervals (auto: ~5 evals, ~4 saves)."""
     per_epoch = max(1, math.ceil(n_batches_per_epoch / cfg.grad_accum))
@@ -903,7 +930,6 @@ def execute_run(
         timings["model_load_s"] = round(time.time() - t, 2)
         check_stop()
 
-        from datasets import Dataset
         from transformers import PrinterCallback
 
         args = build_training_args(
@@ -915,17 +941,10 @@ def execute_run(
             padding_free=padding_free_ok(model),
         )
         callback = _progress_callback_class()(run, emit, stop)
-        trainer = trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(train_tok),
-            eval_dataset=Dataset.from_list(val_tok) if val_tok else None,
-            processing_class=tok,
-            peft_config=build_peft_config(cfg, model),
-            callbacks=[callback, *extra_callbacks],
+        trainer = build_trainer(
+            cfg, model, tok, args, run.device, train_tok, val_tok, [callback, *extra_callbacks]
         )
         trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
-        trainer.compact_head = compact_head_ok(model, run.device)
         if cfg.method == "qlora" and run.device == "cpu" and not args.bf16:
             # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); this CPU computes in fp32.
             for p in trainer.model.parameters():

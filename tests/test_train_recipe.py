@@ -77,8 +77,6 @@ def test_compact_head_gives_trls_loss_and_gradients_on_the_embedded_model(
     embedded_model, tokenizer, monkeypatch, tmp_path
 ) -> None:
     """One padded batch of real conversations through both heads of the real trainer."""
-    from datasets import Dataset
-
     monkeypatch.setenv("LORA_STUDIO_CPU_FP32", "1")  # fp32 both ways: the sums must agree
     cfg = RunConfig(base_model=str(embedded_model.path), max_seq_len=128, batch_size=3,
                     max_steps=1, target_modules="qv", lora_dropout=0.0, device="cpu")  # fmt: skip
@@ -93,13 +91,8 @@ def test_compact_head_gives_trls_loss_and_gradients_on_the_embedded_model(
     tokenized, _ = studio_train.tokenize_rows(tokenizer, rows, cfg)
     model = studio_train.load_base_model(cfg, embedded_model.path, "cpu")
     args = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False)
-    trainer = studio_train.trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(tokenized),
-        processing_class=tokenizer,
-        peft_config=studio_train.build_peft_config(cfg, model),
-    )
+    trainer = studio_train.build_trainer(cfg, model, tokenizer, args, "cpu", tokenized)
+    assert trainer.compact_head  # on CPU, for a plain head
     batch = trainer._prepare_inputs(trainer.data_collator(tokenized))
     assert batch["attention_mask"].eq(0).any()  # rows of different length: padded
     lora = [p for p in trainer.model.parameters() if p.requires_grad]
