@@ -6,6 +6,7 @@ Speed itself is measured by `python -m studio.bench train`, not asserted here.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from studio import hardware
@@ -73,6 +74,7 @@ def test_cpu_precision_follows_the_cpu_and_the_override(monkeypatch, tmp_path) -
     assert "LORA_STUDIO_CPU_FP32" in studio_train.compute_dtype("cpu")[1]
 
 
+@pytest.mark.slow
 def test_compact_head_gives_trls_loss_and_gradients_on_the_embedded_model(
     embedded_model, tokenizer, monkeypatch, tmp_path
 ) -> None:
