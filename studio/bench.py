@@ -441,6 +441,7 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
 
 
 def _precision(dtype: Any, device: str) -> str:
+    """How a recipe computes, in words for the printed table."""
     name = str(dtype).replace("torch.", "")
     if name == "float32":
         return "fp32"
@@ -462,7 +463,6 @@ def _studio_trainer(
     """(b) The studio's own path: the same builders the Train tab uses. `fp32`,
     `padding_free` and `compact_head=False` each undo one of its choices, for the breakdown of
     where the speed comes from."""
-
     from studio import train as studio_train
 
     tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from tests.test_chat import TICKET, train_chat_run
+from tests.ui_steps import load_run_in_chat
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -19,18 +19,7 @@ def test_send_one_prompt_and_see_two_different_answers(start_app, page, studio_h
     page.get_by_role("tab", name="Chat").click()
 
     # the run list refreshes when the tab opens; pick the run trained for this test
-    page.get_by_label("Run", exact=True).click()
-    page.get_by_role("option", name=run_dir.name, exact=False).click()
-    page.get_by_text("Generation settings (shared by A and B)").click()
-    max_new = page.locator("#chat-max-new input[type=number]")
-    max_new.fill("24")
-    max_new.press("Enter")
-    page.get_by_role("button", name="Load", exact=True).click()
-    status = page.locator("#chat-status")
-    loaded = status.get_by_text(re.compile("^Loaded "))
-    loaded.or_(status.get_by_text("Error")).first.wait_for(timeout=180_000)
-    assert "Loaded" in status.inner_text(), status.inner_text()
-    assert run_dir.name in status.inner_text()
+    assert run_dir.name in load_run_in_chat(page, run_dir.name, max_new_tokens=24)
 
     page.locator("#chat-msg textarea").fill(TICKET)
     page.get_by_role("button", name="Send", exact=True).click()

@@ -16,16 +16,11 @@ import pytest
 from playwright.sync_api import expect
 
 from studio import runs
+from tests.ui_steps import load_run_in_chat, set_train_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 PROMPT = "My parcel has not arrived after two weeks and tracking shows nothing. Please help."
-
-
-def _fill(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id}").locator("input, textarea").first
-    box.fill(value)
-    box.press("Tab")
 
 
 def test_happy_path_from_dataset_to_chat(start_app, page, tmp_path: Path) -> None:
@@ -64,10 +59,6 @@ def _journey(app, page) -> None:
 
     # 3. Train: a short run on the cleaned copy; the chart moves and the run finishes.
     page.get_by_role("tab", name="Train", exact=True).click()
-    page.get_by_text("Advanced settings").click()
-    page.get_by_text("Run config (YAML): the same run headless").click()
-    yaml_box = page.locator("#train-yaml")
-    expect(yaml_box).to_contain_text("method: lora")  # filled by the CPU preset
     wanted = {
         "train-run-name": ("journey", "run_name: journey"),
         "train-max-steps": ("12", "max_steps: 12"),
@@ -77,15 +68,8 @@ def _journey(app, page) -> None:
         "train-learning-rate": ("0.002", "learning_rate: 0.002"),
         "train-val-fraction": ("0.05", "val_fraction: 0.05"),
     }
-    for _ in range(5):
-        for elem_id, (value, _line) in wanted.items():
-            _fill(page, elem_id, value)
-        page.wait_for_timeout(1500)
-        text = yaml_box.inner_text()
-        if all(line in text for _value, line in wanted.values()):
-            break
-    else:
-        pytest.fail(f"settings did not stick:\n{yaml_box.inner_text()}")
+    yaml_box = set_train_settings(page, wanted)
+    expect(yaml_box).to_contain_text("method: lora")  # filled by the CPU preset
     assert cleaned.name in yaml_box.inner_text()  # trains on the redacted copy
 
     page.locator("#train-start").click()
@@ -104,18 +88,7 @@ def _journey(app, page) -> None:
 
     # 4. Chat: the run, one prompt, two different answers.
     page.get_by_role("tab", name="Chat", exact=True).click()
-    page.get_by_label("Run", exact=True).click()
-    page.get_by_role("option", name=run_dir.name, exact=False).click()
-    page.get_by_text("Generation settings (shared by A and B)").click()
-    max_new = page.locator("#chat-max-new input[type=number]")
-    max_new.fill("32")
-    max_new.press("Enter")
-    page.get_by_role("button", name="Load", exact=True).click()
-    status = page.locator("#chat-status")
-    status.get_by_text(re.compile("^Loaded ")).or_(status.get_by_text("Error")).first.wait_for(
-        timeout=180_000
-    )
-    assert "Loaded" in status.inner_text(), status.inner_text()
+    load_run_in_chat(page, run_dir.name, max_new_tokens=32)
     page.locator("#chat-msg textarea").fill(PROMPT)
     page.get_by_role("button", name="Send", exact=True).click()
     stats = page.locator("#chat-stats")

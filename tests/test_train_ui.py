@@ -11,6 +11,7 @@ from playwright.sync_api import expect
 from studio import runs
 from studio.config import ConfigError, RunConfig
 from studio.jobs import JobSnapshot
+from tests.ui_steps import set_train_settings
 
 
 def test_config_from_ui_takes_other_tabs_values_and_names_bad_fields():
@@ -77,11 +78,6 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
     page.goto(app.url)
     page.get_by_role("tab", name="Train").click()
 
-    def fill(elem_id: str, value: str) -> None:
-        box = page.locator(f"#{elem_id}").locator("input, textarea").first
-        box.fill(value)
-        box.press("Tab")
-
     wanted = {
         "train-run-name": ("ui-run", "run_name: ui-run"),
         "train-max-steps": ("4", "max_steps: 4"),
@@ -92,19 +88,7 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
         "train-val-fraction": ("0.02", "val_fraction: 0.02"),
         "train-save-steps": ("2", "save_steps: 2"),
     }
-    page.get_by_text("Advanced settings").click()
-    page.get_by_text("Run config (YAML): the same run headless").click()
-    yaml_box = page.locator("#train-yaml")
-    # The Hardware tab fills these from its preset when the page loads; settle, then verify.
-    for _ in range(5):
-        for elem_id, (value, _line) in wanted.items():
-            fill(elem_id, value)
-        page.wait_for_timeout(1500)
-        text = yaml_box.inner_text()
-        if all(line in text for _value, line in wanted.values()):
-            break
-    else:
-        pytest.fail(f"settings did not stick:\n{yaml_box.inner_text()}")
+    set_train_settings(page, wanted)
 
     page.locator("#train-start").click()
     notice = page.locator("#train-notice")
