@@ -38,9 +38,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # --------------------------------------------------------------------------- helpers
 
@@ -372,22 +373,6 @@ def _train_with(trainer: Any, counter: _TokenCounter) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set (or, with None, leave) one environment variable for the block."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
 def _release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc), so RSS can fall again."""
     import ctypes
@@ -413,7 +398,7 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
     texts = [render(tok, r["messages"]) for r in rows]
     enc = tok(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len)
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    with _env("LORA_STUDIO_CPU_FP32", "1"):  # no effect on CUDA
+    with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"}):  # no effect on CUDA
         dtype, _ = studio_train.compute_dtype(device)
         model = studio_train.load_base_model(cfg, model_path, device)
     model = get_peft_model(model, studio_train.build_peft_config(cfg, model))
@@ -436,8 +421,7 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counter)
-    trainer.precision = _precision(dtype, device)
-    return trainer, counter
+    return trainer, counter, _precision(dtype, device)
 
 
 def _precision(dtype: Any, device: str) -> str:
@@ -466,7 +450,7 @@ def _studio_trainer(
     from studio import train as studio_train
 
     tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)
-    with _env("LORA_STUDIO_CPU_FP32", "1" if fp32 else None):
+    with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"} if fp32 else {}):
         dtype, _ = studio_train.compute_dtype(device)
         model = studio_train.load_base_model(cfg, model_path, device)
         if padding_free is None:
@@ -482,8 +466,7 @@ def _studio_trainer(
     trainer.data_collator = counter
     batches = "padding-free" if padding_free else "length-grouped"
     head = "compact head" if trainer.compact_head else "TRL's fused head"
-    trainer.precision = f"{_precision(dtype, device)}, {batches}, {head}"
-    return trainer, counter
+    return trainer, counter, f"{_precision(dtype, device)}, {batches}, {head}"
 
 
 # The breakdown: (b) with one of its choices undone, and what that choice is.
@@ -553,8 +536,8 @@ def bench_train(args: argparse.Namespace) -> int:
     try:
         for key, label, build in _recipes(device, args.breakdown):
             torch.manual_seed(cfg.seed)
-            trainer, counter = build(cfg, resolved.path, tok, rows, device, tmp)
-            results[key] = {"precision": trainer.precision, **_train_with(trainer, counter)}
+            trainer, counter, how = build(cfg, resolved.path, tok, rows, device, tmp)
+            results[key] = {"precision": how, **_train_with(trainer, counter)}
             if device == "cuda":
                 results[key].update(_cuda_extras(cfg, resolved.path, trainer, results[key]))
             del trainer, counter

@@ -7,6 +7,7 @@ speed and on which model sizes are sensible.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -264,16 +265,21 @@ def cpu_bf16() -> tuple[bool, str]:
     """
     if os.environ.get("LORA_STUDIO_CPU_FP32", "") not in ("", "0"):
         return False, "fp32 on CPU: LORA_STUDIO_CPU_FP32 is set"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = (line for line in f if line.startswith("flags"))
-            flags = next((line.split(":", 1)[1].split() for line in lines), [])
-    except OSError:
-        flags = []
-    native = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+    native = [name for name in ("amx_bf16", "avx512_bf16") if name in cpu_flags()]
     if native:
         return True, f"bf16 autocast on CPU: it has {native[0].upper()}"
     return False, "fp32 on CPU: it has no native bf16 (AVX512-BF16 / AMX)"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), read once; empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = (line for line in f if line.startswith("flags"))
+            return frozenset(next((line.split(":", 1)[1].split() for line in lines), []))
+    except OSError:
+        return frozenset()
 
 
 def cpu_note(ram_total_bytes: int, cpu_count: int) -> str:
