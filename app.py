@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _prepare_default_model() -> None:
     """Convert the embedded model in the background on first start; the page is up meanwhile."""
-    from studio import models
+    from studio.models import loader as models
 
     if models.embedded_ready():
         return

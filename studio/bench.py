@@ -198,10 +198,10 @@ def write_jsonl(path: Path, n: int) -> int:
 
 
 def bench_data(args: argparse.Namespace) -> int:
-    from studio import data
+    from studio.data import load as data
 
     try:
-        from studio import pii
+        from studio.data import pii
     except ImportError:
         pii = None
 
@@ -258,7 +258,7 @@ def bench_data(args: argparse.Namespace) -> int:
         )
 
         if not args.no_tokens:
-            from studio import models
+            from studio.models import loader as models
 
             resolved = models.resolve_model(models.DEFAULT_MODEL)
             tok = models.load_tokenizer(resolved.path)
@@ -296,7 +296,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def bench_rows(n: int, seed: int = 11) -> list[dict[str, Any]]:
     """The bundled sample (90 to ~430 tokens a row) repeated and shuffled to n rows."""
-    from studio.data import SAMPLE_DATASET
+    from studio.data.load import SAMPLE_DATASET
 
     base = [json.loads(line) for line in SAMPLE_DATASET.read_text(encoding="utf-8").splitlines()]
     rows = [{"messages": [dict(m) for m in base[i % len(base)]["messages"]]} for i in range(n)]
@@ -327,7 +327,7 @@ def _train_with(trainer: Any, counter: _TokenCounter) -> dict[str, Any]:
     """Train (args.max_steps optimizer steps) and return timing, token and memory figures."""
     import torch
 
-    from studio.train import memory_now
+    from studio.train.run import memory_now
 
     _release_memory()  # so the RSS peak is this recipe's, not the previous one's heap
     warm = 1  # the first step pays for lazy init; it is timed apart
@@ -392,8 +392,8 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
     from peft import get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from studio import train as studio_train
-    from studio.chat_format import render
+    from studio.data.chat_format import render
+    from studio.train import run as studio_train
 
     texts = [render(tok, r["messages"]) for r in rows]
     enc = tok(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len)
@@ -447,7 +447,7 @@ def _studio_trainer(
     """(b) The studio's own path: the same builders the Train tab uses. `fp32`,
     `padding_free` and `compact_head=False` each undo one of its choices, for the breakdown of
     where the speed comes from."""
-    from studio import train as studio_train
+    from studio.train import run as studio_train
 
     tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)
     with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"} if fp32 else {}):
@@ -496,9 +496,9 @@ def bench_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from studio import models
-    from studio import train as studio_train
     from studio.config import RunConfig
+    from studio.models import loader as models
+    from studio.train import run as studio_train
 
     resolved = models.resolve_model(args.model)
     tok = models.load_tokenizer(resolved.path)
@@ -585,7 +585,7 @@ def _cuda_extras(cfg: Any, model_path: Path, trainer: Any, r: dict[str, Any]) ->
     extras: dict[str, Any] = {"gpu": name, "params": n_params}
     if peak_tflops:
         extras["mfu"] = round(4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12), 4)
-    from studio import vram
+    from studio.hardware import vram
 
     extras["vram_measured_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     try:
@@ -620,7 +620,7 @@ def _machine() -> str:
 
     import psutil
 
-    from studio.hardware import cpu_bf16
+    from studio.hardware.detect import cpu_bf16
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -760,7 +760,7 @@ _CHAT_PROMPTS = [
 
 def bench_chat(args: argparse.Namespace) -> int:
     """Memory with both chat sides ready vs the base alone, and per-side speed."""
-    from studio import chat
+    from studio.chat import engine as chat
 
     result = chat.bench_chat(args.model, args.run_dir, _CHAT_PROMPTS, max_new_tokens=args.tokens)
     result["machine"] = _machine()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from studio.models import DEFAULT_MODEL
+from studio.models.loader import DEFAULT_MODEL
 
 METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit base
 TARGETS = ("qv", "attention", "attention_mlp", "all_linear")

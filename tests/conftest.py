@@ -39,21 +39,21 @@ def studio_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_model(studio_home: Path):
     """The real SmolLM2-135M-Instruct, resolved the way the app does it (no mocks)."""
-    from studio import models
+    from studio.models import loader as models
 
     return models.resolve_model(models.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_model):
-    from studio.models import load_tokenizer
+    from studio.models.loader import load_tokenizer
 
     return load_tokenizer(embedded_model.path)
 
 
 @pytest.fixture(scope="session")
 def sample_dataset_path() -> Path:
-    return ROOT / "studio" / "sample_data" / "support_tickets.jsonl"
+    return ROOT / "studio" / "data" / "sample_data" / "support_tickets.jsonl"
 
 
 def free_port() -> int:

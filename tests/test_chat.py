@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from studio import chat
+from studio.chat import engine as chat
 
 RUN_NAME = "chat-test"
 SYSTEM = (
@@ -38,7 +38,7 @@ def train_chat_run(studio_home: Path) -> Path:
     """
     from studio import runs
     from studio.config import RunConfig
-    from studio.train import run_training
+    from studio.train.run import run_training
 
     for info in runs.list_runs():
         if info.name.startswith(RUN_NAME + "-") and info.status == "completed":
@@ -332,8 +332,8 @@ def _reachable_tensor_bytes(root: object) -> int:
 def test_greedy_sides_differ_and_base_side_is_the_plain_base(engine, embedded_model, tokenizer):
     import torch
 
-    from studio.chat_format import render
-    from studio.models import load_model_for_inference
+    from studio.data.chat_format import render
+    from studio.models.loader import load_model_for_inference
 
     a = engine.generate(chat.SIDE_BASE, ticket_messages(), GREEDY, system=SYSTEM)
     b = engine.generate(chat.SIDE_TUNED, ticket_messages(), GREEDY, system=SYSTEM)
@@ -372,7 +372,7 @@ def test_streaming_yields_text_in_pieces(engine):
 @pytest.mark.slow
 def test_both_sides_share_one_model_in_memory(engine, embedded_model):
     """The engine holds one base: everything reachable from it is ~1x a plain base model."""
-    from studio.models import load_model_for_inference
+    from studio.models.loader import load_model_for_inference
 
     for side in chat.SIDES:  # both sides have generated
         engine.generate(side, ticket_messages(), TINY)

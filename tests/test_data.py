@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from studio import data
-from studio.chat_format import render, tokenize_conversation
-from studio.data import DatasetError, load_dataset_file
+from studio.data import load as data
+from studio.data.chat_format import render, tokenize_conversation
+from studio.data.load import DatasetError, load_dataset_file
 
 VI = "Xin chào, đơn hàng của tôi bị giao nhầm địa chỉ. Tôi cần hỗ trợ gấp ạ!"
 TH = "สวัสดีครับ พัสดุของผมยังไม่มาถึงเลย ช่วยตรวจสอบให้หน่อยได้ไหมครับ"

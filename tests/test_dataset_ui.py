@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from studio import data, pii
+from studio.data import load as data
+from studio.data import pii
 
 TIMEOUT_MS = 120_000
 

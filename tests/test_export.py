@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from studio import export
+from studio.export import run as export
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_NAME = "export-test"
@@ -39,7 +39,7 @@ METHOD = "lora"
 def trained_run(studio_home: Path, embedded_model) -> Path:
     """A run trained by studio.train: 10 steps at a high learning rate."""
     from studio.config import RunConfig
-    from studio.train import run_training
+    from studio.train.run import run_training
 
     cfg = RunConfig(
         run_name=RUN_NAME,
@@ -66,7 +66,7 @@ def first_export(trained_run: Path) -> export.ExportResult:
 
 
 def _prompt_ids(tok, prompt: str) -> list[int]:
-    from studio import chat_format
+    from studio.data import chat_format
 
     text = chat_format.render(tok, [{"role": "user", "content": prompt}], True)
     return tok(text, add_special_tokens=False)["input_ids"]
@@ -101,7 +101,7 @@ def test_merged_folder_reloads_without_peft_and_matches_base_plus_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from studio.models import load_tokenizer
+    from studio.models.loader import load_tokenizer
 
     res = first_export
     merged_dir = Path(res.merged_dir)
@@ -150,7 +150,7 @@ def test_merged_folder_reloads_without_peft_and_matches_base_plus_adapter(
 def test_gguf_is_written_by_llama_cpp_and_loads_back(first_export: export.ExportResult):
     import gguf
 
-    from studio import models
+    from studio.models import loader as models
 
     res = first_export
     assert res.gguf_path and Path(res.gguf_path).is_file(), res.warnings
@@ -211,7 +211,7 @@ def test_a_second_export_never_overwrites_the_first(
     """Through the CLI, without GGUF: a new export-<time>/ folder, the first one untouched."""
     first = Path(first_export.export_dir)
     before = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
-    cmd = [sys.executable, "-m", "studio.export", str(trained_run), "--gguf", "none"]
+    cmd = [sys.executable, "-m", "studio.export.run", str(trained_run), "--gguf", "none"]
     done = subprocess.run(
         [*cmd, "--data-dir", str(studio_home)],
         cwd=ROOT,
@@ -250,7 +250,7 @@ def test_missing_adapter_is_a_clear_error_and_leaves_nothing(tmp_path: Path, stu
         export.export_run(run)
     assert sorted(p.name for p in run.iterdir()) == ["training_metadata.json"]
     done = subprocess.run(
-        [sys.executable, "-m", "studio.export", str(run), "--data-dir", str(studio_home)],
+        [sys.executable, "-m", "studio.export.run", str(run), "--data-dir", str(studio_home)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -337,7 +337,7 @@ def tok(tokenizer):
     ],
 )
 def test_ollama_template_renders_like_the_chat_template(tok, template, family, mode):
-    from studio import chat_format
+    from studio.data import chat_format
 
     if template:
         tok.chat_template = template

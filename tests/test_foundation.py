@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from studio import models, paths
+from studio import paths
+from studio.models import loader as models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from studio import doctor, hardware
-from studio.presets import load_presets
+from studio.hardware import detect as hardware
+from studio.hardware import doctor
+from studio.hardware.presets import load_presets
 
 GIB = 1024**3
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.presets import REPO_PRESETS
+from studio.hardware.presets import REPO_PRESETS
 
 VERDICT = "#hw-verdict"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from studio import paths, pii
+from studio import paths
+from studio.data import pii
 
 HF_TOKEN = "hf_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3f"
 HF_LETTERS_TOKEN = "hf_" + "xKjQWhGqOTkmFpRZbOySvUvOUIyUuZNaZB"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio import vram
 from studio.config import RunConfig
-from studio.presets import (
+from studio.hardware import vram
+from studio.hardware.presets import (
     BANDS,
     REPO_PRESETS,
     PresetError,

@@ -84,7 +84,7 @@ def sha256(path: Path) -> str:
 
 
 def manager():
-    from studio.jobs import get_manager
+    from studio.train.jobs import get_manager
 
     return get_manager()
 
@@ -112,8 +112,8 @@ def test_invalid_settings_are_refused_before_any_model_loads(studio_home, tiny_r
 def test_lora_run_learns_and_leaves_a_complete_run_folder(embedded_model, tiny_rows, tokenizer):
     from peft import PeftModel
 
-    from studio.chat_format import template_hash
-    from studio.models import greedy_answer, load_model_for_inference
+    from studio.data.chat_format import template_hash
+    from studio.models.loader import greedy_answer, load_model_for_inference
 
     weights = embedded_model.path / "model.safetensors"
     weights_hash = sha256(weights)
@@ -187,8 +187,8 @@ def test_lora_run_learns_and_leaves_a_complete_run_folder(embedded_model, tiny_r
 def test_qlora_run_on_cpu_learns(embedded_model, tiny_rows, tokenizer):
     from peft import PeftModel
 
-    from studio.models import greedy_answer, load_model_for_inference
-    from studio.train import run_training
+    from studio.models.loader import greedy_answer, load_model_for_inference
+    from studio.train.run import run_training
 
     cfg = tiny_cfg(tiny_rows, run_name="qlora", method="qlora", max_steps=6, val_fraction=0.0)
     result = run_training(cfg)
@@ -208,8 +208,8 @@ def test_stop_keeps_a_loadable_adapter_and_resume_finishes(embedded_model, tiny_
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from studio.jobs import JobBusyError
-    from studio.models import load_model_for_inference
+    from studio.models.loader import load_model_for_inference
+    from studio.train.jobs import JobBusyError
 
     class PressStopAtStep2(TrainerCallback):
         """What the Stop button does, at a known step."""
@@ -291,7 +291,7 @@ def test_out_of_memory_in_a_step_fails_the_run_with_advice_and_frees_it(tiny_row
 def test_disk_full_while_saving_fails_the_run_and_keeps_earlier_checkpoints(tiny_rows):
     from transformers import TrainerCallback
 
-    from studio.train import run_training
+    from studio.train.run import run_training
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full to simulate a full disk")
@@ -326,7 +326,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
     cfg = tiny_cfg(tiny_rows, run_name="cli-kill", max_steps=6, save_steps=2, val_fraction=0.0)
     yaml_path = cfg.save(tmp_path / "run.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "studio.train", str(yaml_path), "--data-dir", str(studio_home)]
+    cmd = [sys.executable, "-m", "studio.train.run", str(yaml_path), "--data-dir", str(studio_home)]
     log = (tmp_path / "cli.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     run_dir = None
@@ -354,7 +354,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
     assert killed_at in (2, 4)
 
     done = subprocess.run(
-        [sys.executable, "-m", "studio.train", "--resume", str(run_dir)],
+        [sys.executable, "-m", "studio.train.run", "--resume", str(run_dir)],
         cwd=ROOT,
         env={**env, "LORA_STUDIO_HOME": str(studio_home)},
         capture_output=True,

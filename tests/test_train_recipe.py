@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studio import hardware
-from studio import train as studio_train
 from studio.config import RunConfig
+from studio.hardware import detect as hardware
+from studio.train import run as studio_train
 
 
 def test_head_loss_sum_matches_cross_entropy_in_one_piece_and_in_pieces(monkeypatch) -> None:

@@ -10,7 +10,7 @@ from playwright.sync_api import expect
 
 from studio import runs
 from studio.config import ConfigError, RunConfig
-from studio.jobs import JobSnapshot
+from studio.train.jobs import JobSnapshot
 from tests.ui_steps import set_train_settings
 
 

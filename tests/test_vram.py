@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from studio import vram
 from studio.config import ConfigError
+from studio.hardware import vram
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
@@ -228,7 +228,7 @@ def test_cli_prints_parts(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_measure_without_gpu_says_so_and_exits_0() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "studio.vram", "--measure"],
+        [sys.executable, "-m", "studio.hardware.calibrate"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,8 +15,8 @@ from typing import Any
 
 import gradio as gr
 
-from studio import chat
-from studio.models import DEFAULT_MODEL
+from studio.chat import engine as chat
+from studio.models.loader import DEFAULT_MODEL
 
 LABEL_A = "A · base"
 LABEL_B = "B · fine-tuned"

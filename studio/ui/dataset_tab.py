@@ -17,7 +17,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio import data
+from studio.data import load as data
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _TOKENIZER_LOCK = threading.Lock()
 
 def _tokenizer(model_name: str | None) -> tuple[Any, str]:
     """The base model's tokenizer (cached per model folder), or None and why not."""
-    from studio import models
+    from studio.models import loader as models
 
     name = (model_name or "").strip() or models.DEFAULT_MODEL
     try:
@@ -561,7 +561,7 @@ def wire_dataset_tab(ctx: dict[str, Any]) -> None:
         scan = loaded["scan"] if loaded else None
         if not scan or not scan.findings:
             return {ui["clean_md"]: _box("info", "Nothing to clean.")}
-        from studio import pii
+        from studio.data import pii
 
         report: data.DatasetReport = loaded["report"]
         try:
@@ -614,7 +614,7 @@ def wire_dataset_tab(ctx: dict[str, Any]) -> None:
 def _sample_pii_count() -> int:
     """Unresolved PII in the bundled sample, the dataset training uses until another is loaded."""
     try:
-        from studio import pii
+        from studio.data import pii
 
         cached = pii.unresolved_pii(data.SAMPLE_DATASET)
         if cached is not None:
@@ -640,7 +640,7 @@ def _edited_map(report: data.DatasetReport, column_map: dict[str, str | None] | 
 def _scan(report: data.DatasetReport, train_path: Path) -> Any:
     """PII scan of the valid rows, cached with the file training will read."""
     try:
-        from studio import pii
+        from studio.data import pii
     except ImportError as exc:
         log.warning("PII check unavailable: %s", exc)
         return None
@@ -654,7 +654,7 @@ def _scan(report: data.DatasetReport, train_path: Path) -> Any:
 
 def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int) -> tuple[str, Any]:
     """Info line and HighlightedText value for one row (by its line number)."""
-    from studio import chat_format
+    from studio.data import chat_format
 
     report: data.DatasetReport = loaded["report"]
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio import export
+from studio.export import run as export
 
 GGUF_CHOICES = [
     ("GGUF f16 (exact, about the size of the merged model)", "f16"),

@@ -12,9 +12,9 @@ from typing import Any
 
 import gradio as gr
 
-from studio import vram
-from studio.models import DEFAULT_MODEL
-from studio.presets import BAND_LABELS, PresetCatalog, band_for, defaults_for, load_presets
+from studio.hardware import vram
+from studio.hardware.presets import BAND_LABELS, PresetCatalog, band_for, defaults_for, load_presets
+from studio.models.loader import DEFAULT_MODEL
 
 # The Train tab's fields this tab fills and watches (RunConfig names, as "train.<name>").
 SETTING_FIELDS = (
@@ -106,7 +106,7 @@ def _memory_target(
     """(capacity, in use, how 'in use' was found, device) for the estimate."""
     preset = catalog.get(preset_name)
     if preset.kind == "cpu":
-        from studio.hardware import cpu_bf16, ram_used_by_others, system_ram
+        from studio.hardware.detect import cpu_bf16, ram_used_by_others, system_ram
 
         device = "cpu-bf16" if cpu_bf16()[0] else "cpu"  # as studio.train will compute
         return system_ram()[0], ram_used_by_others(), "RAM used by other programs, measured", device
@@ -251,7 +251,7 @@ def build_hardware_tab(ctx: dict[str, Any]) -> None:
     }
 
     def run_checks() -> list[Any]:
-        from studio.doctor import checks_as_dicts
+        from studio.hardware.doctor import checks_as_dicts
 
         found = checks_as_dicts()
         counts = {s: sum(c["status"] == s for c in found) for s in ("ok", "warning", "problem")}
@@ -267,7 +267,7 @@ def build_hardware_tab(ctx: dict[str, Any]) -> None:
 
 
 def _presets_note(catalog: PresetCatalog) -> str:
-    from studio.presets import user_presets_dir
+    from studio.hardware.presets import user_presets_dir
 
     text = (
         f"Your own presets: copy a file from the repo's `presets/` into `{user_presets_dir()}`,"
@@ -309,7 +309,7 @@ def wire_hardware_tab(ctx: dict[str, Any]) -> None:
     fill_inputs = [preset, model, settings_state, report_state, *train]
 
     def on_load(settings: dict[str, Any], m: str | None, *values: Any):
-        from studio.hardware import detect
+        from studio.hardware.detect import detect
 
         catalog = _catalog()
         report = detect(catalog).to_dict()

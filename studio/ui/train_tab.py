@@ -1,6 +1,6 @@
 """Train tab: the run settings, Start / Stop / Resume, a live loss chart, progress and log.
 
-A thin layer over `studio.jobs` (the process-wide background job) and `studio.runs` (run
+A thin layer over `studio.train.jobs` (the process-wide background job) and `studio.runs` (run
 folders): a gr.Timer polls the job once a second, so a reloaded page or a second browser tab
 shows the same run, and a closed page does not stop it. The settings are RunConfig fields,
 registered in ctx as "train.<field>" for the Hardware tab to fill.
@@ -15,8 +15,8 @@ import gradio as gr
 
 from studio import runs
 from studio.config import DEVICES, METHODS, OPTIMIZERS, TARGETS, ConfigError, RunConfig
-from studio.jobs import JobBusyError, JobSnapshot, get_manager
-from studio.models import DEFAULT_MODEL
+from studio.models.loader import DEFAULT_MODEL
+from studio.train.jobs import JobBusyError, JobSnapshot, get_manager
 
 # (field, label, kind, extra kwargs); kind: text, int, float, bool, or a tuple of choices.
 BASIC_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [

@@ -44,7 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import chat_format, models, paths
+from studio import paths
+from studio.data import chat_format
+from studio.models import loader as models
 from studio.runs import read_json
 
 Progress = Callable[[str, float], None]
@@ -332,7 +334,7 @@ def _training_rows(src: RunSource) -> tuple[list[dict[str, Any]], list[dict[str,
     path = ds.get("path") or src.settings.get("dataset_path") or ""
     fmt = ds.get("format") or src.settings.get("dataset_format") or "auto"
     try:
-        from studio import data
+        from studio.data import load as data
 
         file = Path(path) if path else data.SAMPLE_DATASET
         rows = [r for r in data.load_dataset_file(file, fmt=fmt).rows if r.get("messages")]
@@ -340,7 +342,7 @@ def _training_rows(src: RunSource) -> tuple[list[dict[str, Any]], list[dict[str,
         return [], []
     val: list[dict[str, Any]] = []
     with contextlib.suppress(Exception):
-        from studio import train
+        from studio.train import run as train
 
         _, val = train.split_rows(
             rows, float(src.settings.get("val_fraction", 0.1)), int(src.settings.get("seed", 42))
@@ -1459,7 +1461,3 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(result))
     ok = result.merge_check.passed and (result.gguf_check is None or result.gguf_check.passed)
     return 0 if ok else 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@ Run headless (the Train tab runs the very same functions in a background thread)
     python -m studio.train --resume RUN_DIR               # continue from its last checkpoint
 
 It reads top to bottom: rows are loaded and split, each conversation is tokenized with
-`studio.chat_format` (assistant turns and their end-of-turn token carry the loss), the base
+`studio.data.chat_format` (assistant turns and their end-of-turn token carry the loss), the base
 model is loaded (NF4 4-bit for QLoRA), small `build_*` helpers make the LoRA and trainer
 configs, TRL's SFTTrainer trains on length-grouped batches, and the run folder receives the
 adapter, metadata, log and model card. Failures (out of memory, NaN loss, a full disk) end the
@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from studio import __version__, paths, runs
-from studio.chat_format import TemplateError, template_hash, tokenize_conversation
 from studio.config import ConfigError, RunConfig
+from studio.data.chat_format import TemplateError, template_hash, tokenize_conversation
+from studio.data.load import SAMPLE_DATASET
 
-SAMPLE_DATASET = Path(__file__).resolve().parent / "sample_data" / "support_tickets.jsonl"
 KEEP_CHECKPOINTS = 2
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
@@ -99,7 +99,7 @@ def dataset_file(cfg: RunConfig) -> Path:
 def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
     """Rows as {"messages": [...]} dicts, through the Dataset tab's own loader (every format,
     errors with line numbers), so training sees exactly what the Dataset tab validated."""
-    from studio import data
+    from studio.data import load as data
 
     path = dataset_file(cfg)
     if not path.is_file():
@@ -118,21 +118,21 @@ def split_rows(
     rows: list[dict[str, Any]], val_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The seeded train/validation split, the same one the Dataset tab shows."""
-    from studio.data import split_rows as dataset_split
+    from studio.data.load import split_rows as dataset_split
 
     return dataset_split(rows, val_fraction, seed)
 
 
 def file_sha256(path: Path) -> str:
     """The dataset file's hash, recorded in the run's metadata (same as the PII scan key)."""
-    from studio.pii import file_sha256 as sha256_of
+    from studio.data.pii import file_sha256 as sha256_of
 
     return sha256_of(path)
 
 
 def check_pii(cfg: RunConfig) -> int | None:
     """Refuse a dataset with unresolved PII findings unless the user confirmed (allow_pii)."""
-    from studio.pii import unresolved_pii
+    from studio.data.pii import unresolved_pii
 
     count = unresolved_pii(str(dataset_file(cfg)))
     if count and not cfg.allow_pii:
@@ -208,7 +208,7 @@ def compute_dtype(device: str) -> tuple[Any, str]:
     import torch
 
     if device != "cuda":
-        from studio.hardware import cpu_bf16
+        from studio.hardware.detect import cpu_bf16
 
         fast, why = cpu_bf16()
         return (torch.bfloat16 if fast else torch.float32), why
@@ -223,7 +223,7 @@ def hardware_preset(cfg: RunConfig) -> Any | None:
     if not cfg.preset:
         return None
     try:
-        from studio.presets import load_presets
+        from studio.hardware.presets import load_presets
 
         return load_presets().get(cfg.preset)
     except Exception:  # no presets module, or an unknown/broken preset: no estimate, no crash
@@ -855,7 +855,7 @@ def execute_run(
     extra_callbacks: Iterable[Any] = (),
 ) -> TrainResult:
     """Load, train, save, check. Never raises for a training failure: returns status failed."""
-    from studio.models import load_tokenizer, resolve_model
+    from studio.models.loader import load_tokenizer, resolve_model
 
     stop = stop or threading.Event()
     cfg, run_dir, meta = run.cfg, run.run_dir, run.meta
@@ -1428,7 +1428,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{mark}] {check['name']}: {check['detail']}")
     print(f"Run folder: {result.run_dir}")
     return 0 if result.status in ("completed", "stopped") else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

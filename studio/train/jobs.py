@@ -78,7 +78,7 @@ class JobManager:
 
     def start(self, cfg: RunConfig, *, extra_callbacks: Iterable[Any] = ()) -> Path:
         """Start a new run; ConfigError (bad setting) or JobBusyError come back at once."""
-        from studio import train
+        from studio.train import run as train
 
         with self._lock:
             self._refuse_if_busy()
@@ -88,7 +88,7 @@ class JobManager:
 
     def resume(self, run_dir: str | Path, *, extra_callbacks: Iterable[Any] = ()) -> Path:
         """Continue a stopped/failed/interrupted run from its last checkpoint."""
-        from studio import train
+        from studio.train import run as train
 
         with self._lock:
             self._refuse_if_busy()
@@ -150,7 +150,7 @@ class JobManager:
             )
 
     def _launch(self, prepared: Any, history: list[dict[str, Any]], extra_callbacks) -> None:
-        from studio import train
+        from studio.train import run as train
 
         self._stop = threading.Event()
         self._done.clear()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio import chat_format
+from studio.data import chat_format
 
 Message = dict[str, str]
 Row = dict[str, list[Message]]

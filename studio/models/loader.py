@@ -315,7 +315,3 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model_for_inference(resolved.path)
         print(greedy_answer(model, load_tokenizer(resolved.path), args.ask))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,9 +1,9 @@
-"""Calibrate the VRAM estimate (studio/vram.py) against real training steps.
+"""Calibrate the VRAM estimate (studio/hardware/vram.py) against real training steps.
 
 Run on a machine with an NVIDIA GPU:
 
-    python -m studio.vram --measure                       # all cases (0.5B, 1.5B, 7B, 8B)
-    python -m studio.vram --measure --models Qwen/Qwen2.5-0.5B-Instruct --methods qlora
+    python -m studio.hardware.calibrate                       # all cases (0.5B, 1.5B, 7B, 8B)
+    python -m studio.hardware.calibrate --models Qwen/Qwen2.5-0.5B-Instruct --methods qlora
 
 Each case builds the model from its reference config with random weights (memory does not
 depend on the values, so nothing is downloaded), saves it once to a temporary folder, loads
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import vram
+from studio.hardware import vram
 
 GOAL_SHARE = 0.15
 GOAL_FLOOR = 0.5 * vram.GIB
@@ -473,7 +473,7 @@ def _workdir(keep: str | None) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m studio.vram --measure", description=__doc__.split("\n\n")[0]
+        prog="python -m studio.hardware.calibrate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--models", nargs="*", help="reference model ids (default: all cases)")
     parser.add_argument("--methods", nargs="*", choices=("lora", "qlora"))

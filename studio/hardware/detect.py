@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.presets import Preset, PresetCatalog, load_presets
+from studio.hardware.presets import Preset, PresetCatalog, load_presets
 
 GIB = 1024**3
 # A "12 GB" card reports a little less than 12 GiB; presets match within this share.

@@ -4,7 +4,7 @@ The base is loaded once (in 4-bit for a QLoRA run, as it was trained, unless 16-
 with the run's LoRA adapter attached by peft. The fine-tuned side ("tuned") generates with the
 adapter on; the base side ("base") generates from the very same weights inside
 `model.disable_adapter()`, so there is never a second copy in memory. Prompts are rendered with
-`studio.chat_format.render`, the one template path training used.
+`studio.data.chat_format.render`, the one template path training used.
 
 Also here, all headless (the Chat tab is a thin layer on top):
 - streaming (`TextIteratorStreamer` + `generate` on a thread) with a Stop flag;
@@ -31,7 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from studio import chat_format, models, paths
+from studio import paths
+from studio.data import chat_format
+from studio.models import loader as models
 from studio.runs import read_json
 
 SIDE_BASE = "base"
@@ -336,7 +338,7 @@ def training_blocker() -> str | None:
 
     On CPU, chatting during training is allowed (slow, but harmless). Runs trained by any
     process count: a run folder whose training process is alive (`studio.runs`), plus the
-    Train tab's job registry (`studio.jobs`) when it exists.
+    Train tab's job registry (`studio.train.jobs`) when it exists.
     """
     for active in (_active_job_from_jobs, _active_run_on_disk):
         try:
@@ -355,9 +357,9 @@ def training_blocker() -> str | None:
 
 
 def _active_job_from_jobs() -> tuple[str, str] | None:
-    """The Train tab's job in this process (`studio.jobs`), as (name, device)."""
+    """The Train tab's job in this process (`studio.train.jobs`), as (name, device)."""
     try:
-        from studio import jobs
+        from studio.train import jobs
     except ImportError:
         return None
     run_dir = jobs.get_manager().active_run_dir()
@@ -1077,8 +1079,8 @@ def validation_items(run_dir: str | Path, limit: int | None = None) -> list[Batc
     run = Path(run_dir)
     meta = read_json(run / METADATA_FILE)
     try:
-        from studio import train
         from studio.config import RunConfig
+        from studio.train import run as train
     except ImportError as exc:
         raise ChatError(f"the training module is not available: {exc}") from exc
     yaml_path = run / "run.yaml"
@@ -1234,11 +1236,11 @@ def _in_child(kind: str, adapter: str, base: str | None, precision: str, prompt:
     import subprocess
     import sys
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     env[paths.ENV_VAR] = str(paths.data_dir())
     code = (
-        "import sys, json; from studio.chat import _measure_load;"
+        "import sys, json; from studio.chat.engine import _measure_load;"
         " _measure_load(*json.loads(sys.argv[1]))"
     )
     args = json.dumps([kind, adapter, base, precision, prompt])

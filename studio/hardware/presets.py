@@ -18,7 +18,7 @@ import yaml
 from studio import paths
 from studio.config import METHODS, OPTIMIZERS, TARGETS
 
-REPO_PRESETS = Path(__file__).resolve().parents[1] / "presets"
+REPO_PRESETS = Path(__file__).resolve().parents[2] / "presets"
 KINDS = ("cuda", "cpu")
 # Model-size bands by parameter count; a model above the last band uses the last one.
 BANDS: dict[str, float] = {"up_to_1b": 1.0e9, "1b_to_4b": 4.0e9, "4b_to_9b": 9.0e9}

@@ -18,11 +18,11 @@ rank, batch, sequence length, gradient checkpointing, optimizer) give the peak a
   caching allocator's slack.
 
 The constants follow the code paths of the pinned stack (transformers 5, peft, TRL 1.x,
-bitsandbytes): which tensors autograd saves, in which dtype. `python -m studio.vram --measure`
-(studio/vram_measure.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
+bitsandbytes): which tensors autograd saves, in which dtype. `python -m studio.hardware.calibrate`
+(studio/hardware/calibrate.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
 
-Run: `python -m studio.vram MODEL [--method qlora --batch-size 2 --card-gb 12 ...]` prints
-the estimate; `python -m studio.vram --measure` runs the CUDA calibration.
+Run: `python -m studio.hardware.vram MODEL [--method qlora --batch-size 2 --card-gb 12 ...]` prints
+the estimate; `python -m studio.hardware.calibrate` runs the CUDA calibration.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import ConfigError, RunConfig
-from studio.models import DEFAULT_MODEL
+from studio.models.loader import DEFAULT_MODEL
 
 GIB = 1024**3
 MIB = 1024**2
@@ -986,14 +986,11 @@ def _print_estimate(est: VramEstimate) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m studio.vram MODEL [settings]`: print the estimate; `--measure`: calibrate."""
+    """`python -m studio.hardware.vram MODEL [settings]`: print the estimate."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    parser.add_argument(
-        "--measure", action="store_true", help="run the CUDA calibration (see studio.vram_measure)"
-    )
     parser.add_argument("--method", default="lora", choices=("lora", "qlora"))
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--target-modules", default="all_linear")
@@ -1007,10 +1004,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=tuple(KERNELS))
     parser.add_argument("--unfused", action="store_true", help="classic full-logits loss")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--measure" in argv:  # the calibration has its own options
-        from studio import vram_measure
-
-        return vram_measure.main([a for a in argv if a != "--measure"])
     args = parser.parse_args(argv)
     try:
         shape = model_shape(args.model)

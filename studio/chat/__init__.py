@@ -1,0 +1,1 @@
+"""Stage 4, chat: the base model and base + adapter side by side, and their evaluation."""

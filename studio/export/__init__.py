@@ -1,0 +1,1 @@
+"""Export a run: merged model, GGUF for llama.cpp/Ollama, and a Modelfile."""

@@ -1,0 +1,264 @@
+"""Environment check: can this machine train, and if not, what exactly to fix.
+
+Run `python -m studio.doctor [--data-dir DIR]`; the Hardware tab shows the same list. Each
+check says ok / warning / problem and, when not ok, the fix. The most common silent failure
+is a CPU-only torch on a PC with an NVIDIA card: training then crawls on the CPU with no
+error at all, so that check looks for the card outside torch too.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from studio import paths
+from studio.hardware import detect as hardware
+
+OK, WARNING, PROBLEM = "ok", "warning", "problem"
+GIB = 1024**3
+DISK_PROBLEM_GB = 5  # a 1.5B model, a dataset and a few checkpoints
+DISK_WARNING_GB = 30  # a 7-8B model is ~15 GB, plus merged exports
+TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: str  # ok, warning or problem
+    detail: str
+    fix: str = ""
+
+
+def check_python() -> Check:
+    version = platform.python_version()
+    if tuple(map(int, platform.python_version_tuple()[:2])) < (3, 11):
+        return Check(
+            "Python", PROBLEM, f"Python {version}", "install Python 3.11 or newer, then reinstall"
+        )
+    return Check("Python", OK, f"Python {version} ({platform.system()} {platform.machine()})")
+
+
+def check_torch() -> Check:
+    """Is this torch build able to use the GPU that is in the PC?"""
+    try:
+        build = hardware.torch_build()
+    except Exception as exc:
+        return Check(
+            "PyTorch",
+            PROBLEM,
+            f"torch does not import: {type(exc).__name__}: {exc}",
+            "pip install -r requirements.txt",
+        )
+    card = hardware.nvidia_hardware_present()
+    if build["cuda"] is None:
+        if card:
+            return Check(
+                "PyTorch",
+                PROBLEM,
+                f"torch {build['version']} is a CPU-only build, but this PC has an NVIDIA card:"
+                " training would silently run on the CPU, many times slower",
+                "pip uninstall -y torch, then pip install torch==<the version in"
+                f" requirements.txt> --index-url {TORCH_INDEX} (pick the index for your CUDA"
+                " version on pytorch.org)",
+            )
+        return Check(
+            "PyTorch",
+            WARNING,
+            f"torch {build['version']} (CPU-only) and no NVIDIA card: training runs on the CPU,"
+            " fine for the 135M demo model, slow for anything bigger",
+            "for real models, use a PC with an NVIDIA GPU (8 GB or more) and the CUDA build of"
+            " torch",
+        )
+    if not build["available"]:
+        return Check(
+            "PyTorch",
+            PROBLEM,
+            f"torch {build['version']} is built for CUDA {build['cuda']} but cannot use a GPU",
+            "install or update the NVIDIA driver (it must support CUDA"
+            f" {build['cuda']}), then restart",
+        )
+    return Check("PyTorch", OK, f"torch {build['version']} with CUDA {build['cuda']}")
+
+
+def check_driver() -> Check:
+    """Driver and CUDA versions: the driver must support torch's CUDA runtime."""
+    smi = hardware.nvidia_smi()
+    if smi is None:
+        if hardware.nvidia_pci_devices() > 0:
+            return Check(
+                "NVIDIA driver",
+                PROBLEM,
+                "an NVIDIA card is on the PCI bus but no driver answers (nvidia-smi missing)",
+                "install the NVIDIA driver for your card (Linux: your distribution's"
+                " nvidia-driver package), then reboot",
+            )
+        return Check("NVIDIA driver", OK, "no NVIDIA GPU: no driver needed for CPU training")
+    driver = smi[0]["driver"] if smi else "?"
+    supported = hardware.driver_cuda_version()
+    try:
+        torch_cuda = hardware.torch_build()["cuda"]
+    except Exception:
+        torch_cuda = None
+    detail = f"driver {driver}, supports CUDA up to {supported or '?'}"
+    if torch_cuda:
+        detail += f"; torch uses CUDA {torch_cuda}"
+        if supported and _version(supported) < _version(torch_cuda):
+            return Check(
+                "NVIDIA driver",
+                PROBLEM,
+                detail,
+                f"update the NVIDIA driver to one that supports CUDA {torch_cuda}, or install a"
+                " torch build for an older CUDA",
+            )
+    return Check("NVIDIA driver", OK, detail)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
+
+
+def check_bitsandbytes() -> Check:
+    """QLoRA needs bitsandbytes' 4-bit kernels on this device: run one tiny NF4 matmul."""
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        import bitsandbytes as bnb
+        from bitsandbytes import functional as bnb_f
+
+        dtype = torch.bfloat16
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(64, 128, generator=gen).to(device, dtype)
+        x = torch.randn(4, 128, generator=gen).to(device, dtype)
+        qw, state = bnb_f.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        y = bnb.matmul_4bit(x, qw.t(), quant_state=state)
+        ref = x @ bnb_f.dequantize_4bit(qw, state).t()
+        error = float((y.float() - ref.float()).norm() / ref.float().norm())
+    except Exception as exc:
+        return Check(
+            "bitsandbytes 4-bit",
+            PROBLEM,
+            f"a 4-bit NF4 matmul failed: {type(exc).__name__}: {str(exc)[:200]}",
+            "pip install bitsandbytes==0.50.2 (QLoRA needs it; LoRA still works without)",
+        )
+    if error > 0.05:
+        return Check(
+            "bitsandbytes 4-bit",
+            PROBLEM,
+            f"the 4-bit matmul on {device} is wrong (error {error:.1%})",
+            "reinstall bitsandbytes for this CUDA version; use LoRA meanwhile",
+        )
+    return Check(
+        "bitsandbytes 4-bit",
+        OK,
+        f"bitsandbytes {bnb.__version__}: NF4 quantize + matmul runs on {device}",
+    )
+
+
+def check_disk(data_dir: Path | None = None) -> Check:
+    folder = data_dir or paths.data_dir()
+    free = shutil.disk_usage(folder).free
+    detail = f"{free / GIB:.0f} GB free in {folder}"
+    if free < DISK_PROBLEM_GB * GIB:
+        return Check(
+            "Disk space",
+            PROBLEM,
+            detail,
+            f"free at least {DISK_PROBLEM_GB} GB, or start with --data-dir on a larger disk",
+        )
+    if free < DISK_WARNING_GB * GIB:
+        return Check(
+            "Disk space",
+            WARNING,
+            detail + " (a 7-8B model takes ~15 GB, checkpoints and exports more)",
+            "free some space or use --data-dir on a larger disk for big models",
+        )
+    return Check("Disk space", OK, detail)
+
+
+def check_vram() -> Check:
+    """Free VRAM now: the desktop, browsers and games hold some of the card."""
+    try:
+        gpus, why = hardware.detect_gpus()
+    except Exception as exc:
+        return Check("Free VRAM", WARNING, f"cannot ask torch: {exc}", "see the PyTorch line")
+    if not gpus:
+        return Check("Free VRAM", OK, f"no GPU in use ({why}): nothing to check")
+    lines, worst = [], OK
+    for gpu in gpus:
+        if gpu.free_bytes is None:
+            lines.append(f"GPU {gpu.index} {gpu.name}: free memory unknown")
+            continue
+        used = gpu.total_bytes - gpu.free_bytes
+        lines.append(
+            f"GPU {gpu.index} {gpu.name}: {gpu.free_bytes / GIB:.1f} of"
+            f" {gpu.total_bytes / GIB:.1f} GiB free ({used / GIB:.1f} GiB used by other programs)"
+        )
+        if used > 0.25 * gpu.total_bytes:
+            worst = WARNING
+    fix = "close games, browsers with video, or other GPU programs" if worst != OK else ""
+    return Check("Free VRAM", worst, "; ".join(lines), fix)
+
+
+def check_ram() -> Check:
+    total, available = hardware.system_ram()
+    detail = f"{available / GIB:.1f} of {total / GIB:.1f} GiB RAM available"
+    if available < 4 * GIB:
+        return Check("RAM", WARNING, detail, "close other programs: loading a model needs RAM")
+    return Check("RAM", OK, detail)
+
+
+CHECKS: list[Callable[[], Check]] = [
+    check_python,
+    check_torch,
+    check_driver,
+    check_bitsandbytes,
+    check_disk,
+    check_vram,
+    check_ram,
+]
+
+
+def run_checks() -> list[Check]:
+    """Every check; a check that crashes becomes a problem line instead of an exception."""
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check())
+        except Exception as exc:
+            name = check.__name__.removeprefix("check_").replace("_", " ")
+            results.append(
+                Check(name, PROBLEM, f"the check itself failed: {type(exc).__name__}: {exc}")
+            )
+    return results
+
+
+def checks_as_dicts() -> list[dict[str, Any]]:
+    """The checks as plain data for the UI."""
+    return [asdict(c) for c in run_checks()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print each check; exit 1 when any is a problem."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="the studio's data dir (default ~/.lora-studio)")
+    args = parser.parse_args(argv)
+    if args.data_dir:
+        paths.set_data_dir(args.data_dir)
+    checks = run_checks()
+    marks = {OK: "ok     ", WARNING: "WARNING", PROBLEM: "PROBLEM"}
+    for check in checks:
+        print(f"[{marks.get(check.status, check.status)}] {check.name}: {check.detail}")
+        if check.fix:
+            print(f"          fix: {check.fix}")
+    problems = sum(c.status == PROBLEM for c in checks)
+    print(f"\n{len(checks)} checks: {problems} problem(s)")
+    return 1 if problems else 0
