@@ -393,13 +393,14 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from studio.data.chat_format import render
+    from studio.models.precision import precision
     from studio.train import run as studio_train
 
     texts = [render(tok, r["messages"]) for r in rows]
     enc = tok(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len)
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"}):  # no effect on CUDA
-        dtype, _ = studio_train.compute_dtype(device)
+        dtype = precision(device).torch_dtype
         model = studio_train.load_base_model(cfg, model_path, device)
     model = get_peft_model(model, studio_train.build_peft_config(cfg, model))
     counter = _TokenCounter(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
@@ -447,11 +448,12 @@ def _studio_trainer(
     """(b) The studio's own path: the same builders the Train tab uses. `fp32`,
     `padding_free` and `compact_head=False` each undo one of its choices, for the breakdown of
     where the speed comes from."""
+    from studio.models.precision import precision
     from studio.train import run as studio_train
 
     tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)
     with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"} if fp32 else {}):
-        dtype, _ = studio_train.compute_dtype(device)
+        dtype = precision(device).torch_dtype
         model = studio_train.load_base_model(cfg, model_path, device)
         if padding_free is None:
             padding_free = studio_train.padding_free_ok(model)
@@ -620,7 +622,7 @@ def _machine() -> str:
 
     import psutil
 
-    from studio.hardware.detect import cpu_bf16
+    from studio.models.precision import cpu_bf16
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -9,6 +9,7 @@ import pytest
 from studio.hardware import detect as hardware
 from studio.hardware import doctor
 from studio.hardware.presets import load_presets
+from studio.models import precision
 
 GIB = 1024**3
 
@@ -86,7 +87,7 @@ def test_detect_on_this_machine(catalog) -> None:
     else:
         assert report.device.value == "cpu" and report.preset.value == "cpu"
         assert "CUDA" in report.device.reason or "driver" in report.device.reason
-        assert report.dtype.value == ("bf16" if hardware.cpu_bf16()[0] else "fp32")
+        assert report.dtype.value == ("bf16" if precision.cpu_bf16()[0] else "fp32")
         note = " ".join(report.notes)
         assert "slow" in note and "0.5B" in note
         assert report.capacity_bytes == report.ram_total_bytes

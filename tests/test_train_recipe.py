@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from studio.config import RunConfig
-from studio.hardware import detect as hardware
+from studio.models import precision
 from studio.train import run as studio_train
 
 
@@ -64,14 +64,14 @@ def test_cpu_precision_follows_the_cpu_and_the_override(monkeypatch, tmp_path) -
         flags = next(line for line in f if line.startswith("flags")).split()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     monkeypatch.delenv("LORA_STUDIO_CPU_FP32", raising=False)
-    assert hardware.cpu_bf16()[0] is native
-    dtype, why = studio_train.compute_dtype("cpu")
-    assert dtype == (torch.bfloat16 if native else torch.float32) and why
+    assert precision.cpu_bf16()[0] is native
+    chosen = precision.precision("cpu")
+    assert chosen.torch_dtype == (torch.bfloat16 if native else torch.float32) and chosen.reason
     args = studio_train.build_training_args(RunConfig(max_steps=1), tmp_path, "cpu", False, False)
     assert args.bf16 is native and not args.fp16
     monkeypatch.setenv("LORA_STUDIO_CPU_FP32", "1")
-    assert studio_train.compute_dtype("cpu")[0] == torch.float32
-    assert "LORA_STUDIO_CPU_FP32" in studio_train.compute_dtype("cpu")[1]
+    assert precision.precision("cpu").torch_dtype == torch.float32
+    assert "LORA_STUDIO_CPU_FP32" in precision.precision("cpu").reason
 
 
 @pytest.mark.slow

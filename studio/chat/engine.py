@@ -415,22 +415,8 @@ def load_base(path: str | Path, four_bit: bool, device: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not four_bit:
         return models.load_model_for_inference(path, device)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if device.startswith("cuda"):
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        compute = torch.float32
-    qconfig = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=qconfig, dtype=compute, device_map={"": device}
-    )
-    return model.eval()
+    dtype = None if device.startswith("cuda") else torch.float32
+    return models.load_model(path, device=device, dtype=dtype, four_bit=True).eval()
 
 
 class ChatEngine:

@@ -47,6 +47,7 @@ from typing import Any
 from studio import paths
 from studio.data import chat_format
 from studio.models import loader as models
+from studio.models.precision import precision
 from studio.runs import read_json
 
 Progress = Callable[[str, float], None]
@@ -413,7 +414,7 @@ def choose_precision(base_path: Path) -> tuple[str, str, str, str]:
     if torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info()
         if free > params * 2 * 1.3:
-            dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dt = str(precision("cuda").torch_dtype).removeprefix("torch.")
             return "cuda", dt, save, f"on the GPU in {dt} ({free / 2**30:.1f} GiB free)"
     avail = _available_ram()
     if avail is None or avail > params * 4 * 1.5:
@@ -555,16 +556,15 @@ def merge_adapter(
     Returns (check, precision note, tokenizer, prompt ids, (merged answers, their logits)).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     device, merge_dt, save_dt, reason = choose_precision(base.path)
     tok = _load_tokenizer(src, base.path)
     prompt_ids = [_prompt_ids(tok, c) for c in prompts]
 
     progress(f"Loading the base {base.name} ({merge_dt}, {device})", 0.08)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base.path), dtype=_dtype(merge_dt), trust_remote_code=src.trust_remote_code
-    ).to(device)
+    model = models.load_model(
+        base.path, device=device, dtype=_dtype(merge_dt), trust_remote_code=src.trust_remote_code
+    )
     try:
         model = PeftModel.from_pretrained(model, str(src.adapter_dir))
     except Exception as exc:
@@ -606,9 +606,9 @@ def merge_adapter(
     _free()
 
     progress("Reloading the merged folder with plain transformers (no peft)", 0.4)
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        str(out_dir), dtype=_dtype(merge_dt), trust_remote_code=src.trust_remote_code
-    ).to(device)
+    reloaded = models.load_model(
+        out_dir, device=device, dtype=_dtype(merge_dt), trust_remote_code=src.trust_remote_code
+    )
     reloaded.eval()
     got = greedy_ids(reloaded, tok, prompt_ids, max_new_tokens)
     on_ref = [teacher_logits(reloaded, p, r) for p, r in zip(prompt_ids, reference, strict=True)]
@@ -788,7 +788,7 @@ def check_gguf(
 ) -> SanityCheck:
     """Load the GGUF back with transformers and compare greedy answers and prompt tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
     gtok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -797,7 +797,7 @@ def check_gguf(
         list(gtok(t, add_special_tokens=False)["input_ids"]) == ids
         for t, ids in zip(texts, prompt_ids, strict=True)
     )
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = models.load_model(folder, dtype=torch.float32, gguf_file=name)
     model.eval()
     expected, expected_logits = merged_out
     got = greedy_ids(model, tok, prompt_ids, max_new_tokens)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.hardware import vram
+from studio.models.loader import load_model
 
 GOAL_SHARE = 0.15
 GOAL_FLOOR = 0.5 * vram.GIB
@@ -212,7 +213,7 @@ def run_case(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     cuda = device == "cuda"
@@ -261,17 +262,9 @@ def run_case(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    if cuda:
-        kwargs["device_map"] = {"": 0}
-    net = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    net = load_model(
+        folder, device="cuda" if cuda else "cpu", dtype=dtype, four_bit=method == "qlora"
+    )
     if cuda:
         result.base = torch.cuda.memory_allocated() - before
     else:  # tied embeddings share one storage: count each storage once

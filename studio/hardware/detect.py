@@ -7,7 +7,6 @@ speed and on which model sizes are sensible.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.hardware.presets import Preset, PresetCatalog, load_presets
+from studio.models.precision import cpu_precision, cuda_precision, native_bf16
 
 GIB = 1024**3
 # A "12 GB" card reports a little less than 12 GiB; presets match within this share.
@@ -48,7 +48,7 @@ class GpuInfo:
 
     @property
     def bf16(self) -> bool:
-        return self.compute_capability >= (8, 0)
+        return native_bf16(self.compute_capability)
 
     @property
     def used_bytes(self) -> int | None:
@@ -256,32 +256,6 @@ def closest_preset(catalog: PresetCatalog, gpu_name: str | None, total_bytes: in
     )
 
 
-def cpu_bf16() -> tuple[bool, str]:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), and why.
-
-    There a bf16 base with bf16 autocast trains about 1.4x faster than fp32 and takes half
-    the RAM (`python -m studio.bench train` measures it); elsewhere bf16 is emulated and
-    slower than fp32. LORA_STUDIO_CPU_FP32=1 forces fp32.
-    """
-    if os.environ.get("LORA_STUDIO_CPU_FP32", "") not in ("", "0"):
-        return False, "fp32 on CPU: LORA_STUDIO_CPU_FP32 is set"
-    native = [name for name in ("amx_bf16", "avx512_bf16") if name in cpu_flags()]
-    if native:
-        return True, f"bf16 autocast on CPU: it has {native[0].upper()}"
-    return False, "fp32 on CPU: it has no native bf16 (AVX512-BF16 / AMX)"
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), read once; empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = (line for line in f if line.startswith("flags"))
-            return frozenset(next((line.split(":", 1)[1].split() for line in lines), []))
-    except OSError:
-        return frozenset()
-
-
 def cpu_note(ram_total_bytes: int, cpu_count: int) -> str:
     """What to expect from CPU training, so nobody waits a day for a 7B model."""
     return (
@@ -329,10 +303,8 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
     if gpus:
         gpu = gpus[0]
         device = Choice("cuda", f"CUDA GPU 0: {gpu.name}, {gpu.total_bytes / GIB:.1f} GiB")
-        if gpu.bf16:
-            dtype = Choice("bf16", f"bf16: compute capability {gpu.cc}")
-        else:
-            dtype = Choice("fp16", f"fp16: compute capability {gpu.cc} has no bf16 (needs 8.0)")
+        chosen = cuda_precision(gpu.compute_capability)
+        dtype = Choice(chosen.name, chosen.reason)
         preset = closest_preset(catalog, gpu.name, gpu.total_bytes)
         capacity, in_use = gpu.total_bytes, gpu.used_bytes or 0
         if len(gpus) > 1:
@@ -344,8 +316,8 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
             )
     else:
         device = Choice("cpu", f"CPU: {why}")
-        fast, why = cpu_bf16()
-        dtype = Choice("bf16" if fast else "fp32", why)
+        chosen = cpu_precision()
+        dtype = Choice(chosen.name, chosen.reason)
         preset = closest_preset(catalog, None, None)
         capacity, in_use = ram_total, ram_used_by_others()
         notes.append(cpu_note(ram_total, cpus))

@@ -262,7 +262,7 @@ class Kernels:
 CUDA = Kernels("cuda", 2, 2, 4, 2, True, 1, 0, CUDA_CONTEXT, CUBLAS_WORKSPACE, ALLOCATOR_SLACK)
 # On CPU, studio.train casts QLoRA adapters back to fp32 (TRL made them bf16).
 CPU = Kernels("cpu", 4, 4, 4, 4, False, None, 8, CPU_PROCESS, 0, 0.0)
-# A CPU with native bf16 (studio.hardware.cpu_bf16): the CUDA recipe (bf16 base, autocast,
+# A CPU with native bf16 (studio.models.precision.cpu_bf16): the CUDA recipe (bf16 base, autocast,
 # bf16 QLoRA adapters) on CPU kernels. The calibration script also runs it when no GPU is at
 # hand, to check the formulas' structure (not CUDA's kernels).
 CPU_BF16 = Kernels("cpu-bf16", 2, 2, 4, 2, True, None, 8, CPU_PROCESS, 0, 0.0)
@@ -685,7 +685,7 @@ def estimate(
     """Peak memory of training `shape` with `settings` (RunConfig field names), in parts.
 
     `device="cpu"` estimates RAM for a CPU run (fp32 compute, no CUDA context), "cpu-bf16"
-    for a CPU with native bf16 (`studio.hardware.cpu_bf16`), which is also the calibration
+    for a CPU with native bf16 (`studio.models.precision.cpu_bf16`), which is also the calibration
     script's CPU stand-in for the CUDA recipe.
     """
     s = run_settings(settings)

