@@ -258,22 +258,7 @@ def bench_data(args: argparse.Namespace) -> int:
         )
 
         if not args.no_tokens:
-            from studio.models import loader as models
-
-            resolved = models.resolve_model(models.DEFAULT_MODEL)
-            tok = models.load_tokenizer(resolved.path)
-            c0 = _cpu()
-            t0 = time.perf_counter()
-            stats = data.token_stats(report.rows, tok, args.max_len)
-            t_tok = time.perf_counter() - t0
-            results.update(token_stats_s=round(t_tok, 2), token_p50=stats["p50"])
-            results.update(token_p95=stats["p95"], token_max=stats["max"])
-            print(
-                f"token lengths: {stats['rows']:,} rows in {t_tok:.2f} s (target < 30 s;"
-                f" CPU {_cpu() - c0:.2f} s on {os.cpu_count()} cores, load {_load()});"
-                f" p50 {stats['p50']}, p95 {stats['p95']}, max {stats['max']},"
-                f" {stats['over_max_len']:,} rows over {args.max_len} tokens"
-            )
+            results.update(_bench_token_stats(report.rows, args.max_len))
         if args.keep:
             print(f"kept {path}")
         _write_results(args, "data", results)
@@ -281,6 +266,31 @@ def bench_data(args: argparse.Namespace) -> int:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _bench_token_stats(rows: list[dict[str, Any]], max_len: int) -> dict[str, Any]:
+    """Token-length statistics of `rows` with the default model's tokenizer, timed."""
+    from studio.data.tokens import token_stats
+    from studio.models import loader as models
+
+    resolved = models.resolve_model(models.DEFAULT_MODEL)
+    tok = models.load_tokenizer(resolved.path)
+    c0 = _cpu()
+    t0 = time.perf_counter()
+    stats = token_stats(rows, tok, max_len)
+    t_tok = time.perf_counter() - t0
+    print(
+        f"token lengths: {stats['rows']:,} rows in {t_tok:.2f} s (target < 30 s;"
+        f" CPU {_cpu() - c0:.2f} s on {os.cpu_count()} cores, load {_load()});"
+        f" p50 {stats['p50']}, p95 {stats['p95']}, max {stats['max']},"
+        f" {stats['over_max_len']:,} rows over {max_len} tokens"
+    )
+    return {
+        "token_stats_s": round(t_tok, 2),
+        "token_p50": stats["p50"],
+        "token_p95": stats["p95"],
+        "token_max": stats["max"],
+    }
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -327,7 +337,7 @@ def _train_with(trainer: Any, counter: _TokenCounter) -> dict[str, Any]:
     """Train (args.max_steps optimizer steps) and return timing, token and memory figures."""
     import torch
 
-    from studio.train.run import memory_now
+    from studio.train.loop import memory_now
 
     _release_memory()  # so the RSS peak is this recipe's, not the previous one's heap
     warm = 1  # the first step pays for lazy init; it is timed apart
@@ -394,15 +404,15 @@ def _tutorial_trainer(cfg: Any, model_path: Path, tok: Any, rows: list, device: 
 
     from studio.data.chat_format import render
     from studio.models.precision import precision
-    from studio.train import run as studio_train
+    from studio.train import recipe
 
     texts = [render(tok, r["messages"]) for r in rows]
     enc = tok(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len)
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"}):  # no effect on CUDA
         dtype = precision(device).torch_dtype
-        model = studio_train.load_base_model(cfg, model_path, device)
-    model = get_peft_model(model, studio_train.build_peft_config(cfg, model))
+        model = recipe.load_base_model(cfg, model_path, device)
+    model = get_peft_model(model, recipe.build_peft_config(cfg, model))
     counter = _TokenCounter(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
     args = TrainingArguments(
         output_dir=str(out / "tutorial"),
@@ -449,20 +459,21 @@ def _studio_trainer(
     `padding_free` and `compact_head=False` each undo one of its choices, for the breakdown of
     where the speed comes from."""
     from studio.models.precision import precision
-    from studio.train import run as studio_train
+    from studio.train import recipe
+    from studio.train.prepare import tokenize_rows
 
-    tokenized, _ = studio_train.tokenize_rows(tok, rows, cfg)
+    tokenized, _ = tokenize_rows(tok, rows, cfg)
     with mock.patch.dict(os.environ, {"LORA_STUDIO_CPU_FP32": "1"} if fp32 else {}):
         dtype = precision(device).torch_dtype
-        model = studio_train.load_base_model(cfg, model_path, device)
+        model = recipe.load_base_model(cfg, model_path, device)
         if padding_free is None:
-            padding_free = studio_train.padding_free_ok(model)
-        args = studio_train.build_training_args(
+            padding_free = recipe.padding_free_ok(model)
+        args = recipe.build_training_args(
             cfg, out / "studio", device, False, False, padding_free=padding_free
         )
     args.save_strategy = "no"
     args.max_steps = cfg.max_steps
-    trainer = studio_train.build_trainer(cfg, model, tok, args, device, tokenized)
+    trainer = recipe.build_trainer(cfg, model, tok, args, device, tokenized)
     trainer.compact_head = compact_head and trainer.compact_head
     counter = _TokenCounter(trainer.data_collator, tok.pad_token_id)
     trainer.data_collator = counter
@@ -500,7 +511,7 @@ def bench_train(args: argparse.Namespace) -> int:
 
     from studio.config import RunConfig
     from studio.models import loader as models
-    from studio.train import run as studio_train
+    from studio.train.prepare import resolve_device
 
     resolved = models.resolve_model(args.model)
     tok = models.load_tokenizer(resolved.path)
@@ -517,7 +528,7 @@ def bench_train(args: argparse.Namespace) -> int:
         target_modules="qv",
         device=args.device,
     ).validate()
-    device, why = studio_train.resolve_device(cfg)
+    device, why = resolve_device(cfg)
     print(
         f"train benchmark: {resolved.name} ({cfg.method}), {len(rows)} rows, max length"
         f" {cfg.max_seq_len}, batch {cfg.batch_size}, {cfg.max_steps} optimizer steps each;"
@@ -546,17 +557,27 @@ def bench_train(args: argparse.Namespace) -> int:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-            r = results[key]
-            print(
-                f"{label:17s}: {r['tokens_per_s']:7.1f} real tokens/s,"
-                f" {r['labelled_tokens_per_s']:7.1f} label-bearing tokens/s,"
-                f" padding {r['padding_share']:.0%}, peak"
-                f" {r['peak_memory_mb']:,.0f} MB ({r['memory_kind']}), final loss"
-                f" {r['final_loss']}; {r['precision']}",
-                flush=True,
-            )
+            _print_recipe(label, results[key])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _compare_recipes(results)
+    _write_results(args, "train", results)
+    return 0
+
+
+def _print_recipe(label: str, r: dict[str, Any]) -> None:
+    print(
+        f"{label:17s}: {r['tokens_per_s']:7.1f} real tokens/s,"
+        f" {r['labelled_tokens_per_s']:7.1f} label-bearing tokens/s,"
+        f" padding {r['padding_share']:.0%}, peak"
+        f" {r['peak_memory_mb']:,.0f} MB ({r['memory_kind']}), final loss"
+        f" {r['final_loss']}; {r['precision']}",
+        flush=True,
+    )
+
+
+def _compare_recipes(results: dict[str, Any]) -> None:
+    """(b) against (a), and against each breakdown run: ratios, printed and recorded."""
     a, b = results["tutorial"], results["studio"]
     results["ratio_tokens_per_s"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
     results["ratio_labelled_tokens_per_s"] = round(
@@ -573,8 +594,6 @@ def bench_train(args: argparse.Namespace) -> int:
             ratio = round(b["tokens_per_s"] / results[key]["tokens_per_s"], 2)
             results[f"gain_over_{key}"] = ratio
             print(f"breakdown: {choice}: (b) runs {ratio}x the real tokens/s of {label}")
-    _write_results(args, "train", results)
-    return 0
 
 
 def _cuda_extras(cfg: Any, model_path: Path, trainer: Any, r: dict[str, Any]) -> dict[str, Any]:
@@ -762,9 +781,9 @@ _CHAT_PROMPTS = [
 
 def bench_chat(args: argparse.Namespace) -> int:
     """Memory with both chat sides ready vs the base alone, and per-side speed."""
-    from studio.chat import engine as chat
+    from studio.chat import measure
 
-    result = chat.bench_chat(args.model, args.run_dir, _CHAT_PROMPTS, max_new_tokens=args.tokens)
+    result = measure.bench_chat(args.model, args.run_dir, _CHAT_PROMPTS, max_new_tokens=args.tokens)
     result["machine"] = _machine()
     for key, value in result.items():
         print(f"{key}: {value}")

@@ -7,7 +7,7 @@ presets and VRAM estimate speak the same field names.
 from __future__ import annotations
 
 import dataclasses
-import re
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,10 @@ METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit b
 TARGETS = ("qv", "attention", "attention_mlp", "all_linear")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 DEVICES = ("auto", "cuda", "cpu")
-_NAME_RE = re.compile(r"^[\w.\-]{1,64}$")
+RUN_NAME_MAX = 64  # characters, after NFC
+# The folder name is the run name plus "-YYYYmmdd-HHMMSS-N"; most file systems allow 255 bytes.
+_RUN_NAME_MAX_BYTES = 200
+_RUN_NAME_PUNCT = frozenset("._-")
 
 
 class ConfigError(ValueError):
@@ -75,10 +78,14 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad field; return self when all is well."""
-        if not _NAME_RE.match(self.run_name or ""):
+        name = clean_run_name(self.run_name)
+        if name is None:
             raise ConfigError(
-                "run_name", "use 1-64 letters, digits, '.', '-' or '_' (no spaces or slashes)"
+                "run_name",
+                f"use 1-{RUN_NAME_MAX} letters (any script), digits, '.', '-' or '_'"
+                " (no spaces or slashes)",
             )
+        self.run_name = name
         if not str(self.base_model).strip():
             raise ConfigError("base_model", "name a model folder or hub id")
         if self.dataset_format not in ("auto", "alpaca", "sharegpt", "messages"):
@@ -148,6 +155,24 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def clean_run_name(name: str | None) -> str | None:
+    """The name in NFC form if it can name a run folder, else None.
+
+    Letters, combining marks and digits of every script are allowed, so Thai vowel marks and
+    Vietnamese typed in decomposed form (NFD) work; NFC makes both spellings of a name one
+    folder. A name may not start with a mark (it would have nothing to sit on).
+    """
+    name = unicodedata.normalize("NFC", name or "")
+    if not 1 <= len(name) <= RUN_NAME_MAX or len(name.encode()) > _RUN_NAME_MAX_BYTES:
+        return None
+    if unicodedata.category(name[0]).startswith("M"):
+        return None
+    for ch in name:
+        if ch not in _RUN_NAME_PUNCT and unicodedata.category(ch)[0] not in "LMN":
+            return None
+    return name
 
 
 def _check(ok: bool, field: str, message: str) -> None:

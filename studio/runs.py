@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -94,7 +95,11 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 def new_run_dir(run_name: str, root: Path | None = None) -> Path:
-    """Create `runs/<run_name>-<timestamp>/`; a clash within the same second gets a suffix."""
+    """Create `runs/<run_name>-<timestamp>/`; a clash within the same second gets a suffix.
+
+    The name is NFC-normalised, so a name typed in decomposed form gets the same folder name.
+    """
+    run_name = unicodedata.normalize("NFC", run_name)
     root = root or paths.runs_dir()
     root.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -141,11 +146,13 @@ def load_log(run_dir: str | Path) -> list[dict[str, Any]]:
 
     On resume the run restarts from checkpoint N, so steps after N logged before the resume
     were redone; the "resumed" event marks that and the older entries are left out. A torn
-    last line (the process died mid-write) is skipped.
+    last line (the process died mid-write) is skipped. Lines end at a line feed only: entries are
+    written with `ensure_ascii=False`, so their text may hold U+2028 or U+0085, which
+    `str.splitlines()` would wrongly treat as line ends.
     """
     entries: list[dict[str, Any]] = []
     try:
-        lines = (Path(run_dir) / LOG).read_text(encoding="utf-8").splitlines()
+        lines = (Path(run_dir) / LOG).read_text(encoding="utf-8").split("\n")
     except OSError:
         return entries
     for line in lines:

@@ -1,4 +1,4 @@
-"""Chat engine: base vs fine-tuned from one loaded model, streaming, blind votes, batch scores.
+"""Chat: base vs fine-tuned from one loaded model, streaming, blind votes, batch scores.
 
 The scoring, prompt-file and vote tests are pure and fast. The `slow` ones train a real
 adapter with the studio's own training engine (a few steps on the sample dataset) and chat
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from studio.chat import engine as chat
+from studio.chat import evaluate, measure
 
 RUN_NAME = "chat-test"
 SYSTEM = (
@@ -38,7 +39,7 @@ def train_chat_run(studio_home: Path) -> Path:
     """
     from studio import runs
     from studio.config import RunConfig
-    from studio.train.run import run_training
+    from studio.train.jobs import run_training
 
     for info in runs.list_runs():
         if info.name.startswith(RUN_NAME + "-") and info.status == "completed":
@@ -87,41 +88,42 @@ def ticket_messages(text: str = TICKET) -> list[dict[str, str]]:
 
 def test_rouge_l_known_values():
     # LCS of "the cat sat on the mat" / "the cat is on the mat" = "the cat on the mat" (5 of 6)
-    assert chat.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
-    assert chat.rouge_l("The  Cat.", "the cat") == 1.0  # case and punctuation ignored
-    assert chat.rouge_l("dog", "the cat") == 0.0
-    assert chat.rouge_l("", "") == 1.0
-    assert chat.rouge_l("", "x") == 0.0
+    score = evaluate.rouge_l("the cat sat on the mat", "the cat is on the mat")
+    assert score == pytest.approx(5 / 6)
+    assert evaluate.rouge_l("The  Cat.", "the cat") == 1.0  # case and punctuation ignored
+    assert evaluate.rouge_l("dog", "the cat") == 0.0
+    assert evaluate.rouge_l("", "") == 1.0
+    assert evaluate.rouge_l("", "x") == 0.0
     # precision 2/2, recall 2/4 -> F1 = 2 * 1 * 0.5 / 1.5
-    assert chat.rouge_l("a b", "a x b y") == pytest.approx(2 / 3)
+    assert evaluate.rouge_l("a b", "a x b y") == pytest.approx(2 / 3)
 
 
 def test_rouge_l_unicode_scripts():
     # Vietnamese words keep their diacritics; NFC and NFD spellings are the same text
     nfd = "Xin cha\u0300o ba\u0323n"
-    assert chat.rouge_l(nfd, "Xin chào bạn") == 1.0
-    assert chat.rouge_tokens("Xin chào bạn") == ["xin", "chào", "bạn"]
+    assert evaluate.rouge_l(nfd, "Xin chào bạn") == 1.0
+    assert evaluate.rouge_tokens("Xin chào bạn") == ["xin", "chào", "bạn"]
     # Thai has no spaces: characters are the units, so a partial match scores between 0 and 1
-    tokens = chat.rouge_tokens("สวัสดีครับ")
+    tokens = evaluate.rouge_tokens("สวัสดีครับ")
     assert len(tokens) == len("สวัสดีครับ")
-    score = chat.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
+    score = evaluate.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
     assert 0.5 < score < 1.0
 
 
 def test_exact_match_normalizes_whitespace_only():
-    assert chat.exact_match("  Paris \n is  big ", "Paris is big")
-    assert not chat.exact_match("paris is big", "Paris is big")
+    assert evaluate.exact_match("  Paris \n is  big ", "Paris is big")
+    assert not evaluate.exact_match("paris is big", "Paris is big")
 
 
 def test_json_format_accuracy_rules():
     ref = json.dumps({"category": "billing", "priority": "high", "answer": "Refunded."})
     good = '{"category": "account", "priority": "low", "answer": "x", "extra": 1}'
-    assert chat.json_format_ok(good, ref) is True  # other values, same keys: format is right
-    assert chat.json_format_ok('```json\n{"category": 1, "priority": 2, "answer": 3}\n```', ref)
-    assert chat.json_format_ok('{"category": "billing", "priority": "high"}', ref) is False
-    assert chat.json_format_ok('{"category": "billing",', ref) is False  # does not parse
-    assert chat.json_format_ok("[1, 2]", ref) is False  # parses, not an object
-    assert chat.json_format_ok("anything", "plain text reference") is None
+    assert evaluate.json_format_ok(good, ref) is True  # other values, same keys: format is right
+    assert evaluate.json_format_ok('```json\n{"category": 1, "priority": 2, "answer": 3}\n```', ref)
+    assert evaluate.json_format_ok('{"category": "billing", "priority": "high"}', ref) is False
+    assert evaluate.json_format_ok('{"category": "billing",', ref) is False  # does not parse
+    assert evaluate.json_format_ok("[1, 2]", ref) is False  # parses, not an object
+    assert evaluate.json_format_ok("anything", "plain text reference") is None
 
 
 def test_score_and_summary_on_known_rows():
@@ -130,18 +132,18 @@ def test_score_and_summary_on_known_rows():
     for base, tuned in [("Sorry!", ref), ("{}", '{"category": "x", "priority": "y"}')]:
         row = {"prompt": "p", "reference": ref, "base": base, "fine_tuned": tuned}
         for side, text in (("base", base), ("tuned", tuned)):
-            row.update({f"{side}_{k}": v for k, v in chat.score(text, ref).items()})
+            row.update({f"{side}_{k}": v for k, v in evaluate.score(text, ref).items()})
         rows.append(row)
     assert rows[0]["tuned_exact_match"] is True and rows[0]["base_exact_match"] is False
     assert rows[1]["base_json_ok"] is False and rows[1]["tuned_json_ok"] is True
-    summary = chat.summarize(rows)
+    summary = evaluate.summarize(rows)
     assert summary["rows"] == 2 and summary["json_references"] == 2
     assert summary["base_exact_match"] == 0.0 and summary["tuned_exact_match"] == 0.5
     assert summary["base_json_format"] == 0.0 and summary["tuned_json_format"] == 1.0
     assert summary["tuned_rouge_l"] == pytest.approx(
-        round((1.0 + chat.rouge_l(rows[1]["fine_tuned"], ref)) / 2, 4)
+        round((1.0 + evaluate.rouge_l(rows[1]["fine_tuned"], ref)) / 2, 4)
     )
-    assert chat.score("x", None) == {"exact_match": None, "rouge_l": None, "json_ok": None}
+    assert evaluate.score("x", None) == {"exact_match": None, "rouge_l": None, "json_ok": None}
 
 
 # --------------------------------------------------------------------------- inputs (fast)
@@ -156,37 +158,66 @@ def test_prompt_files_in_every_format(tmp_path: Path):
         {"conversations": [{"from": "human", "value": "สวัสดี"}]},
     ]
     jl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", "utf-8")
-    items = chat.load_prompt_file(jl)
+    items = evaluate.load_prompt_file(jl)
     assert [i.prompt for i in items] == ["Hi", "Xin chào", "Sum\n\n1 2", "สวัสดี"]
     assert [i.reference for i in items] == ["Yo", '{"a": 1}', "3", None]
     assert items[0].messages == [{"role": "user", "content": "Hi"}]
 
     cs = tmp_path / "p.csv"
     cs.write_text("Prompt,Reference\nOne,1\n,skipped\nTwo,\n", "utf-8")
-    assert [(i.prompt, i.reference) for i in chat.load_prompt_file(cs)] == [
+    assert [(i.prompt, i.reference) for i in evaluate.load_prompt_file(cs)] == [
         ("One", "1"),
         ("Two", None),
     ]
     tx = tmp_path / "p.txt"
     tx.write_text("first\n\nsecond\n", "utf-8")
-    assert [i.prompt for i in chat.load_prompt_file(tx, limit=1)] == ["first"]
+    assert [i.prompt for i in evaluate.load_prompt_file(tx, limit=1)] == ["first"]
+
+
+def test_csv_prompt_file_keeps_a_quoted_cell_with_a_newline(tmp_path: Path):
+    """Prompt files go through the Dataset tab's parser: a quoted cell keeps its line break."""
+    cs = tmp_path / "multi.csv"
+    cs.write_text('prompt,reference\n"Line one\nline two","{""a"": 1}"\nNext,\n', "utf-8")
+    assert [(i.prompt, i.reference) for i in evaluate.load_prompt_file(cs)] == [
+        ("Line one\nline two", '{"a": 1}'),
+        ("Next", None),
+    ]
+
+
+def test_prompt_files_in_json_and_parquet(tmp_path: Path):
+    """A .json array (errors name its line) and a Parquet table, read by the data loader."""
+    js = tmp_path / "p.json"
+    js.write_text('[\n  {"prompt": "A", "answer": "1"},\n  "B",\n  {"title": "x"}\n]', "utf-8")
+    assert [i.prompt for i in evaluate.load_prompt_file(js, limit=2)] == ["A", "B"]
+    with pytest.raises(chat.ChatError, match=r"p\.json: line 4: no prompt found"):
+        evaluate.load_prompt_file(js)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pa_path = tmp_path / "p.parquet"
+    pq.write_table(
+        pa.table({"Question": ["Q1", None, "Q2"], "expected": ["R1", "x", None]}), pa_path
+    )
+    got = [(i.prompt, i.reference) for i in evaluate.load_prompt_file(pa_path)]
+    assert got == [("Q1", "R1"), ("Q2", None)]
 
 
 def test_prompt_file_errors_say_where(tmp_path: Path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n', "utf-8")
     with pytest.raises(chat.ChatError, match=r"bad\.jsonl: line 2: invalid JSON"):
-        chat.load_prompt_file(bad)
+        evaluate.load_prompt_file(bad)
     nop = tmp_path / "nop.jsonl"
     nop.write_text('{"title": "no prompt here"}\n', "utf-8")
     with pytest.raises(chat.ChatError, match="line 1: no prompt found"):
-        chat.load_prompt_file(nop)
+        evaluate.load_prompt_file(nop)
     with pytest.raises(chat.ChatError, match="no such file"):
-        chat.load_prompt_file(tmp_path / "missing.jsonl")
+        evaluate.load_prompt_file(tmp_path / "missing.jsonl")
     nocol = tmp_path / "x.csv"
     nocol.write_text("a,b\n1,2\n", "utf-8")
     with pytest.raises(chat.ChatError, match="no 'prompt' column"):
-        chat.load_prompt_file(nocol)
+        evaluate.load_prompt_file(nocol)
 
 
 def test_settings_validation_and_kwargs(tokenizer):
@@ -249,15 +280,15 @@ def test_streamer_releases_thai_text_before_the_end(tokenizer):
 
 def test_blind_votes_append_and_tally(tmp_path: Path):
     rng = random.Random(0)
-    seen = {tuple(chat.new_blind_assignment(rng).items()) for _ in range(40)}
+    seen = {tuple(evaluate.new_blind_assignment(rng).items()) for _ in range(40)}
     assert seen == {(("A", "base"), ("B", "tuned")), (("A", "tuned"), ("B", "base"))}
 
     a_is_tuned = {"A": "tuned", "B": "base"}
     a_is_base = {"A": "base", "B": "tuned"}
-    chat.record_blind_vote(tmp_path, "A", a_is_tuned, prompt="xin chào")  # tuned wins
-    chat.record_blind_vote(tmp_path, "A", a_is_base)  # base wins
-    chat.record_blind_vote(tmp_path, "B", a_is_base)  # tuned wins
-    tally = chat.record_blind_vote(tmp_path, "tie", a_is_base)
+    evaluate.record_blind_vote(tmp_path, "A", a_is_tuned, prompt="xin chào")  # tuned wins
+    evaluate.record_blind_vote(tmp_path, "A", a_is_base)  # base wins
+    evaluate.record_blind_vote(tmp_path, "B", a_is_base)  # tuned wins
+    tally = evaluate.record_blind_vote(tmp_path, "tie", a_is_base)
     assert tally == {
         "tuned_wins": 2,
         "base_wins": 1,
@@ -265,17 +296,17 @@ def test_blind_votes_append_and_tally(tmp_path: Path):
         "total": 4,
         "adapter_win_rate": 0.625,  # (2 + 0.5) / 4
     }
-    assert chat.blind_tally(tmp_path) == tally
-    lines = (tmp_path / chat.VOTES_FILE).read_text("utf-8").splitlines()
+    assert evaluate.blind_tally(tmp_path) == tally
+    lines = (tmp_path / evaluate.VOTES_FILE).read_text("utf-8").splitlines()
     assert len(lines) == 4  # appended, never rewritten
     first = json.loads(lines[0])
     assert first["winner"] == "tuned" and first["prompt"] == "xin chào"
     assert json.loads(lines[-1])["tally"] == tally
     with pytest.raises(chat.ChatError, match="vote"):
-        chat.record_blind_vote(tmp_path, "C", a_is_base)
+        evaluate.record_blind_vote(tmp_path, "C", a_is_base)
     with pytest.raises(chat.ChatError, match="assignment"):
-        chat.record_blind_vote(tmp_path, "A", {"A": "base", "B": "base"})
-    assert len((tmp_path / chat.VOTES_FILE).read_text("utf-8").splitlines()) == 4
+        evaluate.record_blind_vote(tmp_path, "A", {"A": "base", "B": "base"})
+    assert len((tmp_path / evaluate.VOTES_FILE).read_text("utf-8").splitlines()) == 4
 
 
 # --------------------------------------------------------------------------- training guard
@@ -377,7 +408,7 @@ def test_both_sides_share_one_model_in_memory(engine, embedded_model):
     for side in chat.SIDES:  # both sides have generated
         engine.generate(side, ticket_messages(), TINY)
     plain = load_model_for_inference(embedded_model.path)
-    plain_bytes = chat._tensor_bytes(plain)
+    plain_bytes = chat.model_bytes(plain)
     held = _reachable_tensor_bytes(engine)
     assert plain_bytes <= held <= 1.1 * plain_bytes, (held, plain_bytes)
     assert engine.tensor_bytes() <= 1.1 * plain_bytes
@@ -401,7 +432,7 @@ def test_stop_halts_generation_and_both_sides(engine):
 
 @pytest.mark.slow
 def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
-    items = chat.validation_items(run_dir, limit=2)
+    items = evaluate.validation_items(run_dir, limit=2)
     assert len(items) == 2 and all(i.reference for i in items)
     # the split is the one training held out: its rows are absent from nothing but training
     assert json.loads(run_dir.joinpath("training_metadata.json").read_text())["dataset"][
@@ -409,14 +440,14 @@ def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
     ] >= len(items)
     seen: list[tuple[int, int]] = []
     settings = chat.GenerationSettings(max_new_tokens=24)
-    first = chat.batch_compare(
+    first = evaluate.batch_compare(
         engine, items, settings, progress=lambda d, t, m: seen.append((d, t))
     )
     assert [r["prompt"] for r in first.rows] == [i.prompt for i in items]
     assert seen[0] == (0, 2) and seen[-1] == (2, 2)
     for row, item in zip(first.rows, items, strict=True):
         assert row["base"] != row["fine_tuned"]
-        assert row["tuned_rouge_l"] == round(chat.rouge_l(row["fine_tuned"], item.reference), 4)
+        assert row["tuned_rouge_l"] == round(evaluate.rouge_l(row["fine_tuned"], item.reference), 4)
         assert row["base_json_ok"] in (True, False)  # sample references are JSON objects
     assert first.summary["json_references"] == 2
     assert first.csv_path is not None and first.csv_path.parent == run_dir
@@ -425,7 +456,7 @@ def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
         saved = list(csv.DictReader(fh))
     assert [r["fine_tuned"] for r in saved] == [r["fine_tuned"] for r in first.rows]
 
-    second = chat.batch_compare(engine, items[:1], TINY)
+    second = evaluate.batch_compare(engine, items[:1], TINY)
     assert second.csv_path != first.csv_path and first.csv_path.is_file()
 
 
@@ -475,9 +506,25 @@ def test_concurrent_turns_do_not_mix_sides(engine):
 
 @pytest.mark.slow
 def test_bench_chat_reports_memory_and_speed(run_dir: Path):
-    result = chat.bench_chat(None, run_dir, ["Hello!"], max_new_tokens=4)
+    result = measure.bench_chat(None, run_dir, ["Hello!"], max_new_tokens=4)
     mem = result["memory"]
     assert mem["base_alone_weights_mb"] > 0 and mem["rss_ratio"] > 0
     assert mem["weights_ratio"] <= 1.1  # one base in memory, plus a small adapter
     for side in ("base", "fine-tuned"):
         assert result[side]["new_tokens"] > 0 and result[side]["ttft_s"] > 0
+
+
+def test_stop_criterion_answers_on_the_inputs_device() -> None:
+    """transformers ORs the criterion's result with a tensor on input_ids' device: a CPU
+    tensor there breaks every CUDA generation. `meta` stands in for a GPU here."""
+    import threading
+
+    import torch
+
+    from studio.chat.engine import _stop_criteria
+
+    event = threading.Event()
+    (criterion,) = _stop_criteria(event)
+    ids = torch.zeros((2, 5), dtype=torch.long, device="meta")
+    out = criterion(ids, None)
+    assert out.device == ids.device and out.shape == (2,) and out.dtype == torch.bool

@@ -12,7 +12,19 @@ import pytest
 
 from studio.data import load as data
 from studio.data.chat_format import render, tokenize_conversation
-from studio.data.load import DatasetError, load_dataset_file
+from studio.data.load import load_dataset_file
+from studio.data.read import MAX_LINE_BYTES, DatasetError
+from studio.data.search import search_rows
+from studio.data.split import split_rows, split_sizes, write_normalized
+from studio.data.table import table_columns
+from studio.data.tokens import (
+    _lengths_by_segment,
+    _lengths_direct,
+    length_stats,
+    preview_row,
+    token_stats,
+)
+from studio.plots import length_histogram
 
 VI = "Xin chào, đơn hàng của tôi bị giao nhầm địa chỉ. Tôi cần hỗ trợ gấp ạ!"
 TH = "สวัสดีครับ พัสดุของผมยังไม่มาถึงเลย ช่วยตรวจสอบให้หน่อยได้ไหมครับ"
@@ -118,7 +130,7 @@ def test_csv_columns_are_guessed_and_can_be_mapped(tmp_path: Path) -> None:
         'question,answer,notes\nWhat is 2+2?,4,easy\n"Multi\nline question",yes,x\n,empty,z\n',
         encoding="utf-8",
     )
-    assert data.table_columns(path) == ["question", "answer", "notes"]
+    assert table_columns(path) == ["question", "answer", "notes"]
     report = load_dataset_file(path)
     assert report.format == "alpaca" and report.file_kind == "csv"
     assert report.column_map == {
@@ -274,11 +286,11 @@ def test_thai_and_vietnamese_round_trip(tmp_path: Path) -> None:
     rows = [chat(VI, TH, system="Trả lời bằng tiếng Việt"), chat(TH + "0812345678ค่ะ", VI)]
     report = load_dataset_file(write_jsonl(tmp_path / "vi_th.jsonl", rows))
     assert report.rows == rows
-    out = data.write_normalized(report.rows, tmp_path / "out" / "norm.jsonl")
+    out = write_normalized(report.rows, tmp_path / "out" / "norm.jsonl")
     assert load_dataset_file(out).rows == rows
     assert VI in out.read_text(encoding="utf-8")  # written as UTF-8, not \\u escapes
     with pytest.raises(FileExistsError):
-        data.write_normalized(report.rows, out)  # never overwrites
+        write_normalized(report.rows, out)  # never overwrites
 
 
 # --------------------------------------------------------------------------- not a dataset
@@ -325,7 +337,7 @@ def test_undecodable_text_names_the_line(tmp_path: Path) -> None:
 
 def test_huge_single_line(tmp_path: Path) -> None:
     path = tmp_path / "huge.jsonl"
-    path.write_bytes(b'{"messages": "' + b"x" * (data.MAX_LINE_BYTES + 10) + b'"}')
+    path.write_bytes(b'{"messages": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}')
     with pytest.raises(DatasetError, match="line 1 is longer than 8 MB"):
         load_dataset_file(path)
 
@@ -354,24 +366,24 @@ def test_duplicates_and_json_check(tmp_path: Path) -> None:
 
 def test_split_is_deterministic() -> None:
     rows = list(range(1000))
-    train, val = data.split_rows(rows, 0.1, seed=42)
-    assert (len(train), len(val)) == (900, 100) == data.split_sizes(1000, 0.1)
+    train, val = split_rows(rows, 0.1, seed=42)
+    assert (len(train), len(val)) == (900, 100) == split_sizes(1000, 0.1)
     assert sorted(train + val) == rows and not set(train) & set(val)
-    assert data.split_rows(rows, 0.1, seed=42) == (train, val)
-    assert data.split_rows(rows, 0.1, seed=7)[1] != val
-    assert data.split_rows([1], 0.1) == ([1], [])
-    assert data.split_sizes(5, 0.1) == (4, 1)
-    assert data.split_rows(rows, 0.0) == (rows, [])
+    assert split_rows(rows, 0.1, seed=42) == (train, val)
+    assert split_rows(rows, 0.1, seed=7)[1] != val
+    assert split_rows([1], 0.1) == ([1], [])
+    assert split_sizes(5, 0.1) == (4, 1)
+    assert split_rows(rows, 0.0) == (rows, [])
 
 
 def test_search_rows() -> None:
     rows = [chat(f"question {i}", VI if i % 2 else "plain") for i in range(45)]
     numbers = [i + 10 for i in range(45)]
-    page = data.search_rows(rows, numbers, "", page=3, page_size=20)
+    page = search_rows(rows, numbers, "", page=3, page_size=20)
     assert page["pages"] == 3 and page["page"] == 3 and len(page["items"]) == 5
-    hits = data.search_rows(rows, numbers, "ĐƠN HÀNG", page_size=100)
+    hits = search_rows(rows, numbers, "ĐƠN HÀNG", page_size=100)
     assert hits["matches"] == 22
-    by_line = data.search_rows(rows, numbers, "12")
+    by_line = search_rows(rows, numbers, "12")
     assert by_line["items"][0]["line"] == 12  # line 12 = "question 2"
 
 
@@ -384,24 +396,24 @@ def test_token_stats_match_training_tokenization(tokenizer) -> None:
         chat(VI * 3, TH * 3, system="Reply briefly."),
         chat(TH, '{"category": "shipping"}'),
     ]
-    stats = data.token_stats(rows, tokenizer, max_len=100)
+    stats = token_stats(rows, tokenizer, max_len=100)
     exact = [len(tokenize_conversation(tokenizer, r["messages"]).input_ids) for r in rows]
     assert stats["lengths"] == exact
     assert stats["max"] == max(exact) and stats["p50"] == sorted(exact)[1]
     assert stats["over_max_len"] == sum(n > 100 for n in exact) >= 1
     assert stats["over_rows"] == [i for i, n in enumerate(exact) if n > 100]
-    fig = data.length_histogram(stats)
+    fig = length_histogram(stats)
     assert list(fig.data[0].x) == exact
-    wider = data.length_stats(stats["lengths"], max_len=10_000)
+    wider = length_stats(stats["lengths"], max_len=10_000)
     assert wider["over_max_len"] == 0 and wider["p95"] == stats["p95"]
-    assert data.length_stats([], 512)["p50"] == 0
+    assert length_stats([], 512)["p50"] == 0
 
 
 def test_token_lengths_whole_text_path_agrees(tokenizer) -> None:
     """The piece-wise counting shortcut gives exactly the whole-text counts."""
     rows = [chat(f"{VI} {i}", f"{TH} {i}", system="Same system prompt") for i in range(300)]
     texts = [render(tokenizer, r["messages"]) for r in rows]
-    assert data._lengths_by_segment(tokenizer, texts) == data._lengths_direct(tokenizer, texts)
+    assert _lengths_by_segment(tokenizer, texts) == _lengths_direct(tokenizer, texts)
 
 
 def test_preview_marks_assistant_turns_and_their_eos_as_trained(tokenizer) -> None:
@@ -414,7 +426,7 @@ def test_preview_marks_assistant_turns_and_their_eos_as_trained(tokenizer) -> No
             {"role": "assistant", "content": "สวัสดี"},
         ]
     }
-    segments = data.preview_row(row, tokenizer, max_len=512)
+    segments = preview_row(row, tokenizer, max_len=512)
     assert "".join(t for t, _ in segments) == render(tokenizer, row["messages"])
     trained = [t for t, flag in segments if flag]
     eos = tokenizer.eos_token
@@ -422,7 +434,7 @@ def test_preview_marks_assistant_turns_and_their_eos_as_trained(tokenizer) -> No
     untrained = "".join(t for t, flag in segments if not flag)
     assert VI in untrained and TH in untrained and "Answer in JSON." in untrained
 
-    short = data.preview_row(row, tokenizer, max_len=20)
+    short = preview_row(row, tokenizer, max_len=20)
     text = "".join(t for t, _ in short)
     assert render(tokenizer, row["messages"]).startswith(text) and len(text) < 120
     assert not any(flag for _, flag in short)

@@ -8,9 +8,49 @@ from pathlib import Path
 import pytest
 
 from studio.data import load as data
-from studio.data import pii
+from studio.data import pii, scan
+from studio.data.split import split_sizes
 
 TIMEOUT_MS = 120_000
+
+
+def test_inspect_the_sample_caches_its_pii_scan(studio_home: Path) -> None:
+    """The Dataset tab's engine work runs headless: load, scan, cache for the Train tab."""
+    ins = scan.inspect_file(data.SAMPLE_DATASET)
+    assert ins.is_sample and ins.train_path == data.SAMPLE_DATASET
+    assert ins.report.valid > 0 and ins.lengths == []  # no tokenizer: no lengths
+    assert ins.pii_count == len(ins.scan.findings) > 0
+    assert pii.unresolved_pii(data.SAMPLE_DATASET) == ins.pii_count
+    assert scan.sample_pii_count() == ins.pii_count
+
+
+def test_an_edited_column_map_writes_the_rows_training_reads(
+    studio_home: Path, tmp_path: Path
+) -> None:
+    table = tmp_path / "qa.csv"
+    table.write_text(
+        "instruction,output,notes\nSay hi,Hello,greeting\nSay bye,Goodbye,farewell\n",
+        encoding="utf-8",
+    )
+    guessed = scan.inspect_file(table)
+    assert guessed.train_path == table and not scan.edited_map(guessed.report, None)
+    edited = {"instruction": "instruction", "input": "notes", "output": "output", "system": None}
+    ins = scan.inspect_file(table, column_map=edited)
+    assert ins.train_format == "messages" and ins.train_path.parent == studio_home / "datasets"
+    assert ".mapped-" in ins.train_path.name and ins.source == table  # the original stays
+    again = data.load_dataset_file(ins.train_path)
+    assert [r["messages"] for r in again.rows] == [r["messages"] for r in ins.report.rows]
+    assert "greeting" in ins.train_path.read_text(encoding="utf-8")
+    assert pii.unresolved_pii(ins.train_path) == 0
+
+
+def test_a_path_typed_by_the_user_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        scan.resolve_user_path(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(data.DatasetError, match="is a folder"):
+        scan.resolve_user_path(f"'{tmp_path}'")
+    with pytest.raises(data.DatasetError, match="Enter the path"):
+        scan.resolve_user_path("  ")
 
 
 @pytest.mark.slow
@@ -35,7 +75,7 @@ def test_dataset_tab_sample_redact_and_garbage(
     summary = page.locator("#dataset-summary")
     expect(summary).to_contain_text("messages (JSONL)")
     expect(summary).to_contain_text(f"{expected.duplicate_rows} (lines")
-    n_train, n_val = data.split_sizes(expected.valid)
+    n_train, n_val = split_sizes(expected.valid)
     expect(summary).to_contain_text(f"{n_train} / {n_val} (seed 42")
     expect(page.locator("#dataset-tokens")).to_contain_text("p50")
     pii_md = page.locator("#dataset-pii")

@@ -13,6 +13,21 @@ from studio.hardware.presets import REPO_PRESETS
 VERDICT = "#hw-verdict"
 
 
+def test_cpu_estimate_follows_the_precision_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hardware tab's CPU estimate asks the engine, which asks the one precision rule."""
+    from studio.hardware.detect import estimate_kernel
+    from studio.models import precision
+
+    assert estimate_kernel("cuda") == estimate_kernel("cuda:1") == "cuda"
+    monkeypatch.setenv(precision.CPU_FP32_ENV, "1")
+    assert estimate_kernel("cpu") == "cpu"
+    monkeypatch.delenv(precision.CPU_FP32_ENV)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert estimate_kernel("cpu") == "cpu-bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert estimate_kernel("cpu") == "cpu"
+
+
 def _wait_verdict(page, pattern: str, timeout: int = 90_000) -> str:
     page.wait_for_function(
         "([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText || '')",
@@ -40,8 +55,9 @@ def test_preset_and_model_change_the_verdict(start_app, page, studio_home: Path)
         app = start_app()
         page.goto(app.url)
         page.get_by_role("tab", name="Hardware", exact=True).click()
-        # Detection runs on page load and picks a preset; its estimate appears.
-        first = _wait_verdict(page, "^. ?(Fits|Tight|Won't fit):")
+        # Detection runs on page load and picks a preset; its estimate appears. The detected
+        # preset's defaults for the 135M default model fit any machine the studio runs on.
+        first = _wait_verdict(page, "^. ?Fits:")
         detected = page.locator("#hw-detected").inner_text()
         assert "Preset:" in detected and "Precision:" in detected
 
@@ -56,11 +72,14 @@ def test_preset_and_model_change_the_verdict(start_app, page, studio_home: Path)
         _pick(page, "hw-model", "Llama-3.1-8B-Instruct · 8.0B")
         big = _wait_verdict(page, r"Base weights\s+5\.31")  # QLoRA: NF4 8B base
         assert "4B to 9B band" in page.locator("#hw-model-info").inner_text()
-        assert re.search(r"(Fits|Tight|Won't fit):", big)
+        # The 4B-9B band's QLoRA defaults fit an 8 GB card (tests/test_presets.py checks it).
+        assert re.search(r"^. ?Fits:", big), big
 
         page.locator("#hw-preset input").click()
         assert page.get_by_role("option", name="Test card 10 GB (yours)", exact=True).is_visible()
         page.keyboard.press("Escape")
-        assert "Error" not in page.title()
+        # Opening the list changed nothing: the 8B estimate on the RTX 4060 still shows.
+        assert page.locator(VERDICT).inner_text() == big
+        assert "RTX 4060 8 GB" in page.locator("#hw-chart").inner_text()
     finally:
         user_file.unlink(missing_ok=True)

@@ -20,16 +20,28 @@ from studio.hardware.presets import (
 )
 
 PRESET_FILES = sorted(REPO_PRESETS.glob("*.yaml"))
-EXPECTED = {
+EXPECTED = {  # preset -> card memory (GiB)
     "rtx3060-12gb": 12,
+    "rtx3070-8gb": 8,
+    "rtx3080-10gb": 10,
+    "rtx3080-12gb": 12,
+    "rtx3090-24gb": 24,
     "rtx4060-8gb": 8,
     "rtx4060ti-16gb": 16,
     "rtx4070-12gb": 12,
     "rtx4080-16gb": 16,
-    "rtx3090-24gb": 24,
     "rtx4090-24gb": 24,
+    "rtx5060ti-16gb": 16,
+    "rtx5070-12gb": 12,
+    "rtx5070ti-16gb": 16,
+    "rtx5080-16gb": 16,
+    "rtx5090-32gb": 32,
     "cpu": 0,
 }
+# Compute capability by architecture: Ampere 8.6, Ada 8.9, Blackwell (RTX 50) 12.0.
+ARCHITECTURE = {"rtx30": "8.6", "rtx40": "8.9", "rtx50": "12.0"}
+# A PC for the CPU preset: 16 GiB of RAM, 4 GiB of it used by the desktop and a browser.
+CPU_PC_RAM, CPU_PC_IN_USE = 16 * vram.GIB, 4 * vram.GIB
 # Reference models per band: the largest ones decide whether a band's defaults fit.
 BAND_MODELS = {
     "up_to_1b": ["HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"],
@@ -71,24 +83,38 @@ def test_preset_file_loads_and_validates(path: Path) -> None:
             assert defaults.batch_size * defaults.grad_accum == 16
     if preset.kind == "cuda":
         assert preset.bf16 == (float(preset.compute_capability) >= 8.0)
+        assert preset.compute_capability == ARCHITECTURE[preset.name[:5]]
         assert preset.match, "a GPU preset names the cards it stands for"
 
 
-@pytest.mark.parametrize("path", [p for p in PRESET_FILES if p.stem != "cpu"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
 def test_band_defaults_fit_the_card(path: Path) -> None:
-    """Each band's defaults fit (10% spare) its models on the card, next to a typical desktop."""
+    """Every preset's defaults fit (10% spare) its card for the models of each band it covers.
+
+    GPU presets: every band, on the card's memory next to a typical desktop. The CPU preset
+    covers up to about 0.5B (its notes say so): that band fits in the RAM of a 16 GiB PC, in
+    fp32 and with native bf16 alike.
+    """
     preset = load_preset_file(path)
-    for band, models in BAND_MODELS.items():
+    if preset.kind == "cpu":
+        bands = {"up_to_1b": BAND_MODELS["up_to_1b"]}
+        profiles, capacity, in_use = ("cpu", "cpu-bf16"), CPU_PC_RAM, CPU_PC_IN_USE
+    else:
+        bands = BAND_MODELS
+        profiles, capacity, in_use = ("cuda",), preset.vram_bytes, vram.TYPICAL_DESKTOP_USE
+    for band, models in bands.items():
         for model in models:
             shape = vram.model_shape(model)
             assert band_for(shape.n_params) == band
-            est = vram.estimate(
-                shape,
-                defaults_for(preset, shape.n_params),
-                capacity_bytes=preset.vram_bytes,
-                in_use_bytes=vram.TYPICAL_DESKTOP_USE,
-            )
-            assert est.verdict == "fits", f"{preset.name} {band} {model}: {est.summary()}"
+            for device in profiles:
+                est = vram.estimate(
+                    shape,
+                    defaults_for(preset, shape.n_params),
+                    capacity_bytes=capacity,
+                    in_use_bytes=in_use,
+                    device=device,
+                )
+                assert est.verdict == "fits", f"{preset.name} {band} {model}: {est.summary()}"
 
 
 def test_cpu_preset_trains_the_embedded_model_quickly() -> None:

@@ -89,6 +89,31 @@ def manager():
     return get_manager()
 
 
+def test_a_run_goes_one_way_through_the_train_package() -> None:
+    """ui -> jobs -> prepare -> recipe -> loop, with no way back: prepare and recipe import
+    nothing of the package, loop builds on them (and ends with checks), and only jobs and the
+    CLI start a run (prepare, then loop)."""
+    import ast
+
+    allowed = {
+        "prepare": set(),
+        "recipe": set(),
+        "checks": set(),
+        "loop": {"prepare", "recipe", "checks"},
+        "jobs": {"prepare", "loop"},
+        "cli": {"prepare", "loop"},
+    }
+    for name, may_import in allowed.items():
+        tree = ast.parse((ROOT / "studio" / "train" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {
+            alias.name if node.module == "studio.train" else node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("studio.train")
+            for alias in node.names
+        }
+        assert imported <= may_import, f"studio.train.{name} imports {imported - may_import}"
+
+
 def test_invalid_settings_are_refused_before_any_model_loads(studio_home, tiny_rows, tmp_path):
     existing = {p.name for p in (studio_home / "runs").glob("*")}
     cases = [
@@ -188,7 +213,7 @@ def test_qlora_run_on_cpu_learns(embedded_model, tiny_rows, tokenizer):
     from peft import PeftModel
 
     from studio.models.loader import greedy_answer, load_model_for_inference
-    from studio.train.run import run_training
+    from studio.train.jobs import run_training
 
     cfg = tiny_cfg(tiny_rows, run_name="qlora", method="qlora", max_steps=6, val_fraction=0.0)
     result = run_training(cfg)
@@ -291,7 +316,7 @@ def test_out_of_memory_in_a_step_fails_the_run_with_advice_and_frees_it(tiny_row
 def test_disk_full_while_saving_fails_the_run_and_keeps_earlier_checkpoints(tiny_rows):
     from transformers import TrainerCallback
 
-    from studio.train.run import run_training
+    from studio.train.jobs import run_training
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full to simulate a full disk")
@@ -326,7 +351,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
     cfg = tiny_cfg(tiny_rows, run_name="cli-kill", max_steps=6, save_steps=2, val_fraction=0.0)
     yaml_path = cfg.save(tmp_path / "run.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "studio.train.run", str(yaml_path), "--data-dir", str(studio_home)]
+    cmd = [sys.executable, "-m", "studio.train", str(yaml_path), "--data-dir", str(studio_home)]
     log = (tmp_path / "cli.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     run_dir = None
@@ -354,7 +379,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
     assert killed_at in (2, 4)
 
     done = subprocess.run(
-        [sys.executable, "-m", "studio.train.run", "--resume", str(run_dir)],
+        [sys.executable, "-m", "studio.train", "--resume", str(run_dir)],
         cwd=ROOT,
         env={**env, "LORA_STUDIO_HOME": str(studio_home)},
         capture_output=True,

@@ -11,7 +11,8 @@ import torch
 
 from studio.config import RunConfig
 from studio.models import precision
-from studio.train import run as studio_train
+from studio.train import recipe
+from studio.train.prepare import tokenize_rows
 
 
 def test_head_loss_sum_matches_cross_entropy_in_one_piece_and_in_pieces(monkeypatch) -> None:
@@ -23,8 +24,8 @@ def test_head_loss_sum_matches_cross_entropy_in_one_piece_and_in_pieces(monkeypa
     expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
     (want,) = torch.autograd.grad(expected, hidden)
     for values in (10**6, 50 * 8):  # one piece; pieces of 8 tokens, recomputed in backward
-        monkeypatch.setattr(studio_train, "HEAD_CHUNK_VALUES", values)
-        got = studio_train.head_loss_sum(hidden, head, targets)
+        monkeypatch.setattr(recipe, "HEAD_CHUNK_VALUES", values)
+        got = recipe.head_loss_sum(hidden, head, targets)
         (grad,) = torch.autograd.grad(got, hidden)
         assert torch.allclose(got, expected, atol=1e-4), (values, got, expected)
         assert torch.allclose(grad, want, atol=1e-5), values
@@ -38,24 +39,22 @@ def test_compact_head_is_only_for_plain_heads_on_cpu() -> None:
         num_key_value_heads=1, vocab_size=64,
     )  # fmt: skip
     model = LlamaForCausalLM(tiny)
-    assert studio_train.compact_head_ok(model, "cpu")
-    assert not studio_train.compact_head_ok(model, "cuda")  # TRL's Triton head is compact there
+    assert recipe.compact_head_ok(model, "cpu")
+    assert not recipe.compact_head_ok(model, "cuda")  # TRL's Triton head is compact there
     model.config.final_logit_softcapping = 30.0  # Gemma-style: TRL's head applies it
-    assert not studio_train.compact_head_ok(model, "cpu")
-    assert not studio_train.padding_free_ok(model)  # SDPA: padded batches, no flattened mask
+    assert not recipe.compact_head_ok(model, "cpu")
+    assert not recipe.padding_free_ok(model)  # SDPA: padded batches, no flattened mask
     model.config._attn_implementation = "flash_attention_2"
-    assert studio_train.padding_free_ok(model)
+    assert recipe.padding_free_ok(model)
 
 
 def test_batches_are_length_grouped_unless_padding_free_or_packed(tmp_path) -> None:
     cfg = RunConfig(max_steps=2)
-    grouped = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False)
+    grouped = recipe.build_training_args(cfg, tmp_path, "cpu", False, False)
     assert grouped.train_sampling_strategy == "group_by_length" and not grouped.padding_free
-    free = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False, padding_free=True)
+    free = recipe.build_training_args(cfg, tmp_path, "cpu", False, False, padding_free=True)
     assert free.train_sampling_strategy == "random" and free.padding_free
-    packed = studio_train.build_training_args(
-        cfg.replace(packing=True), tmp_path, "cpu", False, False
-    )
+    packed = recipe.build_training_args(cfg.replace(packing=True), tmp_path, "cpu", False, False)
     assert packed.packing and packed.train_sampling_strategy == "random"
 
 
@@ -67,7 +66,7 @@ def test_cpu_precision_follows_the_cpu_and_the_override(monkeypatch, tmp_path) -
     assert precision.cpu_bf16()[0] is native
     chosen = precision.precision("cpu")
     assert chosen.torch_dtype == (torch.bfloat16 if native else torch.float32) and chosen.reason
-    args = studio_train.build_training_args(RunConfig(max_steps=1), tmp_path, "cpu", False, False)
+    args = recipe.build_training_args(RunConfig(max_steps=1), tmp_path, "cpu", False, False)
     assert args.bf16 is native and not args.fp16
     monkeypatch.setenv("LORA_STUDIO_CPU_FP32", "1")
     assert precision.precision("cpu").torch_dtype == torch.float32
@@ -90,10 +89,10 @@ def test_compact_head_gives_trls_loss_and_gradients_on_the_embedded_model(
             ("สวัสดีครับ", "สวัสดีครับ ยินดีให้บริการ"),
         ]
     ]
-    tokenized, _ = studio_train.tokenize_rows(tokenizer, rows, cfg)
-    model = studio_train.load_base_model(cfg, embedded_model.path, "cpu")
-    args = studio_train.build_training_args(cfg, tmp_path, "cpu", False, False)
-    trainer = studio_train.build_trainer(cfg, model, tokenizer, args, "cpu", tokenized)
+    tokenized, _ = tokenize_rows(tokenizer, rows, cfg)
+    model = recipe.load_base_model(cfg, embedded_model.path, "cpu")
+    args = recipe.build_training_args(cfg, tmp_path, "cpu", False, False)
+    trainer = recipe.build_trainer(cfg, model, tokenizer, args, "cpu", tokenized)
     assert trainer.compact_head  # on CPU, for a plain head
     batch = trainer._prepare_inputs(trainer.data_collator(tokenized))
     assert batch["attention_mask"].eq(0).any()  # rows of different length: padded
@@ -122,6 +121,6 @@ def test_compact_head_gives_trls_loss_and_gradients_on_the_embedded_model(
 def test_a_batch_without_labels_sums_to_zero() -> None:
     head = torch.nn.Linear(8, 11)
     hidden = torch.randn(0, 8, requires_grad=True)
-    total = studio_train.head_loss_sum(hidden, head, torch.zeros(0, dtype=torch.long))
+    total = recipe.head_loss_sum(hidden, head, torch.zeros(0, dtype=torch.long))
     assert float(total.detach()) == 0.0
     total.backward()  # still connected to the model: backward() does not fail

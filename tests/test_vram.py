@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from studio.config import ConfigError
 from studio.hardware import vram
+from studio.plots import vram_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
@@ -42,69 +44,124 @@ def test_parameter_counts_match_the_published_ones() -> None:
     assert vram.model_shape(LLAMA_8B).n_params == 8_030_261_248
 
 
+def test_qwen_05b_in_bf16_by_hand() -> None:
+    """Qwen2.5-0.5B's published config.json, counted by hand, at 2 bytes per parameter.
+
+    hidden 896, intermediate 4864, 24 layers, 14 heads of 64, 2 KV heads (k/v width 128),
+    vocab 151,936 with tied embeddings, biases on q/k/v. Per layer:
+      q 896x896 + o 896x896                 = 1,605,632
+      k 896x128 + v 896x128                 =   229,376
+      gate, up, down 3 x 896x4864           = 13,074,432
+      q/k/v biases 896 + 128 + 128          =     1,152
+      two RMSNorms 2 x 896                  =     1,792
+                                             = 14,912,384 x 24 layers = 357,897,216
+    embeddings 151,936 x 896 = 136,134,656, final norm 896: 494,032,768 parameters,
+    x 2 bytes (bf16) = 988,065,536.
+    """
+    shape = vram.model_shape(QWEN_05B)
+    assert shape.n_params == 494_032_768
+    assert vram.estimate(shape, settings()).part("base") == 988_065_536
+    assert vram.estimate(shape, settings(), device="cpu").part("base") == 1_976_131_072  # fp32
+
+
+def test_qwen_05b_lora_on_q_and_v_by_hand() -> None:
+    """r=16 on q_proj and v_proj of Qwen2.5-0.5B, LoRA on CUDA with paged 8-bit AdamW.
+
+    Trainable values: q 16 x (896 + 896) = 28,672, v 16 x (896 + 128) = 16,384; 45,056 per
+    layer x 24 = 1,081,344 (what peft's print_trainable_parameters says).
+    Bytes: fp32 adapters and fp32 gradients: 1,081,344 x 8 = 8,650,752. Optimizer: bitsandbytes
+    keeps tensors under 4096 values in 32-bit states; v's lora_B (16 x 128 = 2,048) is one:
+    2,048 x 2 states x 4 B = 16,384. The other three (16 x 896 = 14,336 values each) are 8-bit:
+    2 x 14,336 + 2 states x 4 B x 56 blocks of 256 = 29,120 each, 87,360 for three.
+    Per layer 103,744 x 24 = 2,489,856. Total 8,650,752 + 2,489,856 = 11,140,608.
+    """
+    shape = vram.model_shape(QWEN_05B)
+    assert vram.lora_param_count(shape, "qv", 16) == 1_081_344
+    est = vram.estimate(shape, settings(target_modules="qv"))
+    assert est.trainable_params == 1_081_344
+    assert est.part("lora") == 11_140_608
+
+
 def test_llama_8b_qlora_base_weights_by_hand() -> None:
-    """About 5.7 GB: NF4 decoder linears plus 16-bit embeddings and lm_head."""
-    h, i, layers, kv, vocab = 4096, 14336, 32, 8 * 128, 128256
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
-    assert linear == 6_979_321_856
-    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes, 8-bit absmax per 64, fp32 scale per 256 blocks
-    sixteen_bit = 2 * vocab * h + (2 * layers + 1) * h  # embeddings + untied lm_head + norms
-    by_hand = linear * nf4 + 2 * sixteen_bit
-    est = vram.estimate(vram.model_shape(LLAMA_8B), settings(method="qlora"))
-    assert est.part("base") == pytest.approx(by_hand, rel=1e-3)
-    assert 5.6e9 < est.part("base") < 5.8e9
-    lora = vram.estimate(vram.model_shape(LLAMA_8B), settings(method="lora"))
-    assert lora.part("base") == 2 * 8_030_261_248  # bf16
+    """About 5.7 GB: NF4 decoder linears plus 16-bit embeddings, lm_head and norms.
+
+    Llama-3.1-8B: hidden 4096, intermediate 14336, 32 layers, 8 KV heads of 128 (k/v 1024).
+    Linear weights per layer: q, o 2 x 4096^2 + k, v 2 x 4096 x 1024 + gate, up, down
+    3 x 4096 x 14336 = 218,103,808; x 32 = 6,979,321,856.
+    NF4 with double quantization: 0.5 B codes + one 8-bit absmax per 64 (1/64 B) + one fp32
+    scale per 256 blocks (4/16384 B) = 0.515869140625 B: 3,600,416,768; plus 224 tensors x
+    1,088 B of code table and quant state = 243,712.
+    16-bit: embeddings and the untied head 2 x 128,256 x 4096 + norms 65 x 4096 = 1,050,939,392
+    values x 2 B = 2,101,878,784. Total 5,702,539,264.
+    """
+    shape = vram.model_shape(LLAMA_8B)
+    assert shape.linear_params == 6_979_321_856
+    assert vram.estimate(shape, settings(method="qlora")).part("base") == 5_702_539_264
+    lora = vram.estimate(shape, settings(method="lora"))
+    assert lora.part("base") == 16_060_522_496  # 8,030,261,248 x 2 B (bf16)
 
 
-def test_lora_part_by_hand() -> None:
-    """r=16 on all linear layers of Llama-3.1-8B: peft reports 41,943,040 trainable values."""
+def test_llama_8b_lora_part_by_hand() -> None:
+    """r=16 on all linear layers of Llama-3.1-8B: peft reports 41,943,040 trainable values.
+
+    Per layer: 16 x ((4096 + 4096) x 2 [q, o] + (4096 + 1024) x 2 [k, v] + (4096 + 14336) x 3
+    [gate, up, down]) = 16 x 81,920 = 1,310,720; x 32 = 41,943,040.
+    QLoRA: TRL casts the adapters to bf16, so weights and gradients take 2 + 2 B: 167,772,160.
+    8-bit AdamW: every A/B matrix has >= 4096 values and a multiple of 256, so 2 B of states
+    per value + 2 x 4 B per 256: 83,886,080 + 1,310,720. Total 252,968,960.
+    LoRA with adamw_torch: fp32 weights, gradients and two moments, 16 B each: 671,088,640.
+    """
     shape = vram.model_shape(LLAMA_8B)
     assert vram.lora_param_count(shape, "all_linear", 16) == 41_943_040
-    assert vram.lora_param_count(shape, "qv", 8) == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
-    n = 41_943_040
-    qlora = vram.estimate(shape, settings(method="qlora"))
-    # bf16 adapters (TRL casts them for QLoRA), bf16 grads, 8-bit states with fp32 absmax
-    assert qlora.part("lora") == pytest.approx(n * (2 + 2 + 2 + 8 / 256), rel=1e-3)
-    lora = vram.estimate(shape, settings(optimizer="adamw_torch"))
-    assert lora.part("lora") == n * (4 + 4 + 8)  # fp32 adapters, grads, two fp32 moments
+    assert vram.lora_param_count(shape, "qv", 8) == 3_407_872  # 32 x 8 x (8192 + 5120)
+    assert vram.estimate(shape, settings(method="qlora")).part("lora") == 252_968_960
+    assert vram.estimate(shape, settings(optimizer="adamw_torch")).part("lora") == 671_088_640
 
 
 def test_activations_by_hand() -> None:
-    """SmolLM2-135M, LoRA on q/v without dropout, one row of 256 tokens, on CUDA."""
-    h, i, layers, c = 576, 1536, 30, 2
-    norms = 2 * 4 * h  # RMSNorm keeps an fp32 copy of its input, twice per layer
-    attention = c * (576 + 192 + 192 + 576) + 4 * 9  # q, k, v (3 KV heads), output, lse
-    mlp = 3 * c * i  # gate, silu(gate), up
-    lora = 2 * (c * h + c * 16 // 2)  # q and v: bf16 cast of the input + lora_A's r=8 output
-    layer = norms + attention + mlp + lora
-    assert layer == 19_268
-    backward = 3 * c * i + 3 * 4 * h
-    once = 4 * h + 2 * 64 * c + 40  # final norm, rope cos/sin, the batch's int64 tensors
+    """SmolLM2-135M, LoRA r=8 on q/v without dropout, one row of 256 tokens, on CUDA.
+
+    hidden 576, intermediate 1536, 30 layers, 9 heads of 64, 3 KV heads (k/v 192), bf16.
+    What one layer keeps per token:
+      RMSNorm inputs in fp32, twice: 2 x 4 x 576                     =  4,608
+      attention q, k, v, output in bf16 + fp32 log-sum-exp per head:
+        2 x (576 + 192 + 192 + 576) + 4 x 9                          =  3,108
+      SwiGLU gate, silu(gate), up: 3 x 2 x 1536                      =  9,216
+      LoRA on q and v: the bf16 cast of the input 2 x 576 and
+        lora_A's output 2 x 8, twice                                 =  2,336
+                                                                       19,268
+    Backward buffers of one layer: 3 x 2 x 1536 + 3 x 4 x 576 = 16,128. Once per token:
+    final norm 4 x 576 + rope cos/sin 2 x 64 x 2 + the batch's int64 tensors 40 = 2,600.
+    Without checkpointing: 256 x (30 x 19,268 + 16,128 + 2,600) = 152,772,608. Autocast keeps
+    a bf16 copy of the fp32 adapters: 30 x 8 x (1152 + 768) = 460,800 values x 2 B = 921,600.
+    Total 153,694,208.
+    With checkpointing each layer keeps only its bf16 input (2 x 576 = 1,152 B) and one layer
+    is recomputed: 256 x (30 x 1,152 + 19,268 + 16,128 + 2,600) + 921,600 = 19,495,936.
+    """
     shape = vram.model_shape(SMOL)
     s = settings(target_modules="qv", lora_r=8, lora_dropout=0.0, max_seq_len=256)
-    cached = c * layers * 8 * ((h + h) + (h + 192))  # autocast's bf16 copies of the adapters
-    est = vram.estimate(shape, s)
-    assert est.part("activations") == 256 * (layers * layer + backward + once) + cached
+    assert vram.estimate(shape, s).part("activations") == 153_694_208
     checkpointed = vram.estimate(shape, {**s, "gradient_checkpointing": True})
-    assert checkpointed.part("activations") == (
-        256 * (layers * c * h + layer + backward + once) + cached
-    )
-    assert checkpointed.part("activations") < est.part("activations") / 7
+    assert checkpointed.part("activations") == 19_495_936
 
 
 def test_logits_without_the_fused_head_dominate_small_qwen() -> None:
-    """A 152k vocabulary: fp32 logits plus their gradient are the largest part."""
+    """A 152k vocabulary: fp32 logits plus their gradient are the largest part.
+
+    Qwen2.5-0.5B, 2 rows of 1024 tokens = 2,048 tokens. Classic loss: bf16 logits and their
+    fp32 log-softmax are kept, 2,048 x 151,936 x (2 + 4) = 1,867,038,720, and backward adds
+    two fp32 gradients of the same size (2,489,384,960), less what the layers' backward
+    buffers already hold. TRL's chunked head keeps only the bf16 hidden states of the scored
+    tokens, 2,048 x 896 x 2 = 3,670,016: its fp32 gradient and 2,048 x 32,768 tiles (145 MB)
+    fit inside the layers' backward buffers (the recomputed layer alone is ~150 MB here).
+    """
     shape = vram.model_shape(QWEN_05B)
     s = settings(batch_size=2, max_seq_len=1024, gradient_checkpointing=True)
     classic = vram.estimate(shape, s, fused_lm_head=False)
-    tokens = 2 * 1024
-    assert classic.part("logits") >= tokens * 151936 * 4 * 2
+    assert 1_867_038_720 + 2_000_000_000 < classic.part("logits") < 1_867_038_720 + 2_489_384_960
     assert max(classic.parts, key=lambda p: p.bytes).key == "logits"
     fused = vram.estimate(shape, s)  # TRL's chunked head never builds the logits
-    tile = 2048 * 32768 * 2
-    assert fused.part("logits") <= tokens * 896 * (2 + 4 + 2) + tile
-    assert fused.part("logits") < classic.part("logits") / 10
+    assert fused.part("logits") == 3_670_016
 
 
 def test_scaling_and_overhead() -> None:
@@ -123,7 +180,7 @@ def test_scaling_and_overhead() -> None:
     assert one.part("overhead") >= vram.CUDA_CONTEXT
     assert one.total_bytes == sum(p.bytes for p in one.parts)
     cpu = vram.estimate(shape, settings(optimizer="adamw_torch"), device="cpu")
-    assert cpu.part("base") == 4 * shape.n_params  # fp32 on CPU
+    assert cpu.part("base") == 1_976_131_072  # 494,032,768 parameters x 4 B (fp32)
     with pytest.raises(ConfigError, match="batch_size"):
         vram.estimate(shape, settings(batch_size=0))
 
@@ -175,6 +232,21 @@ def test_auto_fit_cuts_sequence_length_then_gives_up() -> None:
     assert not hopeless.fits and "QLoRA" in hopeless.message()
 
 
+def test_reference_models_are_checked_data(tmp_path: Path) -> None:
+    """reference_models.yaml loads into the configs; a typo there names the model and field."""
+    assert vram.REFERENCE_FILE.parent == Path(vram.__file__).parent
+    assert vram.load_reference_configs() == vram.REFERENCE_CONFIGS
+    assert vram.REFERENCE_CONFIGS[QWEN_05B]["rms_norm_eps"] == 1e-6  # a float, not "1e-6"
+    good = yaml.safe_dump({"org/tiny": vram.REFERENCE_CONFIGS[SMOL]})
+    path = tmp_path / "models.yaml"
+    path.write_text(good.replace("rms_norm_eps: 1.0e-05", "rms_norm_eps: 1e-5"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"org/tiny\.rms_norm_eps: expected a float"):
+        vram.load_reference_configs(path)
+    path.write_text(good.replace("vocab_size", "vocab"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"org/tiny: unknown fields \['vocab'\], missing fields"):
+        vram.load_reference_configs(path)
+
+
 def test_model_shape_sources(tmp_path: Path) -> None:
     assert vram.model_shape("Qwen2.5-7B").name == "Qwen/Qwen2.5-7B-Instruct"
     folder = tmp_path / "my-model"
@@ -209,7 +281,7 @@ def test_figure_stacks_parts_against_the_card() -> None:
     est = vram.estimate(
         vram.model_shape(SMOL), settings(), capacity_bytes=12 * vram.GIB, in_use_bytes=vram.GIB
     )
-    fig = vram.vram_figure(est, 12.0)
+    fig = vram_figure(est, 12.0)
     names = [trace.name for trace in fig.data]
     assert names[0].startswith("Already in use") and len(names) == 6
     assert sum(trace.x[0] for trace in fig.data) == pytest.approx(

@@ -1,1 +1,83 @@
-"""Stage 4, chat: the base model and base + adapter side by side, and their evaluation."""
+"""Stage 4, chat: the base model and base + adapter side by side, and their evaluation.
+
+- `engine`: resolve a run or adapter, load base + adapter once, stream both sides, Stop, unload.
+- `evaluate`: scores, blind votes, batch compare (prompt files and validation splits).
+- `measure`: the memory/speed benchmark behind `python -m studio.bench chat`.
+
+The names the Chat tab uses are re-exported here, so `from studio import chat` is its one
+import; each still has its home in the module above.
+"""
+
+from studio.chat.engine import (
+    PRECISION_4,
+    PRECISION_16,
+    PRECISION_AUTO,
+    PRECISIONS,
+    SIDE_BASE,
+    SIDE_LABELS,
+    SIDE_TUNED,
+    SIDES,
+    AdapterSource,
+    ChatEngine,
+    ChatError,
+    ChatRun,
+    GenerationSettings,
+    GenerationStats,
+    LoadInfo,
+    list_chat_runs,
+    list_checkpoints,
+    resolve_adapter,
+    training_blocker,
+    with_system,
+)
+from studio.chat.evaluate import (
+    VOTES,
+    VOTES_FILE,
+    BatchItem,
+    BatchResult,
+    batch_compare,
+    blind_tally,
+    load_prompt_file,
+    new_blind_assignment,
+    record_blind_vote,
+    score,
+    summarize,
+    validation_items,
+    write_csv,
+)
+
+__all__ = [
+    "PRECISIONS",
+    "PRECISION_4",
+    "PRECISION_16",
+    "PRECISION_AUTO",
+    "SIDES",
+    "SIDE_BASE",
+    "SIDE_LABELS",
+    "SIDE_TUNED",
+    "VOTES",
+    "VOTES_FILE",
+    "AdapterSource",
+    "BatchItem",
+    "BatchResult",
+    "ChatEngine",
+    "ChatError",
+    "ChatRun",
+    "GenerationSettings",
+    "GenerationStats",
+    "LoadInfo",
+    "batch_compare",
+    "blind_tally",
+    "list_chat_runs",
+    "list_checkpoints",
+    "load_prompt_file",
+    "new_blind_assignment",
+    "record_blind_vote",
+    "resolve_adapter",
+    "score",
+    "summarize",
+    "training_blocker",
+    "validation_items",
+    "with_system",
+    "write_csv",
+]

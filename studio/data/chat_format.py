@@ -1,8 +1,13 @@
 """One way to turn chat messages into training tokens, shared by the Dataset preview,
 training, chat and export, so what the user previews is exactly what the model learns.
 
-The base model's own chat template renders the conversation; each assistant turn, through its
-end-of-turn token (the pad == eos pitfall: that token must be trained), is marked for the loss.
+The base model's own chat template renders the conversation once; each message's content is
+then found in order in that text, and each assistant reply is marked for the loss through the
+end-of-turn marker the template writes after it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`,
+...). The marker is read off the template by rendering probe conversations, never looked up in
+the tokenizer's vocabulary: it is what generation must learn to emit so the model stops (the
+pad == eos pitfall: that token must be trained). What a template does is measured once per
+template string and cached, so tokenizing thousands of rows stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +17,24 @@ from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, str]
+
+# Probe contents: plain words no template rewrites, unlikely to occur in template text.
+_PROBE_SYSTEM = "Zqx probe system rule"
+_PROBE_USER = "Zqx probe first question"
+_PROBE_REPLY = "Zqx probe first answer"
+_PROBE_USER2 = "Zqx probe second question"
+# Where a cut between two different continuations can fall: after these, a new piece starts.
+_PIECE_ENDS = ">]})"
+
+FOLD_NOTE = (
+    "This model's chat template has no system role: the system prompt is folded into the"
+    " first user message"
+)
+DROP_NOTE = (
+    "This model's chat template leaves the system prompt out of conversations that end with"
+    " an assistant reply (it writes it only before the last user message), so training rows"
+    " do not see it"
+)
 
 
 class TemplateError(ValueError):
@@ -32,8 +55,20 @@ class TokenizedConversation:
         return sum(self.assistant_mask)
 
 
-def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, exactly as the model's template writes it."""
+@dataclass(frozen=True)
+class TemplateTraits:
+    """What one chat template does, measured by rendering probe conversations."""
+
+    marker: str | None  # text the template writes right after a reply; None when it writes none
+    folds_system: bool  # the template refuses a system role, so render folds it into user 1
+    drops_system: bool  # the template silently leaves the system prompt out of training rows
+
+
+_TRAITS: dict[tuple[str, str, str], TemplateTraits] = {}
+
+
+def _apply(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    """The template's own output for these messages, its errors as TemplateError."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "this tokenizer has no chat template; pick an instruct/chat model or one with "
@@ -47,40 +82,202 @@ def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool 
         raise TemplateError(f"the model's chat template rejects this conversation: {exc}") from exc
 
 
+def _cut_to_piece(text: str) -> str:
+    """The longest prefix of `text` that ends where a new piece can start (after `>`,
+    `]`, whitespace...), so a half-written token such as the `<|` of a next header is dropped."""
+    cut = max((i + 1 for i, c in enumerate(text) if c.isspace() or c in _PIECE_ENDS), default=0)
+    return text[:cut]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def _derive_marker(tokenizer: Any) -> str | None:
+    """The end-of-turn text: what the template writes after a reply both when the chat ends
+    there and when another user turn follows (what differs belongs to the end or the next turn).
+    """
+    user = {"role": "user", "content": _PROBE_USER}
+    reply = {"role": "assistant", "content": _PROBE_REPLY}
+    try:
+        final = _apply(tokenizer, [user, reply], False)
+        longer = _apply(tokenizer, [user, reply, {"role": "user", "content": _PROBE_USER2}], False)
+    except TemplateError:
+        return None
+    if _PROBE_REPLY not in final or _PROBE_REPLY not in longer or _PROBE_USER2 not in longer:
+        return None
+    after_final = final[final.index(_PROBE_REPLY) + len(_PROBE_REPLY) :]
+    start = longer.index(_PROBE_REPLY) + len(_PROBE_REPLY)
+    after_mid = longer[start : longer.index(_PROBE_USER2, start)]
+    common = _common_prefix(after_final, after_mid)
+    if common not in (after_final, after_mid):  # both go on, differently: cut at a piece end
+        common = _cut_to_piece(common)  # Phi-3.5: "<|end|>\n" + EOS vs "<|end|>\n<|user|>"
+    return common.strip() or None
+
+
+def _system_support(tokenizer: Any) -> tuple[bool, bool]:
+    """(folds, drops): whether the template refuses a system role, and whether it leaves the
+    system text out of a conversation that ends with a reply (Mistral Nemo does)."""
+    user = {"role": "user", "content": _PROBE_USER}
+    system = {"role": "system", "content": _PROBE_SYSTEM}
+    reply = {"role": "assistant", "content": _PROBE_REPLY}
+    try:
+        _apply(tokenizer, [user], True)
+    except TemplateError:
+        return False, False
+    try:
+        _apply(tokenizer, [system, user], True)
+    except TemplateError:
+        return True, False
+    try:
+        return False, _PROBE_SYSTEM not in _apply(tokenizer, [system, user, reply], False)
+    except TemplateError:
+        return False, False
+
+
+def template_traits(tokenizer: Any) -> TemplateTraits:
+    """The measured traits of the tokenizer's chat template, cached per template string
+    (with BOS/EOS, which templates write by name)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    key = (template, str(tokenizer.bos_token), str(tokenizer.eos_token))
+    traits = _TRAITS.get(key)
+    if traits is None:
+        marker = _derive_marker(tokenizer) if template else None
+        folds, drops = _system_support(tokenizer) if template else (False, False)
+        traits = _TRAITS[key] = TemplateTraits(marker, folds, drops)
+    return traits
+
+
+def template_notes(tokenizer: Any) -> list[str]:
+    """Plain-words notes on how the template treats the conversation, for the Dataset tab."""
+    traits = template_traits(tokenizer)
+    return [
+        note
+        for flag, note in ((traits.folds_system, FOLD_NOTE), (traits.drops_system, DROP_NOTE))
+        if flag
+    ]
+
+
+def _fold_system(messages: list[Message]) -> list[Message]:
+    """A leading system message merged into the first user turn (system + blank line + user),
+    for templates with no system role: the instructions still reach the model."""
+    if len(messages) < 2 or messages[0].get("role") != "system":
+        return messages
+    if messages[1].get("role") != "user":
+        return messages  # nothing to fold into: let the template say what it rejects
+    system, user = messages[0].get("content") or "", messages[1].get("content") or ""
+    first = {**messages[1], "content": f"{system}\n\n{user}" if system else user}
+    return [first, *messages[2:]]
+
+
+def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, exactly as the model's template writes it.
+
+    Where the template has no system role, the system prompt is folded into the first user
+    turn here, so preview, training, chat and export all see the same text.
+    """
+    if template_traits(tokenizer).folds_system:
+        messages = _fold_system(messages)
+    return _apply(tokenizer, messages, add_generation_prompt)
+
+
+def end_of_turn_marker(tokenizer: Any) -> str | None:
+    """The text the template writes right after an assistant reply (None when it writes none)."""
+    return template_traits(tokenizer).marker if getattr(tokenizer, "chat_template", None) else None
+
+
 def end_of_turn_token(tokenizer: Any) -> str | None:
-    """The token that closes an assistant turn (what generation must learn to emit)."""
-    return tokenizer.eos_token
+    """What closes an assistant turn, i.e. what generation must learn to emit: the template's
+    marker, else the tokenizer's EOS (which training appends when the template writes none)."""
+    return end_of_turn_marker(tokenizer) or tokenizer.eos_token
+
+
+def _find(text: str, content: str, start: int) -> tuple[int, int] | None:
+    """Where `content` is written in `text` from `start` on: verbatim, else trimmed (Gemma's
+    template trims every message)."""
+    for piece in (content, content.strip()):
+        at = text.find(piece, start)
+        if at >= 0:
+            return at, at + len(piece)
+    return None
+
+
+def _close(text: str, end: int, closer: str | None) -> tuple[int, bool]:
+    """The end of a reply's span: through the whitespace and marker that follow the content
+    (the model must emit them), not the newline after the marker. False when none follows."""
+    j = end
+    while j < len(text) and text[j].isspace():
+        j += 1
+    if closer and text.startswith(closer, j):
+        return j + len(closer), True
+    if j == len(text):  # unterminated last reply: its trailing whitespace is trained, then EOS
+        return j, False
+    return end, False
+
+
+def _system_comes_first(text: str, rest: list[Message], system_end: int) -> bool:
+    """Whether the next turn is written after the system text: some templates (Mistral Nemo)
+    put the system prompt inside the last user turn, so the search must not skip past it."""
+    nxt = next((m for m in rest if m.get("role") != "system"), None)
+    return nxt is None or _find(text, nxt.get("content") or "", system_end) is not None
+
+
+def _locate(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]], bool]:
+    """Render once and find each message's content in order, each search starting after the
+    previous one (so a reply quoted in a user turn is not taken for the reply).
+
+    Returns the text, the spans of the assistant replies (through their marker) and whether
+    the conversation ends with a reply the template left without a marker.
+    """
+    traits = template_traits(tokenizer)
+    msgs = _fold_system(messages) if traits.folds_system else messages
+    text = _apply(tokenizer, msgs, False)
+    closer = traits.marker or tokenizer.eos_token
+    spans: list[tuple[int, int]] = []
+    cursor, closed = 0, True
+    for i, msg in enumerate(msgs):
+        role, found = msg.get("role"), _find(text, msg.get("content") or "", cursor)
+        if role == "system":
+            if found and _system_comes_first(text, msgs[i + 1 :], found[1]):
+                cursor = found[1]
+        elif role == "assistant":
+            if found is None:
+                raise TemplateError(
+                    f"the chat template rewrites assistant message {i + 1}, so its tokens"
+                    " cannot be located for the loss"
+                )
+            end, closed = _close(text, found[1], closer)
+            spans.append((found[0], end))
+            cursor = end
+        elif found is not None:
+            cursor = found[1]
+    return text, spans, bool(msgs) and msgs[-1].get("role") == "assistant" and not closed
 
 
 def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation and return the character spans of each assistant turn.
 
-    A span runs from the first character after the assistant header to the end of the
-    end-of-turn token; the newline a template puts after that token is not trained.
+    A span runs from the first character of the reply to the end of the end-of-turn marker
+    the template writes after it; the newline a template puts after that marker is not trained.
     """
-    text = render(tokenizer, messages)
-    eot = end_of_turn_token(tokenizer) or ""
-    spans: list[tuple[int, int]] = []
-    for i, msg in enumerate(messages):
-        if msg.get("role") != "assistant":
-            continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, messages[: i + 1])
-        if not text.startswith(prefix) or not text.startswith(upto):
-            raise TemplateError(
-                "the chat template renders earlier turns differently once later turns are added,"
-                " so assistant tokens cannot be located for the loss"
-            )
-        start, end = len(prefix), len(upto)
-        content_at = text.find(msg.get("content", ""), start, end) if msg.get("content") else start
-        if content_at >= 0:
-            start = max(start, content_at)
-        if eot:
-            eot_at = text.rfind(eot, start, end)
-            if eot_at >= 0:
-                end = eot_at + len(eot)
-        spans.append((start, end))
+    text, spans, _ = _locate(tokenizer, messages)
     return text, spans
+
+
+def _mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token that overlaps a span (both lists are in text order)."""
+    mask = [0] * len(offsets)
+    live = [(s, e) for s, e in spans if e > s]
+    k = 0
+    for tok_i, (a, b) in enumerate(offsets):
+        while k < len(live) and live[k][1] <= a:
+            k += 1
+        if k == len(live):
+            break
+        if b > a and b > live[k][0]:
+            mask[tok_i] = 1
+    return mask
 
 
 def tokenize_conversation(
@@ -88,23 +285,15 @@ def tokenize_conversation(
 ) -> TokenizedConversation:
     """Token ids and the assistant mask of one conversation, truncated to max_length.
 
-    When a template does not write an end-of-turn token after the assistant reply, the
+    When a template does not write an end-of-turn marker after the last reply, the
     tokenizer's EOS is appended and trained, so the tuned model learns to stop.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans, open_end = _locate(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
-    mask = [0] * len(ids)
-    offsets = enc["offset_mapping"]
-    for tok_i, (a, b) in enumerate(offsets):
-        if b <= a:
-            continue
-        for s, e in spans:
-            if a < e and b > s:
-                mask[tok_i] = 1
-                break
+    mask = _mask(enc["offset_mapping"], spans)
     eos_id = tokenizer.eos_token_id
-    if spans and eos_id is not None and (not ids or ids[-1] != eos_id) and mask and mask[-1]:
+    if open_end and eos_id is not None:
         ids.append(eos_id)
         mask.append(1)
     truncated = max_length is not None and len(ids) > max_length

@@ -6,13 +6,13 @@ Run on a machine with an NVIDIA GPU:
     python -m studio.hardware.calibrate --models Qwen/Qwen2.5-0.5B-Instruct --methods qlora
 
 Each case builds the model from its reference config with random weights (memory does not
-depend on the values, so nothing is downloaded), saves it once to a temporary folder, loads
-it as the estimate assumes (bf16, or NF4 with double quantization through BitsAndBytesConfig,
-embeddings and lm_head left 16-bit), adds LoRA with peft and runs a few real steps of TRL's
-SFTTrainer on synthetic rows of max_seq_len tokens, padded batches as the studio trains (one
-row of each batch a token shorter, so the batch carries the padding mask of the worst case).
-It prints the estimate
-against what torch measured, per part and in total:
+depend on the values, so nothing is downloaded), saves it once to a temporary folder, and
+trains a few real steps through the studio's own recipe (`studio.train.recipe`: the same
+`load_base_model`, training args, LoRA config and `build_trainer` a user's run goes through)
+on synthetic rows of max_seq_len tokens, one row of each batch a token shorter, so the batch
+carries the padding mask of the worst case. Only two things differ from a user's run, and
+neither changes a step's memory: no checkpoints are written, and batches keep their order.
+It prints the estimate against what torch measured, per part and in total:
 
 - base weights: `torch.cuda.memory_allocated()` after loading;
 - LoRA: bytes of the adapter weights, their gradients and the optimizer states;
@@ -24,8 +24,9 @@ against what torch measured, per part and in total:
 The accuracy goal is 15% (or 0.5 GiB, whichever is larger) on the total.
 
 Without a GPU it says so and exits 0. `--cpu-proxy` runs small cases on CPU instead, with
-bf16 autocast and a tensor-level peak counter: it checks the formulas' structure (what
-autograd keeps, in which dtype), not CUDA's kernels, allocator or context.
+bf16 autocast, TRL's loss head as on CUDA, and a tensor-level peak counter: it checks the
+formulas' structure (what autograd keeps, in which dtype), not CUDA's kernels, allocator or
+context. `--cpu-proxy --cpu-fp32` measures the studio's CPU recipe itself (fp32, compact head).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -41,9 +43,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+from studio.config import RunConfig
 from studio.hardware import vram
-from studio.models.loader import load_model
 
 GOAL_SHARE = 0.15
 GOAL_FLOOR = 0.5 * vram.GIB
@@ -88,6 +91,7 @@ class Measured:
     seconds: float = 0.0
     error: str = ""
     steps: list[dict[str, int]] = field(default_factory=list)
+    saved_per_step: list[int] = field(default_factory=list)
 
 
 class LivePeak:
@@ -188,6 +192,42 @@ def _rows(vocab: int, seq: int, n: int, batch: int = 1) -> list[list[int]]:
     return [[rng.randrange(2, vocab) for _ in range(length)] for length in lengths]
 
 
+def case_config(
+    model_dir: Path,
+    method: str,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    *,
+    device: str,
+    steps: int,
+    lora_r: int,
+    target_modules: str,
+    optimizer: str,
+) -> RunConfig:
+    """The run config of one case: what a user would set to train this shape."""
+    return RunConfig(
+        run_name="calibrate",
+        base_model=str(model_dir),
+        method=method,
+        lora_r=lora_r,
+        lora_alpha=2 * lora_r,
+        lora_dropout=0.05,
+        target_modules=target_modules,
+        max_seq_len=seq,
+        batch_size=batch,
+        grad_accum=1,
+        max_steps=steps,
+        learning_rate=1e-4,
+        gradient_checkpointing=checkpointing,
+        optimizer=optimizer,
+        assistant_only_loss=False,  # synthetic rows: every token carries the loss
+        val_fraction=0.0,
+        seed=0,
+        device=device,
+    ).validate()
+
+
 def run_case(
     model: str,
     method: str,
@@ -204,174 +244,206 @@ def run_case(
     num_layers: int | None = None,
     fp32: bool = False,
 ) -> Measured:
-    """Train `steps` real steps and measure memory; see the module docstring for the parts.
+    """Train `steps` real steps of the studio's recipe and measure memory; see the module
+    docstring for the parts.
 
     `fp32` (CPU only) runs the studio's CPU recipe: fp32 weights and compute, no autocast.
     """
     import dataclasses
 
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
     cuda = device == "cuda"
     optimizer = optimizer or ("paged_adamw_8bit" if cuda else "adamw_torch")
-    settings = {
-        "method": method,
-        "lora_r": lora_r,
-        "lora_alpha": 2 * lora_r,
-        "lora_dropout": 0.05,
-        "target_modules": target_modules,
-        "max_seq_len": seq,
-        "batch_size": batch,
-        "grad_accum": 1,
-        "gradient_checkpointing": checkpointing,
-        "optimizer": optimizer,
-    }
+    folder = _random_weights_model(root, model, num_layers, device)
+    cfg = case_config(
+        folder, method, batch, seq, checkpointing, device=device, steps=steps, lora_r=lora_r,
+        target_modules=target_modules, optimizer=optimizer,
+    )  # fmt: skip
     shape = vram.model_shape(model)
     if num_layers:
         shape = dataclasses.replace(shape, num_layers=num_layers)
     profile = "cuda" if cuda else ("cpu" if fp32 else "cpu-bf16")
-    est = vram.estimate(shape, settings, device=profile)
-    dtype = torch.float32 if fp32 else torch.bfloat16
     name = (
         f"{model.split('/')[-1]}{f' ({num_layers} layers)' if num_layers else ''} {method}"
         f" r{lora_r} {target_modules} batch {batch} x {seq}"
         f" gc={'on' if checkpointing else 'off'} {optimizer}{' fp32' if fp32 else ''}"
     )
-    result = Measured(name, est)
+    result = Measured(name, vram.estimate(shape, cfg, device=profile))
     started = time.time()
+    with _cpu_compute(fp32) if not cuda else contextlib.nullcontext():
+        trainer, before = _load_and_build(cfg, folder, root, shape, device, result)
+    _train_and_measure(trainer, result, device, before, steps)
+    result.seconds = time.time() - started
+    del trainer
+    _free(device)
+    return result
+
+
+def _random_weights_model(root: Path, model: str, num_layers: int | None, device: str) -> Path:
+    """A folder with the reference config and random weights (memory does not depend on the
+    values, so nothing is downloaded), saved once and reused by later cases."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = root / f"{model.replace('/', '--')}-{num_layers or 'all'}"
     if not (folder / "config.json").is_file():
         cfg = dict(vram.REFERENCE_CONFIGS[model])
         if num_layers:
             cfg["num_hidden_layers"] = num_layers
-        from transformers import AutoConfig
-
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device(device):
             net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         net.save_pretrained(str(folder))
         del net
         _free(device)
+    return folder
 
+
+@contextlib.contextmanager
+def _cpu_compute(fp32: bool) -> Iterator[None]:
+    """The CPU proxy computes as a bf16 GPU does (bf16 base, bf16 autocast) whether or not this
+    CPU has native bf16, or in fp32 as the studio's CPU recipe does on CPUs without it. Both
+    are asked of the one precision rule, so the recipe's own builders follow."""
+    from studio.models import precision
+
+    if fp32:
+        with mock.patch.dict(os.environ, {precision.CPU_FP32_ENV: "1"}):
+            yield
+        return
+    with (
+        mock.patch.dict(os.environ, {}),
+        mock.patch.object(precision, "cpu_flags", lambda: frozenset({"amx_bf16"})),
+    ):
+        os.environ.pop(precision.CPU_FP32_ENV, None)
+        yield
+
+
+def _load_and_build(
+    cfg: RunConfig, folder: Path, root: Path, shape: vram.ModelShape, device: str, result: Measured
+) -> tuple[Any, int]:
+    """Load the base as users train it and build the studio's trainer on synthetic rows.
+
+    Returns the trainer and the bytes allocated before the base was loaded (CUDA)."""
+    import torch
+    from transformers import PrinterCallback
+
+    from studio.train import recipe
+
+    cuda = device == "cuda"
     _free(device)
+    before = 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    net = load_model(
-        folder, device="cuda" if cuda else "cpu", dtype=dtype, four_bit=method == "qlora"
-    )
+    net = recipe.load_base_model(cfg, folder, device)
     if cuda:
         result.base = torch.cuda.memory_allocated() - before
     else:  # tied embeddings share one storage: count each storage once
         storages = {t.untyped_storage().data_ptr(): t for t in net.state_dict().values()}
         result.base = sum(t.untyped_storage().nbytes() for t in storages.values())
 
+    args = recipe.build_training_args(
+        cfg, root / "trainer-out", device, False, False, padding_free=recipe.padding_free_ok(net)
+    )
+    # Two deliberate differences from a user's run, neither of which changes a step's memory:
+    # no checkpoints are written, and batches keep their order, so each keeps its shorter row.
+    args.save_strategy = "no"
+    args.train_sampling_strategy = "sequential"
+    rows = _rows(
+        shape.vocab_size, cfg.max_seq_len, cfg.batch_size * (cfg.max_steps + 1), cfg.batch_size
+    )
+    tokenized = [{"input_ids": row, "labels": list(row)} for row in rows]
     tok = _word_tokenizer(shape.vocab_size)
-    rows = _rows(shape.vocab_size, seq, batch * (steps + 1), batch)
-    data = Dataset.from_dict({"input_ids": rows})
-    args = SFTConfig(
-        output_dir=str(root / "trainer-out"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        max_length=None,  # rows are at most `seq` long already
-        learning_rate=1e-4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        bf16=not fp32,
-        use_cpu=not cuda,
-        activation_checkpointing=checkpointing,  # TRL turns it on unless told
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        optim=optimizer,
-        dataloader_num_workers=0,
-        packing=False,
-        padding_free=False,  # as studio.train does without flash attention: padded batches
-        train_sampling_strategy="sequential",  # keep each batch's shorter row in it
-        seed=0,
-    )
-    peft_config = LoraConfig(
-        r=lora_r,
-        lora_alpha=2 * lora_r,
-        lora_dropout=0.05,
-        target_modules=list(vram.TARGET_MODULES[target_modules]),
-        task_type="CAUSAL_LM",
-    )
+    probe = _probe(result, cuda)
+    trainer = recipe.build_trainer(cfg, net, tok, args, device, tokenized, callbacks=[probe])
+    trainer.remove_callback(PrinterCallback)
+    if not cuda and args.bf16:
+        # The bf16 CPU proxy stands in for the CUDA recipe, which scores with TRL's head; the
+        # fp32 proxy keeps the compact head of the studio's CPU recipe.
+        trainer.compact_head = False
+    _count_saved_tensors(trainer, result)
+    return trainer, before
 
-    saved_bytes: list[int] = []
 
-    class Trainer(SFTTrainer):
-        def compute_loss(self, model, inputs, *a, **kw):
-            seen: dict[int, int] = {}
-            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def _count_saved_tensors(trainer: Any, result: Measured) -> None:
+    """Wrap the trainer's own compute_loss to count the bytes autograd keeps for backward
+    (weights left out), into `result.saved_per_step`."""
+    import torch
 
-            def pack(t):
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in params:
-                    seen[storage.data_ptr()] = storage.nbytes()
-                return t
+    inner = trainer.compute_loss
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = super().compute_loss(model, inputs, *a, **kw)
-            saved_bytes.append(sum(seen.values()))
-            return loss
+    def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        seen: dict[int, int] = {}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    tracker: dict[str, Any] = {}
+        def pack(t: Any) -> Any:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
 
-    class Probe(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-                tracker["resident"] = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                tensors = [*model.parameters(), *model.buffers(), *_state_tensors(optimizer)]
-                existing = {t.untyped_storage().data_ptr() for t in tensors}
-                tracker["live"] = LivePeak(existing).__enter__()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = inner(model, inputs, *args, **kwargs)
+        result.saved_per_step.append(sum(seen.values()))
+        return loss
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            tracker["grads"] = sum(
-                p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None
-            )
+    trainer.compute_loss = compute_loss
 
-        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() - tracker["resident"]
-            else:
-                live = tracker.pop("live")
-                live.__exit__(None, None, None)
-                peak = live.peak
-            states = sum(t.untyped_storage().nbytes() for t in _state_tensors(optimizer))
-            weights = sum(
-                p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad
-            )
-            result.steps.append(
-                {
-                    "peak": peak,
-                    "grads": tracker.get("grads", 0),
-                    "states": states,
-                    "weights": weights,
-                }
-            )
 
-    trainer = Trainer(
-        model=net,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[Probe()],
-    )
-    if fp32 and method == "qlora":  # as studio.train does on CPU: TRL made them bf16
-        for p in trainer.model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+def _probe(result: Measured, cuda: bool) -> Any:
+    """A TrainerCallback that measures each step's peak, gradients, optimizer states and
+    adapter weights into `result.steps`."""
+    from transformers import TrainerCallback
+
+    return type("Probe", (_Probe, TrainerCallback), {})(result, cuda)
+
+
+class _Probe:
+    """The per-step measurements of `_probe` (made a TrainerCallback there, lazily)."""
+
+    def __init__(self, result: Measured, cuda: bool) -> None:
+        self.result, self.cuda = result, cuda
+        self.resident, self.grads, self.live = 0, 0, None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            tensors = [*model.parameters(), *model.buffers(), *_state_tensors(optimizer)]
+            existing = {t.untyped_storage().data_ptr() for t in tensors}
+            self.live = LivePeak(existing).__enter__()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        self.grads = sum(
+            p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None
+        )
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - self.resident
+        else:
+            self.live.__exit__(None, None, None)
+            peak, self.live = self.live.peak, None
+        states = sum(t.untyped_storage().nbytes() for t in _state_tensors(optimizer))
+        weights = sum(p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad)
+        self.result.steps.append(
+            {"peak": peak, "grads": self.grads, "states": states, "weights": weights}
+        )
+
+
+def _train_and_measure(
+    trainer: Any, result: Measured, device: str, before: int, steps: int
+) -> None:
+    """Train, then read the totals: CUDA's counters, or the parts added up on CPU."""
+    import torch
+
+    cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -383,15 +455,11 @@ def run_case(
         result.context = max(0, total - free - torch.cuda.memory_reserved())
     last = result.steps[-1]
     result.lora = last["weights"] + last["grads"] + last["states"]
-    result.saved = saved_bytes[-1] if saved_bytes else 0
+    result.saved = result.saved_per_step[-1] if result.saved_per_step else 0
     # A later step, once the optimizer states exist: the steady state the estimate describes.
     result.step_peak = max(s["peak"] for s in result.steps[1:]) if steps > 1 else last["peak"]
     if not cuda:
         result.total = result.base + last["weights"] + last["states"] + result.step_peak
-    result.seconds = time.time() - started
-    del trainer, net
-    _free(device)
-    return result
 
 
 def _estimated_saved(est: vram.VramEstimate, shape: vram.ModelShape) -> int:
@@ -464,7 +532,7 @@ def _workdir(keep: str | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m studio.hardware.calibrate", description=__doc__.split("\n\n")[0]
     )
@@ -483,8 +551,24 @@ def main(argv: list[str] | None = None) -> int:
         help="with --cpu-proxy: the studio's CPU recipe (fp32, no autocast) instead of bf16",
     )
     parser.add_argument("--layers", type=int, help="cut each model to this many layers")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _select_cases(
+    cases: list[tuple[str, str, int, int, bool]], args: argparse.Namespace
+) -> list[tuple[str, str, int, int, bool]]:
+    """The cases asked for; a model without cases gets one LoRA and one QLoRA case."""
+    if args.models:
+        cases = [c for c in cases if c[0] in args.models] or [
+            (m, meth, 1, 512, True) for m in args.models for meth in ("lora", "qlora")
+        ]
+    if args.methods:
+        cases = [c for c in cases if c[1] in args.methods]
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     import torch
 
     if args.cpu_proxy:
@@ -500,16 +584,10 @@ def main(argv: list[str] | None = None) -> int:
             " Run it on a GPU machine, or pass --cpu-proxy for a CPU check of the formulas."
         )
         return 0
-    if args.models:
-        cases = [c for c in cases if c[0] in args.models] or [
-            (m, meth, 1, 512, True) for m in args.models for meth in ("lora", "qlora")
-        ]
-    if args.methods:
-        cases = [c for c in cases if c[1] in args.methods]
     errors: list[float] = []
     misses = 0
     with _workdir(args.workdir) as root:
-        for model, method, batch, seq, ckpt in cases:
+        for model, method, batch, seq, ckpt in _select_cases(cases, args):
             shape = vram.model_shape(model)
             if args.layers:
                 import dataclasses
@@ -517,17 +595,9 @@ def main(argv: list[str] | None = None) -> int:
                 shape = dataclasses.replace(shape, num_layers=args.layers)
             try:
                 result = run_case(
-                    model,
-                    method,
-                    batch,
-                    seq,
-                    ckpt,
-                    device=device,
-                    root=root,
-                    steps=args.steps,
-                    num_layers=args.layers,
-                    fp32=args.cpu_proxy and args.cpu_fp32,
-                )
+                    model, method, batch, seq, ckpt, device=device, root=root, steps=args.steps,
+                    num_layers=args.layers, fp32=args.cpu_proxy and args.cpu_fp32,
+                )  # fmt: skip
             except Exception as exc:  # one failing case must not hide the others' figures
                 print(
                     f"\n== {model} {method} batch {batch} x {seq}: FAILED {type(exc).__name__}:"

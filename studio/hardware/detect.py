@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.hardware.presets import Preset, PresetCatalog, load_presets
-from studio.models.precision import cpu_precision, cuda_precision, native_bf16
+from studio.models.precision import cpu_precision, cuda_precision, native_bf16, precision
 
 GIB = 1024**3
 # A "12 GB" card reports a little less than 12 GiB; presets match within this share.
@@ -41,6 +41,7 @@ class GpuInfo:
     total_bytes: int
     compute_capability: tuple[int, int]
     free_bytes: int | None = None  # measured now (the desktop and other apps use some)
+    uuid: str = ""  # "GPU-..." as nvidia-smi writes it: ties its per-process figures to this card
 
     @property
     def cc(self) -> str:
@@ -132,7 +133,12 @@ def driver_cuda_version() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    match = re.search(r"CUDA Version:\s*([\d.]+)", done.stdout)
+    return parse_driver_cuda_version(done.stdout)
+
+
+def parse_driver_cuda_version(text: str) -> str | None:
+    """The CUDA version in nvidia-smi's header ("Driver Version: 550.54.14  CUDA Version: 12.4")."""
+    match = re.search(r"CUDA Version:\s*([\d.]+)", text)
     return match.group(1) if match else None
 
 
@@ -202,9 +208,66 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
                 total_bytes=int(props.total_memory),
                 compute_capability=(props.major, props.minor),
                 free_bytes=None if free is None else int(free),
+                uuid=_smi_uuid(getattr(props, "uuid", "")),
             )
         )
     return gpus, f"{len(gpus)} CUDA device(s)"
+
+
+def _smi_uuid(uuid: Any) -> str:
+    """torch prints a device's UUID bare; nvidia-smi prefixes it with "GPU-"."""
+    text = str(uuid or "")
+    return text if not text or text.startswith("GPU-") else f"GPU-{text}"
+
+
+def parse_compute_apps(text: str) -> list[dict[str, Any]]:
+    """Rows of `nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,...`."""
+    rows = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        match = re.match(r"(\d+)", parts[2])
+        if match:
+            rows.append(
+                {
+                    "uuid": parts[0],
+                    "pid": int(parts[1]),
+                    "used_bytes": int(match.group(1)) * 1024**2,
+                }
+            )
+    return rows
+
+
+def own_cuda_bytes(gpu: GpuInfo) -> int:
+    """This process's memory on `gpu`: its CUDA context and torch's cached blocks.
+
+    nvidia-smi lists each process's use, context included; where it does not list this one (a
+    container's own PID namespace, no driver tool), torch's reserved memory is the fallback
+    (the context, a few hundred MiB, is then not counted).
+    """
+    exe = shutil.which("nvidia-smi")
+    if exe is not None:
+        query = "--query-compute-apps=gpu_uuid,pid,used_memory"
+        try:
+            done = subprocess.run(
+                [exe, query, "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=_SMI_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            done = None
+        rows = parse_compute_apps(done.stdout) if done and done.returncode == 0 else []
+        mine = [r for r in rows if r["pid"] == os.getpid() and r["uuid"] == gpu.uuid]
+        if mine:
+            return sum(r["used_bytes"] for r in mine)
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return 0
+    return int(torch.cuda.memory_reserved(gpu.index))
 
 
 def _norm(text: str) -> str:
@@ -221,37 +284,53 @@ def closest_preset(catalog: PresetCatalog, gpu_name: str | None, total_bytes: in
             raise ValueError("no CPU preset is loaded")
         return Choice(cpu.name, "no CUDA GPU: the CPU preset")
     gib = total_bytes / GIB
-    name = _norm(gpu_name)
-    best: tuple[int, Preset, str] | None = None
-    for preset in cuda:
-        for fragment in preset.match:
-            frag = _norm(fragment)
-            found = frag and re.search(rf"(?<![\w]){re.escape(frag)}(?![\w])", name)
-            if found and (best is None or len(frag) > best[0]):
-                best = (len(frag), preset, fragment)
-    if best is not None:
-        _, preset, fragment = best
+    named = _named_presets(cuda, gpu_name)
+    for fragment, preset in named:
         if abs(gib - preset.vram_gb) <= VRAM_TOLERANCE * preset.vram_gb:
             return Choice(
                 preset.name, f"'{gpu_name}' matches '{fragment}' ({gib:.1f} GiB, as the preset)"
             )
-        named = f"'{gpu_name}' looks like '{fragment}' but has {gib:.1f} GiB, not"
-        named += f" {preset.vram_gb:g}; "
+    if named:
+        fragment, preset = named[0]
+        why = f"'{gpu_name}' looks like '{fragment}' but has {gib:.1f} GiB, not"
+        why += f" {preset.vram_gb:g}; "
     else:
-        named = f"no preset names '{gpu_name}'; "
+        why = f"no preset names '{gpu_name}'; "
+    return _closest_by_memory(cuda, cpu, gib, why)
+
+
+def _named_presets(cuda: list[Preset], gpu_name: str) -> list[tuple[str, Preset]]:
+    """(fragment, preset) for each preset that names this GPU with the longest fragment.
+
+    The longest fragment wins ("RTX 4060 Ti" over "RTX 4060"); presets that share it (the
+    RTX 3080 in 10 and 12 GB) are all returned, and the caller lets memory decide.
+    """
+    name = _norm(gpu_name)
+    found: list[tuple[int, str, Preset]] = []
+    for preset in cuda:
+        for fragment in preset.match:
+            frag = _norm(fragment)
+            if frag and re.search(rf"(?<![\w]){re.escape(frag)}(?![\w])", name):
+                found.append((len(frag), fragment, preset))
+    longest = max((length for length, _, _ in found), default=0)
+    return [(fragment, preset) for length, fragment, preset in found if length == longest]
+
+
+def _closest_by_memory(cuda: list[Preset], cpu: Preset | None, gib: float, why: str) -> Choice:
+    """The largest preset the card's memory holds; among equals the least power-hungry card."""
     if not cuda:
         if cpu is None:
             raise ValueError("no presets are loaded")
-        return Choice(cpu.name, named + "no GPU presets are loaded: the CPU preset")
+        return Choice(cpu.name, why + "no GPU presets are loaded: the CPU preset")
     fitting = [p for p in cuda if p.vram_gb <= gib * (1 + VRAM_TOLERANCE)]
     if fitting:
         top = max(p.vram_gb for p in fitting)
-        pick = sorted((p for p in fitting if p.vram_gb == top), key=lambda p: p.board_power_w)[0]
-        return Choice(pick.name, named + f"closest by memory: {gib:.1f} GiB → {pick.label}")
-    pick = min(cuda, key=lambda p: p.vram_gb)
+        pick = min((p for p in fitting if p.vram_gb == top), key=lambda p: p.board_power_w)
+        return Choice(pick.name, why + f"closest by memory: {gib:.1f} GiB → {pick.label}")
+    pick = min(cuda, key=lambda p: (p.vram_gb, p.board_power_w))
     return Choice(
         pick.name,
-        named + f"{gib:.1f} GiB is less than any preset: {pick.label}, the smallest;"
+        why + f"{gib:.1f} GiB is less than any preset: {pick.label}, the smallest;"
         " check the fit estimate",
     )
 
@@ -333,3 +412,14 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
         in_use_bytes=int(in_use),
         notes=notes + catalog.problems,
     )
+
+
+def estimate_kernel(device: str) -> str:
+    """The VRAM estimate's profile for a run on `device`: "cuda", "cpu-bf16" or "cpu".
+
+    On a CPU the run computes in whatever `precision` picks (bf16 only with native
+    instructions), so the estimate follows the same rule that training will.
+    """
+    if device.startswith("cuda"):
+        return "cuda"
+    return "cpu-bf16" if precision(device).name == "bf16" else "cpu"

@@ -17,6 +17,7 @@ from typing import Any
 
 from studio import paths
 from studio.hardware import detect as hardware
+from studio.models.precision import precision
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 GIB = 1024**3
@@ -106,17 +107,26 @@ def check_driver() -> Check:
     except Exception:
         torch_cuda = None
     detail = f"driver {driver}, supports CUDA up to {supported or '?'}"
-    if torch_cuda:
-        detail += f"; torch uses CUDA {torch_cuda}"
-        if supported and _version(supported) < _version(torch_cuda):
-            return Check(
-                "NVIDIA driver",
-                PROBLEM,
-                detail,
-                f"update the NVIDIA driver to one that supports CUDA {torch_cuda}, or install a"
-                " torch build for an older CUDA",
-            )
-    return Check("NVIDIA driver", OK, detail)
+    if not torch_cuda:
+        return Check("NVIDIA driver", OK, detail)
+    detail += f"; torch uses CUDA {torch_cuda}"
+    if not supported or _version(supported) >= _version(torch_cuda):
+        return Check("NVIDIA driver", OK, detail)
+    fix = f"update the NVIDIA driver to one that supports CUDA {torch_cuda}"
+    if _version(supported)[:1] == _version(torch_cuda)[:1]:
+        # CUDA minor version compatibility: any driver of a CUDA major release runs programs
+        # built with a later minor release of it, short of PTX compiled just in time and the
+        # newest features. torch ships compiled kernels, so training runs.
+        return Check(
+            "NVIDIA driver",
+            WARNING,
+            detail + f" (runs through CUDA {_version(torch_cuda)[0]} minor version"
+            " compatibility; a kernel that needs the newer driver would fail)",
+            fix + " when convenient",
+        )
+    return Check(
+        "NVIDIA driver", PROBLEM, detail, fix + ", or install a torch build for an older CUDA"
+    )
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -124,41 +134,51 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def check_bitsandbytes() -> Check:
-    """QLoRA needs bitsandbytes' 4-bit kernels on this device: run one tiny NF4 matmul."""
+    """QLoRA needs bitsandbytes' 4-bit kernels on this device, in the dtype training uses there."""
+    where = "on this device"
     try:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         import bitsandbytes as bnb
-        from bitsandbytes import functional as bnb_f
 
-        dtype = torch.bfloat16
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(64, 128, generator=gen).to(device, dtype)
-        x = torch.randn(4, 128, generator=gen).to(device, dtype)
-        qw, state = bnb_f.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        y = bnb.matmul_4bit(x, qw.t(), quant_state=state)
-        ref = x @ bnb_f.dequantize_4bit(qw, state).t()
-        error = float((y.float() - ref.float()).norm() / ref.float().norm())
+        compute = precision(device)  # fp16 on a card without native bf16, fp32 on most CPUs
+        where = f"on {device} in {compute.name}"
+        error = _nf4_matmul_error(device, compute.torch_dtype)
     except Exception as exc:
         return Check(
             "bitsandbytes 4-bit",
             PROBLEM,
-            f"a 4-bit NF4 matmul failed: {type(exc).__name__}: {str(exc)[:200]}",
+            f"a 4-bit NF4 matmul {where} failed: {type(exc).__name__}: {str(exc)[:200]}",
             "pip install bitsandbytes==0.50.2 (QLoRA needs it; LoRA still works without)",
         )
     if error > 0.05:
         return Check(
             "bitsandbytes 4-bit",
             PROBLEM,
-            f"the 4-bit matmul on {device} is wrong (error {error:.1%})",
+            f"the 4-bit matmul {where} is wrong (error {error:.1%})",
             "reinstall bitsandbytes for this CUDA version; use LoRA meanwhile",
         )
     return Check(
         "bitsandbytes 4-bit",
         OK,
-        f"bitsandbytes {bnb.__version__}: NF4 quantize + matmul runs on {device}",
+        f"bitsandbytes {bnb.__version__}: NF4 quantize + matmul runs {where}, as training will",
     )
+
+
+def _nf4_matmul_error(device: str, dtype: Any) -> float:
+    """Relative error of one tiny NF4 matmul against the dequantized weight's matmul."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes import functional as bnb_f
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen).to(device, dtype)
+    x = torch.randn(4, 128, generator=gen).to(device, dtype)
+    qw, state = bnb_f.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    y = bnb.matmul_4bit(x, qw.t(), quant_state=state)
+    ref = x @ bnb_f.dequantize_4bit(qw, state).t()
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
 def check_disk(data_dir: Path | None = None) -> Check:
@@ -195,7 +215,9 @@ def check_vram() -> Check:
         if gpu.free_bytes is None:
             lines.append(f"GPU {gpu.index} {gpu.name}: free memory unknown")
             continue
-        used = gpu.total_bytes - gpu.free_bytes
+        # Asking for free memory made this process a CUDA context, and the bitsandbytes check
+        # left blocks in torch's cache: neither belongs to "other programs".
+        used = max(0, gpu.total_bytes - gpu.free_bytes - hardware.own_cuda_bytes(gpu))
         lines.append(
             f"GPU {gpu.index} {gpu.name}: {gpu.free_bytes / GIB:.1f} of"
             f" {gpu.total_bytes / GIB:.1f} GiB free ({used / GIB:.1f} GiB used by other programs)"

@@ -1,7 +1,8 @@
 """Estimate the peak GPU memory of a LoRA/QLoRA run from the model's config.json alone.
 
 No weights are loaded: the shapes in config.json (hidden size, layers, heads, KV heads,
-intermediate size, vocab, tied embeddings) plus the run settings (method, LoRA targets and
+intermediate size, vocab, tied embeddings; for the listed models, reference_models.yaml next
+to this file holds them, so it works offline) plus the run settings (method, LoRA targets and
 rank, batch, sequence length, gradient checkpointing, optimizer) give the peak as parts:
 
 - base weights: 16-bit for LoRA; for QLoRA the decoder's linear layers in NF4 (0.5 byte per
@@ -42,158 +43,58 @@ GIB = 1024**3
 MIB = 1024**2
 
 # --- Reference configs: the fields of each model's published config.json that the estimate
-# needs, so the picker and the estimate work offline. Shapes are shared by base and instruct
-# variants, so "Qwen2.5-7B" finds the "Qwen2.5-7B-Instruct" entry too.
-REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-    },
-    "HuggingFaceTB/SmolLM2-360M-Instruct": {
-        "model_type": "llama",
-        "hidden_size": 960,
-        "intermediate_size": 2560,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 15,
-        "num_key_value_heads": 5,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-    },
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 130000.0,
-    },
-    "Qwen/Qwen2.5-0.5B-Instruct": {
-        "model_type": "qwen2",
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-    },
-    "Qwen/Qwen2.5-1.5B-Instruct": {
-        "model_type": "qwen2",
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-    },
-    "Qwen/Qwen2.5-3B-Instruct": {
-        "model_type": "qwen2",
-        "hidden_size": 2048,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-    },
-    "Qwen/Qwen2.5-7B-Instruct": {
-        "model_type": "qwen2",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-    },
-    "meta-llama/Llama-3.2-1B-Instruct": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-    },
-    "meta-llama/Llama-3.2-3B-Instruct": {
-        "model_type": "llama",
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 24,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-    },
-    "meta-llama/Llama-3.1-8B-Instruct": {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-    },
-    "mistralai/Mistral-7B-Instruct-v0.3": {
-        "model_type": "mistral",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 32768,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0,
-    },
+# needs, so the picker and the estimate work offline. They live in reference_models.yaml
+# (commented data), loaded and checked once on import.
+REFERENCE_FILE = Path(__file__).with_name("reference_models.yaml")
+# Each field of a reference entry and its type; head_dim is optional (config.json gives it
+# only where it is not hidden_size / heads).
+_REFERENCE_FIELDS: dict[str, type] = {
+    "model_type": str,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int,
+    "head_dim": int,
+    "vocab_size": int,
+    "tie_word_embeddings": bool,
+    "max_position_embeddings": int,
+    "rms_norm_eps": float,
+    "rope_theta": float,
 }
+_OPTIONAL_REFERENCE_FIELDS = frozenset({"head_dim"})
+
+
+def load_reference_configs(path: Path = REFERENCE_FILE) -> dict[str, dict[str, Any]]:
+    """Model id -> config.json fields, from the YAML file; a bad entry names model and field.
+
+    Checked here so that a typo in the data file fails at once, not as a wrong estimate.
+    """
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a mapping of model id to config.json fields")
+    return {str(name): _checked_reference(path, str(name), cfg) for name, cfg in data.items()}
+
+
+def _checked_reference(path: Path, name: str, cfg: Any) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: {name}: expected a mapping of config.json fields")
+    unknown = sorted(set(cfg) - set(_REFERENCE_FIELDS))
+    missing = sorted(set(_REFERENCE_FIELDS) - _OPTIONAL_REFERENCE_FIELDS - set(cfg))
+    if unknown or missing:
+        raise ValueError(f"{path}: {name}: unknown fields {unknown}, missing fields {missing}")
+    for key, value in cfg.items():
+        kind = _REFERENCE_FIELDS[key]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok or (kind is int and value <= 0):
+            raise ValueError(f"{path}: {name}.{key}: expected a {kind.__name__}, not {value!r}")
+    return dict(cfg)
+
+
+REFERENCE_CONFIGS: dict[str, dict[str, Any]] = load_reference_configs()
+
 
 # --- Constants of the estimate (bytes). Each says which code path it stands for.
 NF4_BYTES = 0.5  # two 4-bit codes per byte (bitsandbytes Params4bit)
@@ -692,112 +593,19 @@ def estimate(
     if device not in KERNELS:
         raise ValueError(f"device must be one of {', '.join(KERNELS)}, not {device!r}")
     k = KERNELS[device]
-    cuda = k is CUDA
     qlora = s["method"] == "qlora"
-    c = k.compute
     adapter = k.adapter_qlora if qlora else k.adapter_lora
-    h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
-    B, S = s["batch_size"], s["max_seq_len"]
-    T = B * S
-    notes: list[str] = []
-
-    # Base weights
-    other = shape.embed_params + shape.lm_head_params + shape.norm_params + shape.bias_params
-    if qlora:
-        n_linear_tensors = len(shape.linear_shapes()) * L
-        nf4 = nf4_bytes(shape.linear_params, n_linear_tensors)
-        base = nf4 + other * k.weights
-        base_detail = (
-            f"{format_params(shape.linear_params)} linear weights in NF4"
-            f" ({nf4 / shape.linear_params:.3f} B each) + {format_params(other)}"
-            f" embeddings/head/norms at {k.weights} B"
-        )
-    else:
-        base = shape.n_params * k.weights
-        base_detail = f"{format_params(shape.n_params)} parameters at {k.weights} B"
-
-    # LoRA weights, gradients and optimizer states
     n_lora = lora_param_count(shape, s["target_modules"], s["lora_r"])
-    optimizer = _optimizer_bytes(shape, s, adapter)
-    lora = 2 * n_lora * adapter + optimizer
-    lora_detail = (
-        f"{n_lora / 1e6:.1f}M trainable values at {adapter} B, their gradients at {adapter} B"
-        f" and {s['optimizer']} states ({optimizer / max(n_lora, 1):.1f} B per value)"
-    )
-    if s["optimizer"] == "paged_adamw_8bit" and cuda:
-        notes.append(
-            "paged 8-bit AdamW keeps its states in CUDA unified memory: they can spill to RAM"
-            " under pressure, and torch's memory counters do not show them"
-        )
+    tokens = s["batch_size"] * s["max_seq_len"]
 
-    # Activations
-    layer = _layer_saved_per_token(shape, s, k, adapter)
-    transient = _backward_transient_per_token(shape, k)
-    per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
-    # Padded batches of several rows need a (B x S x S) mask: built once as booleans, and
-    # SDPA turns it into an additive mask in the compute dtype in every layer, which the
-    # attention backward keeps. Quadratic in the sequence length.
-    mask = B * S * S * MASK_BYTES if B > 1 else 0
-    layer_mask = B * S * S * c if B > 1 else 0
-    gc = s["gradient_checkpointing"]
-    if gc:
-        # Each layer keeps only its input; backward recomputes one layer at a time.
-        act = T * (L * c * h + layer + transient + per_token_once) + mask + layer_mask
-        act_detail = (
-            f"{T} tokens x ({L} layer inputs x {c * h} B + one recomputed layer"
-            f" {layer / 1024:.0f} KiB + backward buffers {transient / 1024:.0f} KiB)"
-        )
-    else:
-        act = T * (L * layer + transient + per_token_once) + mask + L * layer_mask
-        act_detail = (
-            f"{T} tokens x ({L} layers x {layer / 1024:.0f} KiB"
-            f" + backward buffers {transient / 1024:.0f} KiB)"
-        )
-    if layer_mask:
-        act_detail += f" + attention masks {(mask + layer_mask * (1 if gc else L)) / MIB:.0f} MiB"
-
-    if k.autocast and adapter != c:  # autocast caches a bf16 copy of each fp32 adapter
-        act += n_lora * c
-
-    # Logits and loss. Backward runs the head first, then the layers: only the larger of the
-    # head's and a layer's transient buffers adds to the saved activations.
-    # (with checkpointing, the recomputed layer exists only during the layers' backward)
-    layer_transient = T * transient + (T * layer + layer_mask if gc else 0)
-    if fused_lm_head:
-        tile = min(T, FUSED_HEAD_TOKENS) * min(V, FUSED_HEAD_VOCAB)
-        # Triton folds each tile in place; the torch fallback (CPU) makes fp32 temporaries.
-        tile_bytes = tile * c + k.head_tile_temps * tile * 4
-        head_saved = T * h * c  # the hidden states of the scored tokens
-        head_transient = T * h * (4 + c) + tile_bytes  # fp32 gradient and its cast, tiles
-        logits_detail = (
-            f"chunked LM head: {tile_bytes / MIB:.0f} MiB of tiles + {T} tokens x hidden and"
-            f" its fp32 gradient (the {T} x {V} logits are never built)"
-        )
-    else:
-        head_saved = T * V * (c + 4)  # bf16 logits and the fp32 log-softmax
-        head_transient = T * V * (4 + 4)  # its gradient and the gradient of the logits
-        logits_detail = f"{T} x {V} logits: {c} B + fp32 copy, log-softmax and gradient (4 B each)"
-    logits = head_saved + max(0, head_transient - layer_transient)
-
-    # Overhead
-    workspace = k.workspace
-    if qlora and cuda:
-        largest = max(a * b for a, b in shape.linear_shapes().values())
-        workspace += 2 * largest * c  # a dequantized weight in forward and one in backward
-    slack = k.slack * (act + logits + workspace)
-    overhead = k.context + workspace + slack
+    base, base_detail = _base_weights(shape, qlora, k)
+    lora, lora_detail = _lora_weights(shape, s, adapter, n_lora)
+    act, layer_transient, act_detail = _activations(shape, s, k, adapter, n_lora)
+    logits, logits_detail = _lm_head(shape, k, tokens, layer_transient, fused_lm_head)
+    workspace = _workspace(shape, k, qlora)
+    overhead, overhead_detail = _overhead(k, workspace, act + logits + workspace)
     allocated = base + lora + act + logits + workspace
-    if cuda:
-        overhead_detail = (
-            f"CUDA context {k.context / MIB:.0f} MiB + workspace {workspace / MIB:.0f} MiB"
-            f" + allocator slack {slack / MIB:.0f} MiB"
-        )
-    else:
-        overhead_detail = f"Python, torch and the app: about {k.context / GIB:.1f} GiB"
-        notes.append(
-            "CPU run: the memory is system RAM" + (" and compute is fp32" if k.compute == 4 else "")
-        )
-
+    cuda = k is CUDA
     parts = [
         VramPart("base", PART_LABELS["base"], int(base), base_detail),
         VramPart("lora", PART_LABELS["lora"], int(lora), lora_detail),
@@ -820,9 +628,150 @@ def estimate(
         in_use_bytes=int(in_use_bytes),
         allocated_bytes=int(allocated),
         trainable_params=n_lora,
-        tokens_per_step=T,
-        notes=notes,
+        tokens_per_step=tokens,
+        notes=_notes(s, k),
     )
+
+
+def _base_weights(shape: ModelShape, qlora: bool, k: Kernels) -> tuple[float, str]:
+    """The frozen model: 16-bit (fp32 on CPU), or for QLoRA the decoder linears in NF4."""
+    if not qlora:
+        return (
+            shape.n_params * k.weights,
+            f"{format_params(shape.n_params)} parameters at {k.weights} B",
+        )
+    other = shape.embed_params + shape.lm_head_params + shape.norm_params + shape.bias_params
+    n_linear_tensors = len(shape.linear_shapes()) * shape.num_layers
+    nf4 = nf4_bytes(shape.linear_params, n_linear_tensors)
+    detail = (
+        f"{format_params(shape.linear_params)} linear weights in NF4"
+        f" ({nf4 / shape.linear_params:.3f} B each) + {format_params(other)}"
+        f" embeddings/head/norms at {k.weights} B"
+    )
+    return nf4 + other * k.weights, detail
+
+
+def _lora_weights(
+    shape: ModelShape, s: dict[str, Any], adapter: int, n_lora: int
+) -> tuple[float, str]:
+    """The adapters, their gradients (same dtype) and the optimizer states."""
+    optimizer = _optimizer_bytes(shape, s, adapter)
+    detail = (
+        f"{n_lora / 1e6:.1f}M trainable values at {adapter} B, their gradients at {adapter} B"
+        f" and {s['optimizer']} states ({optimizer / max(n_lora, 1):.1f} B per value)"
+    )
+    return 2 * n_lora * adapter + optimizer, detail
+
+
+def _attention_masks(s: dict[str, Any], c: int) -> tuple[int, int]:
+    """(boolean mask built once, additive copy per layer) for a padded batch of several rows.
+
+    SDPA turns the (B x S x S) boolean mask into an additive one in the compute dtype in
+    every layer, which the attention backward keeps. Quadratic in the sequence length; a
+    single row needs no mask.
+    """
+    B, S = s["batch_size"], s["max_seq_len"]
+    if B == 1:
+        return 0, 0
+    return B * S * S * MASK_BYTES, B * S * S * c
+
+
+def _activations(
+    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, n_lora: int
+) -> tuple[float, float, str]:
+    """(saved activations, one layer's backward transients, detail) for one step.
+
+    The transients are returned so the LM head can count only what exceeds them: backward
+    runs the head first, then the layers.
+    """
+    c, h, L = k.compute, shape.hidden_size, shape.num_layers
+    T = s["batch_size"] * s["max_seq_len"]
+    layer = _layer_saved_per_token(shape, s, k, adapter)
+    transient = _backward_transient_per_token(shape, k)
+    per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
+    mask, layer_mask = _attention_masks(s, c)
+    gc = s["gradient_checkpointing"]
+    if gc:
+        # Each layer keeps only its input; backward recomputes one layer at a time.
+        act = T * (L * c * h + layer + transient + per_token_once) + mask + layer_mask
+        detail = (
+            f"{T} tokens x ({L} layer inputs x {c * h} B + one recomputed layer"
+            f" {layer / 1024:.0f} KiB + backward buffers {transient / 1024:.0f} KiB)"
+        )
+    else:
+        act = T * (L * layer + transient + per_token_once) + mask + L * layer_mask
+        detail = (
+            f"{T} tokens x ({L} layers x {layer / 1024:.0f} KiB"
+            f" + backward buffers {transient / 1024:.0f} KiB)"
+        )
+    if layer_mask:
+        detail += f" + attention masks {(mask + layer_mask * (1 if gc else L)) / MIB:.0f} MiB"
+    if k.autocast and adapter != c:  # autocast caches a bf16 copy of each fp32 adapter
+        act += n_lora * c
+    # With checkpointing, the recomputed layer exists only during the layers' backward.
+    layer_transient = T * transient + (T * layer + layer_mask if gc else 0)
+    return act, layer_transient, detail
+
+
+def _lm_head(
+    shape: ModelShape, k: Kernels, tokens: int, layer_transient: float, fused: bool
+) -> tuple[float, str]:
+    """The LM head and loss: only the larger of its and a layer's transients adds up."""
+    T, h, V, c = tokens, shape.hidden_size, shape.vocab_size, k.compute
+    if fused:
+        tile = min(T, FUSED_HEAD_TOKENS) * min(V, FUSED_HEAD_VOCAB)
+        # Triton folds each tile in place; the torch fallback (CPU) makes fp32 temporaries.
+        tile_bytes = tile * c + k.head_tile_temps * tile * 4
+        saved = T * h * c  # the hidden states of the scored tokens
+        transient = T * h * (4 + c) + tile_bytes  # fp32 gradient and its cast, tiles
+        detail = (
+            f"chunked LM head: {tile_bytes / MIB:.0f} MiB of tiles + {T} tokens x hidden and"
+            f" its fp32 gradient (the {T} x {V} logits are never built)"
+        )
+    else:
+        saved = T * V * (c + 4)  # bf16 logits and the fp32 log-softmax
+        transient = T * V * (4 + 4)  # its gradient and the gradient of the logits
+        detail = f"{T} x {V} logits: {c} B + fp32 copy, log-softmax and gradient (4 B each)"
+    return saved + max(0, transient - layer_transient), detail
+
+
+def _workspace(shape: ModelShape, k: Kernels, qlora: bool) -> float:
+    """Allocator-counted scratch: cuBLAS, plus QLoRA's dequantized weights on CUDA."""
+    if not (qlora and k is CUDA):
+        return k.workspace
+    largest = max(a * b for a, b in shape.linear_shapes().values())
+    return (
+        k.workspace + 2 * largest * k.compute
+    )  # one dequantized weight in forward, one in backward
+
+
+def _overhead(k: Kernels, workspace: float, step_bytes: float) -> tuple[float, str]:
+    """Memory outside the tensors: the context (or the process), workspace and allocator slack."""
+    slack = k.slack * step_bytes
+    if k is not CUDA:
+        return k.context + workspace + slack, (
+            f"Python, torch and the app: about {k.context / GIB:.1f} GiB"
+        )
+    detail = (
+        f"CUDA context {k.context / MIB:.0f} MiB + workspace {workspace / MIB:.0f} MiB"
+        f" + allocator slack {slack / MIB:.0f} MiB"
+    )
+    return k.context + workspace + slack, detail
+
+
+def _notes(s: dict[str, Any], k: Kernels) -> list[str]:
+    """What the numbers alone do not say."""
+    notes = []
+    if s["optimizer"] == "paged_adamw_8bit" and k is CUDA:
+        notes.append(
+            "paged 8-bit AdamW keeps its states in CUDA unified memory: they can spill to RAM"
+            " under pressure, and torch's memory counters do not show them"
+        )
+    if k is not CUDA:
+        notes.append(
+            "CPU run: the memory is system RAM" + (" and compute is fp32" if k.compute == 4 else "")
+        )
+    return notes
 
 
 # --------------------------------------------------------------------------- auto-fit
@@ -911,62 +860,6 @@ def auto_fit(
         if s[key] != start[key]
     ]
     return AutoFit(s, est, changes, True)
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def vram_figure(estimate: VramEstimate, card_gb: float | None = None, title: str = ""):
-    """A plotly stacked bar of the estimate's parts against the card's memory (GiB)."""
-    import plotly.graph_objects as go
-
-    colors = {
-        "in_use": "#9e9e9e",
-        "base": "#3b6fb6",
-        "lora": "#8e5bd0",
-        "activations": "#e0892b",
-        "logits": "#d64b4b",
-        "overhead": "#5a9e6f",
-    }
-    bars = [("in_use", PART_LABELS["in_use"], estimate.in_use_bytes, "measured or typical")]
-    bars += [(p.key, p.label, p.bytes, p.detail) for p in estimate.parts]
-    fig = go.Figure()
-    for key, label, size, detail in bars:
-        if size <= 0:
-            continue
-        fig.add_trace(
-            go.Bar(
-                x=[size / GIB],
-                y=["memory"],
-                orientation="h",
-                name=f"{label}: {size / GIB:.2f} GiB",
-                marker_color=colors.get(key, "#777777"),
-                hovertext=[detail],
-                hovertemplate="%{x:.2f} GiB<br>%{hovertext}<extra>" + label + "</extra>",
-            )
-        )
-    if card_gb is None and estimate.capacity_bytes is not None:
-        card_gb = estimate.capacity_bytes / GIB
-    total_gib = (estimate.total_bytes + estimate.in_use_bytes) / GIB
-    if card_gb:
-        fig.add_vline(x=card_gb, line_color="black", line_width=3)
-        fig.add_annotation(
-            x=card_gb, y=1.0, yref="paper", text=f"{card_gb:.1f} GiB", showarrow=False, yshift=10
-        )
-        spare = card_gb - (card_gb - estimate.in_use_bytes / GIB) * HEADROOM
-        fig.add_vline(x=spare, line_color="black", line_dash="dot", line_width=1)
-    verdict = estimate.verdict
-    heading = title or f"Peak {total_gib:.1f} GiB incl. in use — {verdict}"
-    fig.update_layout(
-        barmode="stack",
-        title={"text": heading},
-        xaxis={"title": "GiB", "range": [0, max(total_gib, card_gb or 0) * 1.08 or 1]},
-        yaxis={"showticklabels": False},
-        height=300,
-        margin={"l": 20, "r": 20, "t": 60, "b": 40},
-        legend={"orientation": "h", "y": -0.35},
-    )
-    return fig
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,5 +1,5 @@
-"""`python -m studio.train`: see `studio.train.run`."""
+"""`python -m studio.train RUN.yaml [--resume RUN_DIR]`: see `studio.train.cli`."""
 
-from studio.train.run import main
+from studio.train.cli import main
 
 raise SystemExit(main())

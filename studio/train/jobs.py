@@ -1,25 +1,65 @@
-"""The one background training job of this process, which every browser tab polls.
+"""Starting a run: in the calling thread, or as the process's one background job.
 
-`get_manager()` returns the process-wide JobManager: it runs one training run at a time in a
-thread (`studio.train.execute_run`), keeps the progress log the UI polls, and turns Stop into
-`control.should_training_stop` through the run's TrainerCallback. Because the state lives in
-the process and not in a browser session, closing or reloading the page changes nothing, and
-two tabs see the same run; a second Start while one runs is refused with JobBusyError.
+`run_training(cfg)` and `resume_training(run_dir)` run prepare -> loop in the calling thread
+(scripts and tests). `get_manager()` returns the process-wide JobManager, which the Train tab
+uses: it prepares the run at once (a bad setting comes back as ConfigError), runs
+`studio.train.loop.execute_run` in a thread, keeps the progress log the UI polls, and turns
+Stop into `control.should_training_stop` through the run's TrainerCallback. Because the state
+lives in the process and not in a browser session, closing or reloading the page changes
+nothing, and two tabs see the same run; a second Start while one runs is refused with
+JobBusyError.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio import runs
 from studio.config import RunConfig
 
+if TYPE_CHECKING:
+    from studio.train.loop import TrainResult
+
 MAX_LOG_LINES = 400
+
+
+def run_training(
+    cfg: RunConfig,
+    *,
+    stop: threading.Event | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    extra_callbacks: Iterable[Any] = (),
+) -> TrainResult:
+    """A new run from a config, in the calling thread.
+
+    ConfigError comes back before any model loads."""
+    from studio.train.loop import execute_run
+    from studio.train.prepare import prepare_run
+
+    return execute_run(
+        prepare_run(cfg), stop=stop, on_event=on_event, extra_callbacks=extra_callbacks
+    )
+
+
+def resume_training(
+    run_dir: str | Path,
+    *,
+    stop: threading.Event | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    extra_callbacks: Iterable[Any] = (),
+) -> TrainResult:
+    """Continue a stopped, failed or interrupted run from its last checkpoint to the end."""
+    from studio.train.loop import execute_run
+    from studio.train.prepare import prepare_resume
+
+    return execute_run(
+        prepare_resume(run_dir), stop=stop, on_event=on_event, extra_callbacks=extra_callbacks
+    )
 
 
 class JobBusyError(RuntimeError):
@@ -78,21 +118,21 @@ class JobManager:
 
     def start(self, cfg: RunConfig, *, extra_callbacks: Iterable[Any] = ()) -> Path:
         """Start a new run; ConfigError (bad setting) or JobBusyError come back at once."""
-        from studio.train import run as train
+        from studio.train.prepare import prepare_run
 
         with self._lock:
             self._refuse_if_busy()
-            prepared = train.prepare_run(cfg)
+            prepared = prepare_run(cfg)
             self._launch(prepared, [], extra_callbacks)
             return prepared.run_dir
 
     def resume(self, run_dir: str | Path, *, extra_callbacks: Iterable[Any] = ()) -> Path:
         """Continue a stopped/failed/interrupted run from its last checkpoint."""
-        from studio.train import run as train
+        from studio.train.prepare import prepare_resume
 
         with self._lock:
             self._refuse_if_busy()
-            prepared = train.prepare_resume(run_dir)
+            prepared = prepare_resume(run_dir)
             history = [e for e in runs.load_log(prepared.run_dir) if e.get("kind")]
             self._launch(prepared, history, extra_callbacks)
             return prepared.run_dir
@@ -150,7 +190,7 @@ class JobManager:
             )
 
     def _launch(self, prepared: Any, history: list[dict[str, Any]], extra_callbacks) -> None:
-        from studio.train import run as train
+        from studio.train.loop import execute_run
 
         self._stop = threading.Event()
         self._done.clear()
@@ -173,7 +213,7 @@ class JobManager:
 
         def work() -> None:
             try:
-                result = train.execute_run(
+                result = execute_run(
                     prepared, stop=stop, on_event=self._on_event, extra_callbacks=callbacks
                 )
                 final = {

@@ -1,5 +1,7 @@
-"""The Gradio layer: one `build_<tab>_tab` function per tab, wired together in `app.py`.
+"""The Gradio layer: one module per tab (the Chat tab is the `chat` package), assembled in `app.py`.
 
-This is the only package that imports gradio; every handler calls an engine function that
-returns plain data and turns it into components.
+Each tab has the same split: `build_<tab>_tab(ctx)` returns its components by name and
+`wire_<tab>_tab(ctx, components)` attaches the events. This is the only package that imports
+gradio; every handler calls an engine function that returns plain data and turns it into
+components.
 """

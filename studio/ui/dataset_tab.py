@@ -1,53 +1,73 @@
 """Dataset tab: pick a file, see whether it is usable, what training will see, and clean PII.
 
-A thin layer over `studio.data` (load, validate, token lengths, preview) and `studio.pii`
-(scan, redact, drop). Shares with other tabs, as gr.State: "dataset.path" (the file training
-reads; "" means the bundled sample), "dataset.format" and "dataset.pii_count" (unresolved PII
-findings in that file). Reads "model.name" (tokenizer) and "train.max_seq_len" when present.
+A thin layer over `studio.data` (`scan.inspect_file` loads, maps, scans and measures a file;
+`load` validates and previews; `pii` redacts and drops). Shares with other tabs, as gr.State:
+"dataset.path" (the file training reads; "" means the bundled sample), "dataset.format" and
+"dataset.pii_count" (unresolved PII findings in that file). Reads "model.name" (tokenizer),
+"train.max_seq_len", "train.val_fraction" and "train.seed" when present.
+
+Handlers read their inputs as a dict keyed by component and return dicts keyed by component,
+so adding a control touches only the handlers that use it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from studio.data import load as data
+from studio.data import scan as ds_scan
+from studio.data.normalize import ALPACA_FIELDS, FORMAT_CHOICES
+from studio.data.search import search_rows
+from studio.data.split import DEFAULT_SEED, DEFAULT_VAL_FRACTION, split_sizes
+from studio.data.table import guess_column_map, table_columns
+from studio.data.tokens import DEFAULT_MAX_LEN, length_stats, preview_row
 
 log = logging.getLogger(__name__)
 
 NONE_COLUMN = "(none)"
 PAGE_SIZE = 20
 MAX_TABLE_ROWS = 1000  # invalid-row and PII tables show this many; the counts show all
-_TOKENIZERS: dict[str, Any] = {}
-_TOKENIZER_LOCK = threading.Lock()
+# What a (re)load fills, by component name; the column dropdowns and shared states come on top.
+LOAD_OUTPUTS = (
+    "status",
+    "summary",
+    "errors",
+    "tok_md",
+    "hist",
+    "rows",
+    "page_info",
+    "page",
+    "search",
+    "colmap_box",
+    "preview_line",
+    "preview_info",
+    "preview",
+    "pii_md",
+    "pii_df",
+    "redact",
+    "drop",
+    "clean_md",
+    "path",
+    "upload",
+    "table_src",
+    "loaded",
+)
+# Other tabs' settings this tab reads: (key here, ctx name).
+OTHER_TABS = (
+    ("model", "model.name"),
+    ("max_len", "train.max_seq_len"),
+    ("val_fraction", "train.val_fraction"),
+    ("seed", "train.seed"),
+)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _tokenizer(model_name: str | None) -> tuple[Any, str]:
-    """The base model's tokenizer (cached per model folder), or None and why not."""
-    from studio.models import loader as models
-
-    name = (model_name or "").strip() or models.DEFAULT_MODEL
-    try:
-        with _TOKENIZER_LOCK:
-            if name not in _TOKENIZERS:
-                resolved = models.resolve_model(name)
-                key = str(resolved.path)
-                if key not in _TOKENIZERS:
-                    _TOKENIZERS[key] = models.load_tokenizer(resolved.path)
-                _TOKENIZERS[name] = _TOKENIZERS[key]
-            return _TOKENIZERS[name], name
-    except Exception as exc:
-        log.warning("tokenizer for %s unavailable: %s", name, exc)
-        return None, " ".join(str(exc).split()) or f"{name}: {type(exc).__name__}"
 
 
 def _number(value: Any, default: float) -> float:
@@ -61,27 +81,8 @@ def _max_len(value: Any) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        return data.DEFAULT_MAX_LEN
-    return n if n > 0 else data.DEFAULT_MAX_LEN
-
-
-def _resolve_user_path(text: str) -> Path:
-    """The file a user typed, with a clear DatasetError when it cannot be used."""
-    raw = (text or "").strip().strip("'\"")
-    if not raw:
-        raise data.DatasetError("Enter the path of a dataset file, or upload one.")
-    path = Path(raw).expanduser()
-    try:
-        path = path.resolve()
-    except OSError as exc:
-        raise data.DatasetError(f"{raw}: not a usable path ({exc}).") from None
-    if not path.exists():
-        raise data.DatasetError(f"{path} does not exist. Check the path, or upload the file.")
-    if path.is_dir():
-        raise data.DatasetError(f"{path} is a folder. Enter the path of one dataset file.")
-    if not os.access(path, os.R_OK):
-        raise data.DatasetError(f"{path} cannot be read (permission denied).")
-    return path
+        return DEFAULT_MAX_LEN
+    return n if n > 0 else DEFAULT_MAX_LEN
 
 
 def _box(kind: str, text: str) -> str:
@@ -93,10 +94,10 @@ def _box(kind: str, text: str) -> str:
 def _summary_md(
     report: data.DatasetReport,
     name: str,
-    val_fraction: float = data.DEFAULT_VAL_FRACTION,
-    seed: int = data.DEFAULT_SEED,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
 ) -> str:
-    n_train, n_val = data.split_sizes(report.valid, val_fraction)
+    n_train, n_val = split_sizes(report.valid, val_fraction)
     kind = report.file_kind.upper()
     dup = "none"
     if report.duplicates:
@@ -199,23 +200,39 @@ def _rows_page(loaded: dict[str, Any] | None, query: str, page: Any) -> tuple[An
     if not loaded:
         return pd.DataFrame(columns=cols), "", 1
     report: data.DatasetReport = loaded["report"]
-    res = data.search_rows(report.rows, report.row_numbers, query, int(page or 1), PAGE_SIZE)
+    res = search_rows(report.rows, report.row_numbers, query, int(page or 1), PAGE_SIZE)
     df = pd.DataFrame(res["items"], columns=cols).rename(columns={"line": report.unit})
     info = f"{res['matches']:,} rows match · page {res['page']} of {res['pages']}"
     return df, info, res["page"]
 
 
-# --------------------------------------------------------------------------- tab
+# --------------------------------------------------------------------------- build
 
 
-def build_dataset_tab(ctx: dict[str, Any]) -> None:
-    """Create the tab's components inside the open gr.Tab; register shared ones in ctx."""
+def build_dataset_tab(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Create the tab's components inside the open gr.Tab; returns them by name.
+
+    Registers the shared states ("dataset.path", "dataset.format", "dataset.pii_count") in ctx.
+    """
     ui: dict[str, Any] = {}
     gr.Markdown(
         "Pick the conversations to fine-tune on: `.jsonl`, `.json`, `.csv` or `.parquet` in chat"
         " *messages*, ShareGPT or Alpaca form. The file is checked row by row; bad rows are"
         " listed and left out."
     )
+    _build_source(ui)
+    _build_report(ui)
+    _build_preview_and_pii(ui)
+    ui["loaded"] = gr.State(None)  # {"report", "source", "scan", "lengths", "model", ...}
+    ui["table_src"] = gr.State(None)  # the CSV/Parquet file the column mapping applies to
+    ctx["dataset.path"] = gr.State("")
+    ctx["dataset.format"] = gr.State("auto")
+    ctx["dataset.pii_count"] = gr.State(0)  # the sample's count is set when a page loads
+    return ui
+
+
+def _build_source(ui: dict[str, Any]) -> None:
+    """Upload, path, format, JSON check and the column mapping of a table."""
     with gr.Row(equal_height=False):
         ui["upload"] = gr.File(
             label="Upload a dataset file",
@@ -234,7 +251,7 @@ def build_dataset_tab(ctx: dict[str, Any]) -> None:
                 ui["sample"] = gr.Button("Load the bundled sample")
     with gr.Row():
         ui["fmt"] = gr.Dropdown(
-            list(data.FORMAT_CHOICES),
+            list(FORMAT_CHOICES),
             value="auto",
             label="Format",
             info="auto detects it; pick one to override",
@@ -247,9 +264,13 @@ def build_dataset_tab(ctx: dict[str, Any]) -> None:
         ui["colmap_box"] = acc
         gr.Markdown("Which column holds each Alpaca field (guessed from the column names).")
         with gr.Row():
-            for fld in data.ALPACA_FIELDS:
+            for fld in ALPACA_FIELDS:
                 ui[f"col_{fld}"] = gr.Dropdown([NONE_COLUMN], value=NONE_COLUMN, label=fld)
         ui["apply_map"] = gr.Button("Apply the mapping")
+
+
+def _build_report(ui: dict[str, Any]) -> None:
+    """Status, summary, invalid rows, token lengths and the searchable rows."""
     ui["status"] = gr.Markdown(
         _box("info", "No dataset loaded: training uses the bundled sample until you load one."),
         elem_id="dataset-status",
@@ -274,6 +295,10 @@ def build_dataset_tab(ctx: dict[str, Any]) -> None:
             max_height=420,
             column_widths=["70px", "60px", "20%", "30%", "40%"],
         )
+
+
+def _build_preview_and_pii(ui: dict[str, Any]) -> None:
+    """The chat-template preview of one row, and the PII findings with Redact / Drop."""
     with gr.Accordion("Chat-template preview", open=True):
         gr.Markdown(
             "The exact text the model is trained on. **Highlighted** tokens count toward the"
@@ -303,353 +328,335 @@ def build_dataset_tab(ctx: dict[str, Any]) -> None:
             ui["redact"] = gr.Button("Redact into a cleaned copy", interactive=False)
             ui["drop"] = gr.Button("Drop flagged rows", interactive=False)
         ui["clean_md"] = gr.Markdown(elem_id="dataset-clean")
-    ui["loaded"] = gr.State(None)  # {"report", "source", "scan", "lengths", "model", ...}
-    ui["table_src"] = gr.State(None)  # the CSV/Parquet file the column mapping applies to
-    ctx["dataset.path"] = gr.State("")
-    ctx["dataset.format"] = gr.State("auto")
-    ctx["dataset.pii_count"] = gr.State(0)  # the sample's count is set when a page loads
-    ctx["dataset._ui"] = ui
 
 
-def wire_dataset_tab(ctx: dict[str, Any]) -> None:
-    """Attach events that involve other tabs' components (all tabs exist by now)."""
-    ui = ctx["dataset._ui"]
-    ds_path, ds_format = ctx["dataset.path"], ctx["dataset.format"]
-    ds_pii = ctx["dataset.pii_count"]
-    colmap_cs = [ui[f"col_{f}"] for f in data.ALPACA_FIELDS]
-    # Other tabs' settings ride along at the end of each input list when they exist.
-    others = {
-        key: ctx[name]
-        for key, name in (
-            ("model", "model.name"),
-            ("max_len", "train.max_seq_len"),
-            ("val_fraction", "train.val_fraction"),
-            ("seed", "train.seed"),
-        )
-        if name in ctx
-    }
-    extra = list(others.values())
-    settings = [ui["fmt"], ui["json_check"], *colmap_cs, *extra]
-    outputs = [
-        *(ui[k] for k in ("status", "summary", "errors", "tok_md", "hist", "rows", "page_info")),
-        *(ui[k] for k in ("page", "search", "colmap_box", "preview_line", "preview_info")),
-        *(ui[k] for k in ("preview", "pii_md", "pii_df", "redact", "drop", "clean_md", "path")),
-        ui["upload"],
-        *colmap_cs,
-        ui["table_src"],
-        ui["loaded"],
-        ds_path,
-        ds_format,
-        ds_pii,
-    ]
+# --------------------------------------------------------------------------- wiring
 
-    def other_tabs(values: list[Any]) -> dict[str, Any]:
-        """model, max_len, val_fraction and seed from the trailing extra inputs."""
-        got = dict(zip(others, values, strict=True))
+
+@dataclass
+class DatasetWiring:
+    """The tab's components by name, other tabs' settings it reads, and the shared states."""
+
+    ui: dict[str, Any]
+    others: dict[str, Any] = field(default_factory=dict)  # OTHER_TABS keys -> components
+    shared_path: Any = None
+    shared_format: Any = None
+    shared_pii: Any = None
+
+    @property
+    def columns(self) -> list[Any]:
+        return [self.ui[f"col_{fld}"] for fld in ALPACA_FIELDS]
+
+    def settings(self) -> set[Any]:
+        """What every (re)load reads: format, JSON check, column map, other tabs' settings."""
+        return {self.ui["fmt"], self.ui["json_check"], *self.columns, *self.others.values()}
+
+    def outputs(self) -> list[Any]:
+        """Everything a (re)load may fill; handlers return a dict with any subset of it."""
+        shared = [self.shared_path, self.shared_format, self.shared_pii]
+        return [*(self.ui[k] for k in LOAD_OUTPUTS), *self.columns, *shared]
+
+    def other_tabs(self, values: dict[Any, Any]) -> dict[str, Any]:
+        """model, max_len, val_fraction and seed (defaults where a tab is missing)."""
+        got = {key: values.get(comp) for key, comp in self.others.items()}
         return {
             "model": got.get("model"),
             "max_len": _max_len(got.get("max_len")),
-            "val_fraction": _number(got.get("val_fraction"), data.DEFAULT_VAL_FRACTION),
-            "seed": int(_number(got.get("seed"), data.DEFAULT_SEED)),
+            "val_fraction": _number(got.get("val_fraction"), DEFAULT_VAL_FRACTION),
+            "seed": int(_number(got.get("seed"), DEFAULT_SEED)),
         }
 
-    def read_settings(args: tuple[Any, ...]) -> dict[str, Any]:
-        n = len(colmap_cs)
-        fmt, json_check, cols, rest = args[0], args[1], args[2 : 2 + n], args[2 + n :]
-        cmap = {
-            f: (c if c and c != NONE_COLUMN else None)
-            for f, c in zip(data.ALPACA_FIELDS, cols, strict=True)
-        }
+    def read_settings(self, values: dict[Any, Any]) -> dict[str, Any]:
+        cmap = {}
+        for fld in ALPACA_FIELDS:
+            chosen = values.get(self.ui[f"col_{fld}"])
+            cmap[fld] = chosen if chosen and chosen != NONE_COLUMN else None
         return {
-            "fmt": fmt or "auto",
-            "json_check": bool(json_check),
+            "fmt": values.get(self.ui["fmt"]) or "auto",
+            "json_check": bool(values.get(self.ui["json_check"])),
             "column_map": cmap,
-            **other_tabs(list(rest)),
+            **self.other_tabs(values),
         }
 
-    def failed(display: str, message: str) -> dict[Any, Any]:
-        gr.Warning(message)
-        return {ui["status"]: _box("error", f"Could not load **{display}**: {message}")}
 
-    def load(
-        path: Path,
-        display: str,
-        opts: dict[str, Any],
-        column_map: dict[str, str | None] | None = None,
-        *,
-        keep_copy: bool = False,
-        note: str = "",
-    ) -> dict[Any, Any]:
-        """Load `path` and fill every panel; on failure only the status line changes."""
-        try:
-            t0 = time.perf_counter()
-            tok, model_name = _tokenizer(opts["model"])
-            report = data.load_dataset_file(path, opts["fmt"], column_map, tok, opts["json_check"])
-            source = data.store_upload(path) if keep_copy else path
-            train_path, train_fmt = source, report.format
-            if report.rows and _edited_map(report, column_map):
-                # The run config holds no column map: give training exactly the rows shown.
-                from studio import paths
-
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                dest = paths.datasets_dir() / f"{path.stem}.mapped-{stamp}.jsonl"
-                train_path, train_fmt = data.write_normalized(report.rows, dest), "messages"
-            scan = _scan(report, train_path)
-            lengths = data.token_lengths(report.rows, tok) if tok is not None else []
-            elapsed = time.perf_counter() - t0
-        except data.DatasetError as exc:
-            # A table whose columns could not be mapped: show the mapping controls to fix it.
-            return {**failed(display, str(exc)), **table_controls(path, display, keep_copy)}
-        except Exception as exc:  # never a traceback in the page
-            log.exception("loading %s failed", path)
-            return failed(display, f"{type(exc).__name__}: {exc}")
-        is_sample = Path(train_path).resolve() == data.SAMPLE_DATASET
-        loaded = {
-            "report": report,
-            "source": str(source),
-            "train_path": str(train_path),
-            "display": display,
-            "scan": scan,
-            "lengths": lengths,
-            "model": model_name,
-        }
-        out = fill(loaded, opts, tok is not None)
-        status = (
-            f"Loaded **{display}** in {elapsed:.1f} s: {report.valid:,} of {report.total:,}"
-            f" rows usable. Training will use `{train_path}`."
-        )
-        kind = "ok" if report.valid else "warn"
-        if not report.valid:
-            status += " **No row is usable**: fix the file (see the invalid rows) or the format."
-        out[ui["status"]] = _box(kind, status)
-        if tok is None:
-            out[ui["status"]] += "\n\n" + _box(
-                "warn",
-                "Token lengths, the preview and the chat-template check need the model's"
-                f" tokenizer, which is not available ({model_name}).",
-            )
-        out[ui["path"]] = "" if is_sample else str(source)
-        if not keep_copy:
-            out[ui["upload"]] = None  # the file shown there is no longer the one loaded
-        out[ui["clean_md"]] = note
-        out[ui["table_src"]] = (
-            {"path": str(source), "display": display, "keep_copy": False}
-            if report.column_map is not None
-            else None
-        )
-        out[ds_path] = "" if is_sample else str(train_path)
-        out[ds_format] = train_fmt
-        out[ds_pii] = len(scan.findings) if scan is not None else 0
-        return out
-
-    def fill(loaded: dict[str, Any], opts: dict[str, Any], have_tok: bool) -> dict[Any, Any]:
-        report: data.DatasetReport = loaded["report"]
-        scan = loaded["scan"]
-        out: dict[Any, Any] = {
-            ui["summary"]: _summary_md(
-                report, loaded["display"], opts["val_fraction"], opts["seed"]
-            ),
-            ui["errors"]: gr.update(value=_errors_df(report), visible=bool(report.errors)),
-            **token_outputs(loaded, opts["max_len"]),
-        }
-        df, info, page = _rows_page(loaded, "", 1)
-        out.update({ui["rows"]: df, ui["page_info"]: info, ui["page"]: page, ui["search"]: ""})
-        cols = [NONE_COLUMN, *(report.columns or [])]
-        out[ui["colmap_box"]] = gr.update(visible=report.column_map is not None)
-        for fld in data.ALPACA_FIELDS:
-            value = (report.column_map or {}).get(fld) or NONE_COLUMN
-            out[ui[f"col_{fld}"]] = gr.update(choices=cols, value=value)
-        out[ui["preview_line"]] = report.row_numbers[0] if report.row_numbers else None
-        out[ui["preview_info"]] = "Pick a row and press **Show preview**." if have_tok else ""
-        out[ui["preview"]] = None
-        flagged = bool(scan and scan.findings)
-        if scan is None:
-            out[ui["pii_md"]] = _box("warn", "The PII check is not available.")
-            out[ui["pii_df"]] = gr.update(visible=False)
-        else:
-            out[ui["pii_md"]] = _pii_md(scan)
-            out[ui["pii_df"]] = gr.update(value=_pii_df(scan, report.unit), visible=flagged)
-        out[ui["redact"]] = gr.update(interactive=flagged)
-        out[ui["drop"]] = gr.update(interactive=flagged)
-        out[ui["loaded"]] = loaded
-        return out
-
-    def token_outputs(loaded: dict[str, Any] | None, max_len: int) -> dict[Any, Any]:
-        if not loaded:
-            return {}
-        if not loaded["lengths"]:
-            msg = "Token lengths are not available (no tokenizer, or no valid rows)."
-            return {
-                ui["tok_md"]: _box("warn", msg),
-                ui["hist"]: gr.update(value=None, visible=False),
-            }
-        stats = data.length_stats(loaded["lengths"], max_len)
-        return {
-            ui["tok_md"]: _token_md(stats, loaded["model"]),
-            ui["hist"]: gr.update(value=data.length_histogram(stats), visible=True),
-        }
-
-    def on_load(path_text: str, *args: Any) -> dict[Any, Any]:
-        try:
-            path = _resolve_user_path(path_text)
-        except data.DatasetError as exc:
-            return failed(path_text.strip() or "the file", str(exc))
-        return load(path, path.name, read_settings(args))
-
-    def on_sample(*args: Any) -> dict[Any, Any]:
-        opts = {**read_settings(args), "fmt": "auto"}
-        return load(data.SAMPLE_DATASET, "the bundled sample (support_tickets.jsonl)", opts)
-
-    def on_upload(file: str | None, *args: Any) -> dict[Any, Any]:
-        if not file:
-            return {ui["status"]: gr.update()}  # an empty dict reads as one missing value
-        path = Path(file)
-        return load(path, path.name, read_settings(args), keep_copy=True)
-
-    def on_reload(loaded: dict[str, Any] | None, *args: Any) -> dict[Any, Any]:
-        """The current file again, with the changed format, JSON check or model."""
-        if not loaded:
-            return {ui["status"]: gr.update()}  # an empty dict reads as one missing value
-        report: data.DatasetReport = loaded["report"]
-        return load(
-            Path(loaded["source"]), loaded["display"], read_settings(args), report.column_map
-        )
-
-    def table_controls(path: Path, display: str, keep_copy: bool) -> dict[Any, Any]:
-        try:
-            columns = data.table_columns(path)
-        except data.DatasetError:
-            columns = None
-        if not columns:
-            return {}
-        guess = data.guess_column_map(columns)
-        out: dict[Any, Any] = {
-            ui["colmap_box"]: gr.update(visible=True),
-            ui["table_src"]: {"path": str(path), "display": display, "keep_copy": keep_copy},
-        }
-        for fld in data.ALPACA_FIELDS:
-            value = guess.get(fld) or NONE_COLUMN
-            out[ui[f"col_{fld}"]] = gr.update(choices=[NONE_COLUMN, *columns], value=value)
-        return out
-
-    def on_apply_map(src: dict[str, Any] | None, *args: Any) -> dict[Any, Any]:
-        if not src:
-            return {ui["status"]: _box("info", "Load a CSV or Parquet file first.")}
-        opts = read_settings(args)
-        path = Path(src["path"])
-        return load(path, src["display"], opts, opts["column_map"], keep_copy=src["keep_copy"])
-
-    def on_other(loaded: dict[str, Any] | None, *values: Any) -> dict[Any, Any]:
-        """Max length, validation share or seed changed: redo the figures that use them."""
-        if not loaded:
-            return {}
-        opts = other_tabs(list(values))
-        report = loaded["report"]
-        summary = _summary_md(report, loaded["display"], opts["val_fraction"], opts["seed"])
-        return {ui["summary"]: summary, **token_outputs(loaded, opts["max_len"])}
-
-    def on_page(loaded: dict[str, Any] | None, query: str, page: Any, step: int = 0) -> Any:
-        return _rows_page(loaded, query, int(page or 1) + step)
-
-    def on_preview(loaded: dict[str, Any] | None, line: Any, *rest: Any) -> tuple[str, Any]:
-        if not loaded:
-            return _box("info", "Load a dataset first."), None
-        opts = other_tabs(list(rest))
-        return _preview(loaded, line, opts["model"], opts["max_len"])
-
-    def on_clean(loaded: dict[str, Any] | None, action: str, *args: Any) -> dict[Any, Any]:
-        scan = loaded["scan"] if loaded else None
-        if not scan or not scan.findings:
-            return {ui["clean_md"]: _box("info", "Nothing to clean.")}
-        from studio.data import pii
-
-        report: data.DatasetReport = loaded["report"]
-        try:
-            result = pii.write_cleaned(report.rows, loaded["train_path"], action)
-        except Exception as exc:
-            log.exception("cleaning failed")
-            return {ui["clean_md"]: _box("error", f"Could not write the cleaned copy: {exc}")}
-        what = "PII replaced by placeholders" if action == "redact" else "flagged rows dropped"
-        note = _box(
-            "ok",
-            f"Cleaned copy written ({what}): `{result.path}`, {result.rows_written:,} rows,"
-            f" {result.findings_fixed:,} findings fixed. It is now the dataset to train on;"
-            f" the original `{loaded['source']}` is unchanged.",
-        )
-        opts = {**read_settings(args), "fmt": "messages"}
-        return load(Path(result.path), Path(result.path).name, opts, note=note)
-
-    ui["load"].click(on_load, [ui["path"], *settings], outputs)
-    ui["path"].submit(on_load, [ui["path"], *settings], outputs)
-    ui["sample"].click(on_sample, settings, outputs)
-    ui["upload"].upload(on_upload, [ui["upload"], *settings], outputs)
-    ui["fmt"].input(on_reload, [ui["loaded"], *settings], outputs)
-    ui["json_check"].input(on_reload, [ui["loaded"], *settings], outputs)
-    ui["apply_map"].click(on_apply_map, [ui["table_src"], *settings], outputs)
-    if "model" in others:
-        others["model"].change(on_reload, [ui["loaded"], *settings], outputs)
+def wire_dataset_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
+    """Attach the tab's events; other tabs' settings are read when those tabs exist."""
+    w = DatasetWiring(
+        ui,
+        {key: ctx[name] for key, name in OTHER_TABS if name in ctx},
+        ctx["dataset.path"],
+        ctx["dataset.format"],
+        ctx["dataset.pii_count"],
+    )
+    settings, outputs = w.settings(), w.outputs()
+    ui["load"].click(partial(on_load, w), {ui["path"], *settings}, outputs)
+    ui["path"].submit(partial(on_load, w), {ui["path"], *settings}, outputs)
+    ui["sample"].click(partial(on_sample, w), settings, outputs)
+    ui["upload"].upload(partial(on_upload, w), {ui["upload"], *settings}, outputs)
+    reload_in = {ui["loaded"], *settings}
+    ui["fmt"].input(partial(on_reload, w), reload_in, outputs)
+    ui["json_check"].input(partial(on_reload, w), reload_in, outputs)
+    ui["apply_map"].click(partial(on_apply_map, w), {ui["table_src"], *settings}, outputs)
+    if "model" in w.others:
+        w.others["model"].change(partial(on_reload, w), reload_in, outputs)
     for key in ("max_len", "val_fraction", "seed"):
-        if key in others:
-            others[key].change(
-                on_other, [ui["loaded"], *extra], [ui["summary"], ui["tok_md"], ui["hist"]]
+        if key in w.others:
+            w.others[key].change(
+                partial(on_other, w),
+                {ui["loaded"], *w.others.values()},
+                [ui["summary"], ui["tok_md"], ui["hist"]],
             )
-    page_in = [ui["loaded"], ui["search"], ui["page"]]
-    page_out = [ui["rows"], ui["page_info"], ui["page"]]
-    ui["search"].submit(lambda ld, q, _p: on_page(ld, q, 1), page_in, page_out)
-    ui["page"].submit(on_page, page_in, page_out)
-    ui["prev"].click(lambda ld, q, p: on_page(ld, q, p, -1), page_in, page_out)
-    ui["next"].click(lambda ld, q, p: on_page(ld, q, p, 1), page_in, page_out)
-    preview_in = [ui["loaded"], ui["preview_line"], *extra]
-    preview_out = [ui["preview_info"], ui["preview"]]
-    ui["preview_btn"].click(on_preview, preview_in, preview_out)
-    ui["preview_line"].submit(on_preview, preview_in, preview_out)
-    clean_in = [ui["loaded"], *settings]
+    _wire_rows_and_preview(w)
+    clean_in = {ui["loaded"], *settings}
     if ctx.get("demo") is not None:
         # An event output (unlike a State's initial value) fires the Train tab's .change.
-        ctx["demo"].load(_sample_pii_count, None, ds_pii)
-    ui["redact"].click(lambda ld, *a: on_clean(ld, "redact", *a), clean_in, outputs)
-    ui["drop"].click(lambda ld, *a: on_clean(ld, "drop", *a), clean_in, outputs)
+        ctx["demo"].load(ds_scan.sample_pii_count, None, w.shared_pii)
+    ui["redact"].click(partial(on_clean, w, "redact"), clean_in, outputs)
+    ui["drop"].click(partial(on_clean, w, "drop"), clean_in, outputs)
 
 
-def _sample_pii_count() -> int:
-    """Unresolved PII in the bundled sample, the dataset training uses until another is loaded."""
+def _wire_rows_and_preview(w: DatasetWiring) -> None:
+    ui = w.ui
+    page_in = [ui["loaded"], ui["search"], ui["page"]]
+    page_out = [ui["rows"], ui["page_info"], ui["page"]]
+    ui["search"].submit(lambda ld, q, _p: _rows_page(ld, q, 1), page_in, page_out)
+    ui["page"].submit(_rows_page, page_in, page_out)
+    ui["prev"].click(lambda ld, q, p: _rows_page(ld, q, int(p or 1) - 1), page_in, page_out)
+    ui["next"].click(lambda ld, q, p: _rows_page(ld, q, int(p or 1) + 1), page_in, page_out)
+    preview_in = {ui["loaded"], ui["preview_line"], *w.others.values()}
+    preview_out = [ui["preview_info"], ui["preview"]]
+    ui["preview_btn"].click(partial(on_preview, w), preview_in, preview_out)
+    ui["preview_line"].submit(partial(on_preview, w), preview_in, preview_out)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _failed(w: DatasetWiring, display: str, message: str) -> dict[Any, Any]:
+    gr.Warning(message)
+    return {w.ui["status"]: _box("error", f"Could not load **{display}**: {message}")}
+
+
+def _load(
+    w: DatasetWiring,
+    path: Path,
+    display: str,
+    opts: dict[str, Any],
+    column_map: dict[str, str | None] | None = None,
+    *,
+    keep_copy: bool = False,
+    note: str = "",
+) -> dict[Any, Any]:
+    """Load `path` and fill every panel; on failure only the status line changes."""
+    tok, model_name = ds_scan.cached_tokenizer(opts["model"])
     try:
-        from studio.data import pii
+        ins = ds_scan.inspect_file(
+            path, opts["fmt"], column_map, tok, opts["json_check"], keep_copy=keep_copy
+        )
+    except data.DatasetError as exc:
+        # A table whose columns could not be mapped: show the mapping controls to fix it.
+        return {**_failed(w, display, str(exc)), **_table_controls(w, path, display, keep_copy)}
+    except Exception as exc:  # never a traceback in the page
+        log.exception("loading %s failed", path)
+        return _failed(w, display, f"{type(exc).__name__}: {exc}")
+    loaded = {
+        "report": ins.report,
+        "source": str(ins.source),
+        "train_path": str(ins.train_path),
+        "display": display,
+        "scan": ins.scan,
+        "lengths": ins.lengths,
+        "model": model_name,
+    }
+    ui = w.ui
+    out = _fill(w, loaded, opts, tok is not None)
+    out[ui["status"]] = _load_status(ins, display, None if tok is not None else model_name)
+    out[ui["path"]] = "" if ins.is_sample else str(ins.source)
+    if not keep_copy:
+        out[ui["upload"]] = None  # the file shown there is no longer the one loaded
+    out[ui["clean_md"]] = note
+    out[ui["table_src"]] = (
+        {"path": str(ins.source), "display": display, "keep_copy": False}
+        if ins.report.column_map is not None
+        else None
+    )
+    out[w.shared_path] = "" if ins.is_sample else str(ins.train_path)
+    out[w.shared_format] = ins.train_format
+    out[w.shared_pii] = ins.pii_count
+    return out
 
-        cached = pii.unresolved_pii(data.SAMPLE_DATASET)
-        if cached is not None:
-            return cached
-        report = data.load_dataset_file(data.SAMPLE_DATASET)
-        scan = pii.scan_rows(report.rows, report.row_numbers)
-        pii.save_scan(data.SAMPLE_DATASET, scan)
-        return len(scan.findings)
-    except Exception:
-        log.exception("could not scan the bundled sample for PII")
-        return 0
+
+def _load_status(ins: ds_scan.Inspection, display: str, no_tokenizer: str | None) -> str:
+    """The status line after a load; `no_tokenizer` is why the tokenizer is missing, if it is."""
+    report = ins.report
+    status = (
+        f"Loaded **{display}** in {ins.seconds:.1f} s: {report.valid:,} of {report.total:,}"
+        f" rows usable. Training will use `{ins.train_path}`."
+    )
+    if not report.valid:
+        status += " **No row is usable**: fix the file (see the invalid rows) or the format."
+    text = _box("ok" if report.valid else "warn", status)
+    if no_tokenizer is not None:
+        text += "\n\n" + _box(
+            "warn",
+            "Token lengths, the preview and the chat-template check need the model's"
+            f" tokenizer, which is not available ({no_tokenizer}).",
+        )
+    return text
 
 
-def _edited_map(report: data.DatasetReport, column_map: dict[str, str | None] | None) -> bool:
-    """True when the user's column map differs from the guess training would make."""
-    if report.column_map is None or column_map is None or report.columns is None:
-        return False
-    chosen = {k: v for k, v in column_map.items() if v}
-    guess = {k: v for k, v in data.guess_column_map(report.columns).items() if v}
-    return chosen != guess
+def _fill(
+    w: DatasetWiring, loaded: dict[str, Any], opts: dict[str, Any], have_tok: bool
+) -> dict[Any, Any]:
+    """Every panel for a freshly loaded dataset."""
+    ui = w.ui
+    report: data.DatasetReport = loaded["report"]
+    scan = loaded["scan"]
+    out: dict[Any, Any] = {
+        ui["summary"]: _summary_md(report, loaded["display"], opts["val_fraction"], opts["seed"]),
+        ui["errors"]: gr.update(value=_errors_df(report), visible=bool(report.errors)),
+        **_token_outputs(w, loaded, opts["max_len"]),
+    }
+    df, info, page = _rows_page(loaded, "", 1)
+    out.update({ui["rows"]: df, ui["page_info"]: info, ui["page"]: page, ui["search"]: ""})
+    cols = [NONE_COLUMN, *(report.columns or [])]
+    out[ui["colmap_box"]] = gr.update(visible=report.column_map is not None)
+    for fld in ALPACA_FIELDS:
+        value = (report.column_map or {}).get(fld) or NONE_COLUMN
+        out[ui[f"col_{fld}"]] = gr.update(choices=cols, value=value)
+    out[ui["preview_line"]] = report.row_numbers[0] if report.row_numbers else None
+    out[ui["preview_info"]] = "Pick a row and press **Show preview**." if have_tok else ""
+    out[ui["preview"]] = None
+    flagged = bool(scan and scan.findings)
+    if scan is None:
+        out[ui["pii_md"]] = _box("warn", "The PII check is not available.")
+        out[ui["pii_df"]] = gr.update(visible=False)
+    else:
+        out[ui["pii_md"]] = _pii_md(scan)
+        out[ui["pii_df"]] = gr.update(value=_pii_df(scan, report.unit), visible=flagged)
+    out[ui["redact"]] = gr.update(interactive=flagged)
+    out[ui["drop"]] = gr.update(interactive=flagged)
+    out[ui["loaded"]] = loaded
+    return out
 
 
-def _scan(report: data.DatasetReport, train_path: Path) -> Any:
-    """PII scan of the valid rows, cached with the file training will read."""
+def _token_outputs(w: DatasetWiring, loaded: dict[str, Any] | None, max_len: int) -> dict:
+    from studio.plots import length_histogram
+
+    ui = w.ui
+    if not loaded:
+        return {}
+    if not loaded["lengths"]:
+        msg = "Token lengths are not available (no tokenizer, or no valid rows)."
+        return {ui["tok_md"]: _box("warn", msg), ui["hist"]: gr.update(value=None, visible=False)}
+    stats = length_stats(loaded["lengths"], max_len)
+    return {
+        ui["tok_md"]: _token_md(stats, loaded["model"]),
+        ui["hist"]: gr.update(value=length_histogram(stats), visible=True),
+    }
+
+
+def _table_controls(w: DatasetWiring, path: Path, display: str, keep_copy: bool) -> dict:
+    """The column-mapping controls for a table that failed to load as guessed."""
     try:
-        from studio.data import pii
-    except ImportError as exc:
-        log.warning("PII check unavailable: %s", exc)
-        return None
-    scan = pii.scan_rows(report.rows, report.row_numbers)
+        columns = table_columns(path)
+    except data.DatasetError:
+        columns = None
+    if not columns:
+        return {}
+    guess = guess_column_map(columns)
+    out: dict[Any, Any] = {
+        w.ui["colmap_box"]: gr.update(visible=True),
+        w.ui["table_src"]: {"path": str(path), "display": display, "keep_copy": keep_copy},
+    }
+    for fld in ALPACA_FIELDS:
+        value = guess.get(fld) or NONE_COLUMN
+        out[w.ui[f"col_{fld}"]] = gr.update(choices=[NONE_COLUMN, *columns], value=value)
+    return out
+
+
+def on_load(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    path_text = values.get(w.ui["path"]) or ""
     try:
-        pii.save_scan(train_path, scan)
-    except OSError as exc:  # the cache is a convenience; the result is shown anyway
-        log.warning("could not cache the PII scan: %s", exc)
-    return scan
+        path = ds_scan.resolve_user_path(path_text)
+    except data.DatasetError as exc:
+        return _failed(w, path_text.strip() or "the file", str(exc))
+    return _load(w, path, path.name, w.read_settings(values))
+
+
+def on_sample(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    opts = {**w.read_settings(values), "fmt": "auto"}
+    return _load(w, data.SAMPLE_DATASET, "the bundled sample (support_tickets.jsonl)", opts)
+
+
+def on_upload(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    file = values.get(w.ui["upload"])
+    if not file:
+        return {w.ui["status"]: gr.update()}  # an empty dict reads as one missing value
+    path = Path(file)
+    return _load(w, path, path.name, w.read_settings(values), keep_copy=True)
+
+
+def on_reload(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """The current file again, with the changed format, JSON check or model."""
+    loaded = values.get(w.ui["loaded"])
+    if not loaded:
+        return {w.ui["status"]: gr.update()}  # an empty dict reads as one missing value
+    report: data.DatasetReport = loaded["report"]
+    opts = w.read_settings(values)
+    return _load(w, Path(loaded["source"]), loaded["display"], opts, report.column_map)
+
+
+def on_apply_map(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    src = values.get(w.ui["table_src"])
+    if not src:
+        return {w.ui["status"]: _box("info", "Load a CSV or Parquet file first.")}
+    opts = w.read_settings(values)
+    path = Path(src["path"])
+    return _load(w, path, src["display"], opts, opts["column_map"], keep_copy=src["keep_copy"])
+
+
+def on_other(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """Max length, validation share or seed changed: redo the figures that use them."""
+    loaded = values.get(w.ui["loaded"])
+    if not loaded:
+        return {}
+    opts = w.other_tabs(values)
+    summary = _summary_md(loaded["report"], loaded["display"], opts["val_fraction"], opts["seed"])
+    return {w.ui["summary"]: summary, **_token_outputs(w, loaded, opts["max_len"])}
+
+
+def on_preview(w: DatasetWiring, values: dict[Any, Any]) -> tuple[str, Any]:
+    loaded = values.get(w.ui["loaded"])
+    if not loaded:
+        return _box("info", "Load a dataset first."), None
+    opts = w.other_tabs(values)
+    return _preview(loaded, values.get(w.ui["preview_line"]), opts["model"], opts["max_len"])
+
+
+def on_clean(w: DatasetWiring, action: str, values: dict[Any, Any]) -> dict[Any, Any]:
+    """Redact or drop the PII findings into a cleaned copy, then load that copy."""
+    loaded = values.get(w.ui["loaded"])
+    scan = loaded["scan"] if loaded else None
+    if not scan or not scan.findings:
+        return {w.ui["clean_md"]: _box("info", "Nothing to clean.")}
+    from studio.data import pii
+
+    report: data.DatasetReport = loaded["report"]
+    try:
+        result = pii.write_cleaned(report.rows, loaded["train_path"], action)
+    except Exception as exc:
+        log.exception("cleaning failed")
+        return {w.ui["clean_md"]: _box("error", f"Could not write the cleaned copy: {exc}")}
+    what = "PII replaced by placeholders" if action == "redact" else "flagged rows dropped"
+    note = _box(
+        "ok",
+        f"Cleaned copy written ({what}): `{result.path}`, {result.rows_written:,} rows,"
+        f" {result.findings_fixed:,} findings fixed. It is now the dataset to train on;"
+        f" the original `{loaded['source']}` is unchanged.",
+    )
+    opts = {**w.read_settings(values), "fmt": "messages"}
+    return _load(w, Path(result.path), Path(result.path).name, opts, note=note)
 
 
 def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int) -> tuple[str, Any]:
@@ -662,13 +669,13 @@ def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int)
     except (TypeError, ValueError):
         msg = f"{report.unit} {line} is not a valid row of this dataset (see the invalid rows)."
         return _box("warn", msg), None
-    tok, model_name = _tokenizer(model)
+    tok, model_name = ds_scan.cached_tokenizer(model)
     if tok is None:
         msg = f"The preview needs the model's tokenizer, which is not available ({model_name})."
         return _box("warn", msg), None
     row = report.rows[idx]
     try:
-        segments = data.preview_row(row, tok, max_len)
+        segments = preview_row(row, tok, max_len)
         tc = chat_format.tokenize_conversation(tok, row["messages"], max_len)
     except Exception as exc:
         log.exception("preview failed")
@@ -677,6 +684,11 @@ def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int)
         f"{report.unit} {line}: {len(tc.input_ids):,} tokens, {tc.trained_tokens:,} of them"
         f" trained (chat template of `{model_name}`)."
     )
+    marker = chat_format.end_of_turn_marker(tok)
+    if marker:
+        info += f" Each reply ends with `{marker}`, trained so the model learns to stop."
     if tc.truncated:
         info += " " + _box("warn", f"Cut at {max_len} tokens: the rest is not trained.")
+    for note in chat_format.template_notes(tok):  # e.g. a template with no system role
+        info += "\n\n" + _box("warn", note)
     return info, [(text, "trained" if trained else None) for text, trained in segments]

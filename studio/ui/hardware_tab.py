@@ -2,12 +2,15 @@
 
 Choosing a preset or a model fills the Train tab's settings (still editable there); changing
 any of those settings re-estimates. Detection and the environment check run when the page
-loads, not at start-up, so the app serves at once. The engine (studio.presets, .hardware,
-.vram, .doctor) does the work; this module only turns its plain data into components.
+loads, not at start-up, so the app serves at once. The engine (studio.hardware: presets,
+detect, vram, doctor; figures from studio.plots) does the work; this module only turns its
+plain data into components.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -15,6 +18,7 @@ import gradio as gr
 from studio.hardware import vram
 from studio.hardware.presets import BAND_LABELS, PresetCatalog, band_for, defaults_for, load_presets
 from studio.models.loader import DEFAULT_MODEL
+from studio.plots import vram_figure
 
 # The Train tab's fields this tab fills and watches (RunConfig names, as "train.<name>").
 SETTING_FIELDS = (
@@ -106,11 +110,10 @@ def _memory_target(
     """(capacity, in use, how 'in use' was found, device) for the estimate."""
     preset = catalog.get(preset_name)
     if preset.kind == "cpu":
-        from studio.hardware.detect import ram_used_by_others, system_ram
-        from studio.models.precision import cpu_bf16
+        from studio.hardware.detect import estimate_kernel, ram_used_by_others, system_ram
 
-        device = "cpu-bf16" if cpu_bf16()[0] else "cpu"  # as studio.train will compute
-        return system_ram()[0], ram_used_by_others(), "RAM used by other programs, measured", device
+        how = "RAM used by other programs, measured"
+        return system_ram()[0], ram_used_by_others(), how, estimate_kernel("cpu")
     gpus = (report or {}).get("gpus") or []
     detected = (report or {}).get("preset", {}).get("value")
     if gpus and detected == preset.name and gpus[0].get("free_bytes") is not None:
@@ -161,7 +164,7 @@ def estimate_view(
     except (vram.ModelShapeError, ValueError, KeyError) as exc:
         return f"### ❔ No estimate\n\n{exc}", None
     label = catalog.get(preset_name).label
-    fig = vram.vram_figure(est, capacity / GIB)
+    fig = vram_figure(est, capacity / GIB)
     fig.update_layout(title={"text": f"{label} · {shape.name.split('/')[-1]}: {est.verdict}"})
     return _verdict_markdown(est, how), fig
 
@@ -193,16 +196,21 @@ def _initial_settings() -> dict[str, Any]:
 # --------------------------------------------------------------------------- build and wire
 
 
-def build_hardware_tab(ctx: dict[str, Any]) -> None:
-    """Create the tab's components inside the open gr.Tab; register shared ones in ctx."""
+def build_hardware_tab(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Create the tab's components inside the open gr.Tab; returns them by name.
+
+    Registers "model.name", "hardware.preset", "hardware.report" and "hardware.settings" in
+    ctx for the other tabs.
+    """
     catalog = _catalog()
+    ui: dict[str, Any] = {}
     gr.Markdown(
         "Pick your GPU and base model: the studio fills the Train tab's settings and checks"
         " that the run fits in memory before you start it."
     )
-    detected = gr.Markdown(detected_markdown(None), elem_id="hw-detected")
+    ui["detected"] = gr.Markdown(detected_markdown(None), elem_id="hw-detected")
     with gr.Row():
-        preset = gr.Dropdown(
+        ui["preset"] = gr.Dropdown(
             choices=_preset_choices(catalog),
             value="cpu" if "cpu" in catalog.presets else None,
             label="Hardware preset",
@@ -210,7 +218,7 @@ def build_hardware_tab(ctx: dict[str, Any]) -> None:
             elem_id="hw-preset",
             interactive=True,
         )
-        model = gr.Dropdown(
+        ui["model"] = gr.Dropdown(
             choices=model_choices(),
             value=DEFAULT_MODEL,
             label="Base model",
@@ -219,52 +227,27 @@ def build_hardware_tab(ctx: dict[str, Any]) -> None:
             elem_id="hw-model",
             interactive=True,
         )
-    model_info = gr.Markdown(model_markdown(DEFAULT_MODEL), elem_id="hw-model-info")
-    verdict = gr.Markdown("Estimating…", elem_id="hw-verdict")
-    chart = gr.Plot(label="Estimated peak memory", elem_id="hw-chart")
+    ui["model_info"] = gr.Markdown(model_markdown(DEFAULT_MODEL), elem_id="hw-model-info")
+    ui["verdict"] = gr.Markdown("Estimating…", elem_id="hw-verdict")
+    ui["chart"] = gr.Plot(label="Estimated peak memory", elem_id="hw-chart")
     with gr.Row():
-        autofit = gr.Button("Auto-fit", variant="secondary", elem_id="hw-autofit", scale=0)
-        autofit_msg = gr.Markdown(
+        ui["autofit"] = gr.Button("Auto-fit", variant="secondary", elem_id="hw-autofit", scale=0)
+        ui["autofit_msg"] = gr.Markdown(
             "Auto-fit picks the largest batch (then sequence length) that fits with 10% to"
             " spare, raising gradient accumulation to keep the effective batch.",
             elem_id="hw-autofit-msg",
         )
-    with gr.Accordion("Environment check (running…)", open=False) as checks_box:
-        checks = gr.Markdown(checks_markdown(None), elem_id="hw-checks")
-        recheck = gr.Button("Run the checks again", size="sm")
-    presets_note = gr.Markdown(_presets_note(catalog), elem_id="hw-presets-note")
-
-    ctx["model.name"] = model
-    ctx["hardware.preset"] = preset
-    ctx["hardware.report"] = gr.State(None)
-    ctx["hardware.settings"] = gr.State(_initial_settings())
-    ctx["hardware._ui"] = {
-        "detected": detected,
-        "model_info": model_info,
-        "verdict": verdict,
-        "chart": chart,
-        "autofit": autofit,
-        "autofit_msg": autofit_msg,
-        "checks": checks,
-        "checks_box": checks_box,
-        "recheck": recheck,
-        "presets_note": presets_note,
-    }
-
-    def run_checks() -> list[Any]:
-        from studio.hardware.doctor import checks_as_dicts
-
-        found = checks_as_dicts()
-        counts = {s: sum(c["status"] == s for c in found) for s in ("ok", "warning", "problem")}
-        label = (
-            f"Environment check: {counts['ok']} ok · {counts['warning']} warning(s) ·"
-            f" {counts['problem']} problem(s)"
-        )
-        box = gr.Accordion(label=label, open=counts["problem"] > 0)
-        return [checks_markdown(found), box]
-
-    ctx["demo"].load(run_checks, outputs=[checks, checks_box], show_progress="hidden")
-    recheck.click(run_checks, outputs=[checks, checks_box])
+    with gr.Accordion("Environment check (running…)", open=False) as ui["checks_box"]:
+        ui["checks"] = gr.Markdown(checks_markdown(None), elem_id="hw-checks")
+        ui["recheck"] = gr.Button("Run the checks again", size="sm")
+    ui["presets_note"] = gr.Markdown(_presets_note(catalog), elem_id="hw-presets-note")
+    ui["report"] = gr.State(None)
+    ui["settings"] = gr.State(_initial_settings())
+    ctx["model.name"] = ui["model"]
+    ctx["hardware.preset"] = ui["preset"]
+    ctx["hardware.report"] = ui["report"]
+    ctx["hardware.settings"] = ui["settings"]
+    return ui
 
 
 def _presets_note(catalog: PresetCatalog) -> str:
@@ -279,124 +262,159 @@ def _presets_note(catalog: PresetCatalog) -> str:
     return text
 
 
-def wire_hardware_tab(ctx: dict[str, Any]) -> None:
-    """Fill the Train tab's fields from presets/models; re-estimate when any of them changes."""
-    ui = ctx["hardware._ui"]
-    preset, model = ctx["hardware.preset"], ctx["model.name"]
-    report_state, settings_state = ctx["hardware.report"], ctx["hardware.settings"]
-    # The Train tab may not exist yet (or may lack a field): fill and watch what is there.
-    keys = [k for k in SETTING_FIELDS if f"train.{k}" in ctx]
-    train = [ctx[f"train.{k}"] for k in keys]
+def run_checks(ui: dict[str, Any]) -> dict[Any, Any]:
+    """The environment check's table, and its accordion labelled with the counts."""
+    from studio.hardware.doctor import checks_as_dicts
 
-    def merged(settings: dict[str, Any], values: tuple[Any, ...]) -> dict[str, Any]:
-        out = dict(settings or {})
-        out.update({k: v for k, v in zip(keys, values, strict=True) if v is not None})
-        return out
-
-    def view(p: str | None, m: str | None, settings: dict[str, Any], report: Any) -> list[Any]:
-        text, fig = estimate_view(p, m, settings, report)
-        return [text, fig]
-
-    def fill(p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any):
-        new = _fill(p, m, merged(settings, values))
-        return [
-            new,
-            *[new[k] for k in keys],
-            model_markdown(m or DEFAULT_MODEL),
-            *view(p, m, new, report),
-        ]
-
-    fill_outputs = [settings_state, *train, ui["model_info"], ui["verdict"], ui["chart"]]
-    fill_inputs = [preset, model, settings_state, report_state, *train]
-
-    def on_load(settings: dict[str, Any], m: str | None, *values: Any):
-        from studio.hardware.detect import detect
-
-        catalog = _catalog()
-        report = detect(catalog).to_dict()
-        chosen = report["preset"]["value"]
-        dropdown = gr.Dropdown(choices=_preset_choices(catalog), value=chosen)
-        return [
-            detected_markdown(report),
-            dropdown,
-            report,
-            _presets_note(catalog),
-            *fill(chosen, m, settings, report, *values),
-        ]
-
-    ctx["demo"].load(
-        on_load,
-        inputs=[settings_state, model, *train],
-        outputs=[ui["detected"], preset, report_state, ui["presets_note"], *fill_outputs],
+    found = checks_as_dicts()
+    counts = {s: sum(c["status"] == s for c in found) for s in ("ok", "warning", "problem")}
+    label = (
+        f"Environment check: {counts['ok']} ok · {counts['warning']} warning(s) ·"
+        f" {counts['problem']} problem(s)"
     )
-    for picker in (preset, model):
-        picker.input(
-            fill,
-            inputs=fill_inputs,
-            outputs=fill_outputs,
-            trigger_mode="always_last",
-            show_progress="hidden",
-        )
+    box = gr.Accordion(label=label, open=counts["problem"] > 0)
+    return {ui["checks"]: checks_markdown(found), ui["checks_box"]: box}
 
-    def on_settings_change(
-        p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any
-    ):
-        new = merged(settings, values)
-        return [new, *view(p, m, new, report)]
 
+@dataclass
+class HardwareWiring:
+    """The tab's components by name and the Train tab's fields it fills ("train.<name>")."""
+
+    ui: dict[str, Any]
+    train: dict[str, Any]  # SETTING_FIELDS name -> the Train tab's component, where present
+
+    def inputs(self) -> set[Any]:
+        """What every handler reads: pickers, detection report, settings, Train fields."""
+        ui = self.ui
+        return {ui["preset"], ui["model"], ui["settings"], ui["report"], *self.train.values()}
+
+    def read(self, values: dict[Any, Any]) -> tuple[str | None, str | None, dict, Any]:
+        """(preset, model, settings merged with the Train fields, detection report)."""
+        ui = self.ui
+        settings = dict(values.get(ui["settings"]) or {})
+        for key, comp in self.train.items():
+            if values.get(comp) is not None:
+                settings[key] = values[comp]
+        return values.get(ui["preset"]), values.get(ui["model"]), settings, values.get(ui["report"])
+
+    def view(self, p: str | None, m: str | None, settings: dict, report: Any) -> dict[Any, Any]:
+        text, fig = estimate_view(p, m, settings, report)
+        return {self.ui["verdict"]: text, self.ui["chart"]: fig}
+
+    def settings_out(self, new: dict[str, Any]) -> dict[Any, Any]:
+        """The settings state and the Train tab's fields set to `new`."""
+        return {self.ui["settings"]: new, **{c: new.get(k) for k, c in self.train.items()}}
+
+
+def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
+    """Fill the Train tab's fields from presets/models; re-estimate when any of them changes."""
+    # The Train tab may not exist yet (or may lack a field): fill and watch what is there.
+    w = HardwareWiring(ui, {k: ctx[f"train.{k}"] for k in SETTING_FIELDS if f"train.{k}" in ctx})
+    inputs, train = w.inputs(), list(w.train.values())
+    fill_outputs = [ui["settings"], *train, ui["model_info"], ui["verdict"], ui["chart"]]
+    quiet = {"trigger_mode": "always_last", "show_progress": "hidden"}
+    checks_out = [ui["checks"], ui["checks_box"]]
+    ctx["demo"].load(partial(run_checks, ui), outputs=checks_out, show_progress="hidden")
+    ui["recheck"].click(partial(run_checks, ui), outputs=checks_out)
+    ctx["demo"].load(
+        partial(on_page_load, w),
+        inputs=inputs,
+        outputs=[ui["detected"], ui["preset"], ui["report"], ui["presets_note"], *fill_outputs],
+    )
+    for picker in (ui["preset"], ui["model"]):
+        picker.input(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
     if train:
         gr.on(
             triggers=[c.change for c in train],
-            fn=on_settings_change,
-            inputs=fill_inputs,
-            outputs=[settings_state, ui["verdict"], ui["chart"]],
-            trigger_mode="always_last",
-            show_progress="hidden",
+            fn=partial(on_settings_change, w),
+            inputs=inputs,
+            outputs=[ui["settings"], ui["verdict"], ui["chart"]],
+            **quiet,
         )
-
-    def on_model_change(
-        p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any
-    ):
-        return [model_markdown(m or DEFAULT_MODEL), *view(p, m, merged(settings, values), report)]
-
-    model.change(
-        on_model_change,
-        inputs=fill_inputs,
+    ui["model"].change(
+        partial(on_model_change, w),
+        inputs=inputs,
         outputs=[ui["model_info"], ui["verdict"], ui["chart"]],
-        trigger_mode="always_last",
-        show_progress="hidden",
+        **quiet,
     )
-
-    def on_autofit(
-        p: str | None, m: str | None, settings: dict[str, Any], report: Any, *values: Any
-    ):
-        current = merged(settings, values)
-        try:
-            catalog = _catalog()
-            shape = vram.model_shape(m or DEFAULT_MODEL)
-            capacity, in_use, _how, device = _memory_target(p or "", catalog, report)
-            result = vram.auto_fit(
-                shape, current, capacity_bytes=capacity, in_use_bytes=in_use, device=device
-            )
-        except (vram.ModelShapeError, ValueError, KeyError) as exc:
-            return [
-                current,
-                *[current.get(k) for k in keys],
-                f"⚠️ Auto-fit: {exc}",
-                *view(p, m, current, report),
-            ]
-        new = {**current, **result.settings}
-        icon = "✅" if result.fits else "❌"
-        return [
-            new,
-            *[new[k] for k in keys],
-            f"{icon} {result.message()}",
-            *view(p, m, new, report),
-        ]
-
     ui["autofit"].click(
-        on_autofit,
-        inputs=fill_inputs,
-        outputs=[settings_state, *train, ui["autofit_msg"], ui["verdict"], ui["chart"]],
+        partial(on_autofit, w),
+        inputs=inputs,
+        outputs=[ui["settings"], *train, ui["autofit_msg"], ui["verdict"], ui["chart"]],
         show_progress="hidden",
     )
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _fill_outputs(
+    w: HardwareWiring, p: str | None, m: str | None, settings: dict, report: Any
+) -> dict[Any, Any]:
+    """The preset's defaults for the model into the Train fields, then the new estimate."""
+    new = _fill(p, m, settings)
+    return {
+        **w.settings_out(new),
+        w.ui["model_info"]: model_markdown(m or DEFAULT_MODEL),
+        **w.view(p, m, new, report),
+    }
+
+
+def on_pick(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """A preset or model was picked: fill the Train tab from the preset and re-estimate."""
+    p, m, settings, report = w.read(values)
+    return _fill_outputs(w, p, m, settings, report)
+
+
+def on_page_load(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """Detect the hardware, pick its preset, fill the Train tab and estimate."""
+    from studio.hardware.detect import detect
+
+    catalog = _catalog()
+    report = detect(catalog).to_dict()
+    chosen = report["preset"]["value"]
+    _p, m, settings, _report = w.read(values)
+    return {
+        w.ui["detected"]: detected_markdown(report),
+        w.ui["preset"]: gr.Dropdown(choices=_preset_choices(catalog), value=chosen),
+        w.ui["report"]: report,
+        w.ui["presets_note"]: _presets_note(catalog),
+        **_fill_outputs(w, chosen, m, settings, report),
+    }
+
+
+def on_settings_change(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    p, m, settings, report = w.read(values)
+    return {w.ui["settings"]: settings, **w.view(p, m, settings, report)}
+
+
+def on_model_change(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    p, m, settings, report = w.read(values)
+    return {
+        w.ui["model_info"]: model_markdown(m or DEFAULT_MODEL),
+        **w.view(p, m, settings, report),
+    }
+
+
+def on_autofit(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """The largest batch (then length) that fits, into the Train tab."""
+    p, m, current, report = w.read(values)
+    try:
+        shape = vram.model_shape(m or DEFAULT_MODEL)
+        capacity, in_use, _how, device = _memory_target(p or "", _catalog(), report)
+        result = vram.auto_fit(
+            shape, current, capacity_bytes=capacity, in_use_bytes=in_use, device=device
+        )
+    except (vram.ModelShapeError, ValueError, KeyError) as exc:
+        return {
+            **w.settings_out(current),
+            w.ui["autofit_msg"]: f"⚠️ Auto-fit: {exc}",
+            **w.view(p, m, current, report),
+        }
+    new = {**current, **result.settings}
+    icon = "✅" if result.fits else "❌"
+    return {
+        **w.settings_out(new),
+        w.ui["autofit_msg"]: f"{icon} {result.message()}",
+        **w.view(p, m, new, report),
+    }

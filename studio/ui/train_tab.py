@@ -8,6 +8,8 @@ registered in ctx as "train.<field>" for the Hardware tab to fill.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,65 +86,79 @@ def _component(field: str, label: str, kind: Any, extra: dict[str, Any], default
     return gr.Textbox(value=default, label=label, elem_id=elem_id, **extra)
 
 
-def build_train_tab(ctx: dict[str, Any]) -> None:
-    """Create the tab's components inside the open gr.Tab; register shared ones in ctx."""
-    defaults = RunConfig()
+def build_train_tab(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Create the tab's components inside the open gr.Tab; returns them by name.
+
+    Registers every setting as "train.<field>" (the Hardware and Dataset tabs read them) and
+    the "runs.refresh" signal (Chat and Export refresh their run lists when it changes).
+    """
     ui: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=1):
-            gr.Markdown("### Settings\nFilled by the Hardware tab's preset; edit freely.")
-            ui["target"] = gr.Markdown(elem_id="train-target")
-            with gr.Row():
-                for name, label, kind, extra in BASIC_FIELDS[:3]:
-                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-            with gr.Row():
-                for name, label, kind, extra in BASIC_FIELDS[3:6]:
-                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-            with gr.Row():
-                for name, label, kind, extra in BASIC_FIELDS[6:9]:
-                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-            with gr.Row():
-                for name, label, kind, extra in BASIC_FIELDS[9:12]:
-                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-            with gr.Row():
-                for name, label, kind, extra in BASIC_FIELDS[12:]:
-                    ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-            with gr.Accordion("Advanced settings", open=False):
-                with gr.Row():
-                    for name, label, kind, extra in ADVANCED_FIELDS:
-                        if kind != "bool":
-                            ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-                with gr.Column():
-                    for name, label, kind, extra in ADVANCED_FIELDS:
-                        if kind == "bool":
-                            ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
-            with gr.Group(visible=False) as ui["pii_group"]:
-                ui["pii_md"] = gr.Markdown()
-                ui["allow_pii"] = gr.Checkbox(
-                    value=False,
-                    label="Train anyway: I checked the findings and accept them",
-                    elem_id="train-allow-pii",
-                )
-            with gr.Accordion("Run config (YAML): the same run headless", open=False):
-                gr.Markdown("Save it as `run.yaml` and run `python -m studio.train run.yaml`.")
-                ui["yaml"] = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
+            _build_settings(ui)
         with gr.Column(scale=1):
-            with gr.Row():
-                ui["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
-                ui["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
-            ui["notice"] = gr.Markdown(elem_id="train-notice")
-            ui["progress"] = gr.Markdown("No run yet.", elem_id="train-progress")
-            ui["chart"] = gr.Plot(label="Loss", elem_id="train-chart")
-            ui["result"] = gr.Markdown(elem_id="train-result")
-            ui["retry"] = gr.Button(
-                "Retry with the suggested settings", visible=False, elem_id="train-retry"
-            )
-            ui["run_dir"] = gr.Textbox(
-                label="Run folder", interactive=False, elem_id="train-run-dir", buttons=["copy"]
-            )
-            ui["log"] = gr.Textbox(
-                label="Log", lines=10, max_lines=10, interactive=False, elem_id="train-log"
-            )
+            _build_run_panel(ui)
+    _build_past_runs(ui)
+    ui["seen"] = gr.State(-1)  # the job version this browser tab last drew
+    ui["timer"] = gr.Timer(1.0)
+    for name in FIELDS:
+        ctx[f"train.{name}"] = ui[name]
+    ctx["runs.refresh"] = gr.State(0)
+    return ui
+
+
+def _build_settings(ui: dict[str, Any]) -> None:
+    """The RunConfig fields (basic in rows of three, advanced folded), PII consent, YAML."""
+    defaults = RunConfig()
+
+    def add(fields: list[tuple[str, str, Any, dict[str, Any]]]) -> None:
+        for name, label, kind, extra in fields:
+            ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
+
+    gr.Markdown("### Settings\nFilled by the Hardware tab's preset; edit freely.")
+    ui["target"] = gr.Markdown(elem_id="train-target")
+    for start in range(0, len(BASIC_FIELDS), 3):
+        with gr.Row():
+            add(BASIC_FIELDS[start : start + 3])
+    with gr.Accordion("Advanced settings", open=False):
+        with gr.Row():
+            add([f for f in ADVANCED_FIELDS if f[2] != "bool"])
+        with gr.Column():
+            add([f for f in ADVANCED_FIELDS if f[2] == "bool"])
+    with gr.Group(visible=False) as ui["pii_group"]:
+        ui["pii_md"] = gr.Markdown()
+        ui["allow_pii"] = gr.Checkbox(
+            value=False,
+            label="Train anyway: I checked the findings and accept them",
+            elem_id="train-allow-pii",
+        )
+    with gr.Accordion("Run config (YAML): the same run headless", open=False):
+        gr.Markdown("Save it as `run.yaml` and run `python -m studio.train run.yaml`.")
+        ui["yaml"] = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
+
+
+def _build_run_panel(ui: dict[str, Any]) -> None:
+    """Start / Stop, progress, the live chart, the result, the run folder and the log."""
+    with gr.Row():
+        ui["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
+        ui["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
+    ui["notice"] = gr.Markdown(elem_id="train-notice")
+    ui["progress"] = gr.Markdown("No run yet.", elem_id="train-progress")
+    ui["chart"] = gr.Plot(label="Loss", elem_id="train-chart")
+    ui["result"] = gr.Markdown(elem_id="train-result")
+    ui["retry"] = gr.Button(
+        "Retry with the suggested settings", visible=False, elem_id="train-retry"
+    )
+    ui["run_dir"] = gr.Textbox(
+        label="Run folder", interactive=False, elem_id="train-run-dir", buttons=["copy"]
+    )
+    ui["log"] = gr.Textbox(
+        label="Log", lines=10, max_lines=10, interactive=False, elem_id="train-log"
+    )
+
+
+def _build_past_runs(ui: dict[str, Any]) -> None:
+    """The past-runs table, Resume, and the overlay of several runs' curves."""
     with gr.Accordion("Past runs", open=True):
         with gr.Row():
             ui["refresh"] = gr.Button("Refresh", size="sm", elem_id="train-refresh")
@@ -163,113 +179,44 @@ def build_train_tab(ctx: dict[str, Any]) -> None:
             elem_id="train-overlay",
         )
         ui["compare"] = gr.Plot(label="Compare runs", elem_id="train-compare")
-    ui["seen"] = gr.State(-1)  # the job version this browser tab last drew
-    ui["timer"] = gr.Timer(1.0)
-    for name in FIELDS:
-        ctx[f"train.{name}"] = ui[name]
-    ctx["runs.refresh"] = gr.State(0)
-    ctx["train._ui"] = ui
 
 
-def wire_train_tab(ctx: dict[str, Any]) -> None:
+@dataclass
+class TrainWiring:
+    """The tab's components by name, and the other tabs' values a run config takes."""
+
+    ui: dict[str, Any]
+    cross: dict[str, Any]  # CROSS_TAB name -> component, where that tab exists
+    refresh_signal: Any
+
+    def inputs(self) -> set[Any]:
+        return {*(self.ui[name] for name in FIELDS), *self.cross.values()}
+
+    def read(self, values: dict[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(settings by field name, other tabs' values by ctx name)."""
+        settings = {name: values.get(self.ui[name]) for name in FIELDS}
+        extras = {key: values.get(comp) for key, comp in self.cross.items()}
+        return settings, extras
+
+    def past_outputs(self) -> list[Any]:
+        return [self.ui["runs_table"], self.ui["resume_dd"], self.ui["overlay_dd"]]
+
+    def poll_outputs(self) -> list[Any]:
+        names = ("progress", "chart", "log", "run_dir", "result", "retry", "seen")
+        return [*(self.ui[k] for k in names), self.refresh_signal, *self.past_outputs()]
+
+
+def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     """Attach the events; other tabs' model, dataset and preset are read when they exist."""
-    ui = ctx["train._ui"]
-    settings = [ui[name] for name in FIELDS]
-    present = [key for key in CROSS_TAB if key in ctx]
-    inputs = settings + [ctx[key] for key in present]
-    refresh_signal = ctx["runs.refresh"]
-    past_outputs = [ui["runs_table"], ui["resume_dd"], ui["overlay_dd"]]
-
-    def split(args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-        values = dict(zip(FIELDS, args[: len(FIELDS)], strict=True))
-        extras = dict(zip(present, args[len(FIELDS) :], strict=True))
-        return values, extras
-
-    def preview(*args: Any) -> tuple[str, str]:
-        values, extras = split(args)
-        try:
-            cfg = config_from_ui(values, extras)
-        except ConfigError as exc:
-            return f"# not valid yet: {exc}\n", f"⚠️ Setting `{exc.field}`: {exc}"
-        data = Path(cfg.dataset_path).name if cfg.dataset_path else "the bundled sample"
-        preset = f" · preset **{cfg.preset}**" if cfg.preset else ""
-        return cfg.to_yaml(), f"Base model **{cfg.base_model}** · dataset **{data}**{preset}"
-
-    def start(*args: Any):
-        values, extras = split(args)
-        pii = extras.get("dataset.pii_count") or 0
-        try:
-            get_manager().check_idle()  # busy first: no PII question when nothing can start
-            cfg = config_from_ui(values, extras)
-            if pii and not cfg.allow_pii:
-                gr.Warning("Confirm the PII findings first (or redact them in the Dataset tab).")
-                group, text, _ = pii_notice(pii)
-                return f"**Not started.** {text}", group, text
-            run_dir = get_manager().start(cfg)
-        except ConfigError as exc:
-            gr.Warning(f"Setting {exc.field}: {exc}")
-            return f"❌ **Not started.** Setting `{exc.field}`: {exc}", gr.skip(), gr.skip()
-        except JobBusyError as exc:
-            gr.Warning(str(exc))
-            return f"⏳ **Not started.** {exc}", gr.skip(), gr.skip()
-        return f"▶️ Started **{run_dir.name}**.", gr.skip(), gr.skip()
-
-    def stop() -> str:
-        if get_manager().stop():
-            return "⏹️ Stop requested: the run ends after the current step and keeps its adapter."
-        return "No run is training."
-
-    def resume(run_dir: str | None) -> str:
-        if not run_dir:
-            return "Pick a run to resume first."
-        try:
-            path = get_manager().resume(run_dir)
-        except (ConfigError, JobBusyError) as exc:
-            gr.Warning(str(exc))
-            return f"❌ **Not resumed.** {exc}"
-        return f"▶️ Resuming **{path.name}** from its last checkpoint."
-
-    def retry():
-        snap = get_manager().snapshot()
-        if not snap.retry_config:
-            return [gr.skip()] * len(FIELDS) + ["Nothing to retry."]
-        try:
-            cfg = RunConfig.from_dict(snap.retry_config)
-            run_dir = get_manager().start(cfg)
-        except (ConfigError, JobBusyError) as exc:
-            return [gr.skip()] * len(FIELDS) + [f"❌ **Retry not started.** {exc}"]
-        fills = [getattr(cfg, name) for name in FIELDS]
-        return [*fills, f"▶️ Retrying as **{run_dir.name}** with the suggested settings."]
-
-    def poll(seen: int, signal: int):
-        snap = get_manager().snapshot()
-        if snap.version == seen:
-            return [gr.skip()] * (8 + len(past_outputs))
-        finished = not snap.active and snap.finished_at is not None
-        return [
-            progress_markdown(snap),
-            live_figure(snap),
-            "\n".join(snap.log_lines[-200:]),
-            snap.run_dir or "",
-            result_markdown(snap),
-            gr.Button(visible=bool(snap.retry_config) and snap.state == "failed"),
-            snap.version,
-            signal + 1 if finished else gr.skip(),  # Chat/Export refresh their run lists
-            *(past_runs_updates() if finished else [gr.skip()] * len(past_outputs)),
-        ]
-
-    def overlay(selected: list[str] | None):
-        from studio.plots import loss_figure
-
-        curves = {Path(p).name: runs.load_log(p) for p in selected or []}
-        return loss_figure(curves, title="Compare runs")
-
+    w = TrainWiring(ui, {key: ctx[key] for key in CROSS_TAB if key in ctx}, ctx["runs.refresh"])
+    inputs, past_outputs = w.inputs(), w.past_outputs()
+    preview_out = [ui["yaml"], ui["target"]]
     for comp in inputs:
         if hasattr(comp, "change"):
-            comp.change(preview, inputs, [ui["yaml"], ui["target"]], show_progress="hidden")
+            comp.change(partial(preview, w), inputs, preview_out, show_progress="hidden")
     demo = ctx.get("demo")
     if demo is not None:
-        demo.load(preview, inputs, [ui["yaml"], ui["target"]])
+        demo.load(partial(preview, w), inputs, preview_out)
         demo.load(past_runs_updates, None, past_outputs)
     if "dataset.pii_count" in ctx:
         ctx["dataset.pii_count"].change(
@@ -277,28 +224,115 @@ def wire_train_tab(ctx: dict[str, Any]) -> None:
             ctx["dataset.pii_count"],
             [ui["pii_group"], ui["pii_md"], ui["allow_pii"]],
         )
-    ui["start"].click(start, inputs, [ui["notice"], ui["pii_group"], ui["pii_md"]])
+    ui["start"].click(partial(start, w), inputs, [ui["notice"], ui["pii_group"], ui["pii_md"]])
     ui["stop"].click(stop, None, ui["notice"])
     ui["resume"].click(resume, ui["resume_dd"], ui["notice"])
-    ui["retry"].click(retry, None, [*settings, ui["notice"]])
+    ui["retry"].click(partial(retry, w), None, [*(ui[name] for name in FIELDS), ui["notice"]])
     ui["refresh"].click(past_runs_updates, None, past_outputs)
     ui["overlay_dd"].change(overlay, ui["overlay_dd"], ui["compare"])
     ui["timer"].tick(
-        poll,
-        [ui["seen"], refresh_signal],
-        [
-            ui["progress"],
-            ui["chart"],
-            ui["log"],
-            ui["run_dir"],
-            ui["result"],
-            ui["retry"],
-            ui["seen"],
-            refresh_signal,
-            *past_outputs,
-        ],
+        partial(poll, w),
+        [ui["seen"], w.refresh_signal],
+        w.poll_outputs(),
         show_progress="hidden",
     )
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+def preview(w: TrainWiring, values: dict[Any, Any]) -> tuple[str, str]:
+    """The run config as YAML, and the line naming the model, dataset and preset."""
+    settings, extras = w.read(values)
+    try:
+        cfg = config_from_ui(settings, extras)
+    except ConfigError as exc:
+        return f"# not valid yet: {exc}\n", f"⚠️ Setting `{exc.field}`: {exc}"
+    data = Path(cfg.dataset_path).name if cfg.dataset_path else "the bundled sample"
+    preset = f" · preset **{cfg.preset}**" if cfg.preset else ""
+    return cfg.to_yaml(), f"Base model **{cfg.base_model}** · dataset **{data}**{preset}"
+
+
+def start(w: TrainWiring, values: dict[Any, Any]) -> tuple[Any, Any, Any]:
+    """Start a run; returns (notice, PII group, PII text)."""
+    settings, extras = w.read(values)
+    pii = extras.get("dataset.pii_count") or 0
+    try:
+        get_manager().check_idle()  # busy first: no PII question when nothing can start
+        cfg = config_from_ui(settings, extras)
+        if pii and not cfg.allow_pii:
+            gr.Warning("Confirm the PII findings first (or redact them in the Dataset tab).")
+            group, text, _ = pii_notice(pii)
+            return f"**Not started.** {text}", group, text
+        run_dir = get_manager().start(cfg)
+    except ConfigError as exc:
+        gr.Warning(f"Setting {exc.field}: {exc}")
+        return f"❌ **Not started.** Setting `{exc.field}`: {exc}", gr.skip(), gr.skip()
+    except JobBusyError as exc:
+        gr.Warning(str(exc))
+        return f"⏳ **Not started.** {exc}", gr.skip(), gr.skip()
+    return f"▶️ Started **{run_dir.name}**.", gr.skip(), gr.skip()
+
+
+def stop() -> str:
+    if get_manager().stop():
+        return "⏹️ Stop requested: the run ends after the current step and keeps its adapter."
+    return "No run is training."
+
+
+def resume(run_dir: str | None) -> str:
+    if not run_dir:
+        return "Pick a run to resume first."
+    try:
+        path = get_manager().resume(run_dir)
+    except (ConfigError, JobBusyError) as exc:
+        gr.Warning(str(exc))
+        return f"❌ **Not resumed.** {exc}"
+    return f"▶️ Resuming **{path.name}** from its last checkpoint."
+
+
+def retry(w: TrainWiring) -> dict[Any, Any]:
+    """Start the failed run again with the suggested settings, and show them."""
+    notice = w.ui["notice"]
+    snap = get_manager().snapshot()
+    if not snap.retry_config:
+        return {notice: "Nothing to retry."}
+    try:
+        cfg = RunConfig.from_dict(snap.retry_config)
+        run_dir = get_manager().start(cfg)
+    except (ConfigError, JobBusyError) as exc:
+        return {notice: f"❌ **Retry not started.** {exc}"}
+    fills = {w.ui[name]: getattr(cfg, name) for name in FIELDS}
+    return {**fills, notice: f"▶️ Retrying as **{run_dir.name}** with the suggested settings."}
+
+
+def poll(w: TrainWiring, seen: int, signal: int) -> dict[Any, Any]:
+    """Redraw from the job's snapshot when it changed since this browser tab last drew."""
+    snap = get_manager().snapshot()
+    if snap.version == seen:
+        return {comp: gr.skip() for comp in w.poll_outputs()}
+    finished = not snap.active and snap.finished_at is not None
+    ui = w.ui
+    out: dict[Any, Any] = {
+        ui["progress"]: progress_markdown(snap),
+        ui["chart"]: live_figure(snap),
+        ui["log"]: "\n".join(snap.log_lines[-200:]),
+        ui["run_dir"]: snap.run_dir or "",
+        ui["result"]: result_markdown(snap),
+        ui["retry"]: gr.Button(visible=bool(snap.retry_config) and snap.state == "failed"),
+        ui["seen"]: snap.version,
+        w.refresh_signal: signal + 1 if finished else gr.skip(),  # Chat/Export refresh lists
+    }
+    past = past_runs_updates() if finished else [gr.skip()] * 3
+    out.update(zip(w.past_outputs(), past, strict=True))
+    return out
+
+
+def overlay(selected: list[str] | None) -> Any:
+    from studio.plots import loss_figure
+
+    curves = {Path(p).name: runs.load_log(p) for p in selected or []}
+    return loss_figure(curves, title="Compare runs")
 
 
 # --- handlers' helpers (plain functions, testable without a browser) ---------------------------

@@ -1,0 +1,527 @@
+"""Evaluate a fine-tune against its base: scores, blind votes and batch compare.
+
+Headless, on top of `studio.chat.engine` (the Chat tab is a thin layer over both):
+- scores: exact match, ROUGE-L (space-less scripts per character) and JSON-format accuracy;
+- blind mode: random hidden sides, votes appended to `<run>/blind_votes.jsonl` with the tally;
+- batch compare: a run's validation split or a prompt file through both sides, scored and
+  saved as `<run>/compare-<timestamp>.csv`.
+
+Prompt files are read by `studio.data.load.read_records`, the Dataset tab's own parser, so
+there is one parser for every dataset file; only the mapping of a row to a prompt is here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from studio.chat.engine import (
+    METADATA_FILE,
+    SIDE_BASE,
+    SIDE_TUNED,
+    SIDES,
+    ChatEngine,
+    ChatError,
+    GenerationSettings,
+    Message,
+)
+from studio.data import load as data_load
+from studio.data.normalize import ROLES, SHAREGPT_ROLES
+from studio.runs import read_json
+
+VOTES = ("A", "B", "tie")
+VOTES_FILE = "blind_votes.jsonl"
+
+BatchProgress = Callable[[int, int, str], None]
+
+
+# --------------------------------------------------------------------------- blind mode
+
+
+def new_blind_assignment(rng: random.Random | None = None) -> dict[str, str]:
+    """Which side each hidden panel shows: {"A": "base"|"tuned", "B": the other}."""
+    rng = rng or random.SystemRandom()
+    first, second = SIDES if rng.random() < 0.5 else SIDES[::-1]
+    return {"A": first, "B": second}
+
+
+def blind_tally(out_dir: str | Path) -> dict[str, Any]:
+    """Count the votes saved in `<run>/blind_votes.jsonl` (unreadable lines are skipped).
+
+    adapter_win_rate counts a tie as half a win, the usual convention for pairwise votes.
+    """
+    tally = {"tuned_wins": 0, "base_wins": 0, "ties": 0, "total": 0}
+    path = Path(out_dir) / VOTES_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            winner = rec.get("winner") if isinstance(rec, dict) else None
+            key = {"tuned": "tuned_wins", "base": "base_wins", "tie": "ties"}.get(winner)
+            if key:
+                tally[key] += 1
+                tally["total"] += 1
+    total = tally["total"]
+    tally["adapter_win_rate"] = (
+        round((tally["tuned_wins"] + 0.5 * tally["ties"]) / total, 4) if total else None
+    )
+    return tally
+
+
+def record_blind_vote(
+    out_dir: str | Path,
+    vote: str,
+    assignment: dict[str, str],
+    *,
+    prompt: str = "",
+    answers: dict[str, str] | None = None,
+    settings: GenerationSettings | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """Append one vote (and the tally after it) to `<run>/blind_votes.jsonl`; return the tally.
+
+    The file is only ever appended to, so earlier votes are never lost.
+    """
+    if vote not in VOTES:
+        raise ChatError(f"vote: use one of {', '.join(VOTES)}")
+    if sorted(assignment.values()) != sorted(SIDES) or set(assignment) != {"A", "B"}:
+        raise ChatError("blind assignment must map A and B to the base and fine-tuned sides")
+    winner = "tie" if vote == "tie" else assignment[vote]
+    before = blind_tally(out_dir)
+    key = {"tuned": "tuned_wins", "base": "base_wins", "tie": "ties"}[winner]
+    after = dict(before)
+    after[key] += 1
+    after["total"] += 1
+    after["adapter_win_rate"] = round(
+        (after["tuned_wins"] + 0.5 * after["ties"]) / after["total"], 4
+    )
+    record = {
+        "time": datetime.now().isoformat(timespec="seconds"),
+        "adapter": label,
+        "vote": vote,
+        "winner": winner,
+        "assignment": assignment,
+        "prompt": prompt,
+        "answers": answers or {},
+        "settings": asdict(settings) if settings else None,
+        "tally": after,
+    }
+    path = Path(out_dir) / VOTES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return after
+
+
+# --------------------------------------------------------------------------- scores
+
+# Scripts written without spaces: each character counts as one token for ROUGE-L.
+_NO_SPACE = re.compile(
+    r"[\u0E00-\u0EFF\u1000-\u109F\u1780-\u17FF\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]"
+)
+_TOKEN = re.compile(
+    r"[\u0E00-\u0EFF\u1000-\u109F\u1780-\u17FF\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]|[^\W_]+"
+)
+
+
+def normalize_text(text: str) -> str:
+    """NFC, trimmed, inner whitespace collapsed (what exact match compares)."""
+    return " ".join(unicodedata.normalize("NFC", text or "").split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_text(prediction) == normalize_text(reference)
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased word tokens; Thai/CJK and other space-less scripts split per character."""
+    return _TOKEN.findall(unicodedata.normalize("NFC", text or "").lower())
+
+
+def _lcs_len(a: list[str], b: list[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: longest common subsequence of tokens over prediction and reference."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    if not pred or not ref:
+        return 1.0 if not pred and not ref else 0.0
+    lcs = _lcs_len(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """A JSON object from a model's answer: the whole text, or inside one ``` fence."""
+    text = (text or "").strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S | re.I)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_format_ok(prediction: str, reference: str) -> bool | None:
+    """None when the reference is not a JSON object; else whether the prediction parses as
+    a JSON object carrying every key of the reference (the format a fine-tune should learn)."""
+    ref = parse_json_object(reference)
+    if ref is None:
+        return None
+    pred = parse_json_object(prediction)
+    return pred is not None and set(ref) <= set(pred)
+
+
+def score(prediction: str, reference: str | None) -> dict[str, Any]:
+    """Per-row scores; all None when there is no reference."""
+    if reference is None or not str(reference).strip():
+        return {"exact_match": None, "rouge_l": None, "json_ok": None}
+    return {
+        "exact_match": exact_match(prediction, reference),
+        "rouge_l": round(rouge_l(prediction, reference), 4),
+        "json_ok": json_format_ok(prediction, reference),
+    }
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall scores per side: means over rows that have a (JSON) reference."""
+    out: dict[str, Any] = {"rows": len(rows)}
+    out["with_reference"] = sum(1 for r in rows if r.get("reference"))
+    out["json_references"] = sum(1 for r in rows if r.get("base_json_ok") is not None)
+    for side in ("base", "tuned"):
+        out[f"{side}_exact_match"] = _mean([r.get(f"{side}_exact_match") for r in rows])
+        out[f"{side}_rouge_l"] = _mean([r.get(f"{side}_rouge_l") for r in rows])
+        out[f"{side}_json_format"] = _mean([r.get(f"{side}_json_ok") for r in rows])
+    return out
+
+
+# --------------------------------------------------------------------------- batch compare
+
+
+@dataclass
+class BatchItem:
+    """One prompt (a conversation without its final answer) and the expected answer."""
+
+    messages: list[Message]
+    reference: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        users = [m.get("content", "") for m in self.messages if m.get("role") == "user"]
+        return (
+            users[-1] if users else (self.messages[-1].get("content", "") if self.messages else "")
+        )
+
+
+@dataclass
+class BatchResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    csv_path: Path | None
+    stopped: bool = False
+
+
+CSV_COLUMNS = [
+    "prompt",
+    "reference",
+    "base",
+    "fine_tuned",
+    "base_exact_match",
+    "tuned_exact_match",
+    "base_rouge_l",
+    "tuned_rouge_l",
+    "base_json_ok",
+    "tuned_json_ok",
+]
+
+_PROMPT_KEYS = ("prompt", "question", "input_text", "query", "text")
+_REFERENCE_KEYS = ("reference", "response", "answer", "output", "completion", "expected")
+_PROMPT_FILE_HINT = (
+    "A prompt file may also hold 'prompt' (and 'reference') fields or columns, or be .txt with"
+    " one prompt per line."
+)
+
+
+def item_from_record(rec: Any, where: str) -> BatchItem:
+    """A BatchItem from one JSON record: chat messages, ShareGPT, Alpaca or prompt/reference."""
+    if isinstance(rec, str):
+        return BatchItem([{"role": "user", "content": rec}])
+    if not isinstance(rec, dict):
+        raise ChatError(f"{where}: expected a JSON object or string, got {type(rec).__name__}")
+    convo = rec.get("messages") or rec.get("conversations")
+    if isinstance(convo, list):
+        msgs: list[Message] = []
+        for m in convo:
+            if not isinstance(m, dict):
+                raise ChatError(f"{where}: each message must be an object with role and content")
+            role = m.get("role") or SHAREGPT_ROLES.get(m.get("from", ""))
+            content = m.get("content", m.get("value"))
+            if role not in ROLES or not isinstance(content, str):
+                raise ChatError(f"{where}: a message lacks a role (system/user/assistant) or text")
+            msgs.append({"role": role, "content": content})
+        reference = None
+        if msgs and msgs[-1]["role"] == "assistant":
+            reference = msgs.pop()["content"]
+        if not any(m["role"] == "user" for m in msgs):
+            raise ChatError(f"{where}: the conversation has no user message to answer")
+        return BatchItem(msgs, reference)
+    if "instruction" in rec:
+        prompt = str(rec.get("instruction") or "")
+        if rec.get("input"):
+            prompt = f"{prompt}\n\n{rec['input']}"
+        msgs = [{"role": "user", "content": prompt}]
+        if rec.get("system"):
+            msgs.insert(0, {"role": "system", "content": str(rec["system"])})
+        out = rec.get("output")
+        return BatchItem(msgs, str(out) if out is not None else None)
+    key = next((k for k in _PROMPT_KEYS if isinstance(rec.get(k), str)), None)
+    if key is None:
+        raise ChatError(
+            f"{where}: no prompt found; use a 'prompt' field (optionally 'reference'),"
+            " chat 'messages', or Alpaca 'instruction'/'output'"
+        )
+    ref_key = next((k for k in _REFERENCE_KEYS if rec.get(k) is not None), None)
+    ref = rec.get(ref_key) if ref_key else None
+    if ref is not None and not isinstance(ref, str):
+        ref = json.dumps(ref, ensure_ascii=False)  # a JSON reference given as an object
+    return BatchItem([{"role": "user", "content": rec[key]}], ref)
+
+
+def load_prompt_file(path: str | Path, limit: int | None = None) -> list[BatchItem]:
+    """Prompts (with optional references) from .jsonl/.json/.csv/.tsv/.parquet/.txt.
+
+    .txt: one prompt per line. Tables: a prompt column and optionally a reference column.
+    JSON: chat messages (the last assistant turn is the reference), ShareGPT, Alpaca, or
+    {"prompt": ..., "reference": ...}. Everything but .txt is read by the Dataset tab's
+    parser. Errors name the file and line.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ChatError(f"{p}: no such file")
+    if p.suffix.lower() == ".txt":
+        items = _text_items(p)
+    else:
+        try:
+            kind, columns, records = data_load.read_records(p)
+        except data_load.DatasetError as exc:
+            msg = str(exc) if str(exc).startswith(p.name) else f"{p.name}: {exc}"
+            raise ChatError(f"{msg} {_PROMPT_FILE_HINT}") from exc
+        if columns is not None:
+            unit = "row" if kind == "parquet" else "line"
+            items = _table_items(p, columns, records, unit, limit)
+        else:
+            items = _json_items(p, records, limit)
+    if not items:
+        raise ChatError(f"{p}: no prompts found")
+    return items[:limit] if limit else items
+
+
+def _text_items(path: Path) -> list[BatchItem]:
+    """One prompt per non-blank line of a UTF-8 text file."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ChatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return [
+        BatchItem([{"role": "user", "content": line.strip()}])
+        for line in text.split("\n")
+        if line.strip()
+    ]
+
+
+def _json_items(path: Path, records: list[data_load.Record], limit: int | None) -> list[BatchItem]:
+    """Items from parsed JSON/JSONL records; a record that did not parse stops with its line."""
+    items: list[BatchItem] = []
+    for line, rec, err in records:
+        where = f"{path}: line {line}"
+        if err is not None:
+            raise ChatError(f"{where}: {err}")
+        items.append(item_from_record(rec, where))
+        if limit and len(items) >= limit:
+            break
+    return items
+
+
+def _table_items(
+    path: Path, columns: list[str], records: list[data_load.Record], unit: str, limit: int | None
+) -> list[BatchItem]:
+    """Items from CSV/Parquet rows: the prompt column (rows without a prompt are skipped) and
+    the reference column when there is one."""
+    cols = {c.lower().strip(): c for c in columns}
+    pcol = next((cols[k] for k in _PROMPT_KEYS if k in cols), None)
+    if pcol is None:
+        header = "line 1: " if unit == "line" else ""
+        raise ChatError(f"{path}: {header}no 'prompt' column (columns: {list(cols.values())})")
+    rcol = next((cols[k] for k in _REFERENCE_KEYS if k in cols), None)
+    items: list[BatchItem] = []
+    for line, row, err in records:
+        if err is not None:
+            raise ChatError(f"{path}: {unit} {line}: {err}")
+        prompt = _cell_text(row.get(pcol)).strip()
+        if not prompt:
+            continue
+        ref = _cell_text(row.get(rcol)) if rcol else ""
+        items.append(BatchItem([{"role": "user", "content": prompt}], ref or None))
+        if limit and len(items) >= limit:
+            break
+    return items
+
+
+def _cell_text(value: Any) -> str:
+    """A table cell as text (Parquet cells may be numbers, lists or missing)."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def validation_items(run_dir: str | Path, limit: int | None = None) -> list[BatchItem]:
+    """The run's held-out validation rows: the same seeded split training made.
+
+    Training records the dataset's hash; if the file changed since, the split would not be
+    the one the run held out, so that is refused.
+    """
+    run = Path(run_dir)
+    meta = read_json(run / METADATA_FILE)
+    try:
+        from studio.config import RunConfig
+        from studio.train import prepare as train
+    except ImportError as exc:
+        raise ChatError(f"the training module is not available: {exc}") from exc
+    yaml_path = run / "run.yaml"
+    if not yaml_path.is_file():
+        raise ChatError(f"{run.name}: no run.yaml, so its validation split is unknown")
+    try:
+        cfg = RunConfig.load(yaml_path)
+        data = train.dataset_file(cfg)
+        recorded = (meta.get("dataset") or {}).get("sha256")
+        if recorded and data.is_file() and train.file_sha256(data) != recorded:
+            raise ChatError(
+                f"{data} changed since {run.name} was trained, so its validation split cannot"
+                " be rebuilt; use a prompt file instead."
+            )
+        _, val_rows = train.split_rows(train.load_training_rows(cfg), cfg.val_fraction, cfg.seed)
+    except ChatError:
+        raise
+    except Exception as exc:
+        raise ChatError(f"{run.name}: could not rebuild its validation split: {exc}") from exc
+    if not val_rows:
+        raise ChatError(
+            f"{run.name} held out no validation rows (val_fraction 0); use a prompt file."
+        )
+    items = [
+        item_from_record(r, f"{run.name} validation row {i + 1}") for i, r in enumerate(val_rows)
+    ]
+    return items[:limit] if limit else items
+
+
+def _timestamped(out_dir: Path, stem: str, suffix: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"{stem}-{stamp}{suffix}"
+    n = 2
+    while path.exists():
+        path = out_dir / f"{stem}-{stamp}-{n}{suffix}"
+        n += 1
+    return path
+
+
+def write_csv(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
+    """Save compare rows as a new `compare-<timestamp>.csv` (never overwriting one)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = _timestamped(out, "compare", ".csv")
+    with path.open("x", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def batch_compare(
+    engine: ChatEngine,
+    items: list[BatchItem],
+    settings: GenerationSettings | None = None,
+    *,
+    system: str | None = None,
+    out_dir: str | Path | None = None,
+    progress: BatchProgress | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchResult:
+    """Answer every item on both sides, score them, and save the table as CSV.
+
+    A Stop ends the batch after the current answer; the rows done so far are still saved.
+    `system` applies only to items that bring no system message of their own; `on_row`
+    sees each scored row as soon as it is done (the UI fills its table with it).
+    """
+    settings = (settings or GenerationSettings()).validate()
+    engine.begin_turn()
+    progress = progress or (lambda _d, _t, _m: None)
+    rows: list[dict[str, Any]] = []
+    total = len(items)
+    for i, item in enumerate(items):
+        progress(i, total, f"Prompt {i + 1}/{total}")
+        row = _compare_row(engine, item, settings, system)
+        if row is None:
+            break
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    stopped = engine.stopped
+    progress(len(rows), total, "Stopped" if stopped else "Done")
+    target = out_dir or (engine.source.out_dir if engine.source else None)
+    csv_path = write_csv(rows, target) if target and rows else None
+    return BatchResult(rows, summarize(rows), csv_path, stopped)
+
+
+def _compare_row(
+    engine: ChatEngine, item: BatchItem, settings: GenerationSettings, system: str | None
+) -> dict[str, Any] | None:
+    """One item answered by both sides and scored; None when a Stop cut it short."""
+    has_system = bool(item.messages) and item.messages[0].get("role") == "system"
+    sys_prompt = None if has_system else system
+    answers: dict[str, str] = {}
+    for side in SIDES:
+        if engine.stopped:
+            break
+        answers[side] = engine.generate(
+            side, item.messages, settings, system=sys_prompt, new_turn=False
+        ).strip()
+    if engine.stopped:
+        return None
+    row: dict[str, Any] = {
+        "prompt": item.prompt,
+        "reference": item.reference or "",
+        "base": answers[SIDE_BASE],
+        "fine_tuned": answers[SIDE_TUNED],
+    }
+    for side, answer in answers.items():
+        for key, value in score(answer, item.reference).items():
+            row[f"{side}_{key}"] = value
+    return row

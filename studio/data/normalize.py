@@ -1,0 +1,167 @@
+"""Record normalisation: one parsed row in Alpaca, ShareGPT or chat-messages form -> messages.
+
+Every usable row becomes `[{"role", "content"}, ...]`, the one form training, the token
+statistics and the PII scan read. A row that cannot be used comes back as `(field, reason)`
+problems instead, so the loader can report it with its line number and leave it out.
+
+Alpaca: `instruction`, `input`, `output`, optional `system`. ShareGPT: `conversations:
+[{from, value}]`. Chat messages: `messages: [{role, content}]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Message = dict[str, str]
+Row = dict[str, list[Message]]
+Problems = list[tuple[str, str]]  # (field, reason) pairs that make a row unusable
+
+FORMATS = ("messages", "sharegpt", "alpaca")
+FORMAT_CHOICES = ("auto", *FORMATS)
+ALPACA_FIELDS = ("instruction", "input", "output", "system")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# Spellings seen in ShareGPT-style files in the wild; they mean the same roles.
+_SHAREGPT_ALIASES = {"user": "user", "assistant": "assistant"}
+# Row keys that carry bookkeeping, not training text: tolerated and ignored.
+META_KEYS = frozenset({"id", "source", "meta", "metadata", "lang", "language", "tags", "split"})
+
+
+def guess_record_format(rec: Any) -> str | None:
+    """The format one parsed row looks like, by its keys; None when it looks like none."""
+    if not isinstance(rec, dict):
+        return None
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec or "output" in rec:
+        return "alpaca"
+    return None
+
+
+def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems]:
+    """One record as chat messages, or the (field, reason) problems that make it unusable."""
+    if not isinstance(rec, dict):
+        return None, [("", f"expected a JSON object, got {json_type(rec)}")]
+    if fmt == "alpaca":
+        return _normalize_alpaca(rec)
+    key = "messages" if fmt == "messages" else "conversations"
+    allowed = {key} | META_KEYS
+    problems: Problems = [
+        (k, f"unknown key '{k}' (a {fmt} row holds '{key}')") for k in rec if k not in allowed
+    ]
+    turns = rec.get(key)
+    if key not in rec:
+        return None, [*problems, (key, f"missing key '{key}'{_format_hint(rec)}")]
+    if not isinstance(turns, list) or not turns:
+        return None, [*problems, (key, f"must be a non-empty list, got {json_type(turns)}")]
+    messages: list[Message] = []
+    for i, turn in enumerate(turns):
+        message = _normalize_turn(turn, f"{key}[{i}]", fmt, problems)
+        if message is not None:
+            messages.append(message)
+    if problems:
+        return None, problems
+    return _check_turns(messages, key)
+
+
+def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Message | None:
+    """One chat or ShareGPT turn as a message; its problems are appended to `problems`."""
+    role_key, text_key = ("role", "content") if fmt == "messages" else ("from", "value")
+    if not isinstance(turn, dict):
+        problems.append((where, f"expected an object, got {json_type(turn)}"))
+        return None
+    extra = [k for k in turn if k not in (role_key, text_key)]
+    problems += [(where, f"unknown key '{k}' (expected {role_key}, {text_key})") for k in extra]
+    if role_key not in turn:
+        problems.append((where, f"missing key '{role_key}'"))
+        return None
+    raw_role = turn[role_key]
+    if fmt == "messages":
+        role = raw_role if raw_role in ROLES else None
+        expected = "system, user or assistant"
+    else:
+        role = SHAREGPT_ROLES.get(raw_role) or _SHAREGPT_ALIASES.get(raw_role)
+        expected = "human, gpt or system"
+    if role is None:
+        problems.append((f"{where}.{role_key}", f"unknown role {raw_role!r} (expected {expected})"))
+        return None
+    if text_key not in turn:
+        problems.append((where, f"missing key '{text_key}'"))
+        return None
+    content = turn[text_key]
+    if content is not None and not isinstance(content, str):
+        problems.append((f"{where}.{text_key}", f"content must be text, got {json_type(content)}"))
+        return None
+    if content is None or not content.strip():
+        problems.append((f"{where}.{text_key}", f"empty content in the {role} turn"))
+        return None
+    return {"role": role, "content": content}
+
+
+def _normalize_alpaca(rec: dict[str, Any]) -> tuple[list[Message] | None, Problems]:
+    problems: Problems = []
+    allowed = set(ALPACA_FIELDS) | META_KEYS
+    problems += [
+        (k, f"unknown key '{k}' (an Alpaca row holds instruction, input, output, system)")
+        for k in rec
+        if k not in allowed
+    ]
+    values: dict[str, str] = {}
+    for fld in ALPACA_FIELDS:
+        value = rec.get(fld)
+        if fld in ("instruction", "output") and fld not in rec:
+            problems.append((fld, f"missing key '{fld}'{_format_hint(rec)}"))
+            continue
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            problems.append((fld, f"must be text, got {json_type(value)}"))
+            continue
+        if fld in ("instruction", "output") and not value.strip():
+            problems.append((fld, f"empty content in '{fld}'"))
+            continue
+        values[fld] = value
+    if problems:
+        return None, problems
+    messages: list[Message] = []
+    if values.get("system", "").strip():
+        messages.append({"role": "system", "content": values["system"]})
+    user = values["instruction"]
+    if values.get("input", "").strip():
+        user = f"{user}\n\n{values['input']}"
+    messages.append({"role": "user", "content": user})
+    messages.append({"role": "assistant", "content": values["output"]})
+    return messages, []
+
+
+def _check_turns(messages: list[Message], key: str) -> tuple[list[Message] | None, Problems]:
+    roles = {m["role"] for m in messages}
+    problems = []
+    if "user" not in roles:
+        problems.append((key, "no user turn"))
+    if "assistant" not in roles:
+        problems.append((key, "no assistant turn (nothing to train on)"))
+    return (None, problems) if problems else (messages, [])
+
+
+def _format_hint(rec: dict[str, Any]) -> str:
+    other = guess_record_format(rec)
+    if other:
+        return f" (this row looks like the {other} format)"
+    keys = ", ".join(list(rec)[:6]) or "none"
+    return f" (row keys: {keys})"
+
+
+def json_type(value: Any) -> str:
+    """How a user would name the JSON type of value ("an object", "a number", "null")."""
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "text",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,177 @@
+"""Inspect a dataset file the way the Dataset tab shows it, headless: plain data, no gradio.
+
+One call, `inspect_file`, loads and validates a file, keeps a copy of an upload, writes the
+mapped copy training reads when the user edited a CSV/Parquet column mapping, scans the valid
+rows for PII (caching the scan next to the file training will read, so the Train tab's PII
+gate finds it) and measures token lengths. The tab only formats the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.data import load as data
+from studio.data.read import store_upload
+from studio.data.split import write_normalized
+from studio.data.table import guess_column_map
+from studio.data.tokens import token_lengths
+
+log = logging.getLogger(__name__)
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZER_LOCK = threading.Lock()
+
+
+@dataclass
+class Inspection:
+    """A loaded file and what training will do with it."""
+
+    report: data.DatasetReport
+    source: Path  # the file read (or the stored copy of an upload)
+    train_path: Path  # the file training reads: `source`, or the mapped copy
+    train_format: str
+    scan: Any  # studio.data.pii.PIIReport, or None when the PII check is unavailable
+    lengths: list[int]  # tokens per valid row; empty without a tokenizer
+    seconds: float
+
+    @property
+    def is_sample(self) -> bool:
+        """Training reads the bundled sample (the run config then names no dataset)."""
+        return self.train_path.resolve() == data.SAMPLE_DATASET
+
+    @property
+    def pii_count(self) -> int:
+        return len(self.scan.findings) if self.scan is not None else 0
+
+
+def resolve_user_path(text: str) -> Path:
+    """The file a user typed, with a clear DatasetError when it cannot be used."""
+    raw = (text or "").strip().strip("'\"")
+    if not raw:
+        raise data.DatasetError("Enter the path of a dataset file, or upload one.")
+    path = Path(raw).expanduser()
+    try:
+        path = path.resolve()
+    except OSError as exc:
+        raise data.DatasetError(f"{raw}: not a usable path ({exc}).") from None
+    if not path.exists():
+        raise data.DatasetError(f"{path} does not exist. Check the path, or upload the file.")
+    if path.is_dir():
+        raise data.DatasetError(f"{path} is a folder. Enter the path of one dataset file.")
+    if not os.access(path, os.R_OK):
+        raise data.DatasetError(f"{path} cannot be read (permission denied).")
+    return path
+
+
+def cached_tokenizer(model_name: str | None) -> tuple[Any, str]:
+    """The base model's tokenizer (cached per model folder) and its name, or None and why not.
+
+    Cached because every reload, preview and max-length change needs it, and loading it takes
+    a second or more.
+    """
+    from studio.models import loader as models
+
+    name = (model_name or "").strip() or models.DEFAULT_MODEL
+    try:
+        with _TOKENIZER_LOCK:
+            if name not in _TOKENIZERS:
+                resolved = models.resolve_model(name)
+                key = str(resolved.path)
+                if key not in _TOKENIZERS:
+                    _TOKENIZERS[key] = models.load_tokenizer(resolved.path)
+                _TOKENIZERS[name] = _TOKENIZERS[key]
+            return _TOKENIZERS[name], name
+    except Exception as exc:
+        log.warning("tokenizer for %s unavailable: %s", name, exc)
+        return None, " ".join(str(exc).split()) or f"{name}: {type(exc).__name__}"
+
+
+def edited_map(report: data.DatasetReport, column_map: dict[str, str | None] | None) -> bool:
+    """True when the user's column map differs from the guess training would make."""
+    if report.column_map is None or column_map is None or report.columns is None:
+        return False
+    chosen = {k: v for k, v in column_map.items() if v}
+    guess = {k: v for k, v in guess_column_map(report.columns).items() if v}
+    return chosen != guess
+
+
+def write_mapped(report: data.DatasetReport, original: Path) -> Path:
+    """The rows as mapped, written to the datasets folder as messages JSONL.
+
+    The run config holds no column map, so training gets exactly the rows shown.
+    """
+    from studio import paths
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = paths.datasets_dir() / f"{original.stem}.mapped-{stamp}.jsonl"
+    return write_normalized(report.rows, dest)
+
+
+def scan_and_cache(report: data.DatasetReport, train_path: Path) -> Any:
+    """PII scan of the valid rows, cached with the file training will read (None: no checker)."""
+    try:
+        from studio.data import pii
+    except ImportError as exc:
+        log.warning("PII check unavailable: %s", exc)
+        return None
+    scan = pii.scan_rows(report.rows, report.row_numbers)
+    try:
+        pii.save_scan(train_path, scan)
+    except OSError as exc:  # the cache is a convenience; the result is shown anyway
+        log.warning("could not cache the PII scan: %s", exc)
+    return scan
+
+
+def sample_pii_count() -> int:
+    """Unresolved PII in the bundled sample, the dataset training uses until another is loaded."""
+    try:
+        from studio.data import pii
+
+        cached = pii.unresolved_pii(data.SAMPLE_DATASET)
+        if cached is not None:
+            return cached
+        report = data.load_dataset_file(data.SAMPLE_DATASET)
+        scan = pii.scan_rows(report.rows, report.row_numbers)
+        pii.save_scan(data.SAMPLE_DATASET, scan)
+        return len(scan.findings)
+    except Exception:
+        log.exception("could not scan the bundled sample for PII")
+        return 0
+
+
+def inspect_file(
+    path: Path,
+    fmt: str = "auto",
+    column_map: dict[str, str | None] | None = None,
+    tokenizer: Any = None,
+    json_check: bool = False,
+    *,
+    keep_copy: bool = False,
+) -> Inspection:
+    """Load `path` and prepare what training reads; raises DatasetError for an unusable file.
+
+    keep_copy: the file is an upload in a temporary folder, so store a copy to train on.
+    """
+    t0 = time.perf_counter()
+    report = data.load_dataset_file(path, fmt, column_map, tokenizer, json_check)
+    source = store_upload(path) if keep_copy else path
+    train_path, train_format = Path(source), report.format
+    if report.rows and edited_map(report, column_map):
+        train_path, train_format = write_mapped(report, path), "messages"
+    scan = scan_and_cache(report, train_path)
+    lengths = token_lengths(report.rows, tokenizer) if tokenizer is not None else []
+    return Inspection(
+        report=report,
+        source=Path(source),
+        train_path=Path(train_path),
+        train_format=train_format,
+        scan=scan,
+        lengths=lengths,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,120 @@
+"""The headless command: train from a run config, or continue a run, in a terminal.
+
+    python -m studio.train RUN.yaml [--data-dir DIR]      # a new run from a run config
+    python -m studio.train --resume RUN_DIR               # continue from its last checkpoint
+
+It runs the very same stages as the Train tab, in this process: `studio.train.prepare`, then
+`studio.train.loop.execute_run`, with a progress bar instead of the UI's plot. Ctrl-C asks
+the run to stop at the next step (its adapter is saved); a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from studio import paths
+from studio.config import ConfigError, RunConfig
+from studio.train.loop import Event, OnEvent, TrainResult, execute_run
+from studio.train.prepare import PreparedRun, prepare_resume, prepare_run
+
+
+def _terminal_printer() -> OnEvent:
+    """A tqdm progress bar for steps plus plain lines for messages."""
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def on_event(e: Event) -> None:
+        if e.get("kind") == "train":
+            if "bar" not in bar:
+                bar["bar"] = tqdm(
+                    total=e["total_steps"], initial=0, unit="step", dynamic_ncols=True
+                )
+            b = bar["bar"]
+            b.update(e["step"] - b.n)
+            b.set_postfix(loss=f"{e['loss']:.4f}", tok_s=f"{e['tokens_per_s']:.0f}")
+        elif e.get("kind") == "eval":
+            tqdm.write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}")
+        elif e.get("event") in ("message", "checkpoint"):
+            tqdm.write(e.get("text") or f"checkpoint saved: {e.get('path')}")
+        elif e.get("event") == "finished" and "bar" in bar:
+            bar["bar"].close()
+
+    return on_event
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m studio.train", description="Fine-tune with LoRA/QLoRA from a run.yaml."
+    )
+    parser.add_argument("config", nargs="?", help="a run.yaml (RunConfig fields)")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+    parser.add_argument("--data-dir", help="where models/ and runs/ live (default ~/.lora-studio)")
+    return parser
+
+
+def _stop_on_ctrl_c() -> threading.Event:
+    """First Ctrl-C: stop at the next step (adapter saved); second: abort."""
+    stop = threading.Event()
+
+    def on_sigint(_sig: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("\nStopping at the next step (Ctrl-C again to abort)...", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return stop
+
+
+def _prepare(config: str | None, resume: str | None) -> PreparedRun:
+    """The prepared run; a dataset path relative to the YAML file is found beside it."""
+    if resume:
+        return prepare_resume(resume)
+    assert config is not None
+    cfg = RunConfig.load(config)
+    if cfg.dataset_path and not Path(cfg.dataset_path).expanduser().is_absolute():
+        beside = Path(config).resolve().parent / cfg.dataset_path
+        if not Path(cfg.dataset_path).exists() and beside.exists():
+            cfg = cfg.replace(dataset_path=str(beside))
+    return prepare_run(cfg)
+
+
+def _print_result(result: TrainResult) -> None:
+    print(f"\n{result.status.upper()}: {result.message}")
+    for line in result.advice:
+        print(f"  - {line}")
+    for check in result.checks:
+        mark = {True: "ok", False: "WARN", None: "?"}[check["ok"]]
+        print(f"  [{mark}] {check['name']}: {check['detail']}")
+    print(f"Run folder: {result.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.resume):
+        parser.error("give either RUN.yaml or --resume RUN_DIR")
+    if args.data_dir:
+        paths.set_data_dir(args.data_dir)
+    stop = _stop_on_ctrl_c()
+    try:
+        prepared = _prepare(args.config, args.resume)
+    except ConfigError as exc:
+        print(f"Invalid setting {exc}", file=sys.stderr)
+        return 2
+    print(f"Run folder: {prepared.run_dir}", flush=True)
+    result = execute_run(prepared, stop=stop, on_event=_terminal_printer())
+    _print_result(result)
+    return 0 if result.status in ("completed", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

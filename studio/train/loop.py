@@ -1,0 +1,624 @@
+"""Executing a prepared run: load, train, save, check, and record how it ended.
+
+`execute_run(prepared)` is what the Train tab's background job and the CLI both call after
+`studio.train.prepare`. It reads as the steps of a run: resolve the base model and its
+tokenizer, tokenize the rows, load the model, build the trainer (`studio.train.recipe`),
+train, save the adapter, check that it learned (`studio.train.checks`). Progress flows from
+a TrainerCallback into log.jsonl and the `on_event` callable; Stop sets an Event that the
+callback turns into `control.should_training_stop`. Failures (out of memory, NaN loss, a
+full disk) end the run as "failed" with concrete advice instead of taking the app down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import math
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio import runs
+from studio.config import ConfigError, RunConfig
+from studio.data.chat_format import TemplateError, template_hash
+from studio.models.precision import precision
+from studio.train import checks, recipe
+from studio.train.prepare import PreparedRun, now_iso, tokenize_rows
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; `advice` says what to do, `retry` is a config dict to retry with."""
+
+    def __init__(
+        self, message: str, advice: list[str] | None = None, retry: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.advice = advice or []
+        self.retry = retry
+
+
+class _StopBeforeTraining(Exception):
+    """Stop was pressed while the model was still loading."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended, as plain data for the CLI and the UI."""
+
+    run_dir: Path
+    status: str  # completed, stopped, failed
+    message: str
+    advice: list[str] = field(default_factory=list)
+    retry_config: dict[str, Any] | None = None
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Live:
+    """One executing run: where its events go, its result so far, how long each part took."""
+
+    run: PreparedRun
+    stop: threading.Event
+    on_event: OnEvent | None
+    log_fh: Any
+    result: TrainResult
+    timings: dict[str, float] = field(default_factory=dict)
+    t_start: float = field(default_factory=time.time)
+    callback: Any = None  # the progress callback, once the trainer is built
+
+    def emit(self, entry: Event) -> None:
+        """Append to log.jsonl and pass on to the caller (the UI's job, the CLI's printer)."""
+        entry.setdefault("time", time.time())
+        with contextlib.suppress(OSError):  # a full disk must not hide the real error
+            runs.append_log(self.log_fh, entry)
+        if self.on_event is not None:
+            self.on_event(entry)
+
+    def say(self, text: str) -> None:
+        self.emit({"event": "message", "text": text})
+
+    def check_stop(self) -> None:
+        """Stop pressed while loading: end now, before training begins."""
+        if self.stop.is_set():
+            raise _StopBeforeTraining
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t = time.time()
+        yield
+        self.timings[key] = round(time.time() - t, 2)
+
+    def release(self) -> None:
+        """Drop the trainer's hook and references, and give the memory back."""
+        if self.callback is not None and self.callback._hook is not None:
+            self.callback._hook.remove()
+        self.callback = None
+        _free_memory()
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def execute_run(
+    run: PreparedRun,
+    *,
+    stop: threading.Event | None = None,
+    on_event: OnEvent | None = None,
+    extra_callbacks: Iterable[Any] = (),
+) -> TrainResult:
+    """Load, train, save, check. Never raises for a training failure: returns status failed."""
+    live = _Live(
+        run,
+        stop or threading.Event(),
+        on_event,
+        runs.open_log(run.run_dir),
+        TrainResult(run.run_dir, "failed", ""),
+    )
+    try:
+        _train(live, list(extra_callbacks))
+    except _StopBeforeTraining:
+        live.result.status = "stopped"
+        live.result.message = "Stopped before training began; no adapter saved."
+    except BaseException as exc:  # a run must end with a status, whatever broke
+        _explain_failure(live, exc)
+        if not isinstance(exc, Exception):  # Ctrl-C twice, SystemExit: record, then re-raise
+            live.release()
+            _finish(live)
+            raise
+    finally:
+        live.release()
+    _finish(live)
+    return live.result
+
+
+def _train(live: _Live, extra_callbacks: list[Any]) -> None:
+    """The steps of a run, in order; the model and trainer live only in this frame."""
+    run = live.run
+    _announce(live)
+    resolved = _resolve_base_model(live)
+    tok = _load_tokenizer(live, resolved.path)
+    train_tok, val_tok = _tokenize(live, tok)
+    live.check_stop()
+
+    live.say(f"Loading {resolved.name} ({run.cfg.method}) from {resolved.path}")
+    with live.timed("model_load_s"):
+        model = recipe.load_base_model(run.cfg, resolved.path, run.device)
+    live.check_stop()
+
+    trainer = _build_trainer(live, model, tok, train_tok, val_tok, extra_callbacks)
+    live.check_stop()
+
+    with live.timed("train_s"):
+        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    if live.callback.nan_step is not None:
+        raise nan_error(run.cfg, live.callback.nan_step)
+
+    live.say("Saving the adapter")
+    with live.timed("save_s"):
+        save_adapter(trainer.model, tok, run.run_dir)
+    _record_success(live, trainer)
+
+
+def _announce(live: _Live) -> None:
+    """The run folder, the device and precision, and a warning when a GPU was meant."""
+    run = live.run
+    live.say(f"Run folder: {run.run_dir}")
+    live.say(f"Device: {run.device_reason}; {precision(run.device).reason}")
+    if run.expected_device == "cuda" and run.device != "cuda":
+        live.say(
+            f"WARNING: the preset '{run.cfg.preset}' expects a GPU, but PyTorch sees none: training"
+            " runs on the CPU and will be very slow (is the CUDA build of torch installed?)"
+        )
+
+
+def _resolve_base_model(live: _Live) -> Any:
+    """The base model on disk (fetched or converted if needed), recorded in the metadata."""
+    from studio.models.loader import resolve_model
+
+    run, meta = live.run, live.run.meta
+    resolved = resolve_model(run.cfg.base_model, lambda m, f: live.say(f"[model {f:.0%}] {m}"))
+    before = (meta.get("base_model") or {}).get("revision")
+    if run.resume_from and before and before != resolved.revision:
+        live.say(
+            f"WARNING: the base model changed since the run began ({before} -> {resolved.revision})"
+        )
+    meta["base_model"] = {
+        "name": resolved.name,
+        "path": str(resolved.path),
+        "source": resolved.source,
+        "revision": resolved.revision,
+    }
+    return resolved
+
+
+def _load_tokenizer(live: _Live, path: Path) -> Any:
+    """The base model's tokenizer; its chat template is recorded beside the adapter."""
+    from studio.models.loader import load_tokenizer
+
+    tok = load_tokenizer(path)
+    live.run.meta["chat_template"] = tok.chat_template
+    live.run.meta["template_hash"] = template_hash(tok)
+    runs.atomic_write_text(live.run.run_dir / "chat_template.jinja", tok.chat_template or "")
+    return tok
+
+
+def _tokenize(live: _Live, tok: Any) -> tuple[list[dict], list[dict]]:
+    """Tokenize the train and validation rows; record what was kept, cut and dropped."""
+    run = live.run
+    with live.timed("tokenize_s"):
+        train_tok, train_stats = tokenize_rows(tok, run.train_rows, run.cfg)
+        val_tok, val_stats = tokenize_rows(tok, run.val_rows, run.cfg, required=False)
+    run.meta["dataset"].update(
+        train_examples=len(train_tok),
+        val_examples=len(val_tok),
+        dropped_rows=train_stats["dropped"] + val_stats["dropped"],
+        truncated_rows=train_stats["truncated"] + val_stats["truncated"],
+        train_tokens=train_stats["tokens"],
+        trained_tokens=train_stats["trained_tokens"],
+    )
+    live.say(
+        f"Tokenized {len(train_tok)} train / {len(val_tok)} validation conversations "
+        f"({train_stats['trained_tokens']} trained tokens; "
+        f"{train_stats['truncated']} truncated, {train_stats['dropped']} dropped)"
+    )
+    return train_tok, val_tok
+
+
+def _build_trainer(
+    live: _Live,
+    model: Any,
+    tok: Any,
+    train_tok: list[dict],
+    val_tok: list[dict],
+    extra_callbacks: list[Any],
+) -> Any:
+    """The recipe's trainer with the progress callback and the step plan; metadata updated."""
+    from transformers import PrinterCallback
+
+    run, cfg = live.run, live.run.cfg
+    args = recipe.build_training_args(
+        cfg,
+        run.run_dir,
+        run.device,
+        bool(val_tok),
+        run.resume_from is not None,
+        padding_free=recipe.padding_free_ok(model),
+    )
+    live.callback = progress_callback(run, live.emit, live.stop)
+    trainer = recipe.build_trainer(
+        cfg, model, tok, args, run.device, train_tok, val_tok, [live.callback, *extra_callbacks]
+    )
+    trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
+    plan = recipe.apply_step_plan(trainer, cfg)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    run.meta.update(total_steps=plan["total_steps"], plan=plan)
+    run.meta["parameters"] = {"trainable": trainable, "total": total}
+    run.meta["peft"] = {
+        "target_modules": _jsonable(trainer.model.peft_config["default"].target_modules)
+    }
+    run.meta["recipe"] = recipe.recipe_summary(cfg, run.device, trainer)
+    runs.write_metadata(run.run_dir, run.meta)
+    live.say(
+        f"Training {plan['total_steps']} steps: batch {cfg.batch_size} x accumulation "
+        f"{cfg.grad_accum}, {trainable:,} trainable of {total:,} parameters"
+        + (f", resuming from {run.resume_from.name}" if run.resume_from else "")
+    )
+    live.emit({"event": "status", "status": "training", "total_steps": plan["total_steps"]})
+    return trainer
+
+
+def _record_success(live: _Live, trainer: Any) -> None:
+    """A run that trained and saved: its status, final figures and checks."""
+    result, run = live.result, live.run
+    step = trainer.state.global_step
+    result.status = "stopped" if live.callback.stopped else "completed"
+    result.final_metrics = checks.final_metrics(runs.load_log(run.run_dir), step)
+    result.checks = checks.did_it_learn(
+        runs.load_log(run.run_dir),
+        live.callback.init_params,
+        trainer.model,
+        run.device,
+        run.expected_device,
+    )
+    result.warnings = [c["detail"] for c in result.checks if c["ok"] is False]
+    result.message = (
+        f"Stopped at step {step}; the adapter at that step is saved."
+        if result.status == "stopped"
+        else f"Completed {step} steps."
+    )
+
+
+def _explain_failure(live: _Live, exc: BaseException) -> None:
+    """Turn what broke into the result's message, advice and one-click retry config."""
+    result, run = live.result, live.run
+    if isinstance(exc, TrainingError):
+        result.message, result.advice, result.retry_config = str(exc), exc.advice, exc.retry
+    elif isinstance(exc, ConfigError | TemplateError):
+        result.message = f"Invalid setting or data: {exc}"
+    elif not isinstance(exc, Exception):
+        result.message = f"Aborted ({type(exc).__name__}); Resume continues from a checkpoint."
+    elif is_out_of_memory(exc):
+        result.message, result.advice, result.retry_config = oom_advice(run.cfg, run.device, exc)
+    elif is_save_error(exc):
+        result.message, result.advice = save_error_advice(exc, run.run_dir)
+        live.emit({"event": "traceback", "text": traceback.format_exc()})
+    else:
+        result.message = f"Training failed: {_short(exc)}"
+        live.emit({"event": "traceback", "text": traceback.format_exc()})
+
+
+def _finish(live: _Live) -> None:
+    """Record how the run ended (metadata, model card, final event), then release the run."""
+    run, result, meta = live.run, live.result, live.run.meta
+    if result.status == "failed" and not result.final_metrics:
+        result.final_metrics = checks.final_metrics(runs.load_log(run.run_dir), None)
+    live.timings["total_s"] = round(time.time() - live.t_start, 2)
+    meta.update(
+        status=result.status,
+        updated=now_iso(),
+        ended=now_iso(),
+        final_metrics=result.final_metrics,
+        checks=result.checks,
+        warnings=result.warnings,
+        error=result.message if result.status == "failed" else None,
+        message=result.message,
+        advice=result.advice,
+        retry_config=result.retry_config,
+    )
+    meta.setdefault("timings", {}).update(live.timings)
+    try:
+        runs.write_metadata(run.run_dir, meta)
+        runs.atomic_write_text(run.run_dir / "README.md", checks.model_card(meta))
+    except OSError as exc:
+        result.warnings.append(f"could not write the run's metadata: {_short(exc)}")
+    live.emit(
+        {
+            "event": "finished",
+            "status": result.status,
+            "message": result.message,
+            "advice": result.advice,
+            "retry_config": result.retry_config,
+            "checks": result.checks,
+            "final_metrics": result.final_metrics,
+        }
+    )
+    with contextlib.suppress(OSError):
+        live.log_fh.close()
+    runs.mark_done(run.run_dir)
+
+
+def save_adapter(model: Any, tok: Any, run_dir: Path) -> Path:
+    """Write adapter/ (PEFT weights + tokenizer) via a temp folder, swapped in at the end."""
+    final = run_dir / runs.ADAPTER
+    tmp = run_dir / f".{runs.ADAPTER}.tmp"
+    old = run_dir / f".{runs.ADAPTER}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+def memory_now(device: str) -> tuple[float, str]:
+    """Peak GPU memory allocated, or the process's resident memory on CPU, in MiB."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "GPU peak allocated"
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20, "process RSS"
+
+
+def progress_callback(run: PreparedRun, emit: OnEvent, stop: threading.Event) -> Any:
+    """The run's TrainerCallback (`_Progress`), made here so that importing this module does
+    not import transformers."""
+    from transformers import TrainerCallback
+
+    cls = type("ProgressCallback", (_Progress, TrainerCallback), {})
+    return cls(run, emit, stop)
+
+
+class _Progress:
+    """Turns Trainer events into log.jsonl entries and events; honours Stop; spots NaN."""
+
+    def __init__(self, run: PreparedRun, emit: OnEvent, stop: threading.Event) -> None:
+        self.run, self.emit, self.stop = run, emit, stop
+        self.device = run.device
+        self.watts = run.power_w
+        self.t0 = time.time()
+        self.label_tokens = 0
+        self._tokens_at_log, self._time_at_log = 0, time.time()
+        self.peak_mb, self.mem_kind = 0.0, ""
+        self.first_step = 0
+        self.stopped = False
+        self.nan_step: int | None = None
+        self.init_params: dict[str, Any] = {}
+        self._hook = None
+
+    def _count_labels(self, module: Any, args: tuple, kwargs: dict) -> None:
+        labels = kwargs.get("labels")
+        if module.training and labels is not None:
+            self.label_tokens += int((labels != -100).sum())
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        self.t0 = self._time_at_log = time.time()
+        self.first_step = state.global_step
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if model is not None:
+            self._hook = model.register_forward_pre_hook(self._count_labels, with_kwargs=True)
+            # Kept to show at the end that training moved the adapter away from its start.
+            self.init_params = {
+                n: p.detach().float().cpu().clone()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+
+    def on_step_end(self, args, state, control, **kwargs):
+        mb, self.mem_kind = memory_now(self.device)
+        self.peak_mb = max(self.peak_mb, mb)
+        if self.stop.is_set() and not self.stopped:
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True  # a checkpoint at the stop step, so Resume can go on
+            self.emit(
+                {
+                    "event": "message",
+                    "text": f"Stop requested: ending at step {state.global_step}",
+                }
+            )
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now = time.time()
+        elapsed = now - self.t0
+        base = {"step": state.global_step, "total_steps": state.max_steps, "time": now}
+        if "loss" in logs:
+            loss = float(logs["loss"])
+            dt = max(now - self._time_at_log, 1e-6)
+            tps = (self.label_tokens - self._tokens_at_log) / dt
+            self._tokens_at_log, self._time_at_log = self.label_tokens, now
+            done = max(state.global_step - self.first_step, 1)
+            eta = elapsed / done * max(state.max_steps - state.global_step, 0)
+            kwh = self.watts * elapsed / 3.6e6
+            entry = {
+                "kind": "train",
+                **base,
+                "epoch": round(float(state.epoch or 0), 4),
+                "loss": loss,
+                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "grad_norm": _num(logs.get("grad_norm")),
+                "tokens_per_s": round(tps, 1),
+                "label_tokens": self.label_tokens,
+                "elapsed_s": round(elapsed, 2),
+                "eta_s": round(eta, 1),
+                "peak_memory_mb": round(self.peak_mb, 1),
+                "memory_kind": self.mem_kind,
+                "power_w": self.watts,
+                "energy_kwh": round(kwh, 6),
+                "energy_cost": round(kwh * self.run.cfg.price_per_kwh, 6),
+            }
+            self.emit(entry)
+            if not math.isfinite(loss) and self.nan_step is None:
+                self.nan_step = state.global_step
+                control.should_training_stop = True
+                control.should_save = False  # a NaN adapter is not worth keeping
+        if "eval_loss" in logs:
+            self.emit({"kind": "eval", **base, "eval_loss": float(logs["eval_loss"])})
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.emit({"event": "checkpoint", "step": state.global_step, "path": str(path)})
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        return control
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- failures -----------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+_SAVE_FRAMES = {
+    "_save_checkpoint",
+    "_save_optimizer_and_scheduler",
+    "_save_rng_state",
+    "save_model",
+    "save_pretrained",
+    "save_adapter",
+    "write_metadata",
+}
+
+
+def is_save_error(exc: BaseException) -> bool:
+    """A failure writing files: disk full / read-only / quota anywhere in the chain, or any
+    error raised while a checkpoint or the adapter was being written (torch.save reports a
+    full disk as a bare RuntimeError; a permission error there is an OSError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
+            return True
+        tb = seen.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name in _SAVE_FRAMES:
+                return True
+            tb = tb.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def save_error_advice(exc: BaseException, run_dir: Path) -> tuple[str, list[str]]:
+    kept = ", ".join(p.name for p in runs.checkpoints(run_dir)) or "none were saved yet"
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free on that disk"
+    except OSError:
+        free = "free space unknown"
+    message = f"Saving failed: {_short(exc)} ({free})."
+    advice = [
+        "Free disk space, or fix the run folder's permissions, then press Resume.",
+        f"Earlier checkpoints are kept: {kept}.",
+    ]
+    return message, advice
+
+
+def oom_advice(cfg: RunConfig, device: str, exc: BaseException) -> tuple[str, list[str], dict]:
+    """What ran out, what to change, and a config with those changes for one-click retry."""
+    where = "GPU" if device == "cuda" else "system"
+    retry = cfg.to_dict()
+    advice = []
+    if cfg.batch_size > 1:
+        retry["batch_size"] = max(1, cfg.batch_size // 2)
+        retry["grad_accum"] = cfg.grad_accum * 2
+        advice.append(
+            f"Halve the batch ({cfg.batch_size} -> {retry['batch_size']}) and double gradient "
+            f"accumulation ({cfg.grad_accum} -> {retry['grad_accum']}): same effective batch."
+        )
+    if cfg.method == "lora":
+        retry["method"] = "qlora"
+        advice.append("Switch to QLoRA: the 4-bit base needs about a quarter of the memory.")
+    if cfg.max_seq_len > 256:
+        retry["max_seq_len"] = max(256, cfg.max_seq_len // 2)
+        advice.append(f"Shorten max length ({cfg.max_seq_len} -> {retry['max_seq_len']} tokens).")
+    if not cfg.gradient_checkpointing:
+        retry["gradient_checkpointing"] = True
+        advice.append("Turn on gradient checkpointing (slower, much less activation memory).")
+    if not advice:
+        advice.append("Pick a smaller base model; these settings are already the leanest.")
+    message = f"Out of {where} memory during training ({_short(exc)}). Memory was freed."
+    return message, advice, retry
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set) else value
+
+
+def nan_error(cfg: RunConfig, step: int) -> TrainingError:
+    """The loss became NaN/inf: what to change, and a retry config with those changes."""
+    return TrainingError(
+        f"the training loss became NaN/inf at step {step}; run stopped",
+        advice=[
+            f"Lower the learning rate (e.g. {cfg.learning_rate / 10:g}).",
+            "Keep gradient clipping on (max_grad_norm 1.0).",
+            "On a GPU without bf16, fp16 can overflow: try QLoRA or a bf16-capable GPU.",
+            "Check the dataset for empty or garbled rows.",
+        ],
+        retry={**cfg.to_dict(), "learning_rate": cfg.learning_rate / 10, "max_grad_norm": 1.0},
+    )

@@ -1,0 +1,356 @@
+"""Preparing a run: a RunConfig becomes a PreparedRun before any model loads.
+
+Everything that can refuse a run cheaply happens here, so a bad setting comes back to the
+Train tab at once instead of minutes later: validation, the device choice, the PII gate, the
+dataset read through `studio.data` (the Dataset tab's own loader) and its seeded split, and
+the run folder with its run.yaml and metadata. `tokenize_rows` (chat rows -> input_ids and
+labels) lives here too; the loop calls it once the run's tokenizer is loaded.
+
+Next stage: `studio.train.loop.execute_run(prepared)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio import __version__, runs
+from studio.config import ConfigError, RunConfig
+from studio.data.chat_format import TemplateError, tokenize_conversation
+from studio.data.load import SAMPLE_DATASET
+from studio.models.precision import precision
+
+
+@dataclass
+class PreparedRun:
+    """A run that passed every check that needs no model: its folder exists, data is read."""
+
+    cfg: RunConfig
+    run_dir: Path
+    train_rows: list[dict[str, Any]]
+    val_rows: list[dict[str, Any]]
+    device: str
+    device_reason: str
+    resume_from: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    expected_device: str = "any"  # what the settings meant: cuda, cpu or any
+    power_w: float = 0.0  # board power while training, for the electricity estimate
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def dataset_file(cfg: RunConfig) -> Path:
+    """The file a run trains on: the configured one, or the bundled sample."""
+    return Path(cfg.dataset_path).expanduser().resolve() if cfg.dataset_path else SAMPLE_DATASET
+
+
+def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Rows as {"messages": [...]} dicts, through the Dataset tab's own loader (every format,
+    errors with line numbers), so training sees exactly what the Dataset tab validated."""
+    from studio.data import load as data
+
+    path = dataset_file(cfg)
+    if not path.is_file():
+        raise ConfigError("dataset_path", f"no such file: {path}")
+    try:
+        report = data.load_dataset_file(path, fmt=cfg.dataset_format)
+    except data.DatasetError as exc:
+        raise ConfigError("dataset_path", str(exc)) from exc
+    if not report.rows:
+        first = str(report.errors[0]) if report.errors else "no usable conversations"
+        raise ConfigError("dataset_path", f"{path.name}: no usable rows ({first})")
+    return [{"messages": row["messages"]} for row in report.rows]
+
+
+def split_rows(
+    rows: list[dict[str, Any]], val_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The seeded train/validation split, the same one the Dataset tab shows."""
+    from studio.data.split import split_rows as dataset_split
+
+    return dataset_split(rows, val_fraction, seed)
+
+
+def file_sha256(path: Path) -> str:
+    """The dataset file's hash, recorded in the run's metadata (same as the PII scan key)."""
+    from studio.data.pii import file_sha256 as sha256_of
+
+    return sha256_of(path)
+
+
+def check_pii(cfg: RunConfig) -> int | None:
+    """Refuse a dataset with unresolved PII findings unless the user confirmed (allow_pii)."""
+    from studio.data.pii import unresolved_pii
+
+    count = unresolved_pii(str(dataset_file(cfg)))
+    if count and not cfg.allow_pii:
+        raise ConfigError(
+            "allow_pii",
+            f"{count} possible personal-data finding(s) in {dataset_file(cfg).name} are unresolved:"
+            " redact them in the Dataset tab, or confirm to train anyway (allow_pii: true)",
+        )
+    return count
+
+
+def tokenize_rows(
+    tok: Any, rows: list[dict[str, Any]], cfg: RunConfig, required: bool = True
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """input_ids + labels per row (-100 where no loss), with the one shared chat_format.
+
+    Labels are built here, not by a collator, so pad == eos can never mask the end-of-turn
+    token. Rows left with nothing to learn (truncated before the reply) are dropped.
+    """
+    out: list[dict[str, list[int]]] = []
+    stats = {"rows": len(rows), "dropped": 0, "truncated": 0, "tokens": 0, "trained_tokens": 0}
+    first_error = ""
+    for row in rows:
+        try:
+            conv = tokenize_conversation(tok, row["messages"], cfg.max_seq_len)
+        except TemplateError as exc:
+            stats["dropped"] += 1
+            first_error = first_error or str(exc)
+            continue
+        if cfg.assistant_only_loss:
+            labels = [
+                t if m else -100 for t, m in zip(conv.input_ids, conv.assistant_mask, strict=True)
+            ]
+        else:
+            labels = list(conv.input_ids)
+        if len(labels) < 2 or all(x == -100 for x in labels[1:]):
+            stats["dropped"] += 1
+            continue
+        stats["truncated"] += int(conv.truncated)
+        stats["tokens"] += len(conv.input_ids)
+        stats["trained_tokens"] += sum(x != -100 for x in labels[1:])
+        out.append({"input_ids": conv.input_ids, "labels": labels})
+    if not out and rows and required:
+        hint = first_error or f"every row was cut before its reply at max_seq_len={cfg.max_seq_len}"
+        raise ConfigError("max_seq_len" if not first_error else "dataset_path", hint)
+    return out, stats
+
+
+# --- hardware -----------------------------------------------------------------------------
+
+
+def resolve_device(cfg: RunConfig) -> tuple[str, str]:
+    """The device to train on and why; refuses cuda when no GPU is visible."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_cuda:
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ConfigError(
+            "device",
+            f"no CUDA GPU is visible to PyTorch ({torch.__version__}, {build}): pick 'cpu' or"
+            " 'auto', or install the CUDA build of torch",
+        )
+    if cfg.device == "cpu":
+        return "cpu", "cpu: chosen in the settings"
+    if has_cuda:
+        return "cuda", f"cuda: {torch.cuda.get_device_name(0)}"
+    return "cpu", "cpu: no CUDA GPU visible to PyTorch"
+
+
+def hardware_preset(cfg: RunConfig) -> Any | None:
+    """The Hardware tab's preset named in the config (`studio.hardware.presets`), or None."""
+    if not cfg.preset:
+        return None
+    try:
+        from studio.hardware.presets import load_presets
+
+        return load_presets().get(cfg.preset)
+    except Exception:  # no presets module, or an unknown/broken preset: no estimate, no crash
+        return None
+
+
+def expected_device(cfg: RunConfig) -> str:
+    """The device the user meant: set explicitly, or implied by the hardware preset."""
+    if cfg.device != "auto":
+        return cfg.device
+    preset = hardware_preset(cfg)
+    if preset is not None:
+        return "cuda" if getattr(preset, "kind", "") == "cuda" else "cpu"
+    return "any"
+
+
+def board_power(cfg: RunConfig, device: str) -> tuple[float, str]:
+    """Watts drawn while training (the preset's board power) and where the figure comes from."""
+    preset = hardware_preset(cfg)
+    watts = getattr(preset, "board_power_w", None)
+    if watts:
+        return float(watts), f"{watts:g} W board power of preset '{cfg.preset}'"
+    if device == "cpu":
+        return 0.0, "0 W: no board power known for CPU training (pick a hardware preset)"
+    return 0.0, "0 W: pick a hardware preset to estimate electricity"
+
+
+def hardware_info(device: str) -> dict[str, Any]:
+    """The machine a run trained on, for its metadata."""
+    import psutil
+    import torch
+
+    info: dict[str, Any] = {
+        "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            native_bf16=precision("cuda").name == "bf16",
+        )
+    return info
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a run, for its metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"lora-studio": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --- a new run, or a resumed one ------------------------------------------------------------
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
+    """Everything that can refuse a run before a model loads; then create its folder."""
+    cfg = cfg.replace(
+        dataset_path=str(Path(cfg.dataset_path).expanduser().resolve()) if cfg.dataset_path else ""
+    )
+    cfg.validate()
+    device, reason = resolve_device(cfg)
+    if device != "cuda" and cfg.optimizer != "adamw_torch":
+        raise ConfigError("optimizer", f"{cfg.optimizer} needs a CUDA GPU; use adamw_torch on CPU")
+    check_pii(cfg)
+    rows = load_training_rows(cfg)
+    train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.seed)
+    meta = _new_run_meta(cfg, device, reason, len(rows), len(train_rows), len(val_rows))
+    run_dir = runs.new_run_dir(cfg.run_name)
+    meta["run_dir"] = str(run_dir)
+    runs.mark_live(run_dir)  # released by execute_run, which must follow
+    try:
+        runs.atomic_write_text(run_dir / runs.RUN_YAML, cfg.to_yaml())
+        runs.write_metadata(run_dir, meta)
+    except BaseException:
+        runs.mark_done(run_dir)
+        raise
+    return _prepared(cfg, run_dir, train_rows, val_rows, device, reason, None, meta)
+
+
+def _new_run_meta(
+    cfg: RunConfig, device: str, reason: str, n_rows: int, n_train: int, n_val: int
+) -> dict[str, Any]:
+    """training_metadata.json as a new run starts: settings, data, versions, hardware."""
+    path = dataset_file(cfg)
+    return {
+        "status": "running",
+        "created": now_iso(),
+        "updated": now_iso(),
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "run_name": cfg.run_name,
+        "run_dir": "",
+        "base_model": {"name": cfg.base_model},
+        "dataset": {
+            "path": str(path),
+            "format": cfg.dataset_format,
+            "sha256": file_sha256(path),
+            "rows": n_rows,
+            "train_rows": n_train,
+            "val_rows": n_val,
+        },
+        "settings": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "hardware": hardware_info(device),
+        "device": {"used": device, "reason": reason, "expected": expected_device(cfg)},
+        "adapter_dir": runs.ADAPTER,
+        "error": None,
+    }
+
+
+def prepare_resume(run_dir: str | Path) -> PreparedRun:
+    """Check a run can continue from its last complete checkpoint, with the same data."""
+    run_dir = Path(run_dir).resolve()
+    meta, checkpoint = _resumable(run_dir)
+    cfg = RunConfig.load(run_dir / runs.RUN_YAML).validate()
+    device, reason = resolve_device(cfg)
+    path = dataset_file(cfg)
+    rows = load_training_rows(cfg)
+    recorded = (meta.get("dataset") or {}).get("sha256")
+    if recorded and recorded != file_sha256(path):
+        raise ConfigError(
+            "dataset_path", f"{path} changed since the run began; Resume needs the same data"
+        )
+    train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.seed)
+    step = int(checkpoint.name.rsplit("-", 1)[1])
+    meta.update(status="running", updated=now_iso(), pid=os.getpid(), error=None, advice=None)
+    meta.setdefault("resumes", []).append({"at": now_iso(), "from_step": step})
+    meta["device"] = {**(meta.get("device") or {}), "used": device, "reason": reason}
+    runs.mark_live(run_dir)  # released by execute_run, which must follow
+    try:
+        runs.write_metadata(run_dir, meta)
+        with contextlib.closing(runs.open_log(run_dir)) as fh:
+            runs.append_log(fh, {"event": "resumed", "from_step": step, "time": time.time()})
+    except BaseException:
+        runs.mark_done(run_dir)
+        raise
+    return _prepared(cfg, run_dir, train_rows, val_rows, device, reason, checkpoint, meta)
+
+
+def _resumable(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The run's metadata and last complete checkpoint, or why it cannot be resumed."""
+    if not (run_dir / runs.RUN_YAML).is_file():
+        raise ConfigError("run_dir", f"{run_dir} is not a run folder (no {runs.RUN_YAML})")
+    meta = runs.read_metadata(run_dir)
+    if runs.is_live(run_dir, meta):
+        raise ConfigError("run_dir", f"{run_dir.name} is still training")
+    if meta.get("status") == "completed":
+        raise ConfigError("run_dir", f"{run_dir.name} already completed; start a new run instead")
+    checkpoint = runs.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(
+            "run_dir", f"{run_dir.name} has no complete checkpoint to resume from; start it again"
+        )
+    return meta, checkpoint
+
+
+def _prepared(
+    cfg: RunConfig,
+    run_dir: Path,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    device: str,
+    reason: str,
+    resume_from: Path | None,
+    meta: dict[str, Any],
+) -> PreparedRun:
+    """The PreparedRun, with the settings' intended device and board power worked out."""
+    watts, _ = board_power(cfg, device)
+    return PreparedRun(
+        cfg, run_dir, train_rows, val_rows, device, reason, resume_from, meta,
+        expected_device=expected_device(cfg), power_w=watts,
+    )  # fmt: skip

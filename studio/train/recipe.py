@@ -1,0 +1,377 @@
+"""The training recipe: LoRA/QLoRA supervised fine-tuning of a chat model on tokenized rows.
+
+It reads top to bottom, in small `build_*` helpers and no trainer hierarchy: the frozen base
+model (16-bit, or NF4 4-bit for QLoRA, through `studio.models.loader`), the LoRA config, the
+SFTConfig, and the studio's SFTTrainer with its compact CPU loss head. The run
+(`studio.train.loop`), the benchmark (`studio.bench`), the tests and the VRAM calibration
+(`studio.hardware.calibrate`) all train through `build_trainer`, so they measure one recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from studio import runs
+from studio.config import ConfigError, RunConfig
+from studio.models.loader import load_model
+from studio.models.precision import precision
+
+KEEP_CHECKPOINTS = 2
+
+
+# --- the base model and LoRA ---------------------------------------------------------------
+
+
+def load_base_model(cfg: RunConfig, model_path: Path, device: str):
+    """The frozen base: 16-bit (the device's precision) for LoRA, NF4 4-bit for QLoRA."""
+    import torch
+
+    dtype = precision(device).torch_dtype
+    model = load_model(
+        model_path,
+        device=device,
+        dtype=dtype,
+        four_bit=cfg.method == "qlora",
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.method == "qlora" and dtype == torch.float16:
+        # fp16 only (cards without bf16): the classic recipe upcasts norms, embeddings and
+        # lm_head to fp32 for stability. With bf16 that costs memory (2 GiB on an 8B model,
+        # which the VRAM estimate does not count) and buys nothing; TRL no longer calls it.
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+# Module names per architecture family; the first group whose names all exist is used.
+_QV_GROUPS = [("q_proj", "v_proj"), ("qkv_proj",), ("query_key_value",), ("Wqkv",), ("c_attn",)]
+_ATTENTION_GROUPS = [
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama, Mistral, Qwen, Gemma
+    ("qkv_proj", "o_proj"),  # Phi-3
+    ("q_proj", "k_proj", "v_proj", "dense"),  # Phi-2
+    ("query_key_value", "dense"),  # GPT-NeoX, Falcon
+    ("Wqkv", "out_proj"),  # MPT, ModernBERT-style
+    ("c_attn",),  # GPT-2 (its c_proj is shared with the MLP)
+]
+_MLP_GROUPS = [
+    ("gate_proj", "up_proj", "down_proj"),
+    ("gate_up_proj", "down_proj"),
+    ("w1", "w2", "w3"),
+    ("fc1", "fc2"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("c_fc", "c_proj"),
+]
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """Short names of the model's linear layers (4-bit ones included), lm_head left out."""
+    names = set()
+    for full, module in model.named_modules():
+        if "Linear" in type(module).__name__ and not full.endswith("lm_head"):
+            names.add(full.rsplit(".", 1)[-1])
+    return names
+
+
+def resolve_target_modules(model: Any, choice: str) -> list[str] | str:
+    """Map qv / attention / attention_mlp / all_linear onto this model's layer names."""
+    if choice == "all_linear":
+        return "all-linear"  # PEFT's own: every linear layer but the output head
+    names = linear_module_names(model)
+
+    def first(groups: list[tuple[str, ...]]) -> list[str]:
+        return next((list(g) for g in groups if set(g) <= names), [])
+
+    targets = first(_QV_GROUPS if choice == "qv" else _ATTENTION_GROUPS)
+    if choice == "attention_mlp":
+        targets = sorted(set(targets) | set(first(_MLP_GROUPS)))
+    if not targets:
+        raise ConfigError(
+            "target_modules",
+            f"cannot find {choice} layers in this model (its linear layers: "
+            f"{', '.join(sorted(names))}); pick all_linear",
+        )
+    return targets
+
+
+def build_peft_config(cfg: RunConfig, model: Any):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=resolve_target_modules(model, cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+# --- training arguments --------------------------------------------------------------------
+
+
+def padding_free_ok(model: Any) -> bool:
+    """Padding-free batches (rows concatenated, no mask) pay off only with flash attention.
+
+    With SDPA or eager attention transformers must build a block-diagonal mask over the
+    whole flattened batch, quadratic in its tokens; on CPU that measured 1.5x slower than
+    length-grouped padded batches (the breakdown of `python -m studio.bench train`).
+    """
+    attn = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return "flash" in attn
+
+
+def build_training_args(
+    cfg: RunConfig,
+    run_dir: Path,
+    device: str,
+    has_eval: bool,
+    resume: bool,
+    padding_free: bool = False,
+):
+    """SFTConfig for one run. Step counts are placeholders until the data is prepared
+    (see `plan_steps`); TRL defaults that differ from what a hobbyist expects are set here.
+
+    Batches: packing when asked; else padding-free with flash attention (`padding_free_ok`);
+    else rows of similar length batched together (length-grouped sampling), padded only to
+    the longest row of their batch: a few percent of padding. The sampler puts the longest
+    row in the first batch, so a run that will not fit in memory fails at its first step."""
+    import torch
+    from trl import SFTConfig
+
+    dtype = precision(device).torch_dtype
+    return SFTConfig(
+        output_dir=str(run_dir / runs.CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs if cfg.epochs > 0 else 1.0,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else 1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # < 1 is read as a ratio of all steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16,  # TRL defaults bf16 to True; on CPU this is autocast
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must reach the callback, not be averaged away
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=1,
+        eval_on_start=has_eval and not resume,
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=KEEP_CHECKPOINTS,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        # Whole rows (already truncated): padding-free or length-grouped; or packed blocks.
+        padding_free=padding_free and not cfg.packing,
+        train_sampling_strategy="random" if cfg.packing or padding_free else "group_by_length",
+        packing=cfg.packing,
+        max_length=cfg.max_seq_len if cfg.packing else None,
+        # Labels come from chat_format's assistant mask; TRL must not rebuild them.
+        assistant_only_loss=False,
+        completion_only_loss=False,
+    )
+
+
+# --- the compact CPU loss head --------------------------------------------------------------
+
+# Logit-scaling configs the compact CPU head leaves to TRL's own (which knows them all).
+_SCALED_HEAD_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+HEAD_CHUNK_VALUES = 32 * 2**20  # logits per piece of the compact head (128 MiB in fp32)
+
+
+def compact_head_ok(model: Any, device: str) -> bool:
+    """Whether the loss may score only the label positions with plain torch ops (CPU).
+
+    TRL's fused head scores only those positions with its Triton kernel on GPUs, but on CPU
+    it scores every position (to keep tile shapes fixed for compilers) and folds each tile
+    in Python-level ops: measured at about 40% of a CPU step. Models that scale or cap their
+    logits keep TRL's head, which knows how.
+    """
+    if device != "cpu":
+        return False
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not any(getattr(text, key, None) not in (None, 1.0) for key in _SCALED_HEAD_KEYS)
+
+
+def head_loss_sum(hidden: Any, head: Any, targets: Any) -> Any:
+    """Summed cross-entropy of `head(hidden)` against `targets` ([K, H] and [K]).
+
+    In pieces of at most HEAD_CHUNK_VALUES logits, each recomputed in the backward pass
+    instead of kept, so memory stays bounded for large vocabularies and many tokens.
+    """
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: Any, y: Any) -> Any:
+        return F.cross_entropy(F.linear(h, head.weight, head.bias).float(), y, reduction="sum")
+
+    n = max(1, HEAD_CHUNK_VALUES // head.weight.shape[0])
+    if hidden.shape[0] <= n:
+        return piece(hidden, targets)
+    return sum(
+        checkpoint(piece, hidden[i : i + n], targets[i : i + n], use_reentrant=False)
+        for i in range(0, hidden.shape[0], n)
+    )
+
+
+def install_compact_head(model: Any) -> None:
+    """Give the causal LM under `model` (PEFT or not) a `studio_compact_head=True` forward.
+
+    Like TRL's `fused_lm_head`, it is a keyword of the model's own forward, so whatever hooks
+    the model's forward (the progress callback's token count, tests' injected failures)
+    still sees every training step. Installed once; other calls go to the original forward.
+    """
+    import functools
+
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(causal_lm, "_studio_compact_head", False):
+        return
+    inner = causal_lm.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, studio_compact_head: bool = False, **kwargs: Any) -> Any:
+        if not studio_compact_head:
+            return inner(*args, **kwargs)
+        labels = kwargs.pop("labels")[:, 1:]
+        count = kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
+        mask = labels != -100
+        head = causal_lm.get_output_embeddings()
+        total = head_loss_sum(hidden[:, :-1][mask], head, labels[mask])
+        count = mask.sum() if count is None else count
+        # a batch without labels gives a zero loss, still connected to the model
+        return CausalLMOutputWithPast(loss=total / torch.as_tensor(count).clamp(min=1))
+
+    causal_lm.forward = forward
+    causal_lm._studio_compact_head = True
+
+
+# --- the trainer and its step plan ----------------------------------------------------------
+
+
+def trainer_class():
+    """SFTTrainer with a compact loss head on CPU (`compact_head_ok`); TRL's elsewhere.
+
+    Defined lazily so importing this module does not import trl.
+    """
+    from trl import SFTTrainer
+
+    class StudioSFTTrainer(SFTTrainer):
+        compact_head = False  # set by build_trainer; the benchmark may turn it off
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.compact_head or return_outputs or self.aux_loss_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            install_compact_head(self.accelerator.unwrap_model(model))
+            outputs = model(
+                **inputs, studio_compact_head=True, num_items_in_batch=num_items_in_batch
+            )
+            loss = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+    return StudioSFTTrainer
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model: Any,
+    tok: Any,
+    args: Any,
+    device: str,
+    train_tok: list[dict[str, list[int]]],
+    val_tok: list[dict[str, list[int]]] | None = None,
+    callbacks: Iterable[Any] = (),
+):
+    """The studio's SFTTrainer on tokenized rows (`studio.train.prepare.tokenize_rows`), LoRA
+    from `cfg`, and the compact loss head where it applies (`compact_head_ok`)."""
+    from datasets import Dataset
+
+    trainer = trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_tok),
+        eval_dataset=Dataset.from_list(val_tok) if val_tok else None,
+        processing_class=tok,
+        peft_config=build_peft_config(cfg, model),
+        callbacks=list(callbacks) or None,
+    )
+    trainer.compact_head = compact_head_ok(model, device)
+    if cfg.method == "qlora" and device == "cpu" and not args.bf16:
+        # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); this CPU computes in fp32.
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return trainer
+
+
+def plan_steps(cfg: RunConfig, n_batches_per_epoch: int) -> dict[str, int]:
+    """Total optimizer steps and the eval/checkpoint intervals (auto: ~5 evals, ~4 saves)."""
+    per_epoch = max(1, math.ceil(n_batches_per_epoch / cfg.grad_accum))
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.epochs))
+    return {
+        "total_steps": total,
+        "steps_per_epoch": per_epoch,
+        "eval_steps": cfg.eval_steps or max(1, total // 5),
+        "save_steps": cfg.save_steps or max(1, total // 4),
+    }
+
+
+def apply_step_plan(trainer: Any, cfg: RunConfig) -> dict[str, int]:
+    """Set the step plan on a built trainer and return it.
+
+    The plan needs the prepared (maybe packed) data, so it is set after __init__; the
+    Trainer reads these when train() starts.
+    """
+    plan = plan_steps(cfg, len(trainer.get_train_dataloader()))
+    trainer.args.max_steps = plan["total_steps"]
+    trainer.args.eval_steps = plan["eval_steps"]
+    trainer.args.save_steps = plan["save_steps"]
+    return plan
+
+
+def recipe_summary(cfg: RunConfig, device: str, trainer: Any) -> dict[str, str]:
+    """How a built trainer computes, batches and scores, in words for the run's metadata."""
+    if cfg.packing:
+        batches = "packed"
+    elif trainer.args.padding_free:
+        batches = "padding-free"
+    else:
+        batches = "length-grouped, padded per batch"
+    return {
+        "precision": precision(device).reason,
+        "batches": batches,
+        "loss_head": "compact (label positions only)" if trainer.compact_head else "TRL fused",
+    }
