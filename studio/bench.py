@@ -308,7 +308,8 @@ def bench_rows(n: int, seed: int = 11) -> list[dict[str, Any]]:
     """The bundled sample (90 to ~430 tokens a row) repeated and shuffled to n rows."""
     from studio.data.load import SAMPLE_DATASET
 
-    base = [json.loads(line) for line in SAMPLE_DATASET.read_text(encoding="utf-8").splitlines()]
+    text = SAMPLE_DATASET.read_text(encoding="utf-8")
+    base = [json.loads(line) for line in text.split("\n") if line.strip()]  # JSONL: "\n" only
     rows = [{"messages": [dict(m) for m in base[i % len(base)]["messages"]]} for i in range(n)]
     random.Random(seed).shuffle(rows)
     return rows

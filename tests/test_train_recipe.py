@@ -124,3 +124,36 @@ def test_a_batch_without_labels_sums_to_zero() -> None:
     total = recipe.head_loss_sum(hidden, head, torch.zeros(0, dtype=torch.long))
     assert float(total.detach()) == 0.0
     total.backward()  # still connected to the model: backward() does not fail
+
+
+def test_qlora_adapters_are_fp32_unless_training_in_bf16() -> None:
+    """fp16 cards (RTX 20xx, T4): TRL's bf16 adapters crash the fp16 GradScaler."""
+    from types import SimpleNamespace
+
+    qlora, lora = RunConfig(method="qlora"), RunConfig(method="lora")
+    fp16 = SimpleNamespace(bf16=False, fp16=True)
+    assert recipe.adapters_need_fp32(qlora, fp16)
+    assert recipe.adapters_need_fp32(qlora, SimpleNamespace(bf16=False, fp16=False))
+    assert not recipe.adapters_need_fp32(qlora, SimpleNamespace(bf16=True, fp16=False))
+    assert not recipe.adapters_need_fp32(lora, fp16)
+
+
+def test_label_count_waits_for_the_log_not_each_micro_batch() -> None:
+    """`int()` on a GPU tensor syncs the host every micro-batch; `meta` stands in for a GPU:
+    reading it to the host raises, so the hook must not."""
+    import threading
+    from types import SimpleNamespace
+
+    from studio.train.loop import _Progress
+
+    progress = _Progress(
+        SimpleNamespace(device="cuda", power_w=0.0), lambda e: None, threading.Event()
+    )
+    module = SimpleNamespace(training=True)
+    labels = torch.tensor([[-100, 5, 6], [7, -100, -100]], device="meta")
+    progress._count_labels(module, (), {"labels": labels})  # no host read here
+    progress._labels_pending = None
+    for _ in range(3):
+        progress._count_labels(module, (), {"labels": torch.tensor([[-100, 5, 6], [7, -100, 9]])})
+    assert progress.label_tokens == 12
+    assert progress.label_tokens == 12  # read twice: counted once

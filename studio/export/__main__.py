@@ -1,5 +1,5 @@
-"""`python -m studio.export`: see `studio.export.run`."""
+"""`python -m studio.export RUN_DIR`: see `studio.export.cli`."""
 
-from studio.export.run import main
+from studio.export.cli import main
 
 raise SystemExit(main())

@@ -407,7 +407,8 @@ class _Progress:
         self.device = run.device
         self.watts = run.power_w
         self.t0 = time.time()
-        self.label_tokens = 0
+        self._labels_counted = 0
+        self._labels_pending: Any = None  # a device tensor, read only when logging
         self._tokens_at_log, self._time_at_log = 0, time.time()
         self.peak_mb, self.mem_kind = 0.0, ""
         self.first_step = 0
@@ -417,9 +418,19 @@ class _Progress:
         self._hook = None
 
     def _count_labels(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Counts trained tokens on the labels' device: `int()` here would make the host wait
+        for the GPU on every micro-batch; the sum is read only when a log line is written."""
         labels = kwargs.get("labels")
         if module.training and labels is not None:
-            self.label_tokens += int((labels != -100).sum())
+            n = (labels != -100).sum()
+            self._labels_pending = n if self._labels_pending is None else self._labels_pending + n
+
+    @property
+    def label_tokens(self) -> int:
+        if self._labels_pending is not None:
+            self._labels_counted += int(self._labels_pending)
+            self._labels_pending = None
+        return self._labels_counted
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch

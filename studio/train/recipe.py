@@ -329,12 +329,19 @@ def build_trainer(
         callbacks=list(callbacks) or None,
     )
     trainer.compact_head = compact_head_ok(model, device)
-    if cfg.method == "qlora" and device == "cpu" and not args.bf16:
-        # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); this CPU computes in fp32.
+    if adapters_need_fp32(cfg, args):
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     return trainer
+
+
+def adapters_need_fp32(cfg: RunConfig, args: Any) -> bool:
+    """TRL casts a k-bit model's trainable weights to bf16 (the paper's GPU recipe). Unless
+    the run trains in bf16, they must be fp32: fp16's GradScaler cannot unscale bf16
+    gradients ("_amp_foreach_non_finite_check_and_unscale_cuda not implemented for
+    'BFloat16'" on RTX 20xx/T4 cards), and an fp32 CPU run computes in fp32."""
+    return cfg.method == "qlora" and not args.bf16
 
 
 def plan_steps(cfg: RunConfig, n_batches_per_epoch: int) -> dict[str, int]:

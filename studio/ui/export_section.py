@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from studio.export import run as export
+from studio.export.merge import case_verdict
 
 GGUF_CHOICES = [
     ("GGUF f16 (exact, about the size of the merged model)", "f16"),
@@ -74,7 +75,7 @@ def _check_rows(result: export.ExportResult) -> list[list[Any]]:
             continue
         for c in chk.cases:
             mark = "✅ " if c.match else ("🟡 " if c.near_tie else "❌ ")
-            rows.append([chk.title, c.prompt, c.expected, c.got, mark + export.case_verdict(c)])
+            rows.append([chk.title, c.prompt, c.expected, c.got, mark + case_verdict(c)])
     return rows
 
 
@@ -95,33 +96,40 @@ def _summary(result: export.ExportResult) -> str:
     return "\n\n".join(lines)
 
 
-def build_export_section(ctx: dict[str, Any]) -> None:
-    """Create the section's components inside the open Accordion; own events attached here."""
+def build_export_section(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Create the section's components inside the open Accordion; returns them by name."""
+    ui: dict[str, Any] = {}
     gr.Markdown(INTRO)
     with gr.Row():
-        run_dd = gr.Dropdown(
+        ui["run_dd"] = gr.Dropdown(
             choices=_run_choices(),
             label="Run to export",
             scale=4,
             elem_id="export-run",
         )
-        refresh_btn = gr.Button("Refresh runs", scale=1, elem_id="export-refresh")
-    details = gr.Markdown("", elem_id="export-run-details")
+        ui["refresh"] = gr.Button("Refresh runs", scale=1, elem_id="export-refresh")
+    ui["details"] = gr.Markdown("", elem_id="export-run-details")
     with gr.Row():
-        gguf = gr.Radio(
+        ui["gguf"] = gr.Radio(
             choices=GGUF_CHOICES, value="f16", label="GGUF file", scale=3, elem_id="export-gguf"
         )
-        verify = gr.Checkbox(
+        ui["verify"] = gr.Checkbox(
             value=True,
             label="Load the GGUF back and compare answers (slower, recommended)",
             scale=2,
         )
     with gr.Accordion("Why QLoRA runs are merged into a 16-bit base", open=False):
         gr.Markdown(QLORA_MD)
-    export_btn = gr.Button("Export", variant="primary", elem_id="export-button")
-    status = gr.Markdown("", elem_id="export-status")
-    with gr.Group(visible=False) as results:
-        checks = gr.Dataframe(
+    ui["export"] = gr.Button("Export", variant="primary", elem_id="export-button")
+    ui["status"] = gr.Markdown("", elem_id="export-status")
+    _build_results(ui)
+    return ui
+
+
+def _build_results(ui: dict[str, Any]) -> None:
+    """The sanity check, files written, ollama commands and Modelfile (shown after export)."""
+    with gr.Group(visible=False) as ui["results"]:
+        ui["checks"] = gr.Dataframe(
             headers=CHECK_HEADERS,
             label="Sanity check: greedy answers, same prompts",
             wrap=True,
@@ -129,80 +137,86 @@ def build_export_section(ctx: dict[str, Any]) -> None:
             interactive=False,
             elem_id="export-checks",
         )
-        files = gr.Dataframe(
+        ui["files"] = gr.Dataframe(
             headers=FILE_HEADERS,
             label="Files written",
             interactive=False,
             column_widths=["80%", "20%"],
             elem_id="export-files",
         )
-        commands = gr.Code(
+        ui["commands"] = gr.Code(
             label="Ollama commands (Ollama need not be installed to export)",
             language="shell",
             interactive=False,
             elem_id="export-commands",
         )
-        modelfile = gr.Code(
+        ui["modelfile"] = gr.Code(
             label="Modelfile", language="dockerfile", interactive=False, elem_id="export-modelfile"
         )
 
-    def refresh(current: str | None):
-        choices = _run_choices()
-        values = {v for _, v in choices}
-        value = current if current in values else (choices[0][1] if choices else None)
-        return gr.update(choices=choices, value=value), _run_details(value)
 
-    def do_export(run_path: str | None, gguf_type: str, verify_gguf: bool):
-        empty = (gr.update(visible=False), [], [], "", "")
-        if not run_path:
-            yield ("Pick a run first (train one in the Train tab if the list is empty).", *empty)
-            return
-        state: dict[str, Any] = {"msg": "Starting", "frac": 0.0, "result": None, "error": None}
+def refresh(current: str | None) -> tuple[Any, str]:
+    """The run picker's choices (keeping the current pick when it still exists), its details."""
+    choices = _run_choices()
+    values = {v for _, v in choices}
+    value = current if current in values else (choices[0][1] if choices else None)
+    return gr.update(choices=choices, value=value), _run_details(value)
 
-        def progress(msg: str, frac: float) -> None:
-            state["msg"], state["frac"] = msg, frac
 
-        def work() -> None:
-            try:
-                state["result"] = export.export_run(
-                    run_path, gguf=gguf_type, progress=progress, verify_gguf=verify_gguf
-                )
-            except export.ExportError as exc:
-                state["error"] = str(exc)
-            except Exception as exc:  # the app must survive any export failure
-                state["error"] = f"Export failed: {type(exc).__name__}: {exc}"
+def do_export(run_path: str | None, gguf_type: str, verify_gguf: bool):
+    """Run the export on a worker thread and stream its progress, then its results.
 
-        t0 = time.time()
-        worker = threading.Thread(target=work, name="export", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            yield (_bar(state["frac"], state["msg"], time.time() - t0), *empty)
-            worker.join(timeout=0.5)
-        if state["error"]:
-            text = html.escape(state["error"]).replace("\n", "<br>")
-            yield (f"❌ {text}", *empty)
-            return
-        result: export.ExportResult = state["result"]
-        file_rows = [[p, round(n / 1e6, 1)] for p, n in result.files]
-        cmds = f"{result.create_command}\n{result.run_command}\n"
-        shown = gr.update(visible=True)
-        yield (_summary(result), shown, _check_rows(result), file_rows, cmds, result.modelfile)
+    Yields (status, results group, check rows, file rows, commands, Modelfile).
+    """
+    empty = (gr.update(visible=False), [], [], "", "")
+    if not run_path:
+        yield ("Pick a run first (train one in the Train tab if the list is empty).", *empty)
+        return
+    state: dict[str, Any] = {"msg": "Starting", "frac": 0.0, "result": None, "error": None}
 
-    refresh_btn.click(refresh, run_dd, [run_dd, details])
+    def progress(msg: str, frac: float) -> None:
+        state["msg"], state["frac"] = msg, frac
+
+    def work() -> None:
+        try:
+            state["result"] = export.export_run(
+                run_path, gguf=gguf_type, progress=progress, verify_gguf=verify_gguf
+            )
+        except export.ExportError as exc:
+            state["error"] = str(exc)
+        except Exception as exc:  # the app must survive any export failure
+            state["error"] = f"Export failed: {type(exc).__name__}: {exc}"
+
+    t0 = time.time()
+    worker = threading.Thread(target=work, name="export", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        yield (_bar(state["frac"], state["msg"], time.time() - t0), *empty)
+        worker.join(timeout=0.5)
+    if state["error"]:
+        text = html.escape(state["error"]).replace("\n", "<br>")
+        yield (f"❌ {text}", *empty)
+        return
+    result: export.ExportResult = state["result"]
+    file_rows = [[p, round(n / 1e6, 1)] for p, n in result.files]
+    cmds = f"{result.create_command}\n{result.run_command}\n"
+    shown = gr.update(visible=True)
+    yield (_summary(result), shown, _check_rows(result), file_rows, cmds, result.modelfile)
+
+
+def wire_export_section(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
+    """Own events, and a refreshed run list when the page loads and when the Train tab says a
+    run ended."""
+    run_dd, details = ui["run_dd"], ui["details"]
+    ui["refresh"].click(refresh, run_dd, [run_dd, details])
     run_dd.change(_run_details, run_dd, details)
-    export_btn.click(
+    ui["export"].click(
         do_export,
-        [run_dd, gguf, verify],
-        [status, results, checks, files, commands, modelfile],
+        [run_dd, ui["gguf"], ui["verify"]],
+        [ui[k] for k in ("status", "results", "checks", "files", "commands", "modelfile")],
         concurrency_limit=1,
         concurrency_id="export",
     )
-    ctx["export._refresh"] = (refresh, run_dd, details)
-
-
-def wire_export_section(ctx: dict[str, Any]) -> None:
-    """Refresh the run list when the page loads and when the Train tab says a run ended."""
-    refresh, run_dd, details = ctx["export._refresh"]
     demo = ctx.get("demo")
     if demo is not None:
         demo.load(refresh, run_dd, [run_dd, details])
