@@ -176,6 +176,75 @@ def loss_curves(entries: list[dict[str, Any]]) -> dict[str, list[tuple[int, floa
     return {"train": train, "eval": evals}
 
 
+# --- the adapter ---------------------------------------------------------------------------
+
+
+def adapter_staging(run_dir: str | Path) -> tuple[Path, Path, Path]:
+    """(adapter/, the folder a new adapter is written into, where the previous one waits)."""
+    run_dir = Path(run_dir)
+    return run_dir / ADAPTER, run_dir / f".{ADAPTER}.tmp", run_dir / f".{ADAPTER}.old"
+
+
+def publish_adapter(run_dir: str | Path) -> Path:
+    """Swap the fully written staging folder in as adapter/.
+
+    A first save is one rename (atomic). Replacing an adapter takes two (adapter -> .old,
+    .tmp -> adapter); a crash between them leaves both complete folders and no adapter/,
+    which `recover_adapter` puts right before the run is read again.
+    """
+    final, tmp, old = adapter_staging(run_dir)
+    if final.exists():
+        _remove_tree(old)
+        final.rename(old)
+    tmp.rename(final)
+    _remove_tree(old)
+    return final
+
+
+def recover_adapter(run_dir: str | Path) -> bool:
+    """Finish a publish that a crash cut short; True when adapter/ was put back.
+
+    Only `.old` proves a swap had begun: then `.tmp` is complete (it is renamed only once
+    written) and is the newer adapter; without `.tmp`, the previous adapter goes back. A
+    `.tmp` alone is a save cut short and stays unused (the next save replaces it).
+    """
+    final, tmp, old = adapter_staging(run_dir)
+    if not old.is_dir():
+        return False
+    try:
+        if final.exists():
+            _remove_tree(old)  # the swap had finished; only the clean-up was missed
+            return False
+        (tmp if tmp.is_dir() else old).rename(final)
+        _remove_tree(old)
+    except OSError:
+        return False  # a read-only folder: nothing to fix here, and nothing lost
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- kill points (tests) -----------------------------------------------------------------
+
+KILL_ENV = "LORA_STUDIO_TEST_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process here when LORA_STUDIO_TEST_KILL_AT names this point.
+
+    Only tests/test_kill.py sets it: it proves that a run killed during tokenizing, a step, a
+    checkpoint save or the final save is listed as interrupted and resumes. Unset, a no-op.
+    """
+    if os.environ.get(KILL_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 # --- checkpoints -------------------------------------------------------------------------
 
 
@@ -276,6 +345,8 @@ def run_info(run_dir: str | Path) -> RunInfo | None:
     meta = read_metadata(run_dir)
     if not meta and not (run_dir / RUN_YAML).is_file():
         return None
+    if not is_live(run_dir, meta):
+        recover_adapter(run_dir)  # a crash mid-publish: put adapter/ back before listing it
     settings = meta.get("settings") or {}
     status = meta.get("status") or "interrupted"
     if status == "running" and not is_live(run_dir, meta):

@@ -1,4 +1,5 @@
-"""The train and app benchmarks keep working (tiny sizes; figures are printed, not asserted)."""
+"""The train, app and firstrun benchmarks keep working (tiny sizes; figures are printed, not
+asserted)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,27 @@ def test_app_bench_times_start_to_the_first_step(studio_home: Path, embedded_mod
     assert "click Start -> first training step shown" in out, out
     result = json.loads((tmp_path / "a").read_text(encoding="utf-8"))
     assert result["page_served_s"] > 0 and result["start_to_first_step_s"] > 0
+
+
+@pytest.mark.slow
+def test_firstrun_bench_runs_the_default_path_and_reports_the_verdicts(
+    studio_home: Path, embedded_model, tmp_path: Path
+) -> None:
+    """The default first run at a tiny size: the redacted sample, the CPU preset, 2 steps,
+    2 validation rows scored base vs fine-tune."""
+    out = _bench(
+        "firstrun", "--max-steps", "2", "--val-rows", "2", "--data-dir", str(studio_home),
+        "--json", str(tmp_path / "f.json"),
+    )  # fmt: skip
+    assert "minutes to finish" in out and "did it learn?" in out and "ROUGE-L base" in out
+    result = json.loads((tmp_path / "f.json").read_text(encoding="utf-8"))
+    assert result["settings"]["preset"] and result["settings"]["max_steps"] == 2
+    assert ".redacted-" in result["settings"]["dataset_path"]  # the Dataset tab's Redact
+    assert result["minutes"] > 0 and result["final_metrics"]["step"] == 2
+    names = {"eval loss went down", "it stops", "format learned", "base vs fine-tune differ"}
+    assert names <= set(result["checks"])
+    assert set(result["checks"].values()) <= {"green", "amber", "red", "n/a"}
+    val = result["validation"]
+    assert val["val_rows"] == 2 and val["format"] == "a JSON object"  # the sample's answers
+    for key in ("base_format_rate", "tuned_format_rate", "base_rouge_l", "tuned_rouge_l"):
+        assert 0.0 <= val[key] <= 1.0

@@ -143,7 +143,8 @@ def test_score_and_summary_on_known_rows():
     assert summary["tuned_rouge_l"] == pytest.approx(
         round((1.0 + evaluate.rouge_l(rows[1]["fine_tuned"], ref)) / 2, 4)
     )
-    assert evaluate.score("x", None) == {"exact_match": None, "rouge_l": None, "json_ok": None}
+    no_ref = {"exact_match": None, "bleu": None, "chrf": None, "rouge_l": None, "json_ok": None}
+    assert evaluate.score("x", None) == no_ref
 
 
 # --------------------------------------------------------------------------- inputs (fast)
@@ -330,6 +331,22 @@ def test_chat_refused_while_a_gpu_run_trains(studio_home: Path):
         runs.mark_done(run)
         runs.write_metadata(run, {**meta, "status": "failed"})
     assert chat.training_blocker() is None
+
+
+def test_a_training_check_that_fails_refuses_to_load(monkeypatch: pytest.MonkeyPatch, studio_home):
+    """Fail closed: when the check for a GPU run raises, chat does not load (and says why)."""
+    from studio import runs
+
+    def unreadable() -> list:
+        raise OSError("runs folder unreadable")
+
+    monkeypatch.setattr(runs, "list_runs", unreadable)
+    message = chat.training_blocker() or ""
+    assert "Could not check" in message and "runs folder unreadable" in message
+    eng = chat.ChatEngine()
+    with pytest.raises(chat.ChatError, match="Could not check"):
+        eng.load_base_only()
+    assert not eng.loaded and eng.base_loads == 0
 
 
 # --------------------------------------------------------------------------- real model
@@ -528,3 +545,78 @@ def test_stop_criterion_answers_on_the_inputs_device() -> None:
     ids = torch.zeros((2, 5), dtype=torch.long, device="meta")
     out = criterion(ids, None)
     assert out.device == ids.device and out.shape == (2,) and out.dtype == torch.bool
+
+
+@pytest.mark.slow
+def test_base_alone_then_a_run_attaches_to_the_model_in_memory(run_dir: Path, tmp_path: Path):
+    """A user sees the baseline first; picking a run then attaches its adapter to the very
+    base already loaded (no second load), runs swap adapters, and another precision reloads."""
+    import shutil
+
+    eng = chat.ChatEngine()
+    try:
+        info = eng.load_base_only()  # the default model, resolved by studio.models.loader
+        assert not info.has_adapter and not eng.has_adapter
+        assert "no fine-tune loaded" in info.summary()
+        base = eng.model
+        alone = eng.generate(chat.SIDE_BASE, ticket_messages(), GREEDY, system=SYSTEM)
+        with pytest.raises(chat.ChatError, match="No fine-tune loaded"):
+            eng.generate(chat.SIDE_TUNED, ticket_messages(), TINY)
+
+        info = eng.load(run_dir)
+        assert info.reused_base and eng.base_loads == 1
+        assert eng.model.get_base_model() is base
+        assert eng.generate(chat.SIDE_BASE, ticket_messages(), GREEDY, system=SYSTEM) == alone
+        tuned = eng.generate(chat.SIDE_TUNED, ticket_messages(), GREEDY, system=SYSTEM)
+        assert tuned != alone
+
+        other = tmp_path / "other-adapter"  # a second adapter on the same base swaps in
+        shutil.copytree(run_dir / "adapter", other)
+        assert eng.load(other).reused_base and eng.base_loads == 1
+        assert eng.generate(chat.SIDE_TUNED, ticket_messages(), GREEDY, system=SYSTEM) == tuned
+
+        eng.load_base_only()  # back to A only: the adapter comes off, the base stays
+        assert eng.model is base and eng.base_loads == 1 and not eng.has_adapter
+        assert eng.generate(chat.SIDE_BASE, ticket_messages(), GREEDY, system=SYSTEM) == alone
+
+        info = eng.load(run_dir, precision=chat.PRECISION_4)  # not the same base: reload
+        assert not info.reused_base and eng.base_loads == 2 and info.precision == "4-bit"
+    finally:
+        eng.unload()
+
+
+@pytest.mark.slow
+def test_batch_compare_holds_its_model_and_saves_to_its_run(engine, run_dir: Path):
+    """Load or Unload during a batch is refused; training taking the GPU stops the batch,
+    and the finished rows' CSV still goes to the run the batch started with."""
+    items = evaluate.validation_items(run_dir, limit=3)
+    refusals: list[str] = []
+    freed: list[str | None] = []
+
+    def on_row(row: dict) -> None:
+        if not refusals:
+            for attempt in (eng_load_base, lambda: engine.load(run_dir), engine.unload):
+                with pytest.raises(chat.ChatError, match="batch compare is running") as exc:
+                    attempt()
+                refusals.append(str(exc.value))
+            assert chat.release_for_training("cpu") is None  # on CPU the chat model stays
+            assert engine.loaded
+        else:
+            freed.append(chat.release_for_training("cuda", "next-run"))
+
+    def eng_load_base() -> None:
+        engine.load_base_only()
+
+    try:
+        result = evaluate.batch_compare(engine, items, TINY, on_row=on_row)
+        assert len(refusals) == 3
+        assert freed and "Unloaded the Chat model" in (freed[0] or "")
+        assert not engine.loaded
+        assert len(result.rows) == 2 and result.stopped
+        assert "next-run" in (result.error or "")
+        assert result.csv_path is not None and result.csv_path.parent == run_dir
+        with result.csv_path.open(encoding="utf-8") as fh:
+            assert len(list(csv.DictReader(fh))) == 2
+    finally:
+        if not engine.loaded:  # the module's shared engine, for the tests after this one
+            engine.load(run_dir)

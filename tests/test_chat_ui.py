@@ -1,4 +1,5 @@
-"""Chat tab in a real browser: load a trained run, send one prompt, see two different answers."""
+"""Chat tab: in a real browser, load a trained run and see two different answers; and the
+tab's own handlers (real components, real model, no browser) when two tabs share the model."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 from tests.test_chat import TICKET, train_chat_run
 from tests.ui_steps import load_run_in_chat
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-
+@pytest.mark.slow
+@pytest.mark.browser
 def test_send_one_prompt_and_see_two_different_answers(start_app, page, studio_home: Path):
     run_dir = train_chat_run(studio_home)
     app = start_app()
@@ -34,3 +35,54 @@ def test_send_one_prompt_and_see_two_different_answers(start_app, page, studio_h
     assert answers[0] != answers[1], answers
     for panel in ("#chat-a", "#chat-b"):  # each panel shows the user's message once
         assert page.locator(panel).get_by_text(TICKET).count() == 1
+
+
+def _no_progress(*_a, **_k) -> None:
+    pass
+
+
+@pytest.mark.slow
+def test_a_tab_is_told_when_another_tab_changed_the_model(studio_home: Path):
+    """Tab 1 loads a run; tab 2 loads the base alone. Tab 1's Send must not answer from the
+    model it did not pick: it says what is loaded now, and answers only on the next Send."""
+    import gradio as gr
+
+    from studio import chat
+    from studio.ui.chat import conversation
+    from studio.ui.chat.tab import build_chat_tab, do_load, do_load_base
+
+    run_dir = train_chat_run(studio_home)
+    ctx: dict = {}
+    with gr.Blocks():
+        ui = build_chat_tab(ctx)
+    engine = ctx["chat.engine"]
+    gen = (0, 1, 8, 1, 42)  # greedy, 8 new tokens
+    empty = {"base": [], "tuned": []}
+    plain = {"A": "base", "B": "tuned"}
+    try:
+        tab1 = do_load(
+            ui, engine, str(run_dir), "", "", "", chat.PRECISION_AUTO, False, _no_progress
+        )
+        mine = tab1[ui["loaded"]]
+        assert mine["has_adapter"], tab1[ui["status"]]
+        tab2 = do_load_base(ui, engine, "", chat.PRECISION_AUTO, False, _no_progress)
+        assert "no fine-tune loaded" in tab2[ui["status"]]
+        assert tab2[ui["chat_b"]]["label"] == conversation.NO_TUNED_B
+
+        out = list(
+            conversation.send(ui, engine, TICKET, empty, plain, False, False, "", mine, *gen)
+        )
+        assert len(out) == 1  # no answer streamed
+        note = out[0][ui["status"]]
+        assert "another tab" in note and engine.info.base_model in note and run_dir.name in note
+        adopted = out[0][ui["loaded"]]
+        assert adopted == engine.current() and not adopted["has_adapter"]
+
+        out = list(
+            conversation.send(ui, engine, TICKET, empty, plain, False, False, "", adopted, *gen)
+        )
+        final = out[-1]
+        assert final[ui["chat_a"]][-1]["role"] == "assistant" and final[ui["chat_a"]][-1]["content"]
+        assert final[ui["chat_b"]] == []  # base alone: B has nothing to answer with
+    finally:
+        engine.unload()

@@ -537,3 +537,58 @@ def test_export_folder_names_never_collide(tmp_path: Path):
     assert export._export_target(tmp_path, None, "20250101-000000").name == (
         "export-20250101-000000-2"
     )
+
+
+# --------------------------------------------------------------------------- keep what was built
+
+DROPS_EARLIER_ASSISTANT_TURNS = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n"
+    "{% elif m['role'] == 'assistant' and loop.last %}<|assistant|>\n{{ m['content'] }}<|end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_a_template_that_drops_earlier_assistant_turns_falls_back(tok):
+    tok.chat_template = DROPS_EARLIER_ASSISTANT_TURNS
+    fmt = ollama.derive_chat_format(tok)
+    assert (fmt.user_start, fmt.assistant_start) == ("<|user|>\n", "<|assistant|>\n")
+    assert not fmt.exact and any("drops earlier assistant turns" in p for p in fmt.problems)
+    assert "<|end|>" in ollama.stop_tokens(fmt, tok)
+
+
+@pytest.mark.slow
+def test_a_late_failure_keeps_the_merged_model_and_resume_finishes_it(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """The Modelfile step fails after the merge: merged/ stays, the failed step is recorded,
+    and `python -m studio.export RUN --resume DIR` finishes with the same merged weights."""
+
+    def derive_fails(tok):
+        raise RuntimeError("template exploded")
+
+    before = {p.name for p in trained_run.iterdir()}
+    monkeypatch.setattr(export, "derive_chat_format", derive_fails)
+    with pytest.raises(export.ExportError, match="at the ollama step") as info:
+        export.export_run(trained_run, gguf="none", n_prompts=1, max_new_tokens=4)
+    monkeypatch.undo()
+    kept = [p for p in trained_run.iterdir() if p.name not in before]
+    assert [p.name.split("-")[0] for p in kept] == ["export.partial"], kept
+    partial = kept[0]
+    assert f"--resume {partial}" in str(info.value)
+    record = json.loads((partial / export.EXPORT_INFO).read_text(encoding="utf-8"))
+    assert (record["status"], record["failed_step"]) == ("failed", "ollama")
+    assert "template exploded" in record["error"]
+    weights = sorted((partial / export.MERGED).glob("*.safetensors"))
+    written = [(w.name, w.stat().st_mtime_ns) for w in weights]
+    assert written
+
+    assert cli.main([str(trained_run), "--gguf", "none", "--resume", str(partial)]) == 0
+    assert "Reusing the merged model" in capsys.readouterr().err
+    assert not partial.exists()
+    (done,) = [p for p in trained_run.iterdir() if p.name not in before]
+    merged = sorted((done / export.MERGED).glob("*.safetensors"))
+    assert [(w.name, w.stat().st_mtime_ns) for w in merged] == written  # reused, not redone
+    record = json.loads((done / export.EXPORT_INFO).read_text(encoding="utf-8"))
+    assert record["status"] == "complete" and record["failed_step"] is None
+    assert "FROM ./merged" in (done / export.MODELFILE).read_text(encoding="utf-8")

@@ -122,12 +122,63 @@ def test_cpu_preset_trains_the_embedded_model_quickly() -> None:
     shape = vram.model_shape("HuggingFaceTB/SmolLM2-135M-Instruct")
     settings = defaults_for(cpu, shape.n_params)
     assert settings["method"] == "lora"
-    assert settings["batch_size"] == 4
-    assert settings["grad_accum"] in (1, 2)
+    assert settings["batch_size"] * settings["grad_accum"] == 4  # 41 updates on the sample
     assert settings["max_seq_len"] == 512
     assert settings["optimizer"] == "adamw_torch"
     assert settings["gradient_checkpointing"] is False
     assert cpu.kind == "cpu" and cpu.vram_gb == 0
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
+def test_every_band_has_a_whole_recipe(path: Path) -> None:
+    """Learning rate, epochs with a floor and a cap of steps, LoRA shape and warmup, in every
+    band; GPU bands follow current practice for 0.5B-8B models, each line commented."""
+    preset = load_preset_file(path)
+    text = path.read_text(encoding="utf-8")
+    for key in ("learning_rate", "warmup_ratio", "epochs", "min_steps", "step_cap", "max_epochs"):
+        lines = [line for line in text.splitlines() if line.strip().startswith(f"{key}:")]
+        assert len(lines) == 3 and all("#" in line for line in lines), f"{key}: one per band"
+    for band, b in preset.bands.items():
+        assert b.min_steps <= b.step_cap and b.epochs <= b.max_epochs
+        assert (b.lora_r, b.lora_alpha, b.target_modules) == (16, 32, "all_linear")
+        if preset.kind == "cuda":
+            assert 1 <= b.epochs <= 3 and 0.02 <= b.warmup_ratio <= 0.05
+            if band == "up_to_1b":
+                assert 5e-4 <= b.learning_rate <= 1e-3  # small models take a higher rate
+            else:
+                assert 1e-4 <= b.learning_rate <= 2e-4  # the usual rate for 1-8B models
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"learning_rate": 5}, "learning_rate"),
+        ({"learning_rate": "2e-4"}, "learning_rate"),  # unquoted 2e-4 is a string in YAML 1.1
+        ({"epochs": 0}, "epochs"),
+        ({"min_steps": 0}, "min_steps"),
+        ({"step_cap": 10}, "step_cap"),  # under min_steps
+        ({"max_epochs": 1}, "max_epochs"),  # under epochs (2)
+        ({"warmup_ratio": 0.9}, "warmup_ratio"),
+        ({"tokens_per_s": -1}, "tokens_per_s"),
+    ],
+)
+def test_bad_recipe_field_is_named(tmp_path: Path, change: dict, field: str) -> None:
+    data = _valid()
+    data["bands"]["1b_to_4b"].update(change)
+    path = tmp_path / "bad-recipe.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(PresetError) as err:
+        load_preset_file(path)
+    assert err.value.field == f"bands.1b_to_4b.{field}"
+
+
+def test_recipe_field_is_required(tmp_path: Path) -> None:
+    data = _valid()
+    del data["bands"]["up_to_1b"]["learning_rate"]
+    path = tmp_path / "no-lr.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(PresetError, match=r"bands\.up_to_1b\.learning_rate: required"):
+        load_preset_file(path)
 
 
 def test_bands_by_parameter_count() -> None:

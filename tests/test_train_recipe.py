@@ -31,8 +31,13 @@ def test_head_loss_sum_matches_cross_entropy_in_one_piece_and_in_pieces(monkeypa
         assert torch.allclose(grad, want, atol=1e-5), values
 
 
-def test_compact_head_is_only_for_plain_heads_on_cpu() -> None:
+def test_compact_head_is_only_for_plain_heads_on_cpu(monkeypatch) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from studio.hardware import detect
+
+    # a GPU with Triton (without it, CUDA uses the compact head too: test_cuda_decisions)
+    monkeypatch.setattr(detect, "triton_ready", lambda: detect.Choice(True, "faked"))
 
     tiny = LlamaConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

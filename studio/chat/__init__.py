@@ -9,6 +9,7 @@ import; each still has its home in the module above.
 """
 
 from studio.chat.engine import (
+    NO_TUNED,
     PRECISION_4,
     PRECISION_16,
     PRECISION_AUTO,
@@ -26,6 +27,7 @@ from studio.chat.engine import (
     LoadInfo,
     list_chat_runs,
     list_checkpoints,
+    release_for_training,
     resolve_adapter,
     training_blocker,
     with_system,
@@ -47,6 +49,7 @@ from studio.chat.evaluate import (
 )
 
 __all__ = [
+    "NO_TUNED",
     "PRECISIONS",
     "PRECISION_4",
     "PRECISION_16",
@@ -73,6 +76,7 @@ __all__ = [
     "load_prompt_file",
     "new_blind_assignment",
     "record_blind_vote",
+    "release_for_training",
     "resolve_adapter",
     "score",
     "summarize",

@@ -19,6 +19,7 @@ import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,11 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
 
 @dataclass
 class LoadInfo:
-    """What was loaded and how, for the status line; warnings are shown to the user."""
+    """What was loaded and how, for the status line; warnings are shown to the user.
+
+    `adapter_dir` is "" when the base model is loaded alone (A only, no fine-tune yet);
+    `reused_base` says the adapter was attached to the base already in memory.
+    """
 
     label: str
     base_model: str
@@ -241,13 +246,30 @@ class LoadInfo:
     load_s: float
     tensor_bytes: int
     warnings: list[str] = field(default_factory=list)
+    reused_base: bool = False
+
+    @property
+    def has_adapter(self) -> bool:
+        return bool(self.adapter_dir)
 
     def summary(self) -> str:
         how = f"4-bit NF4 (compute {self.dtype})" if self.precision == "4-bit" else self.dtype
+        size = f"{self.tensor_bytes / 1e6:.0f} MB of weights, {self.load_s:.1f} s"
+        if not self.has_adapter:
+            return (
+                f"Loaded the base model {self.base_model} alone, in {how} on {self.device}"
+                f" ({size}). A answers from it; B has no fine-tune loaded: pick a run and press"
+                " Load, and its adapter is attached to this model without loading it again."
+            )
+        if self.reused_base:
+            return (
+                f"Loaded {self.label}: its adapter attached to the base {self.base_model} already"
+                f" in memory (not loaded again), {how} on {self.device}; base side = adapter"
+                f" disabled; {size}."
+            )
         return (
             f"Loaded {self.label}: base {self.base_model} in {how} on {self.device}, adapter"
-            f" attached once (base side = adapter disabled); {self.tensor_bytes / 1e6:.0f} MB of"
-            f" weights, {self.load_s:.1f} s."
+            f" attached once (base side = adapter disabled); {size}."
         )
 
 
@@ -347,13 +369,20 @@ def training_blocker() -> str | None:
 
     On CPU, chatting during training is allowed (slow, but harmless). Runs trained by any
     process count: a run folder whose training process is alive (`studio.runs`), plus the
-    Train tab's job registry (`studio.train.jobs`) when it exists.
+    Train tab's job registry (`studio.train.jobs`) when it exists. A check that fails is not
+    a pass: the answer is then a refusal that says what went wrong (fail closed), because
+    loading a chat model next to a GPU run can crash it with out-of-memory.
     """
     for active in (_active_job_from_jobs, _active_run_on_disk):
         try:
             found = active()
-        except Exception:
-            found = None
+        except Exception as exc:
+            return (
+                "Could not check whether a training run is using the GPU"
+                f" ({type(exc).__name__}: {exc}), so the chat model is not loaded: loading it"
+                " next to a GPU run could crash that run with out-of-memory. Look at the Train"
+                " tab (and the runs folder), then try again."
+            )
         if found:
             name, device = found
             if device.startswith("cuda") or device == "gpu":
@@ -363,6 +392,33 @@ def training_blocker() -> str | None:
                     " or stop it in the Train tab, then load the chat model."
                 )
     return None
+
+
+def release_for_training(device: str | None = None, run_name: str = "") -> str | None:
+    """Unload every Chat model before a training run loads its own; the message says so.
+
+    Training calls this right before it loads its model (`studio.train.jobs`). On CUDA the
+    chat model would share the card's memory with training and can push a 12 GB card into
+    out-of-memory, so it is unloaded (a batch compare in progress stops, and its finished
+    rows are saved to the run it started with). On CPU it stays loaded: system RAM is
+    usually several times the size of a model small enough to train on a CPU, and chatting
+    during CPU training is allowed (`training_blocker`); returns None then, as when nothing
+    was loaded. `device` is the device training will use (None: CUDA when visible).
+    """
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not str(device).lower().startswith("cuda"):
+        return None
+    why = f"training{f' ({run_name})' if run_name else ''} needs the GPU memory"
+    released = [label for eng in list(_ENGINES) if (label := eng.release(why))]
+    if not released:
+        return None
+    return (
+        f"Unloaded the Chat model ({', '.join(released)}) so that training has the GPU memory;"
+        " load it again in the Chat tab when the run has ended."
+    )
 
 
 def _active_job_from_jobs() -> tuple[str, str] | None:
@@ -460,8 +516,57 @@ def _load_warnings(
     return warnings
 
 
+@dataclass(frozen=True)
+class BaseKey:
+    """What makes two loads of a base the same model in memory: folder, 4-bit or not, device."""
+
+    path: str  # the resolved folder
+    four_bit: bool
+    device: str
+
+
+NO_TUNED = (
+    "No fine-tune loaded: only the base model (A) is in memory. Pick a run and press Load to"
+    " attach its adapter (the base is not loaded again)."
+)
+
+# Every engine of this process, so training can free their GPU memory (release_for_training).
+_ENGINES: weakref.WeakSet[ChatEngine] = weakref.WeakSet()
+
+
+def _default_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ChatError(f"precision: use one of {', '.join(PRECISIONS)}")
+
+
+def _refuse_while_training() -> None:
+    blocker = training_blocker()
+    if blocker:
+        raise ChatError(blocker)
+
+
+def _has_lora_layers(model: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
 class ChatEngine:
-    """Holds one base model with one adapter; both sides generate from it, one at a time."""
+    """Holds one base model, with one adapter or none; both sides generate from it.
+
+    The base can be loaded alone (A only, to see the baseline before any training); loading a
+    run whose base is the same folder, precision and device attaches the adapter to the model
+    already in memory, and swapping runs swaps adapters. Load, unload and a batch compare
+    exclude each other: a load during a batch is refused, so a batch never loses its model.
+    """
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -469,14 +574,79 @@ class ChatEngine:
         self.info: LoadInfo | None = None
         self.source: AdapterSource | None = None
         self.last_stats: dict[str, GenerationStats] = {}
+        self.base_loads = 0  # bases loaded from disk by this engine (attach reuses one)
+        self.load_id = 0  # bumps on every load, attach and unload: tabs compare it
+        self.unload_reason: str | None = None
+        self._base: Any = None  # the plain transformers model under any adapter
+        self._base_key: BaseKey | None = None
         self._lock = threading.RLock()  # one generate at a time: disable_adapter is global
+        self._load_lock = threading.Lock()  # one load / attach / unload at a time
+        self._busy: str | None = None  # the batch compare that holds the model
         self._stop_event = threading.Event()
+        _ENGINES.add(self)
 
     @property
     def loaded(self) -> bool:
         return self.model is not None
 
+    @property
+    def has_adapter(self) -> bool:
+        return self.model is not None and self.source is not None
+
+    def current(self) -> dict[str, Any] | None:
+        """What is loaded now, as plain data a tab keeps to notice that another tab changed it."""
+        info, source = self.info, self.source
+        if self.model is None or info is None:
+            return None
+        return {
+            "id": self.load_id,
+            "label": info.label,
+            "base_model": info.base_model,
+            "has_adapter": source is not None,
+            "out_dir": str(source.out_dir) if source is not None else None,
+        }
+
     # ---- load / unload
+
+    @contextlib.contextmanager
+    def _exclusive(self, action: str) -> Iterator[None]:
+        """Hold the load lock for `action`; refuse while a batch compare holds the model."""
+        with self._load_lock:
+            if self._busy:
+                raise ChatError(
+                    f"A batch compare is running on {self._busy}: to {action} now would unload"
+                    " its model mid-batch. Stop the batch (or wait for it to end), then try again."
+                )
+            yield
+
+    @contextlib.contextmanager
+    def hold_for_batch(self, expect_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """Keep the loaded run for a batch compare: loads and unloads are refused meanwhile.
+
+        Yields `current()` as the batch started (its run is where the CSV goes). `expect_id`:
+        refuse when the model is no longer the one the caller picked its prompts for.
+        """
+        if not self._load_lock.acquire(blocking=False):
+            raise ChatError("A model is being loaded: wait for it, then run the batch.")
+        try:
+            now = self.current()
+            if self._busy:
+                raise ChatError(f"A batch compare is already running on {self._busy}.")
+            if now is None or not now["has_adapter"]:
+                raise ChatError(
+                    "Batch compare needs a fine-tune: pick a run and press Load."
+                    if now
+                    else "No model loaded: pick a run and press Load."
+                )
+            if expect_id is not None and now["id"] != expect_id:
+                raise ChatError(f"The Chat model changed: {now['label']} is loaded now.")
+            self._busy = now["label"]
+        finally:
+            self._load_lock.release()
+        try:
+            yield now
+        finally:
+            self._busy = None
 
     def load(
         self,
@@ -486,18 +656,15 @@ class ChatEngine:
         device: str | None = None,
         progress: Callable[[str, float], None] | None = None,
     ) -> LoadInfo:
-        """Load the base (resolved like training did) and attach the adapter to it.
+        """Load a run: its base (resolved like training did) with its adapter attached.
 
-        Replaces whatever was loaded before. Raises ChatError with what to do.
+        When the base in memory is the same folder, precision and device, the adapter is
+        attached to it (swapping any earlier one) and the base is not loaded again; else
+        whatever was loaded is replaced. Raises ChatError with what to do.
         """
-        import torch
-
         progress = progress or (lambda _m, _f: None)
-        if precision not in PRECISIONS:
-            raise ChatError(f"precision: use one of {', '.join(PRECISIONS)}")
-        blocker = training_blocker()
-        if blocker:
-            raise ChatError(blocker)
+        _check_precision(precision)
+        _refuse_while_training()
         source = resolve_adapter(adapter)
         name = (base_model or "").strip() or source.base_model
         if not name:
@@ -506,68 +673,183 @@ class ChatEngine:
                 " pick the base model."
             )
         resolved = resolve_base(name, source, progress)
-        four_bit = wants_four_bit(source.method, precision)
-        warnings = _load_warnings(source, base_model, name, Path(resolved.path), four_bit)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.unload()
-        started = time.perf_counter()
-        tok = self._tokenizer_for(resolved.path, source, warnings)
-        progress(f"Loading {name} ({'4-bit' if four_bit else '16-bit'})", 0.2)
-        model = self._load_with_adapter(resolved.path, four_bit, device, source, name, progress)
-        dtype = next(model.parameters()).dtype
-        info = LoadInfo(
-            label=source.label,
+        key = BaseKey(
+            str(Path(resolved.path).resolve()),
+            wants_four_bit(source.method, precision),
+            _default_device(device),
+        )
+        warnings = _load_warnings(source, base_model, name, Path(resolved.path), key.four_bit)
+        with self._exclusive("load another model"):
+            started = time.perf_counter()
+            reused = self._base is not None and self._base_key == key
+            if not reused:
+                self._load_fresh_base(key, name, progress)
+            tok = self._tokenizer_for(resolved.path, source, warnings)
+            progress("Attaching the adapter", 0.8)
+            model = self._attach(source, name)
+            info = self._info(source.label, name, key, model, started, source, warnings)
+            info.reused_base = reused
+            self._publish(model, tok, source, info)
+        progress("Ready", 1.0)
+        return info
+
+    def load_base_only(
+        self,
+        base_model: str | None = None,
+        precision: str = PRECISION_AUTO,
+        device: str | None = None,
+        progress: Callable[[str, float], None] | None = None,
+    ) -> LoadInfo:
+        """Load a base model alone (A only): the baseline a user sees before any training.
+
+        `base_model`: a name resolved by `studio.models.loader` (blank: the default model).
+        "As trained" means 16-bit here (there is no run). An adapter already on this very
+        base is detached instead of loading the base again.
+        """
+        progress = progress or (lambda _m, _f: None)
+        _check_precision(precision)
+        _refuse_while_training()
+        name = (base_model or "").strip() or models.DEFAULT_MODEL
+        try:
+            resolved = models.resolve_model(name, progress)
+        except models.ModelNotFoundError as exc:
+            raise ChatError(str(exc)) from exc
+        key = BaseKey(
+            str(Path(resolved.path).resolve()), precision == PRECISION_4, _default_device(device)
+        )
+        with self._exclusive("load another model"):
+            started = time.perf_counter()
+            reused = self._base is not None and self._base_key == key
+            if not reused:
+                self._load_fresh_base(key, name, progress)
+            tok = models.load_tokenizer(resolved.path)
+            base = self._detach()
+            info = self._info(name, name, key, base, started, None, [])
+            info.reused_base = reused
+            self._publish(base, tok, None, info)
+        progress("Ready", 1.0)
+        return info
+
+    def _load_fresh_base(
+        self, key: BaseKey, name: str, progress: Callable[[str, float], None]
+    ) -> None:
+        """Free whatever is loaded, then load the base as `key` says (the slow part)."""
+        self._drop("replaced by another model")
+        progress(f"Loading {name} ({'4-bit' if key.four_bit else '16-bit'})", 0.2)
+        try:
+            base = load_base(key.path, key.four_bit, key.device)
+        except ImportError as exc:
+            raise ChatError(f"4-bit loading needs bitsandbytes: {exc}") from exc
+        self.base_loads += 1
+        blocker = training_blocker()  # training may have started while this loaded
+        if blocker:
+            del base
+            self._free()
+            raise ChatError(blocker)
+        with self._lock:
+            self._base, self._base_key = base, key
+
+    def _detach(self) -> Any:
+        """The plain base with any adapter taken off (not merged); waits for a generation."""
+        from peft import PeftModel
+
+        self.stop()
+        with self._lock:
+            if isinstance(self.model, PeftModel):
+                self._base = self.model.unload()
+                self.model, self.source = self._base, None
+            return self._base
+
+    def _attach(self, source: AdapterSource, name: str) -> Any:
+        """The base in memory with the run's adapter attached by peft, in eval mode.
+
+        When the adapter does not fit, the clean base stays loaded alone (A only); a base
+        that peft left half-modified is unloaded. Raises ChatError saying which happened.
+        """
+        from peft import PeftModel
+
+        base = self._detach()
+        with self._lock:
+            try:
+                model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
+            except Exception as exc:
+                if _has_lora_layers(base):
+                    self._drop(f"the adapter of {source.label} did not fit")
+                    kept = "The base model was unloaded."
+                else:
+                    info = self._info(
+                        name, name, self._base_key, base, time.perf_counter(), None, []
+                    )
+                    self._publish(base, models.load_tokenizer(self._base_key.path), None, info)
+                    kept = "The base model stays loaded alone (A only)."
+                raise ChatError(
+                    f"The adapter in {source.adapter_dir} does not fit {name}: {exc}. Pick the"
+                    f" base model the run was trained on. {kept}"
+                ) from exc
+        return model.eval()
+
+    def _info(
+        self,
+        label: str,
+        name: str,
+        key: BaseKey | None,
+        model: Any,
+        started: float,
+        source: AdapterSource | None,
+        warnings: list[str],
+    ) -> LoadInfo:
+        key = key or BaseKey("", False, "cpu")
+        return LoadInfo(
+            label=label,
             base_model=name,
-            base_path=str(resolved.path),
-            adapter_dir=str(source.adapter_dir),
-            run_dir=str(source.run_dir) if source.run_dir else None,
-            method=source.method,
-            precision="4-bit" if four_bit else "16-bit",
-            device=device,
-            dtype=str(dtype).replace("torch.", ""),
+            base_path=key.path,
+            adapter_dir=str(source.adapter_dir) if source else "",
+            run_dir=str(source.run_dir) if source and source.run_dir else None,
+            method=source.method if source else "",
+            precision="4-bit" if key.four_bit else "16-bit",
+            device=key.device,
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
             load_s=time.perf_counter() - started,
             tensor_bytes=model_bytes(model),
             warnings=warnings,
         )
+
+    def _publish(self, model: Any, tok: Any, source: AdapterSource | None, info: LoadInfo) -> None:
         with self._lock:
             self.model, self.tokenizer, self.source, self.info = model, tok, source, info
             self.last_stats = {}
-        progress("Ready", 1.0)
-        return info
+            self.load_id += 1
+            self.unload_reason = None
 
-    def _load_with_adapter(
-        self,
-        base_path: Path,
-        four_bit: bool,
-        device: str,
-        source: AdapterSource,
-        name: str,
-        progress: Callable[[str, float], None],
-    ) -> Any:
-        """The base with the run's adapter attached by peft, in eval mode.
+    def _drop(self, reason: str | None) -> None:
+        """Forget the model (after the generation in progress halts) and free its memory."""
+        self.stop()
+        with self._lock:
+            had = self.model is not None or self._base is not None
+            self.model = self.tokenizer = self.info = self.source = None
+            self._base, self._base_key = None, None
+            if had:
+                self.load_id += 1
+                self.unload_reason = reason
+        self._free()
 
-        Raises ChatError when the adapter does not fit; the base's memory is freed first
-        (this frame holds the only reference to it).
+    def unload(self, reason: str | None = None) -> None:
+        """Drop the model and give its memory back (RAM, and VRAM on a GPU).
+
+        Refused (ChatError) while a batch compare holds the model.
         """
-        from peft import PeftModel
+        with self._exclusive("unload"):
+            self._drop(reason)
 
-        try:
-            base = load_base(base_path, four_bit, device)
-        except ImportError as exc:
-            raise ChatError(f"4-bit loading needs bitsandbytes: {exc}") from exc
-        progress("Attaching the adapter", 0.8)
-        try:
-            model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
-        except Exception as exc:
-            del base
-            self._free()
-            raise ChatError(
-                f"The adapter in {source.adapter_dir} does not fit {name}: {exc}. Pick the base"
-                " model the run was trained on."
-            ) from exc
-        model.eval()
-        return model
+    def release(self, reason: str) -> str | None:
+        """Unload even during a batch compare (it stops, saving its finished rows); returns
+        the label of what was loaded, or None when nothing was. Training uses this."""
+        with self._load_lock:
+            label = self.info.label if self.info else None
+            if self.model is None and self._base is None:
+                return None
+            self._drop(reason)
+            return label or "base model"
 
     def _tokenizer_for(self, base_path: Path, source: AdapterSource, warnings: list[str]) -> Any:
         """The base model's tokenizer; the run's copy when only that one matches training."""
@@ -593,16 +875,6 @@ class ChatEngine:
             f" {have}. Answers may be off; pick the base model the run was trained on."
         )
         return tok
-
-    def unload(self) -> None:
-        """Drop the model and give its memory back (RAM, and VRAM on a GPU)."""
-        self.stop()
-        with self._lock:
-            self.model = None
-            self.tokenizer = None
-            self.info = None
-            self.source = None
-        self._free()
 
     @staticmethod
     def _free() -> None:
@@ -637,7 +909,9 @@ class ChatEngine:
     def _require(self) -> tuple[Any, Any]:
         model, tok = self.model, self.tokenizer
         if model is None or tok is None:
-            raise ChatError("No model loaded: pick a run and press Load.")
+            raise ChatError(
+                "No model loaded: pick a run and press Load (or load the base model alone)."
+            )
         return model, tok
 
     def prompt_text(self, messages: list[Message], system: str | None = None) -> str:
@@ -661,7 +935,11 @@ class ChatEngine:
         if side not in SIDES:
             raise ChatError(f"side: use one of {', '.join(SIDES)}")
         settings = (settings or GenerationSettings()).validate()
-        model, tok = self._require()
+        with self._lock:  # a consistent view: the model, whether it has an adapter, its id
+            model, tok = self._require()
+            tuned, load_id = self.source is not None, self.load_id
+        if side == SIDE_TUNED and not tuned:
+            raise ChatError(NO_TUNED)
         if new_turn:
             self._stop_event.clear()
         text = self.prompt_text(messages, system)
@@ -680,7 +958,7 @@ class ChatEngine:
         streamer.started = started
         thread = threading.Thread(
             target=self._generate_on_thread,
-            args=(model, side, settings.seed, kwargs, errors),
+            args=(load_id, model, side if tuned else None, settings.seed, kwargs, errors),
             name=f"chat-{side}",
             daemon=True,
         )
@@ -703,16 +981,25 @@ class ChatEngine:
             raise ChatError(f"Generation failed on the {SIDE_LABELS[side]} side: {exc}") from exc
 
     def _generate_on_thread(
-        self, model: Any, side: str, seed: int, kwargs: dict[str, Any], errors: list[BaseException]
+        self,
+        load_id: int,
+        model: Any,
+        side: str | None,
+        seed: int,
+        kwargs: dict[str, Any],
+        errors: list[BaseException],
     ) -> None:
         """Run `generate` under the lock (disable_adapter is global to the model); any error is
-        kept for the reader and ends the stream, so the reader never waits forever."""
+        kept for the reader and ends the stream, so the reader never waits forever.
+
+        `side` None: a base loaded alone, nothing to switch off."""
         import torch
 
         with self._lock:
             try:
-                if self.model is not model:
-                    raise ChatError("The model was unloaded.")
+                if self.load_id != load_id:
+                    why = self.unload_reason or "another model was loaded"
+                    raise ChatError(f"The model changed before this answer started: {why}.")
                 torch.manual_seed(seed)
                 adapter_off = model.disable_adapter() if side == SIDE_BASE else None
                 with adapter_off or contextlib.nullcontext(), torch.inference_mode():
@@ -744,8 +1031,11 @@ class ChatEngine:
         """One turn on both sides: yield (side, chunk), base first, then fine-tuned.
 
         Each side gets its own history (they diverge after the first answer). A Stop halts
-        the side that is generating and skips the one that has not started.
+        the side that is generating and skips the one that has not started. With a base
+        loaded alone, ask for `order=(SIDE_BASE,)`: the fine-tuned side raises NO_TUNED.
         """
+        if SIDE_TUNED in order and self.loaded and not self.has_adapter:
+            raise ChatError(NO_TUNED)
         self._stop_event.clear()
         for side in order:
             if self._stop_event.is_set():

@@ -1,7 +1,8 @@
 """Evaluate a fine-tune against its base: scores, blind votes and batch compare.
 
 Headless, on top of `studio.chat.engine` (the Chat tab is a thin layer over both):
-- scores: exact match, ROUGE-L (space-less scripts per character) and JSON-format accuracy;
+- scores: exact match, BLEU and chrF (sacrebleu), ROUGE-L (rouge-score, with a tokenizer
+  that keeps Vietnamese and Thai) and JSON-format accuracy;
 - blind mode: random hidden sides, votes appended to `<run>/blind_votes.jsonl` with the tally;
 - batch compare: a run's validation split or a prompt file through both sides, scored and
   saved as `<run>/compare-<timestamp>.csv`.
@@ -13,6 +14,7 @@ there is one parser for every dataset file; only the mapping of a row to a promp
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import re
@@ -148,28 +150,47 @@ def rouge_tokens(text: str) -> list[str]:
     return _TOKEN.findall(unicodedata.normalize("NFC", text or "").lower())
 
 
-def _lcs_len(a: list[str], b: list[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
+class _KeepScriptsTokenizer:
+    """rouge-score's tokenizer interface over `rouge_tokens`.
+
+    rouge-score's default tokenizer keeps only [a-z0-9]: Vietnamese loses every accented
+    letter ("chào" -> "ch", "o") and Thai text vanishes entirely, so two different Thai
+    answers would score 0 or 1 by accident. This one keeps every script (Thai, Lao, CJK, ...
+    per character, since they are written without spaces).
+    """
+
+    def tokenize(self, text: str) -> list[str]:
+        return rouge_tokens(text)
+
+
+@functools.cache
+def _scorers() -> tuple[Any, Any, Any]:
+    """rouge-score's ROUGE-L and sacrebleu's sentence BLEU and chrF, built once (lazily)."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF
+
+    rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_KeepScriptsTokenizer())
+    # effective_order: a short answer with no 4-gram match still gets a sentence score
+    return rouge, BLEU(effective_order=True), CHRF()
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1: longest common subsequence of tokens over prediction and reference."""
+    """ROUGE-L F1 (rouge-score, with a tokenizer that keeps every script), 0..1."""
     pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
     if not pred or not ref:
         return 1.0 if not pred and not ref else 0.0
-    lcs = _lcs_len(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return float(_scorers()[0].score(reference, prediction)["rougeL"].fmeasure)
+
+
+def bleu(prediction: str, reference: str) -> float:
+    """Sentence BLEU (sacrebleu, its default 13a tokenizer), 0..100. Word-level: weak for
+    Thai, which has no spaces between words; read chrF there."""
+    return float(_scorers()[1].sentence_score(prediction or "", [reference or ""]).score)
+
+
+def chrf(prediction: str, reference: str) -> float:
+    """chrF (sacrebleu): character n-gram F-score, 0..100; suits Vietnamese and Thai."""
+    return float(_scorers()[2].sentence_score(prediction or "", [reference or ""]).score)
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
@@ -195,12 +216,18 @@ def json_format_ok(prediction: str, reference: str) -> bool | None:
     return pred is not None and set(ref) <= set(pred)
 
 
+# Per-row scores, in the order batch compare shows them.
+SCORES = ("exact_match", "bleu", "chrf", "rouge_l", "json_ok")
+
+
 def score(prediction: str, reference: str | None) -> dict[str, Any]:
     """Per-row scores; all None when there is no reference."""
     if reference is None or not str(reference).strip():
-        return {"exact_match": None, "rouge_l": None, "json_ok": None}
+        return dict.fromkeys(SCORES)
     return {
         "exact_match": exact_match(prediction, reference),
+        "bleu": round(bleu(prediction, reference), 2),
+        "chrf": round(chrf(prediction, reference), 2),
         "rouge_l": round(rouge_l(prediction, reference), 4),
         "json_ok": json_format_ok(prediction, reference),
     }
@@ -219,6 +246,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for side in ("base", "tuned"):
         out[f"{side}_exact_match"] = _mean([r.get(f"{side}_exact_match") for r in rows])
         out[f"{side}_rouge_l"] = _mean([r.get(f"{side}_rouge_l") for r in rows])
+        out[f"{side}_bleu"] = _mean([r.get(f"{side}_bleu") for r in rows])
+        out[f"{side}_chrf"] = _mean([r.get(f"{side}_chrf") for r in rows])
         out[f"{side}_json_format"] = _mean([r.get(f"{side}_json_ok") for r in rows])
     return out
 
@@ -247,6 +276,7 @@ class BatchResult:
     summary: dict[str, Any]
     csv_path: Path | None
     stopped: bool = False
+    error: str | None = None  # why the batch ended early, when something other than Stop
 
 
 CSV_COLUMNS = [
@@ -256,6 +286,10 @@ CSV_COLUMNS = [
     "fine_tuned",
     "base_exact_match",
     "tuned_exact_match",
+    "base_bleu",
+    "tuned_bleu",
+    "base_chrf",
+    "tuned_chrf",
     "base_rouge_l",
     "tuned_rouge_l",
     "base_json_ok",
@@ -282,7 +316,10 @@ def item_from_record(rec: Any, where: str) -> BatchItem:
         for m in convo:
             if not isinstance(m, dict):
                 raise ChatError(f"{where}: each message must be an object with role and content")
-            role = m.get("role") or SHAREGPT_ROLES.get(m.get("from", ""))
+            sender = m.get("from")  # a list or object here would not be hashable
+            role = m.get("role") or (
+                SHAREGPT_ROLES.get(sender) if isinstance(sender, str) else None
+            )
             content = m.get("content", m.get("value"))
             if role not in ROLES or not isinstance(content, str):
                 raise ChatError(f"{where}: a message lacks a role (system/user/assistant) or text")
@@ -345,16 +382,22 @@ def load_prompt_file(path: str | Path, limit: int | None = None) -> list[BatchIt
 
 
 def _text_items(path: Path) -> list[BatchItem]:
-    """One prompt per non-blank line of a UTF-8 text file."""
+    """One prompt per non-blank line of a UTF-8 text file, read a line at a time through the
+    dataset reader's line reader, so a huge line is refused rather than read whole."""
+    from studio.data.read import decode_line, read_lines
+
+    items: list[BatchItem] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ChatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    return [
-        BatchItem([{"role": "user", "content": line.strip()}])
-        for line in text.split("\n")
-        if line.strip()
-    ]
+        with path.open("rb") as f:
+            for n, raw in enumerate(read_lines(f, path), start=1):
+                if b"\x00" in raw:
+                    raise ChatError(f"{path}: line {n} holds NUL bytes: not a text file")
+                text = decode_line(raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw, path, n)
+                if text.strip():
+                    items.append(BatchItem([{"role": "user", "content": text.strip()}]))
+    except data_load.DatasetError as exc:
+        raise ChatError(str(exc)) from exc
+    return items
 
 
 def _json_items(path: Path, records: list[data_load.Record], limit: int | None) -> list[BatchItem]:
@@ -399,7 +442,10 @@ def _cell_text(value: Any) -> str:
     """A table cell as text (Parquet cells may be numbers, lists or missing)."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return value
+    # default=str: Parquet cells may be bytes or dates, which JSON has no type for.
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def validation_items(run_dir: str | Path, limit: int | None = None) -> list[BatchItem]:
@@ -473,31 +519,58 @@ def batch_compare(
     out_dir: str | Path | None = None,
     progress: BatchProgress | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    expect_id: int | None = None,
 ) -> BatchResult:
     """Answer every item on both sides, score them, and save the table as CSV.
 
-    A Stop ends the batch after the current answer; the rows done so far are still saved.
-    `system` applies only to items that bring no system message of their own; `on_row`
-    sees each scored row as soon as it is done (the UI fills its table with it).
+    The batch holds the engine (`ChatEngine.hold_for_batch`): a Load or Unload meanwhile is
+    refused, and the CSV goes to the run the batch started with. A Stop, or training taking
+    the GPU (`release_for_training`), ends it after the current answer; the rows done so far
+    are still saved, and `error` says why it ended early. `system` applies only to items that
+    bring no system message of their own; `on_row` sees each scored row as soon as it is
+    done (the UI fills its table with it). `expect_id`: the `load_id` the caller picked its
+    prompts for (refused when another load came in between).
     """
     settings = (settings or GenerationSettings()).validate()
-    engine.begin_turn()
     progress = progress or (lambda _d, _t, _m: None)
+    with engine.hold_for_batch(expect_id) as held:
+        engine.begin_turn()
+        target = out_dir or held["out_dir"]
+        rows, error = _batch_rows(engine, items, settings, system, progress, on_row, held["id"])
+        stopped = engine.stopped or error is not None
+    progress(len(rows), len(items), "Stopped" if stopped else "Done")
+    csv_path = write_csv(rows, target) if target and rows else None
+    return BatchResult(rows, summarize(rows), csv_path, stopped, error)
+
+
+def _batch_rows(
+    engine: ChatEngine,
+    items: list[BatchItem],
+    settings: GenerationSettings,
+    system: str | None,
+    progress: BatchProgress,
+    on_row: Callable[[dict[str, Any]], None] | None,
+    load_id: int,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The scored rows until the end, a Stop, or the model going away (then with why)."""
     rows: list[dict[str, Any]] = []
     total = len(items)
     for i, item in enumerate(items):
         progress(i, total, f"Prompt {i + 1}/{total}")
-        row = _compare_row(engine, item, settings, system)
+        try:
+            row = _compare_row(engine, item, settings, system)
+        except ChatError as exc:
+            return rows, str(exc)
+        if row is not None:  # both answers came from the model the batch started with
+            rows.append(row)
+            if on_row:
+                on_row(row)
+        if engine.load_id != load_id:
+            why = engine.unload_reason or "another model was loaded"
+            return rows, f"The chat model was unloaded mid-batch: {why}."
         if row is None:
             break
-        rows.append(row)
-        if on_row:
-            on_row(row)
-    stopped = engine.stopped
-    progress(len(rows), total, "Stopped" if stopped else "Done")
-    target = out_dir or (engine.source.out_dir if engine.source else None)
-    csv_path = write_csv(rows, target) if target and rows else None
-    return BatchResult(rows, summarize(rows), csv_path, stopped)
+    return rows, None
 
 
 def _compare_row(

@@ -31,7 +31,15 @@ from studio.data.normalize import (
     Row,
     normalize_record,
 )
-from studio.data.read import DatasetError, Record, detect_format, file_kind, read_json, read_jsonl
+from studio.data.read import (
+    DatasetError,
+    Record,
+    detect_format,
+    file_kind,
+    json_error,
+    read_json,
+    read_jsonl,
+)
 from studio.data.split import DEFAULT_SEED, split_sizes
 from studio.data.table import read_table, table_records
 
@@ -269,10 +277,10 @@ def check_json_replies(rows: list[Row], row_numbers: list[int] | None = None) ->
                 continue
             try:
                 json.loads(m["content"])
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 failed.append(line)
                 if len(examples) < 50:
-                    examples.append({"line": line, "error": getattr(exc, "msg", str(exc))})
+                    examples.append({"line": line, "error": json_error(exc)})
                 break
     return {
         "checked": len(rows),

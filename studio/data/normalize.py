@@ -82,7 +82,9 @@ def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Mess
         role = raw_role if raw_role in ROLES else None
         expected = "system, user or assistant"
     else:
-        role = SHAREGPT_ROLES.get(raw_role) or _SHAREGPT_ALIASES.get(raw_role)
+        # A role that is not text (a list, an object) cannot be a dict key: no role at all.
+        known = isinstance(raw_role, str)
+        role = SHAREGPT_ROLES.get(raw_role) or _SHAREGPT_ALIASES.get(raw_role) if known else None
         expected = "human, gpt or system"
     if role is None:
         problems.append((f"{where}.{role_key}", f"unknown role {raw_role!r} (expected {expected})"))

@@ -25,8 +25,9 @@ from studio.data.normalize import guess_record_format
 
 # One row longer than this is not a chat example; stop before reading gigabytes as one line.
 MAX_LINE_BYTES = 8 * 1024 * 1024
-# A .json file is parsed whole; past this size ask for .jsonl, which streams.
-MAX_JSON_BYTES = 1024 * 1024 * 1024
+# A .json file is parsed whole (the text, then its rows: a few times its size in memory);
+# from this size on ask for .jsonl, which streams.
+MAX_JSON_BYTES = 512 * 1024 * 1024
 SNIFF_BYTES = 64 * 1024
 EXPECTED = (
     "Expected a fine-tuning dataset: .jsonl (one JSON object per line), .json (an array of rows),"
@@ -93,7 +94,7 @@ def _looks_like_jsonl(text: bytes) -> bool:
         return False
     try:
         json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -101,12 +102,13 @@ def _looks_like_jsonl(text: bytes) -> bool:
 def check_decodes(path: Path) -> None:
     """Raise one clear message for text that is not UTF-8, naming the line."""
     with path.open("rb") as f:
-        for line_no, raw in enumerate(_read_lines(f, path), start=1):
-            _decode(raw, path, line_no)
+        for line_no, raw in enumerate(read_lines(f, path), start=1):
+            decode_line(raw, path, line_no)
 
 
-def _read_lines(f: io.BufferedReader, path: Path) -> Iterator[bytes]:
-    """Lines of a binary file, refusing a line too long to be one dataset row."""
+def read_lines(f: io.BufferedReader, path: Path) -> Iterator[bytes]:
+    """Lines of a binary file, refusing a line too long to be one dataset row (or prompt):
+    memory stays bounded by MAX_LINE_BYTES whatever the file holds."""
     line_no = 0
     while True:
         raw = f.readline(MAX_LINE_BYTES + 1)
@@ -121,7 +123,8 @@ def _read_lines(f: io.BufferedReader, path: Path) -> Iterator[bytes]:
         yield raw
 
 
-def _decode(raw: bytes, path: Path, line_no: int) -> str:
+def decode_line(raw: bytes, path: Path, line_no: int) -> str:
+    """One line as UTF-8 text, or a DatasetError naming the line and the first bad byte."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -137,23 +140,30 @@ def read_jsonl(path: Path) -> list[Record]:
     records: list[Record] = []
     loads = json.loads
     with path.open("rb") as f:
-        for line_no, raw in enumerate(_read_lines(f, path), start=1):
+        for line_no, raw in enumerate(read_lines(f, path), start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            text = _decode(raw, path, line_no)
+            text = decode_line(raw, path, line_no)
             if not text.strip():
                 continue
             try:
                 records.append((line_no, loads(text), None))
-            except ValueError as exc:
-                msg = getattr(exc, "msg", str(exc))
-                col = getattr(exc, "colno", None)
-                at = f" at column {col}" if col else ""
-                records.append((line_no, None, f"invalid JSON{at}: {msg}"))
+            except (ValueError, RecursionError) as exc:
+                records.append((line_no, None, json_error(exc)))
     if records and all(err is not None for _, _, err in records):
         line_no, _, err = records[0]
         raise DatasetError(f"{path.name} has no JSON rows: line {line_no} is {err}. {EXPECTED}")
     return records
+
+
+def json_error(exc: ValueError | RecursionError) -> str:
+    """Why a piece of JSON did not parse, for a row error. Nesting deeper than the parser's
+    recursion limit raises RecursionError, not ValueError: no dataset row is built that way."""
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply (thousands of levels of [ or {)"
+    col = getattr(exc, "colno", None)
+    at = f" at column {col}" if col else ""
+    return f"invalid JSON{at}: {getattr(exc, 'msg', str(exc))}"
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -161,9 +171,11 @@ _WS = re.compile(r"[ \t\n\r]*")
 
 def read_json(path: Path) -> list[Record]:
     """A JSON array of rows, or an object holding such an array; rows keep their line numbers."""
-    if path.stat().st_size > MAX_JSON_BYTES:
+    if path.stat().st_size >= MAX_JSON_BYTES:
         raise DatasetError(
-            f"{path.name} is larger than 1 GB; save it as .jsonl (one row per line) instead."
+            f"{path.name} is {path.stat().st_size / 2**20:,.0f} MB; a .json file is read whole, so"
+            f" the limit is {MAX_JSON_BYTES // 2**20} MB. Save it as .jsonl (one row per line),"
+            " which is read a line at a time."
         )
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
@@ -187,6 +199,8 @@ def read_json(path: Path) -> list[Record]:
             " A .json dataset is one array of rows (or an object holding one); for one row per"
             " line use .jsonl."
         ) from None
+    except RecursionError:
+        raise DatasetError(f"{path.name}: {json_error(RecursionError())}.") from None
     end = _WS.match(text, end).end()
     if end < len(text):
         line_no = text.count("\n", 0, end) + 1

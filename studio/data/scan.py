@@ -128,21 +128,49 @@ def scan_and_cache(report: data.DatasetReport, train_path: Path) -> Any:
     return scan
 
 
-def sample_pii_count() -> int:
-    """Unresolved PII in the bundled sample, the dataset training uses until another is loaded."""
+class PIICheckError(RuntimeError):
+    """The PII scan could not run; a check that did not run must never count as clean."""
+
+
+def file_pii_count(path: Path, fmt: str = "auto") -> int:
+    """Unresolved PII findings in the file at `path`: its cached scan, else a fresh scan.
+
+    The training gate calls this, so a file nobody scanned in the Dataset tab (a run.yaml on
+    the command line, a resume, a file edited since) is scanned before it trains, and the
+    result is cached for the next time. Raises PIICheckError when the scan cannot run.
+    """
     try:
         from studio.data import pii
-
-        cached = pii.unresolved_pii(data.SAMPLE_DATASET)
+    except ImportError as exc:
+        raise PIICheckError(f"the PII checker is not installed ({exc})") from exc
+    try:
+        cached = pii.unresolved_pii(path)
         if cached is not None:
             return cached
-        report = data.load_dataset_file(data.SAMPLE_DATASET)
+        report = data.load_dataset_file(path, fmt=fmt)
         scan = pii.scan_rows(report.rows, report.row_numbers)
-        pii.save_scan(data.SAMPLE_DATASET, scan)
-        return len(scan.findings)
-    except Exception:
+    except data.DatasetError:
+        raise  # an unusable file: the loader's own message, with line numbers
+    except Exception as exc:  # never "clean" when the check did not run
+        raise PIICheckError(f"could not scan {Path(path).name} for PII: {exc}") from exc
+    try:
+        pii.save_scan(path, scan)
+    except OSError as exc:  # the cache is a convenience; the count stands
+        log.warning("could not cache the PII scan: %s", exc)
+    return len(scan.findings)
+
+
+def sample_pii_count() -> int | None:
+    """Unresolved PII in the bundled sample, the dataset training uses until another is loaded.
+
+    None when the scan failed: unknown is not 0, and the training gate then scans (and
+    refuses) itself.
+    """
+    try:
+        return file_pii_count(data.SAMPLE_DATASET)
+    except PIICheckError:
         log.exception("could not scan the bundled sample for PII")
-        return 0
+        return None
 
 
 def inspect_file(

@@ -159,8 +159,9 @@ def table_records(
                 if isinstance(value, str):
                     try:
                         value = json.loads(value)
-                    except ValueError as exc:
-                        out.append((line, None, f"column '{col}' is not valid JSON: {exc}"))
+                    except (ValueError, RecursionError) as exc:
+                        why = exc if isinstance(exc, ValueError) else "nested too deeply"
+                        out.append((line, None, f"column '{col}' is not valid JSON: {why}"))
                         continue
                 out.append((line, {col_name: value}, None))
             return out, chat_fmt, None

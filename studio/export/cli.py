@@ -12,7 +12,7 @@ from typing import Any
 
 from studio import paths
 from studio.export.common import ExportError
-from studio.export.gguf import GGUF_TYPES
+from studio.export.gguf import GGUF_TYPES, normalize_gguf_type
 from studio.export.merge import case_verdict
 from studio.export.run import ExportResult, export_run
 
@@ -68,6 +68,8 @@ def format_report(result: ExportResult) -> str:
     lines.append(f"Ollama ({result.template_family} template, {tmpl}):")
     lines.append(f"  {result.create_command}")
     lines.append(f"  {result.run_command}")
+    if result.gguf_route:
+        lines.append(f"GGUF route: {result.gguf_route}")
     for n in result.notes:
         lines.append(f"Note: {n}")
     for w in result.warnings:
@@ -91,6 +93,14 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _gguf_type(text: str) -> str:
+    """--gguf in any case ("Q4_K_M"); argparse then checks it against the choices."""
+    try:
+        return normalize_gguf_type(text)
+    except ExportError:
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -99,24 +109,38 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a LoRA Studio run: merged model, GGUF file and Ollama Modelfile.",
     )
     parser.add_argument("run_dir", help="the run folder (runs/<name>-<timestamp>)")
-    parser.add_argument("--gguf", choices=GGUF_TYPES, default="f16", help="GGUF type (f16)")
+    parser.add_argument(
+        "--gguf",
+        type=_gguf_type,
+        choices=GGUF_TYPES,
+        default="f16",
+        help="GGUF type (f16). k-quants (q4_K_M, q5_K_M, q6_K) are made from the f16 file by"
+        " llama.cpp's quantizer where it loads, else by `ollama create --quantize`",
+    )
     parser.add_argument("--out", help="export folder (default: <run>/export, never overwritten)")
     parser.add_argument("--data-dir", help="the studio data dir (~/.lora-studio)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--resume",
+        metavar="EXPORT_DIR",
+        help="finish an export that failed after its merged model was built (the steps not done)",
+    )
     args = parser.parse_args(argv)
     if args.data_dir:
         paths.set_data_dir(args.data_dir)
     _quiet_libraries()
     bar = _TerminalProgress()
     try:
-        result = export_run(args.run_dir, gguf=args.gguf, out=args.out, progress=bar)
+        result = export_run(
+            args.run_dir, gguf=args.gguf, out=args.out, progress=bar, resume=args.resume
+        )
     except ExportError as exc:
         bar.close()
         print(f"Export failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         bar.close()
-        print("Export cancelled; nothing was left behind.", file=sys.stderr)
+        print("Export cancelled (a complete merged model is kept for --resume).", file=sys.stderr)
         return 130
     bar.close()
     if args.json:

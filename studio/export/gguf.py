@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from studio.export.common import ExportError, Message, Progress, noop, short_err
 from studio.export.merge import (
     SANITY_TOKENS,
     SanityCheck,
+    _available_ram,
     compare,
     free_memory,
     greedy_ids,
@@ -33,7 +35,17 @@ from studio.export.merge import (
 from studio.models import loader as models
 from studio.runs import read_json
 
-GGUF_TYPES = ("f16", "q8_0", "none")
+# f16 and q8_0 come straight from llama.cpp's converter; the k-quants (what most Ollama and
+# llama.cpp users run) need llama.cpp's quantizer, which takes the f16 file as input.
+CONVERTER_TYPES = ("f16", "q8_0")
+K_QUANTS = ("q4_K_M", "q5_K_M", "q6_K")
+GGUF_TYPES = (*CONVERTER_TYPES, *K_QUANTS, "none")
+# llama.cpp's own quantizer (`llama_model_quantize` in a prebuilt libllama) from a PyPI wheel.
+# Optional: its Linux wheels need glibc >= 2.38 (Ubuntu 24.04, Debian 13); elsewhere the
+# export hands the f16 file to Ollama's quantizer (`ollama create --quantize`).
+QUANTIZER_PACKAGE = "llama-cpp-py-sync==0.11739"
+_FTYPES = {"q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+_FTYPES["q6_K"] = "LLAMA_FTYPE_MOSTLY_Q6_K"
 # llama.cpp's converter, as vendored by this release of llama-cpp-python (an sdist on PyPI).
 CONVERTER_PACKAGE = "llama-cpp-python"
 CONVERTER_VERSION = "0.3.36"
@@ -154,8 +166,8 @@ def convert_to_gguf(
 ) -> Path:
     """Run llama.cpp's converter on a merged folder; ExportError with its last words on failure."""
     progress = progress or noop
-    if outtype not in ("f16", "q8_0"):
-        raise ExportError(f"GGUF type {outtype!r}: use f16 or q8_0.")
+    if outtype not in CONVERTER_TYPES:
+        raise ExportError(f"GGUF type {outtype!r}: the converter writes f16 or q8_0.")
     script = ensure_gguf_converter(progress)
     try:
         import sentencepiece  # noqa: F401  (the converter imports it for every Llama model)
@@ -213,6 +225,59 @@ def convert_to_gguf(
     return out_file
 
 
+@dataclass(frozen=True)
+class VerifyPlan:
+    """Where the GGUF file is loaded back to be checked, or why it is not (device None)."""
+
+    device: str | None  # "cuda", "cpu", or None: skipped
+    dtype: str | None  # "float32", "bfloat16", "float16"
+    reason: str
+
+
+def gguf_params(gguf_file: Path) -> int:
+    """Weights in a GGUF file, read from its tensor table (memory-mapped, nothing loaded)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(gguf_file)).tensors)
+
+
+def plan_verify(
+    params: int, gpu_free: int | None, gpu_dtype: str | None, ram_free: int | None
+) -> VerifyPlan:
+    """Check on the GPU in its compute dtype when it fits, else on the CPU in float32 (exact)
+    or bfloat16 when RAM allows, else skip. transformers dequantizes a GGUF into the dtype
+    asked for: float32 on the CPU needs 4 bytes a weight, about 30 GiB for an 8B model."""
+    gib = 2**30
+    if gpu_free is not None and gpu_dtype and params * 2 * 1.3 < gpu_free:
+        why = f"on the GPU in {gpu_dtype} ({gpu_free / gib:.1f} GiB free)"
+        return VerifyPlan("cuda", gpu_dtype, why)
+    if ram_free is None or params * 4 * 1.5 < ram_free:
+        return VerifyPlan("cpu", "float32", "on the CPU in float32")
+    if params * 2 * 1.5 < ram_free:
+        why = f"on the CPU in bfloat16: float32 would need {params * 4 / gib:.1f} GiB of RAM"
+        return VerifyPlan("cpu", "bfloat16", f"{why}, {ram_free / gib:.1f} GiB are free")
+    need = params * 2 * 1.5 / gib
+    return VerifyPlan(
+        None,
+        None,
+        f"not checked: loading it back needs about {need:.1f} GiB of free RAM (or GPU memory),"
+        f" {ram_free / gib:.1f} GiB are free. Test it in Ollama or llama.cpp instead.",
+    )
+
+
+def verify_plan(gguf_file: Path) -> VerifyPlan:
+    """`plan_verify` for this file on this machine, measured now."""
+    import torch
+
+    gpu_free = gpu_dtype = None
+    if torch.cuda.is_available():
+        from studio.models.precision import precision
+
+        gpu_free = int(torch.cuda.mem_get_info()[0])
+        gpu_dtype = str(precision("cuda").torch_dtype).removeprefix("torch.")
+    return plan_verify(gguf_params(gguf_file), gpu_free, gpu_dtype, _available_ram())
+
+
 def check_gguf(
     gguf_file: Path,
     tok: Any,
@@ -220,10 +285,14 @@ def check_gguf(
     prompt_ids: list[list[int]],
     merged_out: tuple[list[list[int]], list[Any]],
     max_new_tokens: int = SANITY_TOKENS,
+    plan: VerifyPlan | None = None,
 ) -> SanityCheck:
-    """Load the GGUF back with transformers and compare greedy answers and prompt tokens."""
+    """Load the GGUF back with transformers and compare greedy answers and prompt tokens,
+    where `plan` says (default: float32 on the CPU)."""
     import torch
     from transformers import AutoTokenizer
+
+    plan = plan or VerifyPlan("cpu", "float32", "on the CPU in float32")
 
     folder, name = str(gguf_file.parent), gguf_file.name
     gtok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -232,7 +301,8 @@ def check_gguf(
         list(gtok(t, add_special_tokens=False)["input_ids"]) == ids
         for t, ids in zip(texts, prompt_ids, strict=True)
     )
-    model = models.load_model(folder, dtype=torch.float32, gguf_file=name)
+    dtype = getattr(torch, plan.dtype or "float32")
+    model = models.load_model(folder, device=plan.device or "cpu", dtype=dtype, gguf_file=name)
     model.eval()
     expected, expected_logits = merged_out
     got = greedy_ids(model, tok, prompt_ids, max_new_tokens)
@@ -245,8 +315,93 @@ def check_gguf(
         "The GGUF tokenizer splits the prompts into the same tokens."
         if same_tokens
         else "WARNING: the GGUF tokenizer splits the prompts differently from the original."
-    )
+    ) + f" Loaded back {plan.reason}."
     if not same_tokens:
         for c in check.cases:
             c.match = c.near_tie = False
     return check
+
+
+# --------------------------------------------------------------------------- k-quants
+
+
+def normalize_gguf_type(name: str | None) -> str:
+    """The canonical spelling of a GGUF type ("Q4_K_M" -> "q4_K_M"); ExportError if unknown."""
+    wanted = (name or "none").strip()
+    for t in GGUF_TYPES:
+        if t.lower() == wanted.lower():
+            return t
+    raise ExportError(f"GGUF type {wanted!r}: use one of {', '.join(GGUF_TYPES)}.")
+
+
+def converter_type(gguf: str) -> str:
+    """What the converter writes for a requested type: k-quants start from an f16 file."""
+    return "f16" if gguf in K_QUANTS else gguf
+
+
+def local_quantizer() -> tuple[Any, Any] | str:
+    """(llama.cpp's library, its cffi handle), or the reason it cannot be used here."""
+    try:
+        from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
+    except ImportError:
+        return f"llama.cpp's quantizer is not installed (pip install {QUANTIZER_PACKAGE})"
+    try:
+        return get_lib(), get_ffi()
+    except Exception as exc:  # e.g. "GLIBC_2.38 not found" on older Linux distributions
+        return f"llama.cpp's quantizer ({QUANTIZER_PACKAGE}) does not load here: {short_error(exc)}"
+
+
+def quantize_gguf(f16_file: Path, qtype: str, progress: Progress | None = None) -> Path | str:
+    """Quantize an f16 GGUF to a k-quant with llama.cpp's own `llama_model_quantize`.
+
+    Returns the new file (next to the f16 one, named with the type), or, when the quantizer
+    cannot be had here, the reason: the caller then hands the f16 file to Ollama's quantizer.
+    """
+    if qtype not in K_QUANTS:
+        raise ExportError(f"{qtype!r} is not a k-quant: use one of {', '.join(K_QUANTS)}.")
+    found = local_quantizer()
+    if isinstance(found, str):
+        return found
+    lib, ffi = found
+    out = f16_file.with_name(f16_file.name.replace("-f16.gguf", f"-{qtype}.gguf"))
+    if out == f16_file:
+        out = f16_file.with_suffix(f".{qtype}.gguf")
+    (progress or noop)(f"Quantizing to {qtype} with llama.cpp's llama_model_quantize", 0.86)
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, _FTYPES[qtype])
+    params.nthread = max(1, os.cpu_count() or 1)
+    ptr = ffi.new("llama_model_quantize_params *", params)
+    rc = lib.llama_model_quantize(str(f16_file).encode(), str(out).encode(), ptr)
+    if rc != 0 or not out.is_file():
+        with contextlib.suppress(OSError):
+            out.unlink()
+        raise ExportError(f"llama.cpp's quantizer failed on {f16_file.name} (code {rc}).")
+    return out
+
+
+def quantize_route(gguf: str, gguf_file: Path | None) -> str | None:
+    """The k-quant Ollama must still apply (`ollama create --quantize`), or None.
+
+    None when no k-quant was asked for, or when the file already is one (the local route).
+    """
+    if gguf not in K_QUANTS or gguf_file is None:
+        return None
+    return None if gguf_file.name.endswith(f"-{gguf}.gguf") else gguf
+
+
+def route_note(gguf: str, gguf_file: Path | None, why_not_local: str | None) -> str | None:
+    """Which tool produced which file, in plain words (shown by the CLI and the UI)."""
+    if gguf not in K_QUANTS or gguf_file is None:
+        return None
+    if quantize_route(gguf, gguf_file) is None:
+        return (
+            f"{gguf_file.name} was quantized here by llama.cpp's own quantizer"
+            f" (llama_model_quantize, {QUANTIZER_PACKAGE}) from the checked f16 GGUF. It was"
+            f" NOT compared with the merged model: {gguf} is lossy by design."
+        )
+    return (
+        f"No {gguf} file was written here ({why_not_local}). {gguf_file.name} is the f16 GGUF"
+        f" (checked above); `ollama create --quantize {gguf}` makes the {gguf} model from it"
+        f" with Ollama's quantizer (llama.cpp's code inside Ollama). That {gguf} model was NOT"
+        " checked here."
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.data import chat_format
+from studio.export import gotemplate
 from studio.export.common import Message
 from studio.runs import read_json
 
@@ -86,12 +87,22 @@ def derive_chat_format(tok: Any) -> ChatFormat:
     t_pair = render([m("user", U1), m("assistant", A1)], False)
     t_three = render([m("user", U1), m("assistant", A1), m("user", U2)], True)
 
+    if U1 not in t_user or U1 not in t_user_nogen or A1 not in t_pair:
+        # The template hides the probes themselves: nothing to cut; a plain approximation.
+        fmt = ChatFormat(family, "", "\n", "", "\n", "none", bos=bos)
+        fmt.problems.append("the template's output does not show the messages it was given")
+        return verify_chat_format(tok, fmt)
     assistant_end = t_pair[t_pair.index(A1) + len(A1) :]
-    between = t_three[t_three.index(A1) + len(A1) : t_three.index(U2)]
+    pre_user = t_user[: t_user.index(U1)]
+    problems: list[str] = []
+    if A1 in t_three and U2 in t_three[t_three.index(A1) :]:
+        between = t_three[t_three.index(A1) + len(A1) : t_three.index(U2, t_three.index(A1))]
+    else:  # the template drops earlier assistant turns (e.g. keeps only the last one)
+        between = assistant_end + pre_user
+        problems.append("the template drops earlier assistant turns; Ollama keeps them")
     if not between.startswith(assistant_end):  # e.g. a template that adds EOS only at the end
         assistant_end = _common_prefix(assistant_end, between)
     user_start = between[len(assistant_end) :]
-    pre_user = t_user[: t_user.index(U1)]
     user_end = t_user_nogen[t_user_nogen.index(U1) + len(U1) :]
     after_user = t_user[t_user.index(U1) + len(U1) :]
     if after_user.startswith(user_end):
@@ -99,6 +110,7 @@ def derive_chat_format(tok: Any) -> ChatFormat:
     else:
         user_end, assistant_start = "", after_user
     fmt = ChatFormat(family, user_start, user_end, assistant_start, assistant_end, "none", bos=bos)
+    fmt.problems += problems
     default_block = (
         pre_user[: len(pre_user) - len(user_start)] if pre_user.endswith(user_start) else pre_user
     )
@@ -129,30 +141,13 @@ def derive_chat_format(tok: Any) -> ChatFormat:
 
 
 def render_like_ollama(fmt: ChatFormat, messages: list[Message], system: str | None) -> str:
-    """What the TEMPLATE from `ollama_template(fmt)` renders, following Ollama's rules.
+    """The prompt Ollama builds from the TEMPLATE `ollama_template(fmt)` writes.
 
-    Ollama passes every system message joined by blank lines as .System (the Modelfile's
-    SYSTEM when the chat has none) and all messages as .Messages.
+    The template text itself is executed (studio.export.gotemplate, a Go text/template
+    subset) on the data Ollama passes: the check covers the very string in the Modelfile.
+    `system` is the Modelfile's SYSTEM, used when the chat has no system message.
     """
-    sys_msgs = [x["content"] for x in messages if x["role"] == "system"]
-    sys_text = "\n\n".join(sys_msgs) if sys_msgs else (system or "")
-    out = ""
-    if fmt.system_mode == "turn" and (sys_text or fmt.system_always):
-        out += fmt.system_start + sys_text + fmt.system_end
-    pending = sys_text if fmt.system_mode == "first_user" else ""
-    for i, msg in enumerate(messages):
-        last = i == len(messages) - 1
-        if msg["role"] == "user":
-            out += fmt.user_start
-            if pending:
-                out += pending + fmt.system_sep
-                pending = ""
-            out += msg["content"] + fmt.user_end
-        elif msg["role"] == "assistant":
-            out += fmt.assistant_start + msg["content"] + ("" if last else fmt.assistant_end)
-        if last and msg["role"] != "assistant":
-            out += fmt.assistant_start
-    return out
+    return gotemplate.render(ollama_template(fmt), gotemplate.ollama_data(messages, system))
 
 
 def _probe_conversations() -> list[list[Message]]:
@@ -226,9 +221,15 @@ def ollama_template(fmt: ChatFormat) -> str:
 
 
 def stop_tokens(fmt: ChatFormat, tok: Any) -> list[str]:
-    """Strings that end an assistant turn: the turn's end marker and the EOS token."""
+    """Strings that end an assistant turn: the model's end-of-turn marker, then EOS.
+
+    The marker is the one training taught the model to emit (chat_format's reading of the
+    template, the same the loss mask uses); the text the template writes after a reply is
+    the fallback when the template names none.
+    """
+    marker = chat_format.end_of_turn_marker(tok) or fmt.assistant_end
     out: list[str] = []
-    for s in (fmt.assistant_end.strip(), tok.eos_token or ""):
+    for s in (marker.strip(), tok.eos_token or ""):
         if s and s not in out:
             out.append(s)
     return out
@@ -309,3 +310,9 @@ def build_modelfile(
     lines.append(f"# Sampling: {params_source}; num_ctx is the context window in tokens.")
     lines += [f"PARAMETER {k} {v}" for k, v in params.items()]
     return "\n".join(lines) + "\n"
+
+
+def create_command(name: str, modelfile: str, quantize: str | None = None) -> str:
+    """The `ollama create` line; with `quantize`, Ollama quantizes the f16 GGUF itself."""
+    q = f" --quantize {quantize}" if quantize else ""
+    return f"ollama create {name}{q} -f {modelfile}"

@@ -22,8 +22,12 @@ Steps, each checked:
    parameters, plus the exact `ollama create` / `ollama run` commands.
 
 Everything is written into `<run>/export.partial-<ts>/` and renamed to `<run>/export/` at the
-end (or `export-<ts>/` when an earlier export exists: nothing is ever overwritten). A failure
-removes the partial folder and raises `ExportError` with what went wrong and what to do.
+end (or `export-<ts>/` when an earlier export exists: nothing is ever overwritten). Each step
+is recorded in its export_info.json as it starts and when it is done. A failure before the
+merged model is complete removes the partial folder; a later one (the GGUF check, the chat
+format) keeps what was built, records the failed step, and the ExportError gives the command
+that retries it: `python -m studio.export RUN_DIR --resume EXPORT_DIR` runs only the steps not
+done yet (`export_run(..., resume=EXPORT_DIR)`).
 
 The stages live in `merge`, `gguf` and `ollama`; this module runs them in order and owns the
 export folder; `cli` is the command line.
@@ -53,11 +57,22 @@ from studio.export.common import (
     noop,
     short_error,
 )
-from studio.export.gguf import GGUF_TYPES, check_gguf, convert_to_gguf
-from studio.export.merge import SANITY_TOKENS, SanityCheck, SavedDtype, merge_adapter
+from studio.export.gguf import (
+    check_gguf,
+    convert_to_gguf,
+    converter_type,
+    local_quantizer,
+    normalize_gguf_type,
+    quantize_gguf,
+    quantize_route,
+    route_note,
+    verify_plan,
+)
+from studio.export.merge import SANITY_TOKENS, SanityCase, SanityCheck, SavedDtype, merge_adapter
 from studio.export.ollama import (
     ChatFormat,
     build_modelfile,
+    create_command,
     derive_chat_format,
     ollama_name,
     sampling_parameters,
@@ -111,6 +126,7 @@ class ExportResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     saved_dtype: SavedDtype | None = None  # the merged folder's dtype and the reason
+    gguf_route: str = ""  # k-quants: which quantizer made the file, or that Ollama will
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,6 +146,10 @@ def inspect_run(run_dir: str | Path) -> RunSource:
         raise ExportError("Pick a run to export first.")
     if not run.is_dir():
         raise ExportError(f"{run}: no such run folder.")
+    from studio.runs import is_live, recover_adapter
+
+    if not is_live(run):
+        recover_adapter(run)  # a crash between the renames that publish adapter/
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ExportError(
@@ -203,7 +223,11 @@ def list_exportable_runs() -> list[dict[str, Any]]:
         path = Path(info.path)
         if not (path / "adapter" / "adapter_config.json").is_file():
             continue
-        exports = sorted(p.name for p in path.glob("export*") if (p / EXPORT_INFO).is_file())
+        exports = sorted(
+            p.name
+            for p in path.glob("export*")
+            if read_json(p / EXPORT_INFO).get("status", "complete") == "complete"
+        )
         out.append(
             {
                 "path": str(path),
@@ -292,7 +316,9 @@ def _needed_bytes(base_path: Path, gguf: str) -> int:
     """Disk space an export takes: merged weights (see choose_save_dtype) plus the GGUF file."""
     params = merge.param_count(base_path)
     merged = params * (4 if params < merge.FP32_MAX_PARAMS else 2)
-    gguf_bytes = {"f16": params * 2, "q8_0": params * 1.07}.get(gguf, 0)
+    # k-quants keep the f16 file they are made from (bytes per parameter, embeddings included)
+    per_param = {"f16": 2, "q8_0": 1.07, "q4_K_M": 2.6, "q5_K_M": 2.72, "q6_K": 2.83}
+    gguf_bytes = params * per_param.get(gguf, 0)
     return int(merged + gguf_bytes + 50_000_000)
 
 
@@ -316,6 +342,62 @@ def _disk_error(exc: BaseException, where: Path) -> ExportError:
 
 
 _export_lock = threading.Lock()
+STEPS = ("merge", "gguf", "ollama")
+
+
+def _record(folder: Path, **changes: Any) -> dict[str, Any]:
+    """Update the export's export_info.json (the record of which steps are done) atomically."""
+    from studio.runs import atomic_write_json
+
+    info = read_json(folder / EXPORT_INFO)
+    info.update(changes)
+    atomic_write_json(folder / EXPORT_INFO, info)
+    return info
+
+
+def _merged_complete(folder: Path) -> bool:
+    """merged/ was written and checked: its step is recorded done and its weights are there."""
+    info = read_json(folder / EXPORT_INFO)
+    merged = folder / MERGED
+    return (
+        bool((info.get("steps") or {}).get("merge"))
+        and (merged / "config.json").is_file()
+        and any(merged.glob("*.safetensors"))
+    )
+
+
+def _resume_dir(resume: str | Path, src: RunSource) -> Path:
+    """An earlier export of this run whose merged model is complete, to finish in place."""
+    folder = Path(resume).expanduser().resolve()
+    if not (folder / EXPORT_INFO).is_file():
+        raise ExportError(f"{folder}: not an export folder (no {EXPORT_INFO}).")
+    recorded = read_json(folder / EXPORT_INFO).get("run_dir")
+    if recorded and Path(recorded).resolve() != src.run_dir:
+        raise ExportError(f"{folder} is an export of {Path(recorded).name}, not of {src.name}.")
+    if not _merged_complete(folder):
+        raise ExportError(
+            f"{folder}: its merged model is not complete, so there is nothing to resume from;"
+            " export again without --resume."
+        )
+    return folder
+
+
+def _kept_error(exc: BaseException, src: RunSource, partial: Path, gguf: str) -> ExportError:
+    """Record the failed step in export_info.json, and say how to retry just that step."""
+    info = read_json(partial / EXPORT_INFO)
+    step = info.get("current") or "?"
+    _record(partial, status="failed", failed_step=step, error=short_error(exc))
+    cmd = (
+        f"python -m studio.export {_command_path(src.run_dir)} --gguf {gguf}"
+        f" --resume {_command_path(partial)}"
+    )
+    built = "the checked merged model" + (
+        ", the GGUF file" if (info.get("steps") or {}).get("gguf") else ""
+    )
+    return ExportError(
+        f"Export of {src.name} failed at the {step} step: {short_error(exc)}. What was built"
+        f" ({built}) is kept in {partial}. Retry the failed step with: {cmd}"
+    )
 
 
 def export_run(
@@ -327,12 +409,15 @@ def export_run(
     max_new_tokens: int = SANITY_TOKENS,
     n_prompts: int = SANITY_PROMPTS,
     verify_gguf: bool = True,
+    resume: str | Path | None = None,
 ) -> ExportResult:
-    """Export a run (merged model, optional GGUF, Modelfile); see the module docstring."""
+    """Export a run (merged model, optional GGUF, Modelfile); see the module docstring.
+
+    resume: an earlier export folder whose merged model is complete (a failed export keeps
+    it and says so): the steps not recorded as done in its export_info.json are run again.
+    """
     progress = progress or noop
-    gguf = (gguf or "none").lower()
-    if gguf not in GGUF_TYPES:
-        raise ExportError(f"GGUF type {gguf!r}: use one of {', '.join(GGUF_TYPES)}.")
+    gguf = normalize_gguf_type(gguf)  # "Q4_K_M" -> "q4_K_M"; ExportError when unknown
     t0 = time.time()
     progress("Checking the run", 0.01)
     src = inspect_run(run_dir)
@@ -341,48 +426,147 @@ def export_run(
     if not _export_lock.acquire(blocking=False):
         raise ExportError("Another export is running; wait for it to finish.")
     try:
-        target = _export_target(src.run_dir, out, stamp)
-        partial = target.with_name(f"{target.name}.partial-{stamp}")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(target.parent).free
-        except OSError as exc:
-            raise _disk_error(exc, target.parent) from exc
-        need = _needed_bytes(base.path, gguf)
-        if free < need:
-            raise ExportError(
-                f"Not enough disk space under {target.parent}: the export needs about"
-                f" {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free. Free some space, or pick"
-                " a smaller GGUF type (q8_0) or none."
-            )
-        try:
-            partial.mkdir(parents=True)
-            result = _export_into(
-                src, base, partial, target, gguf, progress, max_new_tokens, n_prompts, verify_gguf
-            )
-            partial.rename(target)
-        except ExportError:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        except Exception as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(exc, OSError) or _is_disk_full(exc):
-                raise _disk_error(exc, target.parent) from exc
-            raise ExportError(
-                f"Export of {src.name} failed: {short_error(exc)}. Nothing was left behind."
-            ) from exc
-        except BaseException:  # KeyboardInterrupt, SystemExit: clean up, then let it go
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+        if resume is not None:
+            partial = _resume_dir(resume, src)
+            target = partial  # a finished export gets its missing step in place
+            if ".partial-" in partial.name:
+                target = _export_target(src.run_dir, out, stamp)
+        else:
+            target = _export_target(src.run_dir, out, stamp)
+            partial = target.with_name(f"{target.name}.partial-{stamp}")
+            _check_space(target, base.path, gguf)
+        result = _run_steps(
+            src, base, partial, target, gguf, progress, max_new_tokens, n_prompts, verify_gguf
+        )
     finally:
         _export_lock.release()
     result.seconds = round(time.time() - t0, 1)
     with contextlib.suppress(OSError):  # the export is complete; this is only a record
-        (target / EXPORT_INFO).write_text(
-            json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        _record(target, **result.to_dict(), status="complete", failed_step=None, error=None)
     progress("Export finished", 1.0)
     return result
+
+
+def _check_space(target: Path, base_path: Path, gguf: str) -> None:
+    """Refuse before writing anything when the disk cannot hold the export."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(target.parent).free
+    except OSError as exc:
+        raise _disk_error(exc, target.parent) from exc
+    need = _needed_bytes(base_path, gguf)
+    if free < need:
+        raise ExportError(
+            f"Not enough disk space under {target.parent}: the export needs about"
+            f" {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free. Free some space, or pick"
+            " a smaller GGUF type (q8_0) or none."
+        )
+
+
+def _run_steps(
+    src: RunSource,
+    base: models.ResolvedModel,
+    partial: Path,
+    target: Path,
+    gguf: str,
+    progress: Progress,
+    max_new_tokens: int,
+    n_prompts: int,
+    verify_gguf: bool,
+) -> ExportResult:
+    """The steps into `partial`, renamed to `target` at the end.
+
+    A failure before the merged model is complete removes the folder (nothing usable was
+    built); after it, the folder is kept with the failed step recorded, for --resume.
+    """
+    try:
+        if not partial.exists():
+            partial.mkdir(parents=True)
+            _record(partial, run_dir=str(src.run_dir), status="running", steps={})
+        result = _export_into(
+            src, base, partial, target, gguf, progress, max_new_tokens, n_prompts, verify_gguf
+        )
+        if partial != target:
+            partial.rename(target)
+        return result
+    except Exception as exc:
+        if _merged_complete(partial):
+            raise _kept_error(exc, src, partial, gguf) from exc
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, ExportError):
+            raise
+        if isinstance(exc, OSError) or _is_disk_full(exc):
+            raise _disk_error(exc, target.parent) from exc
+        raise ExportError(
+            f"Export of {src.name} failed: {short_error(exc)}. Nothing was left behind."
+        ) from exc
+    except BaseException:  # KeyboardInterrupt, SystemExit: keep a complete merge, then go
+        if not _merged_complete(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                _record(
+                    partial,
+                    status="failed",
+                    failed_step=read_json(partial / EXPORT_INFO).get("current"),
+                    error="interrupted",
+                )
+        raise
+
+
+def _sanity_check(data: dict[str, Any] | None) -> SanityCheck | None:
+    """A SanityCheck back from its export_info.json form."""
+    if not data:
+        return None
+    fields = {k: v for k, v in data.items() if k in ("title", "note", "adapter_effect")}
+    return SanityCheck(cases=[SanityCase(**c) for c in data.get("cases", [])], **fields)
+
+
+def _merge_step(
+    src: RunSource,
+    base: models.ResolvedModel,
+    partial: Path,
+    convs: list[list[Message]],
+    progress: Progress,
+    max_new_tokens: int,
+) -> tuple[SanityCheck, SavedDtype, Any, list[list[int]], Any]:
+    """Merge into partial/merged, or take the merged model an earlier try completed."""
+    merged_dir = partial / MERGED
+    steps = read_json(partial / EXPORT_INFO).get("steps") or {}
+    if _merged_complete(partial):
+        progress("Reusing the merged model the earlier export completed", 0.4)
+        done = steps["merge"]
+        tok = merge._load_tokenizer(src, base.path)
+        prompt_ids = [merge._prompt_ids(tok, c) for c in convs]
+        check = _sanity_check(done["check"])
+        return check, SavedDtype(**done["saved"]), tok, prompt_ids, None
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    merged_dir.mkdir()
+    check, saved, tok, prompt_ids, merged_out = merge_adapter(
+        src, base, merged_dir, convs, progress, max_new_tokens
+    )
+    steps["merge"] = {"check": asdict(check), "saved": asdict(saved)}
+    _record(partial, steps=steps)
+    return check, saved, tok, prompt_ids, merged_out
+
+
+def _merged_answers(
+    src: RunSource, merged_dir: Path, tok: Any, prompt_ids: list[list[int]], max_new_tokens: int
+) -> tuple[list[list[int]], list[Any]]:
+    """The merged model's greedy answers and logits (what the GGUF is compared with), for a
+    resumed export whose merge ran in an earlier process."""
+    device, dtype, _ = merge.choose_precision(merged_dir)
+    model = models.load_model(
+        merged_dir,
+        device=device,
+        dtype=merge._dtype(dtype),
+        trust_remote_code=src.trust_remote_code,
+    ).eval()
+    got = merge.greedy_ids(model, tok, prompt_ids, max_new_tokens)
+    own = [merge.teacher_logits(model, p, g) for p, g in zip(prompt_ids, got, strict=True)]
+    del model
+    merge.free_memory()
+    return got, own
 
 
 def _export_into(
@@ -396,7 +580,11 @@ def _export_into(
     n_prompts: int,
     verify_gguf: bool,
 ) -> ExportResult:
-    """All writing happens here, inside `partial`; paths in the result point at `target`."""
+    """All writing happens here, inside `partial`; paths in the result point at `target`.
+
+    Each step is recorded in export_info.json as it starts ("current") and when it is done
+    ("steps"), so a failure names its step and a retry skips what is done.
+    """
     warnings: list[str] = []
     notes: list[str] = []
     rows, val = _training_rows(src)
@@ -406,41 +594,34 @@ def _export_into(
     if src.method == "qlora":
         notes.append(QLORA_NOTE)
 
+    _record(partial, current="merge")
     merged_dir = partial / MERGED
-    merged_dir.mkdir()
-    check, saved, tok, prompt_ids, merged_out = merge_adapter(
-        src, base, merged_dir, convs, progress, max_new_tokens
+    check, saved, tok, prompt_ids, merged_out = _merge_step(
+        src, base, partial, convs, progress, max_new_tokens
     )
     warnings += _merge_warnings(src, saved, check, tok, gguf)
 
-    gguf_file: Path | None = None
-    gguf_check: SanityCheck | None = None
-    if gguf != "none":
-        gguf_file, gguf_check = _gguf_step(
-            src,
-            partial,
-            gguf,
-            tok,
-            convs,
-            (prompt_ids, merged_out),
-            progress,
-            warnings,
-            max_new_tokens=max_new_tokens,
-            verify=verify_gguf,
-        )
+    _record(partial, current="gguf")
+    gguf_file, gguf_check = _gguf_resumable(
+        src, partial, gguf, tok, convs, prompt_ids, merged_out, progress, warnings,
+        max_new_tokens=max_new_tokens, verify=verify_gguf,
+    )  # fmt: skip
 
+    _record(partial, current="ollama")
     progress("Writing the Ollama Modelfile", 0.95)
     fmt = derive_chat_format(tok)
     if not fmt.exact:
         warnings.append("The Ollama TEMPLATE is approximated; see the comment in the Modelfile.")
-    system, text = _modelfile(src, base, merged_dir, saved, fmt, tok, gguf_file, rows)
+    system, text = _modelfile(
+        src, base, merged_dir, saved, fmt, tok, gguf_file, rows, quantize_route(gguf, gguf_file)
+    )
     (partial / MODELFILE).write_text(text, encoding="utf-8")
     name = ollama_name(src.name)
 
     files = sorted(
         (p.relative_to(partial).as_posix(), p.stat().st_size)
         for p in partial.rglob("*")
-        if p.is_file()
+        if p.is_file() and p.name != EXPORT_INFO
     )
     modelfile = target / MODELFILE
     return ExportResult(
@@ -448,11 +629,13 @@ def _export_into(
         export_dir=str(target),
         merged_dir=str(target / MERGED),
         gguf_path=str(target / gguf_file.name) if gguf_file else None,
-        gguf_type=gguf if gguf_file else "none",
+        gguf_type=("f16" if quantize_route(gguf, gguf_file) else gguf) if gguf_file else "none",
         modelfile_path=str(modelfile),
         modelfile=text,
         ollama_name=name,
-        create_command=f"ollama create {name} -f {_command_path(modelfile)}",
+        create_command=create_command(
+            name, _command_path(modelfile), quantize_route(gguf, gguf_file)
+        ),
         run_command=f"ollama run {name}",
         method=src.method,
         base_model=base.name,
@@ -467,7 +650,53 @@ def _export_into(
         seconds=0.0,
         notes=notes,
         saved_dtype=saved,
+        gguf_route=_route(gguf, gguf_file),
     )
+
+
+def _route(gguf: str, gguf_file: Path | None) -> str:
+    """Which tool made which GGUF file (k-quants: llama.cpp's quantizer here, or Ollama's)."""
+    why = local_quantizer() if quantize_route(gguf, gguf_file) else None
+    return route_note(gguf, gguf_file, why if isinstance(why, str) else None) or ""
+
+
+def _gguf_resumable(
+    src: RunSource,
+    partial: Path,
+    gguf: str,
+    tok: Any,
+    convs: list[list[Message]],
+    prompt_ids: list[list[int]],
+    merged_out: Any,
+    progress: Progress,
+    warnings: list[str],
+    *,
+    max_new_tokens: int,
+    verify: bool,
+) -> tuple[Path | None, SanityCheck | None]:
+    """The GGUF step, or the file and check an earlier try completed; recorded when done."""
+    if gguf == "none":
+        return None, None
+    steps = read_json(partial / EXPORT_INFO).get("steps") or {}
+    done = steps.get("gguf")
+    if done and done.get("type") == gguf and (partial / done["file"]).is_file():
+        progress("Reusing the GGUF file the earlier export completed", 0.85)
+        return partial / done["file"], _sanity_check(done.get("check"))
+    if merged_out is None and verify:
+        progress("Greedy answers of the merged model (to compare the GGUF with)", 0.5)
+        merged_out = _merged_answers(src, partial / MERGED, tok, prompt_ids, max_new_tokens)
+    gguf_file, gguf_check = _gguf_step(
+        src, partial, gguf, tok, convs, (prompt_ids, merged_out), progress, warnings,
+        max_new_tokens=max_new_tokens, verify=verify,
+    )  # fmt: skip
+    if gguf_file is not None:
+        steps["gguf"] = {
+            "type": gguf,
+            "file": gguf_file.name,
+            "check": asdict(gguf_check) if gguf_check else None,
+        }
+        _record(partial, steps=steps)
+    return gguf_file, gguf_check
 
 
 def _merge_warnings(
@@ -475,7 +704,7 @@ def _merge_warnings(
 ) -> list[str]:
     """What the merge step found that the user must know before using the export."""
     warnings: list[str] = []
-    if saved.dtype == "bfloat16" and gguf == "f16":
+    if saved.dtype == "bfloat16" and converter_type(gguf) == "f16":
         warnings.append(
             f"A weight of {saved.largest} ({saved.max_abs:.4g}) is beyond float16's safe range,"
             " and a GGUF f16 file stores float16: it may overflow there (the GGUF check shows"
@@ -509,21 +738,55 @@ def _gguf_step(
     max_new_tokens: int,
     verify: bool,
 ) -> tuple[Path | None, SanityCheck | None]:
+    """The GGUF file: converted and checked, then, for a k-quant, quantized where llama.cpp's
+    quantizer loads (else the f16 file is kept for `ollama create --quantize`)."""
+    gguf_file, gguf_check = _convert_and_check(
+        src, partial, gguf, tok, convs, merged, progress, warnings,
+        max_new_tokens=max_new_tokens, verify=verify,
+    )  # fmt: skip
+    if gguf_file is None or converter_type(gguf) == gguf:
+        return gguf_file, gguf_check
+    try:
+        made = quantize_gguf(gguf_file, gguf, progress)
+    except ExportError as exc:
+        warnings.append(f"{exc} The f16 GGUF is kept; Ollama can quantize it (see the commands).")
+        return gguf_file, gguf_check
+    return (made if isinstance(made, Path) else gguf_file), gguf_check
+
+
+def _convert_and_check(
+    src: RunSource,
+    partial: Path,
+    gguf: str,
+    tok: Any,
+    convs: list[list[Message]],
+    merged: tuple[list[list[int]], tuple[list[list[int]], list[Any]]],
+    progress: Progress,
+    warnings: list[str],
+    *,
+    max_new_tokens: int,
+    verify: bool,
+) -> tuple[Path | None, SanityCheck | None]:
     """Convert to GGUF and check it; a failed conversion is a warning, not a failed export.
 
     `merged` is (prompt ids, (merged answers, their logits)) from `merge_adapter`.
     """
     prompt_ids, merged_out = merged
-    fname = f"{ollama_name(src.name)}-{gguf}.gguf"
+    outtype = converter_type(gguf)  # k-quants are made from the f16 file, checked first
+    fname = f"{ollama_name(src.name)}-{outtype}.gguf"
     try:
-        gguf_file = convert_to_gguf(partial / MERGED, partial / fname, gguf, src.name, progress)
+        gguf_file = convert_to_gguf(partial / MERGED, partial / fname, outtype, src.name, progress)
     except ExportError as exc:
         warnings.append(f"No GGUF file: {exc} The merged folder and Modelfile are still usable.")
         return None, None
     if not verify:
         return gguf_file, None
-    progress("Loading the GGUF back with transformers to compare answers", 0.82)
-    gguf_check = check_gguf(gguf_file, tok, convs, prompt_ids, merged_out, max_new_tokens)
+    plan = verify_plan(gguf_file)
+    if plan.device is None:
+        warnings.append(f"The {gguf} GGUF file was {plan.reason}")
+        return gguf_file, None
+    progress(f"Loading the GGUF back with transformers ({plan.reason}) to compare answers", 0.82)
+    gguf_check = check_gguf(gguf_file, tok, convs, prompt_ids, merged_out, max_new_tokens, plan)
     if not gguf_check.passed:
         warnings.append(
             f"The {gguf} GGUF's answers differ from the merged model's beyond rounding"
@@ -558,8 +821,11 @@ def _modelfile(
     tok: Any,
     gguf_file: Path | None,
     rows: list[dict[str, Any]],
+    quantize: str | None = None,
 ) -> tuple[str | None, str]:
-    """(SYSTEM, the Modelfile text): FROM the GGUF (else the merged folder), with a header."""
+    """(SYSTEM, the Modelfile text): FROM the GGUF (else the merged folder), with a header.
+
+    `quantize`: the k-quant Ollama applies to the f16 file (`ollama create --quantize`)."""
     system, system_note = _system_prompt(rows, fmt.default_system)
     if fmt.system_mode == "none":
         system = None
@@ -571,7 +837,7 @@ def _modelfile(
         "FROM is relative to this file: keep it next to "
         + (gguf_file.name if gguf_file else "the merged/ folder")
         + ".",
-        f"Create: ollama create {name} -f Modelfile    Run: ollama run {name}",
+        f"Create: {create_command(name, 'Modelfile', quantize)}    Run: ollama run {name}",
     ]
     return system, build_modelfile(
         from_path=f"./{gguf_file.name}" if gguf_file else f"./{MERGED}",

@@ -42,6 +42,7 @@ class GpuInfo:
     compute_capability: tuple[int, int]
     free_bytes: int | None = None  # measured now (the desktop and other apps use some)
     uuid: str = ""  # "GPU-..." as nvidia-smi writes it: ties its per-process figures to this card
+    own_bytes: int = 0  # this process's CUDA context and cache there: training reuses them
 
     @property
     def cc(self) -> str:
@@ -53,7 +54,11 @@ class GpuInfo:
 
     @property
     def used_bytes(self) -> int | None:
-        return None if self.free_bytes is None else max(0, self.total_bytes - self.free_bytes)
+        """Used by other programs: the app's own context is not counted, since the estimate
+        adds the context a run needs and the run happens in this process."""
+        if self.free_bytes is None:
+            return None
+        return max(0, self.total_bytes - self.free_bytes - self.own_bytes)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class HardwareReport:
         for gpu, raw in zip(self.gpus, data["gpus"], strict=True):
             raw["cc"] = gpu.cc
             raw["bf16"] = gpu.bf16
+            raw["used_bytes"] = gpu.used_bytes
         return data
 
 
@@ -211,6 +217,9 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
                 uuid=_smi_uuid(getattr(props, "uuid", "")),
             )
         )
+    for gpu in gpus:
+        if gpu.free_bytes is not None:
+            gpu.own_bytes = own_cuda_bytes(gpu)
     return gpus, f"{len(gpus)} CUDA device(s)"
 
 
@@ -387,7 +396,7 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
         preset = closest_preset(catalog, gpu.name, gpu.total_bytes)
         capacity, in_use = gpu.total_bytes, gpu.used_bytes or 0
         if len(gpus) > 1:
-            notes.append(f"{len(gpus)} GPUs found; the studio trains on GPU 0 only")
+            notes.append(f"{len(gpus)} GPUs found; a run trains on one (pick it below)")
         if gpu.used_bytes is not None and gpu.used_bytes > 0.15 * gpu.total_bytes:
             notes.append(
                 f"{gpu.used_bytes / GIB:.1f} GiB of the card is already in use by other programs:"
@@ -412,6 +421,44 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
         in_use_bytes=int(in_use),
         notes=notes + catalog.problems,
     )
+
+
+def c_compiler() -> str | None:
+    """The C compiler Triton builds its kernel launchers with (CC, else cc/gcc/clang)."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def triton_ready(
+    available: bool | None = None, system: str | None = None, compiler: str | None = ""
+) -> Choice:
+    """Whether TRL's Triton loss head can run on a GPU here, and why (faked in tests).
+
+    TRL takes the Triton path when the package imports; on Linux its kernels then need a C
+    compiler at the first step. Without either, the studio's compact head is used on CUDA
+    (`studio.train.recipe.compact_head_ok`): TRL's torch fallback scores every position in
+    fp32 tiles of 256-512 MiB and is slow. Windows wheels of Triton bundle their compiler.
+    """
+    import platform
+
+    if available is None:
+        from transformers.utils import is_triton_available
+
+        available = bool(is_triton_available())
+    system = system or platform.system()
+    if not available:
+        return Choice(False, "no Triton: training uses the studio's compact loss head")
+    if system == "Linux":
+        compiler = c_compiler() if compiler == "" else compiler
+        if not compiler:
+            return Choice(
+                False,
+                "Triton is installed but no C compiler (cc/gcc/clang) is: it cannot build"
+                " kernels, so training uses the studio's compact loss head (install gcc)",
+            )
+    return Choice(True, "Triton available: TRL's fused loss head")
 
 
 def estimate_kernel(device: str) -> str:

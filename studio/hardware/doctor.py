@@ -236,6 +236,46 @@ def check_ram() -> Check:
     return Check("RAM", OK, detail)
 
 
+def check_triton() -> Check:
+    """Whether TRL's Triton loss head can run: compiles and runs one tiny kernel on the GPU.
+
+    Without Triton (Windows by default) or a C compiler (Linux), training uses the studio's
+    compact loss head instead, which is fine; the user should know why steps are slower.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check("Triton", OK, "no GPU in use: Triton is not needed")
+    ready = hardware.triton_ready()
+    if not ready.value:
+        fix = "Linux: install gcc; Windows: pip install triton-windows (optional)"
+        return Check("Triton", WARNING, ready.reason, fix)
+    try:
+        _triton_add_one()
+    except Exception as exc:
+        why = f"a tiny Triton kernel failed to compile or run ({type(exc).__name__}: {exc})"
+        return Check("Triton", WARNING, why, "training uses the compact loss head; install gcc")
+    return Check("Triton", OK, "compiled and ran a tiny Triton kernel: TRL's fused loss head")
+
+
+def _triton_add_one() -> None:
+    """Compile a one-line kernel and check its result (x + 1 on 16 values)."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_one(x_ptr, n, block: tl.constexpr):
+        offs = tl.arange(0, block)
+        mask = offs < n
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+
+    x = torch.zeros(16, device="cuda")
+    add_one[(1,)](x, 16, block=16)
+    if not bool((x == 1).all()):
+        raise RuntimeError("wrong result")
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_python,
     check_torch,
@@ -244,6 +284,7 @@ CHECKS: list[Callable[[], Check]] = [
     check_disk,
     check_vram,
     check_ram,
+    check_triton,
 ]
 
 
@@ -272,9 +313,19 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="the studio's data dir (default ~/.lora-studio)")
+    parser.add_argument(
+        "--selftest",
+        action="store_true",
+        help="train, chat, merge and export a small random model on this machine's device",
+    )
+    parser.add_argument("--selftest-out", help="where the self-test writes its JSON report")
     args = parser.parse_args(argv)
     if args.data_dir:
         paths.set_data_dir(args.data_dir)
+    if args.selftest:
+        from studio.hardware.selftest import main as selftest
+
+        return selftest(args.selftest_out)
     checks = run_checks()
     marks = {OK: "ok     ", WARNING: "WARNING", PROBLEM: "PROBLEM"}
     for check in checks:

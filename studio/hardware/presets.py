@@ -2,7 +2,9 @@
 
 A preset holds what the studio needs to know about a card (VRAM, compute capability and
 bf16 support, typical board power for the electricity estimate) and default training
-settings per model-size band. Users drop their own files into `<data dir>/presets/`; a bad
+settings per model-size band: the memory settings, and the recipe (learning rate, LoRA
+shape, warmup, epochs with a floor and a cap of steps) that studio/train/plan.py sizes to
+the dataset. Users drop their own files into `<data dir>/presets/`; a bad
 file is reported with its path and field and never hides the others.
 """
 
@@ -23,8 +25,11 @@ KINDS = ("cuda", "cpu")
 # Model-size bands by parameter count; a model above the last band uses the last one.
 BANDS: dict[str, float] = {"up_to_1b": 1.0e9, "1b_to_4b": 4.0e9, "4b_to_9b": 9.0e9}
 BAND_LABELS = {"up_to_1b": "up to 1B", "1b_to_4b": "1B to 4B", "4b_to_9b": "4B to 9B"}
+# Band fields that are not RunConfig settings: studio/train/plan.py turns them into epochs.
+PLAN_ONLY = ("epochs", "min_steps", "step_cap", "max_epochs", "tokens_per_s")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _CC_RE = re.compile(r"^\d+\.\d+$")
+_OPTIONAL_BAND_FIELDS = ("tokens_per_s",)
 
 
 class PresetError(ValueError):
@@ -51,6 +56,14 @@ class BandDefaults:
     lora_alpha: int
     lora_dropout: float
     target_modules: str
+    # The recipe (studio/train/plan.py sizes it to the dataset): why each value, in the YAML.
+    learning_rate: float
+    warmup_ratio: float  # share of the steps spent ramping the learning rate up
+    epochs: float  # passes over a dataset that is neither tiny nor huge
+    min_steps: int  # floor: a small dataset gets more epochs until it has this many steps
+    step_cap: int  # cap: a huge dataset gets fewer epochs (never under 1) to stay near this
+    max_epochs: float  # the floor never raises epochs past this (tiny sets would memorize)
+    tokens_per_s: float = 0.0  # rough training throughput for the time estimate; 0: unknown
 
     def __post_init__(self) -> None:
         _expect(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
@@ -75,9 +88,33 @@ class BandDefaults:
             "gradient_checkpointing",
             "true or false",
         )
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The recipe fields: each in a range a LoRA run can use."""
+        _expect(
+            _is_number(self.learning_rate, 1e-7, 0.1),
+            "learning_rate",
+            "a number such as 2e-4 (LoRA: 1e-4 to 2e-3)",
+        )
+        _expect(_is_number(self.warmup_ratio, 0, 0.5), "warmup_ratio", "0 to 0.5 (0.03 is usual)")
+        _expect(_is_number(self.epochs, 0.01, 100), "epochs", "a number of passes, 0.01 to 100")
+        _expect(_is_int(self.min_steps, 1, 100_000), "min_steps", "a whole number 1 to 100000")
+        _expect(
+            _is_int(self.step_cap, 1, 10_000_000) and self.step_cap >= self.min_steps,
+            "step_cap",
+            "a whole number, at least min_steps",
+        )
+        _expect(
+            _is_number(self.max_epochs, 1, 1000) and self.max_epochs >= self.epochs,
+            "max_epochs",
+            "a number of passes, at least epochs",
+        )
+        _expect(_is_number(self.tokens_per_s, 0, 1e9), "tokens_per_s", "0 (unknown) or more")
 
     def to_settings(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The RunConfig fields the band sets as they are; the plan sizes the rest."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PLAN_ONLY}
 
 
 @dataclass
@@ -218,7 +255,7 @@ def _band_from_dict(band: str, values: Any) -> BandDefaults:
     unknown = sorted(str(k) for k in values if k not in names)
     if unknown:
         raise PresetError(f"{prefix}.{unknown[0]}", f"unknown setting (known: {', '.join(names)})")
-    missing = [n for n in names if n not in values]
+    missing = [n for n in names if n not in values and n not in _OPTIONAL_BAND_FIELDS]
     if missing:
         raise PresetError(f"{prefix}.{missing[0]}", "required setting is missing")
     try:

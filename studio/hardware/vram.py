@@ -582,13 +582,15 @@ def estimate(
     in_use_bytes: int = 0,
     device: str = "cuda",
     fused_lm_head: bool = True,
+    compact_head: bool = False,
 ) -> VramEstimate:
     """Peak memory of training `shape` with `settings` (RunConfig field names), in parts.
 
     `device="cpu"` estimates RAM for a CPU run (fp32 compute, no CUDA context), "cpu-bf16"
     for a CPU with native bf16 (`studio.models.precision.cpu_bf16`), which is also the calibration
-    script's CPU stand-in for the CUDA recipe.
-    """
+    script's CPU stand-in for the CUDA recipe. `compact_head`: the recipe's compact loss head
+    on CUDA, which the recipe uses where TRL's Triton path is not (`detect.triton_ready`):
+    the caller that knows the machine asks there (the estimate itself probes nothing)."""
     s = run_settings(settings)
     if device not in KERNELS:
         raise ValueError(f"device must be one of {', '.join(KERNELS)}, not {device!r}")
@@ -601,7 +603,10 @@ def estimate(
     base, base_detail = _base_weights(shape, qlora, k)
     lora, lora_detail = _lora_weights(shape, s, adapter, n_lora)
     act, layer_transient, act_detail = _activations(shape, s, k, adapter, n_lora)
-    logits, logits_detail = _lm_head(shape, k, tokens, layer_transient, fused_lm_head)
+    if compact_head and k is CUDA:
+        logits, logits_detail = _compact_head(shape, k, tokens, layer_transient)
+    else:
+        logits, logits_detail = _lm_head(shape, k, tokens, layer_transient, fused_lm_head)
     workspace = _workspace(shape, k, qlora)
     overhead, overhead_detail = _overhead(k, workspace, act + logits + workspace)
     allocated = base + lora + act + logits + workspace
@@ -732,6 +737,25 @@ def _lm_head(
         saved = T * V * (c + 4)  # bf16 logits and the fp32 log-softmax
         transient = T * V * (4 + 4)  # its gradient and the gradient of the logits
         detail = f"{T} x {V} logits: {c} B + fp32 copy, log-softmax and gradient (4 B each)"
+    return saved + max(0, transient - layer_transient), detail
+
+
+def _compact_head(
+    shape: ModelShape, k: Kernels, tokens: int, layer_transient: float
+) -> tuple[float, str]:
+    """The studio's compact head (CUDA without Triton): the label positions' hidden states
+    are kept; the logits come in pieces of HEAD_CHUNK_VALUES, each in the compute dtype, its
+    fp32 copy and log-softmax, recomputed in backward with the fp32 gradient of the hidden."""
+    from studio.train.recipe import HEAD_CHUNK_VALUES
+
+    T, h, V, c = tokens, shape.hidden_size, shape.vocab_size, k.compute
+    piece = min(T * V, max(1, HEAD_CHUNK_VALUES // V) * V)
+    saved = T * h * c
+    transient = T * h * (4 + c) + piece * (c + 4 + 4 + 4)
+    detail = (
+        f"compact LM head (no Triton): pieces of {piece * (c + 12) / MIB:.0f} MiB + {T} tokens"
+        " x hidden and its fp32 gradient"
+    )
     return saved + max(0, transient - layer_transient), detail
 
 
@@ -927,3 +951,39 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def run_estimate(model_path: str, cfg: Any, device: str, compact_head: bool) -> dict[str, Any]:
+    """The estimate for a run as it was built, for its metadata (None figures if unknown).
+
+    `device` is the run's ("cuda" or "cpu"); the context is counted once, by the estimate.
+    """
+    from studio.hardware.detect import estimate_kernel
+
+    try:
+        shape = model_shape(str(model_path))
+        est = estimate(
+            shape,
+            cfg,
+            device=estimate_kernel(device),
+            compact_head=device.startswith("cuda") and compact_head,
+        )
+    except (ModelShapeError, ValueError, KeyError) as exc:
+        return {"estimate_bytes": None, "estimate_allocated_bytes": None, "why": str(exc)}
+    return {"estimate_bytes": est.total_bytes, "estimate_allocated_bytes": est.allocated_bytes}
+
+
+def measured_peak(device: str) -> dict[str, Any]:
+    """torch's peak counters since the run's start, next to the estimate in the metadata:
+    reserved includes allocator slack (and what `estimate_bytes` calls overhead, less the
+    context); allocated is what `estimate_allocated_bytes` predicts. Every run calibrates."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        import psutil
+
+        return {"measured_rss_bytes": int(psutil.Process().memory_info().rss)}
+    return {
+        "max_memory_reserved": int(torch.cuda.max_memory_reserved()),
+        "max_memory_allocated": int(torch.cuda.max_memory_allocated()),
+    }

@@ -91,9 +91,15 @@ def _print_result(result: TrainResult) -> None:
     print(f"\n{result.status.upper()}: {result.message}")
     for line in result.advice:
         print(f"  - {line}")
-    for check in result.checks:
-        mark = {True: "ok", False: "WARN", None: "?"}[check["ok"]]
-        print(f"  [{mark}] {check['name']}: {check['detail']}")
+    if result.checks:
+        print("Did it learn?")
+    for check in result.checks:  # verdicts, what to change, the example pair (checks.py)
+        verdict = check.get("verdict") or {True: "green", False: "red"}.get(check["ok"], "n/a")
+        print(f"  [{verdict}] {check['name']}: {check['detail']}")
+        if check.get("fix") and verdict in ("amber", "red"):
+            print(f"      -> {check['fix']}")
+        for side, text in (check.get("example") or {}).items():
+            print(f"      {side}: {' '.join(str(text).split())}")
     print(f"Run folder: {result.run_dir}")
 
 

@@ -113,6 +113,7 @@ class JobManager:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        self._preparing = False  # a Start/Resume is preparing its run outside the lock
 
     # -- control --------------------------------------------------------------------------
 
@@ -120,20 +121,37 @@ class JobManager:
         """Start a new run; ConfigError (bad setting) or JobBusyError come back at once."""
         from studio.train.prepare import prepare_run
 
-        with self._lock:
-            self._refuse_if_busy()
-            prepared = prepare_run(cfg)
-            self._launch(prepared, [], extra_callbacks)
-            return prepared.run_dir
+        return self._prepare_and_launch(lambda: prepare_run(cfg), False, extra_callbacks)
 
     def resume(self, run_dir: str | Path, *, extra_callbacks: Iterable[Any] = ()) -> Path:
         """Continue a stopped/failed/interrupted run from its last checkpoint."""
         from studio.train.prepare import prepare_resume
 
+        return self._prepare_and_launch(lambda: prepare_resume(run_dir), True, extra_callbacks)
+
+    def _prepare_and_launch(
+        self, prepare: Callable[[], Any], resumed: bool, extra_callbacks: Iterable[Any]
+    ) -> Path:
+        """Claim the one slot under the lock, prepare outside it, publish under it.
+
+        Preparing imports torch, hashes, reads and may PII-scan the dataset: seconds to
+        minutes. Holding the lock that long would freeze every tab's poll, Stop and Chat's
+        check, so only the claim and the publication hold it; the claim alone refuses a
+        second Start meanwhile.
+        """
         with self._lock:
             self._refuse_if_busy()
-            prepared = prepare_resume(run_dir)
-            history = [e for e in runs.load_log(prepared.run_dir) if e.get("kind")]
+            self._preparing = True
+        try:
+            prepared = prepare()
+            log = runs.load_log(prepared.run_dir) if resumed else []
+            history = [e for e in log if e.get("kind")]
+        except BaseException:
+            with self._lock:
+                self._preparing = False
+            raise
+        with self._lock:
+            self._preparing = False
             self._launch(prepared, history, extra_callbacks)
             return prepared.run_dir
 
@@ -166,8 +184,9 @@ class JobManager:
 
     @property
     def active(self) -> bool:
+        """A run is training, or being prepared (so Chat does not load a model meanwhile)."""
         with self._lock:
-            return self._snap.active
+            return self._snap.active or self._preparing
 
     def active_run_dir(self) -> Path | None:
         with self._lock:
@@ -181,6 +200,10 @@ class JobManager:
             self._refuse_if_busy()
 
     def _refuse_if_busy(self) -> None:
+        if self._preparing:
+            raise JobBusyError(
+                "A run is being prepared (checking the data and settings); wait a moment."
+            )
         if self._snap.active or (self._thread is not None and self._thread.is_alive()):
             s = self._snap
             where = f" (step {s.step}/{s.total_steps})" if s.total_steps else ""
@@ -213,6 +236,12 @@ class JobManager:
 
         def work() -> None:
             try:
+                from studio.chat.engine import release_for_training
+
+                # the Chat model must not share the GPU with training (OOM on a 12 GB card)
+                freed = release_for_training(prepared.device, prepared.run_dir.name)
+                if freed:
+                    self._on_event({"event": "message", "text": freed})
                 result = execute_run(
                     prepared, stop=stop, on_event=self._on_event, extra_callbacks=callbacks
                 )

@@ -27,11 +27,12 @@ from typing import Any
 from studio import runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, template_hash
+from studio.hardware import vram
 from studio.models.precision import precision
-from studio.train import checks, recipe
+from studio.train import checks, recipe, tracking
 from studio.train.prepare import PreparedRun, now_iso, tokenize_rows
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -169,7 +170,7 @@ def _train(live: _Live, extra_callbacks: list[Any]) -> None:
     live.say("Saving the adapter")
     with live.timed("save_s"):
         save_adapter(trainer.model, tok, run.run_dir)
-    _record_success(live, trainer)
+    _record_success(live, trainer, tok)
 
 
 def _announce(live: _Live) -> None:
@@ -177,6 +178,7 @@ def _announce(live: _Live) -> None:
     run = live.run
     live.say(f"Run folder: {run.run_dir}")
     live.say(f"Device: {run.device_reason}; {precision(run.device).reason}")
+    live.say(f"Curves: {tracking.tracking_note(run.cfg.wandb)}")  # says when W&B is skipped
     if run.expected_device == "cuda" and run.device != "cuda":
         live.say(
             f"WARNING: the preset '{run.cfg.preset}' expects a GPU, but PyTorch sees none: training"
@@ -220,6 +222,7 @@ def _tokenize(live: _Live, tok: Any) -> tuple[list[dict], list[dict]]:
     run = live.run
     with live.timed("tokenize_s"):
         train_tok, train_stats = tokenize_rows(tok, run.train_rows, run.cfg)
+        runs.kill_point("tokenize")
         val_tok, val_stats = tokenize_rows(tok, run.val_rows, run.cfg, required=False)
     run.meta["dataset"].update(
         train_examples=len(train_tok),
@@ -270,6 +273,9 @@ def _build_trainer(
         "target_modules": _jsonable(trainer.model.peft_config["default"].target_modules)
     }
     run.meta["recipe"] = recipe.recipe_summary(cfg, run.device, trainer)
+    run.meta["memory"] = vram.run_estimate(
+        run.meta["base_model"]["path"], cfg, run.device, trainer.compact_head
+    )
     runs.write_metadata(run.run_dir, run.meta)
     live.say(
         f"Training {plan['total_steps']} steps: batch {cfg.batch_size} x accumulation "
@@ -280,11 +286,13 @@ def _build_trainer(
     return trainer
 
 
-def _record_success(live: _Live, trainer: Any) -> None:
-    """A run that trained and saved: its status, final figures and checks."""
+def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
+    """A run that trained and saved: its status, final figures and checks (the answer checks
+    generate on the trained model, after the adapter is safely saved)."""
     result, run = live.result, live.run
     step = trainer.state.global_step
     result.status = "stopped" if live.callback.stopped else "completed"
+    run.meta.setdefault("memory", {}).update(vram.measured_peak(run.device))
     result.final_metrics = checks.final_metrics(runs.load_log(run.run_dir), step)
     result.checks = checks.did_it_learn(
         runs.load_log(run.run_dir),
@@ -293,6 +301,11 @@ def _record_success(live: _Live, trainer: Any) -> None:
         run.device,
         run.expected_device,
     )
+    live.say("Checking the answers: base vs fine-tune on a few validation prompts")
+    with live.timed("answer_checks_s"):
+        answers = checks.answer_checks(trainer.model, tok, run.val_rows, run.train_rows)
+    result.checks += answers["checks"]
+    run.meta["did_it_learn"] = answers["figures"]
     result.warnings = [c["detail"] for c in result.checks if c["ok"] is False]
     result.message = (
         f"Stopped at step {step}; the adapter at that step is saved."
@@ -361,19 +374,15 @@ def _finish(live: _Live) -> None:
 
 
 def save_adapter(model: Any, tok: Any, run_dir: Path) -> Path:
-    """Write adapter/ (PEFT weights + tokenizer) via a temp folder, swapped in at the end."""
-    final = run_dir / runs.ADAPTER
-    tmp = run_dir / f".{runs.ADAPTER}.tmp"
-    old = run_dir / f".{runs.ADAPTER}.old"
+    """Write adapter/ (PEFT weights + tokenizer) into a staging folder, then publish it
+    (`runs.publish_adapter`): a crash mid-save never leaves a half-written adapter/."""
+    runs.recover_adapter(run_dir)
+    _, tmp, _ = runs.adapter_staging(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    runs.kill_point("final")
     tok.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return runs.publish_adapter(run_dir)
 
 
 # --- progress -----------------------------------------------------------------------------
@@ -449,6 +458,7 @@ class _Progress:
             }
 
     def on_step_end(self, args, state, control, **kwargs):
+        runs.kill_point(f"step{state.global_step}")  # after the update, before its checkpoint
         mb, self.mem_kind = memory_now(self.device)
         self.peak_mb = max(self.peak_mb, mb)
         if self.stop.is_set() and not self.stopped:
@@ -546,61 +556,132 @@ _SAVE_FRAMES = {
 }
 
 
-def is_save_error(exc: BaseException) -> bool:
-    """A failure writing files: disk full / read-only / quota anywhere in the chain, or any
-    error raised while a checkpoint or the adapter was being written (torch.save reports a
-    full disk as a bare RuntimeError; a permission error there is an OSError)."""
+# Write failures by errno; torch.save and safetensors often wrap them as plain text.
+_WRITE_TEXT = (
+    (errno.ENOSPC, ("no space left", "os error 28")),
+    (errno.EDQUOT, ("disk quota exceeded", "os error 122")),
+    (errno.EROFS, ("read-only file system", "os error 30")),
+    (errno.EACCES, ("permission denied", "os error 13")),
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: BaseException | None = exc
     while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def save_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write anywhere in the exception chain (ENOSPC, EDQUOT, EROFS,
+    EACCES/EPERM), read from the OSError or, where a library wrapped it, from its text."""
+    for seen in _chain(exc):
         if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
-            return True
+            return errno.EACCES if seen.errno == errno.EPERM else seen.errno
+        text = str(seen).lower()
+        for code, needles in _WRITE_TEXT:
+            if any(n in text for n in needles):
+                return code
+    return None
+
+
+def _in_save(exc: BaseException) -> bool:
+    """Raised while a checkpoint or the adapter was being written."""
+    for seen in _chain(exc):
         tb = seen.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_name in _SAVE_FRAMES:
                 return True
             tb = tb.tb_next
-        seen = seen.__cause__ or seen.__context__
     return False
 
 
+def is_save_error(exc: BaseException) -> bool:
+    """A failure writing files: a write errno anywhere in the chain, or any error raised while
+    a checkpoint or the adapter was being written (its advice then depends on the errno)."""
+    return save_errno(exc) is not None or _in_save(exc)
+
+
 def save_error_advice(exc: BaseException, run_dir: Path) -> tuple[str, list[str]]:
+    """What failed while saving, and the advice for that cause: free space only for a full
+    disk, the quota, the filesystem or the permissions otherwise, a bug report when no write
+    failed at all."""
     kept = ", ".join(p.name for p in runs.checkpoints(run_dir)) or "none were saved yet"
     try:
         free = f"{shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free on that disk"
     except OSError:
         free = "free space unknown"
+    code = save_errno(exc)
+    fix = {
+        errno.ENOSPC: f"The disk holding {run_dir} is full: free disk space, then press Resume.",
+        errno.EDQUOT: "Your disk quota there is used up: delete files you own on that disk or"
+        " ask for a larger quota, then press Resume.",
+        errno.EROFS: f"{run_dir} is on a read-only filesystem: start the studio with --data-dir"
+        " on a writable disk and train again (this run cannot be saved in place).",
+        errno.EACCES: f"Permission denied writing in {run_dir}: give your user write access to"
+        " that folder (or use another --data-dir), then press Resume.",
+    }.get(code)
+    if fix is None and "write" in _short(exc).lower():
+        fix = (
+            f"A file write failed without saying why: check free space ({free}), your quota"
+            f" and the permissions of {run_dir}, then press Resume."
+        )
+    if fix is None:
+        fix = (
+            "No write failed (not a disk problem): the traceback is in the run's log.jsonl;"
+            " please report it. Resume continues from the last checkpoint."
+        )
     message = f"Saving failed: {_short(exc)} ({free})."
-    advice = [
-        "Free disk space, or fix the run folder's permissions, then press Resume.",
-        f"Earlier checkpoints are kept: {kept}.",
-    ]
-    return message, advice
+    return message, [fix, f"Earlier checkpoints are kept: {kept}."]
 
 
-def oom_advice(cfg: RunConfig, device: str, exc: BaseException) -> tuple[str, list[str], dict]:
-    """What ran out, what to change, and a config with those changes for one-click retry."""
-    where = "GPU" if device == "cuda" else "system"
-    retry = cfg.to_dict()
-    advice = []
+def _retry_changes(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
+    """The memory-saving changes to cfg, leanest-first, each with the sentence saying it."""
+    changes: dict[str, Any] = {}
+    advice: list[str] = []
     if cfg.batch_size > 1:
-        retry["batch_size"] = max(1, cfg.batch_size // 2)
-        retry["grad_accum"] = cfg.grad_accum * 2
+        # Keep the effective batch (batch x accumulation): halve an even batch; an odd one
+        # cannot be halved exactly, so go to 1 and multiply accumulation by the old batch.
+        factor = 2 if cfg.batch_size % 2 == 0 else cfg.batch_size
+        changes["batch_size"] = cfg.batch_size // factor
+        changes["grad_accum"] = cfg.grad_accum * factor
+        verb = "Halve the batch" if factor == 2 else "Lower the batch (odd, so not halved)"
         advice.append(
-            f"Halve the batch ({cfg.batch_size} -> {retry['batch_size']}) and double gradient "
-            f"accumulation ({cfg.grad_accum} -> {retry['grad_accum']}): same effective batch."
+            f"{verb} ({cfg.batch_size} -> {changes['batch_size']}) and raise gradient"
+            f" accumulation ({cfg.grad_accum} -> {changes['grad_accum']}): the same effective"
+            f" batch of {cfg.batch_size * cfg.grad_accum}."
         )
     if cfg.method == "lora":
-        retry["method"] = "qlora"
+        changes["method"] = "qlora"
         advice.append("Switch to QLoRA: the 4-bit base needs about a quarter of the memory.")
     if cfg.max_seq_len > 256:
-        retry["max_seq_len"] = max(256, cfg.max_seq_len // 2)
-        advice.append(f"Shorten max length ({cfg.max_seq_len} -> {retry['max_seq_len']} tokens).")
+        changes["max_seq_len"] = max(256, cfg.max_seq_len // 2)
+        advice.append(f"Shorten max length ({cfg.max_seq_len} -> {changes['max_seq_len']} tokens).")
     if not cfg.gradient_checkpointing:
-        retry["gradient_checkpointing"] = True
+        changes["gradient_checkpointing"] = True
         advice.append("Turn on gradient checkpointing (slower, much less activation memory).")
-    if not advice:
-        advice.append("Pick a smaller base model; these settings are already the leanest.")
+    return changes, advice
+
+
+def oom_advice(
+    cfg: RunConfig, device: str, exc: BaseException
+) -> tuple[str, list[str], dict | None]:
+    """What ran out, what to change, and a config with those changes for one-click retry.
+
+    The retry config is offered only when it changes something: at the leanest settings a
+    retry would rerun the same out-of-memory, so there is none, and the advice says why.
+    """
+    where = "GPU" if device == "cuda" else "system"
+    changes, advice = _retry_changes(cfg)
+    retry = {**cfg.to_dict(), **changes} if changes else None
+    if retry is None:
+        advice.append(
+            "These settings are already the leanest (batch 1, QLoRA, max length <= 256, gradient"
+            " checkpointing): pick a smaller base model, or shorten the longest rows."
+        )
     message = f"Out of {where} memory during training ({_short(exc)}). Memory was freed."
+    if changes:
+        message += " Retry changes: " + ", ".join(f"{k} {v}" for k, v in changes.items()) + "."
     return message, advice, retry
 
 

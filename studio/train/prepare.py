@@ -89,17 +89,49 @@ def file_sha256(path: Path) -> str:
 
 
 def check_pii(cfg: RunConfig) -> int | None:
-    """Refuse a dataset with unresolved PII findings unless the user confirmed (allow_pii)."""
-    from studio.data.pii import unresolved_pii
+    """The PII gate of every run (Train tab, CLI, resume): refuse unresolved findings unless
+    the user confirmed (allow_pii).
 
-    count = unresolved_pii(str(dataset_file(cfg)))
-    if count and not cfg.allow_pii:
+    A file with no scan for its current content is scanned here, so a dataset the Dataset tab
+    never saw is checked too; a scan that cannot run refuses the run rather than passing it.
+    Returns the number of findings, or None when allow_pii made the scan unnecessary.
+    """
+    from studio.data.read import DatasetError
+    from studio.data.scan import PIICheckError, file_pii_count
+
+    if cfg.allow_pii:
+        return None
+    path = dataset_file(cfg)
+    if not path.is_file():
+        raise ConfigError("dataset_path", f"no such file: {path}")
+    try:
+        count = file_pii_count(path, cfg.dataset_format)
+    except DatasetError as exc:
+        raise ConfigError("dataset_path", str(exc)) from exc
+    except PIICheckError as exc:
+        raise ConfigError(
+            "allow_pii", f"{exc}; fix that, or confirm to train without the check (allow_pii: true)"
+        ) from exc
+    if count:
         raise ConfigError(
             "allow_pii",
-            f"{count} possible personal-data finding(s) in {dataset_file(cfg).name} are unresolved:"
+            f"{count} possible personal-data finding(s) in {path.name} are unresolved:"
             " redact them in the Dataset tab, or confirm to train anyway (allow_pii: true)",
         )
     return count
+
+
+def check_settings(cfg: RunConfig) -> tuple[str, str]:
+    """Every check a run passes before it starts or resumes: one path for both.
+
+    Validation, the device (with its reason), optimizers that need a GPU, and the PII gate.
+    """
+    cfg.validate()
+    device, reason = resolve_device(cfg)
+    if device != "cuda" and cfg.optimizer != "adamw_torch":
+        raise ConfigError("optimizer", f"{cfg.optimizer} needs a CUDA GPU; use adamw_torch on CPU")
+    check_pii(cfg)
+    return device, reason
 
 
 def tokenize_rows(
@@ -157,7 +189,10 @@ def resolve_device(cfg: RunConfig) -> tuple[str, str]:
     if cfg.device == "cpu":
         return "cpu", "cpu: chosen in the settings"
     if has_cuda:
-        return "cuda", f"cuda: {torch.cuda.get_device_name(0)}"
+        count = torch.cuda.device_count()
+        if cfg.gpu_index >= count:
+            raise ConfigError("gpu_index", f"GPU {cfg.gpu_index} does not exist ({count} found)")
+        return "cuda", f"cuda: GPU {cfg.gpu_index}, {torch.cuda.get_device_name(cfg.gpu_index)}"
     return "cpu", "cpu: no CUDA GPU visible to PyTorch"
 
 
@@ -240,11 +275,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     cfg = cfg.replace(
         dataset_path=str(Path(cfg.dataset_path).expanduser().resolve()) if cfg.dataset_path else ""
     )
-    cfg.validate()
-    device, reason = resolve_device(cfg)
-    if device != "cuda" and cfg.optimizer != "adamw_torch":
-        raise ConfigError("optimizer", f"{cfg.optimizer} needs a CUDA GPU; use adamw_torch on CPU")
-    check_pii(cfg)
+    device, reason = check_settings(cfg)
     rows = load_training_rows(cfg)
     train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.seed)
     meta = _new_run_meta(cfg, device, reason, len(rows), len(train_rows), len(val_rows))
@@ -296,8 +327,8 @@ def prepare_resume(run_dir: str | Path) -> PreparedRun:
     """Check a run can continue from its last complete checkpoint, with the same data."""
     run_dir = Path(run_dir).resolve()
     meta, checkpoint = _resumable(run_dir)
-    cfg = RunConfig.load(run_dir / runs.RUN_YAML).validate()
-    device, reason = resolve_device(cfg)
+    cfg = RunConfig.load(run_dir / runs.RUN_YAML)
+    device, reason = check_settings(cfg)
     path = dataset_file(cfg)
     rows = load_training_rows(cfg)
     recorded = (meta.get("dataset") or {}).get("sha256")
@@ -306,7 +337,7 @@ def prepare_resume(run_dir: str | Path) -> PreparedRun:
             "dataset_path", f"{path} changed since the run began; Resume needs the same data"
         )
     train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.seed)
-    step = int(checkpoint.name.rsplit("-", 1)[1])
+    step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     meta.update(status="running", updated=now_iso(), pid=os.getpid(), error=None, advice=None)
     meta.setdefault("resumes", []).append({"at": now_iso(), "from_step": step})
     meta["device"] = {**(meta.get("device") or {}), "used": device, "reason": reason}
@@ -321,21 +352,20 @@ def prepare_resume(run_dir: str | Path) -> PreparedRun:
     return _prepared(cfg, run_dir, train_rows, val_rows, device, reason, checkpoint, meta)
 
 
-def _resumable(run_dir: Path) -> tuple[dict[str, Any], Path]:
-    """The run's metadata and last complete checkpoint, or why it cannot be resumed."""
+def _resumable(run_dir: Path) -> tuple[dict[str, Any], Path | None]:
+    """The run's metadata and last complete checkpoint (None: none yet), or why it cannot be
+    resumed."""
     if not (run_dir / runs.RUN_YAML).is_file():
         raise ConfigError("run_dir", f"{run_dir} is not a run folder (no {runs.RUN_YAML})")
     meta = runs.read_metadata(run_dir)
     if runs.is_live(run_dir, meta):
         raise ConfigError("run_dir", f"{run_dir.name} is still training")
+    runs.recover_adapter(run_dir)  # a crash between the renames that publish adapter/
     if meta.get("status") == "completed":
         raise ConfigError("run_dir", f"{run_dir.name} already completed; start a new run instead")
-    checkpoint = runs.latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise ConfigError(
-            "run_dir", f"{run_dir.name} has no complete checkpoint to resume from; start it again"
-        )
-    return meta, checkpoint
+    # None: killed before its first complete checkpoint (while tokenizing, in step 1), so it
+    # goes on from step 0 in its own folder rather than being left for the user to redo.
+    return meta, runs.latest_checkpoint(run_dir)
 
 
 def _prepared(

@@ -18,6 +18,7 @@ from studio import runs
 from studio.config import ConfigError, RunConfig
 from studio.models.loader import load_model
 from studio.models.precision import precision
+from studio.train import tracking
 
 KEEP_CHECKPOINTS = 2
 
@@ -29,6 +30,7 @@ def load_base_model(cfg: RunConfig, model_path: Path, device: str):
     """The frozen base: 16-bit (the device's precision) for LoRA, NF4 4-bit for QLoRA."""
     import torch
 
+    device = card(cfg, device)
     dtype = precision(device).torch_dtype
     model = load_model(
         model_path,
@@ -146,8 +148,8 @@ def build_training_args(
     import torch
     from trl import SFTConfig
 
-    dtype = precision(device).torch_dtype
-    return SFTConfig(
+    dtype = precision(card(cfg, device)).torch_dtype
+    args = SFTConfig(
         output_dir=str(run_dir / runs.CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -177,7 +179,8 @@ def build_training_args(
         save_total_limit=KEEP_CHECKPOINTS,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to="none",
+        report_to=tracking.report_to(cfg.wandb),  # TensorBoard always; W&B when set up and ticked
+        run_name=run_dir.name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
@@ -190,6 +193,27 @@ def build_training_args(
         assistant_only_loss=False,
         completion_only_loss=False,
     )
+    if device == "cuda":
+        pin_to_one_gpu(args, cfg.gpu_index)
+    return args
+
+
+def card(cfg: RunConfig, device: str) -> str:
+    """The torch device string of the run: "cuda:N" for the chosen card, else `device`."""
+    return f"cuda:{cfg.gpu_index}" if device == "cuda" else device
+
+
+def pin_to_one_gpu(args: Any, index: int) -> None:
+    """Train on card `index` only. TrainingArguments counts every visible GPU (n_gpu =
+    device_count) and always picks cuda:0: on a PC with two cards the Trainer then wraps the
+    model, which device_map put on one card, in DataParallel and SFTTrainer fails at start
+    (a 4-bit model cannot be replicated at all). One card, the chosen one, is what runs."""
+    import torch
+
+    args._n_gpu = 1  # what Trainer itself sets for a model it must not replicate
+    if index:
+        torch.cuda.set_device(index)  # accelerate's "cuda" is the thread's current card
+        args.__dict__["_setup_devices"] = torch.device("cuda", index)  # args.device, cached
 
 
 # --- the compact CPU loss head --------------------------------------------------------------
@@ -206,7 +230,8 @@ HEAD_CHUNK_VALUES = 32 * 2**20  # logits per piece of the compact head (128 MiB 
 
 
 def compact_head_ok(model: Any, device: str) -> bool:
-    """Whether the loss may score only the label positions with plain torch ops (CPU).
+    """Whether the loss may score only the label positions with plain torch ops: on CPU,
+    and on a GPU where TRL's Triton path is unavailable (`detect.triton_ready`).
 
     TRL's fused head scores only those positions with its Triton kernel on GPUs, but on CPU
     it scores every position (to keep tile shapes fixed for compilers) and folds each tile
@@ -214,7 +239,10 @@ def compact_head_ok(model: Any, device: str) -> bool:
     logits keep TRL's head, which knows how.
     """
     if device != "cpu":
-        return False
+        from studio.hardware.detect import triton_ready
+
+        if triton_ready().value:
+            return False
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return not any(getattr(text, key, None) not in (None, 1.0) for key in _SCALED_HEAD_KEYS)
@@ -302,6 +330,11 @@ def trainer_class():
                 loss = loss * self.accelerator.num_processes
             return loss
 
+        def _save_rng_state(self, output_dir):
+            super()._save_rng_state(output_dir)
+            # tests/test_kill.py: weights and optimizer written, trainer_state.json not yet.
+            runs.kill_point(f"checkpoint-{self.state.global_step}")
+
     return StudioSFTTrainer
 
 
@@ -329,6 +362,7 @@ def build_trainer(
         callbacks=list(callbacks) or None,
     )
     trainer.compact_head = compact_head_ok(model, device)
+    tracking.point_tensorboard_at(trainer, Path(args.output_dir).parent)  # <run>/tensorboard
     if adapters_need_fp32(cfg, args):
         for p in trainer.model.parameters():
             if p.requires_grad:

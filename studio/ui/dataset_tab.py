@@ -20,6 +20,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio.data import hub
 from studio.data import load as data
 from studio.data import scan as ds_scan
 from studio.data.normalize import ALPACA_FIELDS, FORMAT_CHOICES
@@ -249,6 +250,22 @@ def _build_source(ui: dict[str, Any]) -> None:
             with gr.Row():
                 ui["load"] = gr.Button("Load file", variant="primary")
                 ui["sample"] = gr.Button("Load the bundled sample")
+    with gr.Accordion("…or a Hugging Face dataset by name", open=False):
+        with gr.Row():
+            ui["hub_id"] = gr.Textbox(
+                label="Dataset id (or a local dataset folder)",
+                placeholder="tatsu-lab/alpaca",
+                scale=3,
+                elem_id="dataset-hub-id",
+            )
+            ui["hub_split"] = gr.Textbox(label="Split", value="train", scale=1)
+            ui["hub_map"] = gr.Textbox(
+                label="Column map (field=column, ...)",
+                placeholder="instruction=question, output=answer",
+                info="only for columns not already named instruction/input/output/messages",
+                scale=3,
+            )
+        ui["hub_load"] = gr.Button("Load from the hub", elem_id="dataset-hub-load")
     with gr.Row():
         ui["fmt"] = gr.Dropdown(
             list(FORMAT_CHOICES),
@@ -392,6 +409,8 @@ def wire_dataset_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     ui["load"].click(partial(on_load, w), {ui["path"], *settings}, outputs)
     ui["path"].submit(partial(on_load, w), {ui["path"], *settings}, outputs)
     ui["sample"].click(partial(on_sample, w), settings, outputs)
+    hub_in = {ui["hub_id"], ui["hub_split"], ui["hub_map"], *settings}
+    ui["hub_load"].click(partial(on_hub, w), hub_in, outputs)
     ui["upload"].upload(partial(on_upload, w), {ui["upload"], *settings}, outputs)
     reload_in = {ui["loaded"], *settings}
     ui["fmt"].input(partial(on_reload, w), reload_in, outputs)
@@ -587,6 +606,19 @@ def on_load(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
 def on_sample(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     opts = {**w.read_settings(values), "fmt": "auto"}
     return _load(w, data.SAMPLE_DATASET, "the bundled sample (support_tickets.jsonl)", opts)
+
+
+def on_hub(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """A dataset by name: fetched into a JSONL copy, then loaded like any file (same checks,
+    same PII scan); unreachable hub -> a message pointing at the local-file route."""
+    name = (values.get(w.ui["hub_id"]) or "").strip()
+    split = (values.get(w.ui["hub_split"]) or "train").strip()
+    try:
+        column_map = hub.parse_column_map(values.get(w.ui["hub_map"]))
+        path = hub.fetch_dataset(name, split, column_map)
+    except data.DatasetError as exc:
+        return _failed(w, name or "the dataset", str(exc))
+    return _load(w, path, f"{name} ({split})", w.read_settings(values))
 
 
 def on_upload(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:

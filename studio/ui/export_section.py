@@ -20,6 +20,9 @@ from studio.export.merge import case_verdict
 GGUF_CHOICES = [
     ("GGUF f16 (exact, about the size of the merged model)", "f16"),
     ("GGUF q8_0 (about half the size, tiny rounding)", "q8_0"),
+    ("GGUF q4_K_M (what most Ollama / llama.cpp users run; about 30% of f16)", "q4_K_M"),
+    ("GGUF q5_K_M (a little larger, a little closer to f16)", "q5_K_M"),
+    ("GGUF q6_K (close to q8_0 quality, smaller)", "q6_K"),
     ("No GGUF (Ollama imports the merged safetensors folder)", "none"),
 ]
 CHECK_HEADERS = ["Check", "Prompt", "Reference answer", "Exported answer", "Same?"]
@@ -32,6 +35,16 @@ INTRO = (
     " export of a run goes to `export-<time>/`."
 )
 QLORA_MD = "**Why QLoRA runs are merged into a 16-bit base.** " + export.QLORA_NOTE
+KQUANT_MD = (
+    "**Which tool makes which GGUF file.** f16 and q8_0 are written by llama.cpp's own"
+    " converter and loaded back here to compare answers with the merged model. The k-quants"
+    " (q4_K_M, q5_K_M, q6_K) are made from that checked f16 file: by llama.cpp's own quantizer"
+    " (`llama_model_quantize`, from the PyPI wheel `llama-cpp-py-sync`) when it is installed"
+    " and loads on this PC (its Linux build needs glibc 2.38+, e.g. Ubuntu 24.04); otherwise"
+    " the export keeps the f16 file and the command becomes `ollama create NAME --quantize"
+    " q4_K_M -f Modelfile`, so Ollama's quantizer (llama.cpp's code inside Ollama) makes it."
+    " A k-quant is lossy by design and is not compared with the merged model here."
+)
 
 
 def _run_choices() -> list[tuple[str, str]]:
@@ -91,6 +104,8 @@ def _summary(result: export.ExportResult) -> str:
     lines.append(f"Merge: {result.merge_precision}")
     tmpl = "derived and checked" if result.template_exact else "**approximated** (see Modelfile)"
     lines.append(f"Ollama template: {result.template_family} style, {tmpl}.")
+    if result.gguf_route:
+        lines.append(f"GGUF route: {result.gguf_route}")
     lines += [f"ℹ️ {n}" for n in result.notes]
     lines += [f"⚠️ {w}" for w in result.warnings]
     return "\n\n".join(lines)
@@ -120,6 +135,8 @@ def build_export_section(ctx: dict[str, Any]) -> dict[str, Any]:
         )
     with gr.Accordion("Why QLoRA runs are merged into a 16-bit base", open=False):
         gr.Markdown(QLORA_MD)
+    with gr.Accordion("q4_K_M and other k-quants: which tool makes them", open=False):
+        gr.Markdown(KQUANT_MD)
     ui["export"] = gr.Button("Export", variant="primary", elem_id="export-button")
     ui["status"] = gr.Markdown("", elem_id="export-status")
     _build_results(ui)

@@ -118,9 +118,10 @@ def _memory_target(
     detected = (report or {}).get("preset", {}).get("value")
     if gpus and detected == preset.name and gpus[0].get("free_bytes") is not None:
         gpu = gpus[0]
+        used = gpu.get("used_bytes")  # other programs' use: the app's own context not counted
         return (
             int(gpu["total_bytes"]),
-            int(gpu["total_bytes"] - gpu["free_bytes"]),
+            int(gpu["total_bytes"] - gpu["free_bytes"] if used is None else used),
             "measured on your card",
             "cuda",
         )
@@ -130,6 +131,13 @@ def _memory_target(
         "typical desktop use (not measured: this card is not here)",
         "cuda",
     )
+
+
+def _triton_ready() -> bool:
+    """Whether this machine's runs use TRL's Triton head (else the compact one is estimated)."""
+    from studio.hardware.detect import triton_ready
+
+    return bool(triton_ready().value)
 
 
 def model_markdown(model: str) -> str:
@@ -159,7 +167,12 @@ def estimate_view(
         shape = vram.model_shape(model or DEFAULT_MODEL)
         capacity, in_use, how, device = _memory_target(preset_name, catalog, report)
         est = vram.estimate(
-            shape, settings, capacity_bytes=capacity, in_use_bytes=in_use, device=device
+            shape,
+            settings,
+            capacity_bytes=capacity,
+            in_use_bytes=in_use,
+            device=device,
+            compact_head=how == "measured on your card" and not _triton_ready(),
         )
     except (vram.ModelShapeError, ValueError, KeyError) as exc:
         return f"### ❔ No estimate\n\n{exc}", None
@@ -227,6 +240,15 @@ def build_hardware_tab(ctx: dict[str, Any]) -> dict[str, Any]:
             elem_id="hw-model",
             interactive=True,
         )
+    ui["gpu"] = gr.Dropdown(
+        choices=[("GPU 0", 0)],
+        value=0,
+        label="GPU to train on",
+        info="This PC has several NVIDIA cards; a run trains on one.",
+        elem_id="hw-gpu",
+        visible=False,
+        interactive=True,
+    )
     ui["model_info"] = gr.Markdown(model_markdown(DEFAULT_MODEL), elem_id="hw-model-info")
     ui["verdict"] = gr.Markdown("Estimating…", elem_id="hw-verdict")
     ui["chart"] = gr.Plot(label="Estimated peak memory", elem_id="hw-chart")
@@ -247,7 +269,16 @@ def build_hardware_tab(ctx: dict[str, Any]) -> dict[str, Any]:
     ctx["hardware.preset"] = ui["preset"]
     ctx["hardware.report"] = ui["report"]
     ctx["hardware.settings"] = ui["settings"]
+    ctx["hardware.gpu"] = ui["gpu"]
     return ui
+
+
+def gpu_choices(report: dict[str, Any]) -> list[tuple[str, int]]:
+    """The detected cards for the GPU picker ("GPU 1: RTX 3090, 24.0 GiB")."""
+    return [
+        (f"GPU {g['index']}: {g['name']}, {g['total_bytes'] / GIB:.1f} GiB", int(g["index"]))
+        for g in report.get("gpus") or []
+    ]
 
 
 def _presets_note(catalog: PresetCatalog) -> str:
@@ -319,7 +350,14 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     ctx["demo"].load(
         partial(on_page_load, w),
         inputs=inputs,
-        outputs=[ui["detected"], ui["preset"], ui["report"], ui["presets_note"], *fill_outputs],
+        outputs=[
+            ui["detected"],
+            ui["preset"],
+            ui["report"],
+            ui["presets_note"],
+            ui["gpu"],
+            *fill_outputs,
+        ],
     )
     for picker in (ui["preset"], ui["model"]):
         picker.input(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
@@ -379,6 +417,9 @@ def on_page_load(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
         w.ui["preset"]: gr.Dropdown(choices=_preset_choices(catalog), value=chosen),
         w.ui["report"]: report,
         w.ui["presets_note"]: _presets_note(catalog),
+        w.ui["gpu"]: gr.Dropdown(
+            choices=gpu_choices(report) or [("GPU 0", 0)], value=0, visible=len(report["gpus"]) > 1
+        ),
         **_fill_outputs(w, chosen, m, settings, report),
     }
 

@@ -18,7 +18,9 @@ import gradio as gr
 from studio import runs
 from studio.config import DEVICES, METHODS, OPTIMIZERS, TARGETS, ConfigError, RunConfig
 from studio.models.loader import DEFAULT_MODEL
+from studio.train import checks
 from studio.train.jobs import JobBusyError, JobSnapshot, get_manager
+from studio.train.plan import PLAN_FIELDS, RunPlan, plan_run
 
 # (field, label, kind, extra kwargs); kind: text, int, float, bool, or a tuple of choices.
 BASIC_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
@@ -52,6 +54,15 @@ ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
     ("assistant_only_loss", "Loss on assistant replies only", "bool", {}),
     ("packing", "Pack rows into full-length blocks", "bool", {}),
     (
+        "wandb",
+        "Also log to Weights & Biases",
+        "bool",
+        {
+            "info": "Needs `pip install wandb` and `wandb login` (or WANDB_API_KEY); otherwise"
+            " skipped. TensorBoard files are always written to the run folder."
+        },
+    ),
+    (
         "trust_remote_code",
         "Trust remote code (runs Python from the model repo!)",
         "bool",
@@ -59,7 +70,16 @@ ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
     ),
 ]
 FIELDS = [f[0] for f in BASIC_FIELDS + ADVANCED_FIELDS] + ["allow_pii"]
-CROSS_TAB = ("model.name", "dataset.path", "dataset.format", "dataset.pii_count", "hardware.preset")
+CROSS_TAB = (
+    "model.name",
+    "dataset.path",
+    "dataset.format",
+    "dataset.pii_count",
+    "hardware.preset",
+    "hardware.gpu",
+)
+# Settings that change the plan or the pre-flight (besides the other tabs' model, data, preset).
+PLAN_INPUTS = ("batch_size", "grad_accum", "max_seq_len", "val_fraction", "seed", "max_steps")
 RUN_HEADERS = [
     "run",
     "status",
@@ -100,6 +120,7 @@ def build_train_tab(ctx: dict[str, Any]) -> dict[str, Any]:
             _build_run_panel(ui)
     _build_past_runs(ui)
     ui["seen"] = gr.State(-1)  # the job version this browser tab last drew
+    ui["edited"] = gr.State([])  # PLAN_FIELDS the user typed into: the plan leaves them alone
     ui["timer"] = gr.Timer(1.0)
     for name in FIELDS:
         ctx[f"train.{name}"] = ui[name]
@@ -117,6 +138,7 @@ def _build_settings(ui: dict[str, Any]) -> None:
 
     gr.Markdown("### Settings\nFilled by the Hardware tab's preset; edit freely.")
     ui["target"] = gr.Markdown(elem_id="train-target")
+    ui["plan"] = gr.Markdown(elem_id="train-plan")
     for start in range(0, len(BASIC_FIELDS), 3):
         with gr.Row():
             add(BASIC_FIELDS[start : start + 3])
@@ -192,6 +214,9 @@ class TrainWiring:
     def inputs(self) -> set[Any]:
         return {*(self.ui[name] for name in FIELDS), *self.cross.values()}
 
+    def plan_outputs(self) -> list[Any]:
+        return [self.ui["plan"], *(self.ui[name] for name in PLAN_FIELDS)]
+
     def read(self, values: dict[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(settings by field name, other tabs' values by ctx name)."""
         settings = {name: values.get(self.ui[name]) for name in FIELDS}
@@ -224,6 +249,7 @@ def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             ctx["dataset.pii_count"],
             [ui["pii_group"], ui["pii_md"], ui["allow_pii"]],
         )
+    _wire_plan(w, demo)
     ui["start"].click(partial(start, w), inputs, [ui["notice"], ui["pii_group"], ui["pii_md"]])
     ui["stop"].click(stop, None, ui["notice"])
     ui["resume"].click(resume, ui["resume_dd"], ui["notice"])
@@ -238,7 +264,46 @@ def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     )
 
 
+def _wire_plan(w: TrainWiring, demo: Any) -> None:
+    """The recipe plan and pre-flight: redone when the model, data, preset or batch changes,
+    or when the user types into a planned field (which the plan then leaves alone)."""
+    ui = w.ui
+    inputs = {*w.inputs(), ui["edited"]}
+    quiet = {"trigger_mode": "always_last", "show_progress": "hidden"}
+    for name in PLAN_FIELDS:
+        ui[name].input(partial(mark_edited, name), ui["edited"], ui["edited"]).then(
+            partial(plan_update, w), inputs, w.plan_outputs(), **quiet
+        )
+    triggers = [c.change for c in w.cross.values()] + [ui[n].change for n in PLAN_INPUTS]
+    gr.on(triggers, partial(plan_update, w), inputs, w.plan_outputs(), **quiet)
+    if demo is not None:
+        demo.load(partial(plan_update, w), inputs, w.plan_outputs())
+
+
 # --- handlers -----------------------------------------------------------------------------------
+
+
+def mark_edited(name: str, edited: list[str] | None) -> list[str]:
+    """Remember that the user typed into a planned field: from now on their value wins."""
+    return sorted({*(edited or []), name})
+
+
+def plan_update(w: TrainWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    """The plan's line and pre-flight, and the planned values of the fields not edited."""
+    settings, extras = w.read(values)
+    edited = set(values.get(w.ui["edited"]) or [])
+    try:
+        cfg = config_from_ui(settings, extras)
+    except ConfigError as exc:
+        return {w.ui["plan"]: f"Pre-flight waits for a valid setting: `{exc.field}`."}
+    from studio.data.scan import cached_tokenizer
+
+    tok, why = cached_tokenizer(cfg.base_model)
+    planned = plan_run(cfg, tok, edited)
+    if tok is None:
+        planned.problems.append(f"no pre-flight: the model's tokenizer is not available ({why})")
+    fills = {w.ui[k]: v for k, v in planned.settings.items()}
+    return {w.ui["plan"]: plan_markdown(planned, edited), **fills}
 
 
 def preview(w: TrainWiring, values: dict[Any, Any]) -> tuple[str, str]:
@@ -349,7 +414,21 @@ def config_from_ui(values: dict[str, Any], extras: dict[str, Any]) -> RunConfig:
     data["dataset_path"] = extras.get("dataset.path") or ""
     data["dataset_format"] = extras.get("dataset.format") or "auto"
     data["preset"] = extras.get("hardware.preset") or ""
+    data["gpu_index"] = extras.get("hardware.gpu") or 0
     return RunConfig.from_dict(data)
+
+
+def plan_markdown(planned: RunPlan, edited: set[str]) -> str:
+    """The plan's line, the pre-flight as a short list, and what kept the plan out."""
+    blocks = []
+    if planned.line:
+        kept = f" (your own {', '.join(sorted(edited))} kept)" if edited else ""
+        blocks.append(f"**Recipe:** {planned.line}{kept}")
+    if planned.preflight is not None:
+        lines = "\n".join(f"- {line}" for line in planned.preflight.lines())
+        blocks.append(f"**Pre-flight**\n\n{lines}")
+    blocks += [f"_{p}_" for p in planned.problems]
+    return "\n\n".join(blocks)
 
 
 def pii_notice(count: int | None):
@@ -383,7 +462,9 @@ def past_runs_updates():
     resumable = [
         (f"{r.name} ({r.status})", str(r.path))
         for r in infos
-        if r.status in RESUMABLE and runs.latest_checkpoint(r.path) is not None
+        # an interrupted run with no checkpoint yet resumes from step 0 (prepare_resume)
+        if r.status in RESUMABLE
+        and (r.status == "interrupted" or runs.latest_checkpoint(r.path) is not None)
     ]
     curves = [(r.label, str(r.path)) for r in infos]
     return (
@@ -442,10 +523,8 @@ def result_markdown(snap: JobSnapshot) -> str:
     if snap.active or snap.state == "idle":
         return ""
     blocks = [f"**{snap.message}**"]
-    if snap.checks:
-        marks = {True: "✅", False: "⚠️", None: "•"}
-        lines = [f"- {marks[c['ok']]} {c['name']}: {c['detail']}" for c in snap.checks]
-        blocks.append("**Did it learn?**\n\n" + "\n".join(lines))
+    if snap.checks:  # verdict marks, what to change, the example pair: as in the model card
+        blocks.append("**Did it learn?**\n\n" + "\n".join(checks.check_lines(snap.checks)))
     if snap.advice:
         blocks.append("**What to do:**\n\n" + "\n".join(f"- {line}" for line in snap.advice))
     if snap.run_dir and snap.state in ("completed", "stopped"):

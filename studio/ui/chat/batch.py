@@ -1,8 +1,8 @@
 """Chat tab, batch compare: a prompt set through both sides, scored against references.
 
-Scores are exact match, ROUGE-L and, where the reference is JSON, whether the answer parses
-and carries the same keys (`studio.chat.evaluate.batch_compare`); the table is saved as CSV in
-the run folder. Rows stream into the table as they finish.
+Scores are exact match, BLEU, chrF, ROUGE-L and, where the reference is JSON, whether the
+answer parses and carries the same keys (`studio.chat.evaluate.batch_compare`); the table is
+saved as CSV in the run folder. Rows stream into the table as they finish.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 
 from studio import chat
-from studio.ui.chat.conversation import gen_inputs, generation_settings
+from studio.ui.chat.conversation import gen_inputs, generation_settings, model_changed
 
 SRC_VAL = "Validation split of the run"
 SRC_FILE = "Prompt file"
@@ -28,6 +28,10 @@ TABLE_HEADERS = [
     "fine-tuned",
     "EM base",
     "EM tuned",
+    "BLEU base",
+    "BLEU tuned",
+    "chrF base",
+    "chrF tuned",
     "ROUGE-L base",
     "ROUGE-L tuned",
     "JSON ok base",
@@ -40,7 +44,8 @@ def build_batch(ui: dict[str, Any]) -> None:
     with gr.Accordion("Batch compare", open=False):
         gr.Markdown(
             "Run a set of prompts through both sides and score them against references:"
-            " exact match, ROUGE-L, and, where the reference is JSON, whether the answer parses"
+            " exact match, BLEU and chrF (sacrebleu), ROUGE-L (rouge-score), and, where the"
+            " reference is JSON, whether the answer parses"
             " and carries the same keys. The table is saved as CSV in the run folder."
         )
         with gr.Row():
@@ -59,7 +64,7 @@ def build_batch(ui: dict[str, Any]) -> None:
             wrap=True,
             interactive=False,
             max_chars=200,  # a click shows the whole cell; the CSV has everything
-            column_widths=["18%", "16%", "16%", "16%", *["5.6%"] * 6],
+            column_widths=["16%", "14%", "14%", "14%", *["4.2%"] * 10],
             elem_id="chat-batch-table",
         )
         ui["batch_csv"] = gr.File(label="CSV", interactive=False)
@@ -68,7 +73,8 @@ def build_batch(ui: dict[str, Any]) -> None:
 def wire_batch(ui: dict[str, Any], engine: chat.ChatEngine) -> None:
     ui["batch_btn"].click(
         partial(run_batch, engine),
-        [ui["batch_src"], ui["batch_file"], ui["batch_limit"], ui["system"], *gen_inputs(ui)],
+        [ui[k] for k in ("batch_src", "batch_file", "batch_limit", "system", "loaded")]
+        + gen_inputs(ui),
         [ui["batch_status"], ui["batch_table"], ui["batch_csv"]],
         concurrency_limit=1,
         concurrency_id="chat-gen",
@@ -89,17 +95,23 @@ def _table_row(row: dict[str, Any]) -> list[Any]:
         row["base"],
         row["fine_tuned"],
         *(show(row.get(k)) for k in ("base_exact_match", "tuned_exact_match")),
+        *(show(row.get(k)) for k in ("base_bleu", "tuned_bleu", "base_chrf", "tuned_chrf")),
         *(show(row.get(k)) for k in ("base_rouge_l", "tuned_rouge_l")),
         *(show(row.get(k)) for k in ("base_json_ok", "tuned_json_ok")),
     ]
 
 
-def _summary_md(summary: dict[str, Any], csv_path: Path | None, stopped: bool) -> str:
+def _summary_md(
+    summary: dict[str, Any], csv_path: Path | None, stopped: bool, error: str | None = None
+) -> str:
     def pct(v: Any) -> str:
         return f"{v:.0%}" if isinstance(v, float) else "–"
 
     def num(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "–"
+
+    def one(v: Any) -> str:
+        return f"{v:.1f}" if isinstance(v, float) else "–"
 
     lines = [
         f"{'Stopped after' if stopped else 'Done:'} {summary['rows']} prompts"
@@ -110,10 +122,15 @@ def _summary_md(summary: dict[str, Any], csv_path: Path | None, stopped: bool) -
         "|---|---|---|",
         f"| exact match | {pct(summary['base_exact_match'])}"
         f" | {pct(summary['tuned_exact_match'])} |",
+        f"| BLEU (0-100) | {one(summary.get('base_bleu'))} | {one(summary.get('tuned_bleu'))} |",
+        f"| chrF (0-100; fairer for Thai and Vietnamese) | {one(summary.get('base_chrf'))}"
+        f" | {one(summary.get('tuned_chrf'))} |",
         f"| ROUGE-L | {num(summary['base_rouge_l'])} | {num(summary['tuned_rouge_l'])} |",
         f"| JSON format (parses + keys) | {pct(summary['base_json_format'])}"
         f" | {pct(summary['tuned_json_format'])} |",
     ]
+    if error:
+        lines += ["", f"**Ended early:** {error}"]
     if csv_path:
         lines += ["", f"Saved to `{csv_path}`"]
     return "\n".join(lines)
@@ -134,7 +151,7 @@ def _batch_items(engine: chat.ChatEngine, src: str, file_path: str | None, n: in
 
 
 def _start_worker(
-    engine: chat.ChatEngine, items: list, settings: Any, system: str
+    engine: chat.ChatEngine, items: list, settings: Any, system: str, expect_id: int
 ) -> tuple[queue.Queue, dict[str, Any]]:
     """Run the batch on a thread; it posts ("progress" | "row" | "done", payload) events."""
     events: queue.Queue = queue.Queue()
@@ -149,6 +166,7 @@ def _start_worker(
                 system=system,
                 progress=lambda d, t, m: events.put(("progress", (d, t, m))),
                 on_row=lambda row: events.put(("row", row)),
+                expect_id=expect_id,
             )
         except Exception as exc:
             result["error"] = exc
@@ -159,12 +177,21 @@ def _start_worker(
 
 
 def run_batch(
-    engine: chat.ChatEngine, src, file_path, limit, sys_prompt, *gen
+    engine: chat.ChatEngine, src, file_path, limit, sys_prompt, mine, *gen
 ) -> Iterator[tuple[Any, Any, Any]]:
-    """Stream (status, table, CSV file) while the batch runs."""
+    """Stream (status, table, CSV file) while the batch runs.
+
+    Runs only on the model this tab loaded (`mine`); while it runs, a Load or Unload from
+    any tab is refused, and the CSV goes to the run the batch started with.
+    """
     empty = gr.update()
-    if not engine.loaded:
-        yield "**Error:** nothing loaded yet: pick a run and press Load.", empty, empty
+    notice = model_changed(engine, mine)
+    if notice:
+        advice = " Load your pick again here, then run the batch." if engine.loaded else ""
+        yield f"**Error:** {notice}{advice}", empty, empty
+        return
+    if not mine["has_adapter"]:
+        yield f"**Error:** {chat.NO_TUNED}", empty, empty
         return
     try:
         settings = generation_settings(*gen)
@@ -173,7 +200,7 @@ def run_batch(
     except chat.ChatError as exc:
         yield f"**Error:** {exc}", empty, empty
         return
-    events, result = _start_worker(engine, items, settings, sys_prompt)
+    events, result = _start_worker(engine, items, settings, sys_prompt, mine["id"])
     table: list[list[Any]] = []
 
     def frame():
@@ -197,4 +224,4 @@ def run_batch(
         return
     res = result["r"]
     csv_file = str(res.csv_path) if res.csv_path else None
-    yield _summary_md(res.summary, res.csv_path, res.stopped), frame(), csv_file
+    yield _summary_md(res.summary, res.csv_path, res.stopped, res.error), frame(), csv_file

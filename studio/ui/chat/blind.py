@@ -25,7 +25,7 @@ def build_votes(ui: dict[str, Any]) -> None:
 
 
 def wire_votes(ui: dict[str, Any], engine: chat.ChatEngine) -> None:
-    inputs = [ui["hist"], ui["assign"], ui["voted"], ui["blind"]]
+    inputs = [ui["hist"], ui["assign"], ui["voted"], ui["blind"], ui["loaded"]]
     outputs = [ui["reveal"], ui["voted"], ui["chat_a"], ui["chat_b"]]
     for key, which in (("vote_a", "A"), ("vote_b", "B"), ("vote_tie", "tie")):
         ui[key].click(_vote_handler(engine, which), inputs, outputs)
@@ -42,16 +42,20 @@ def tally_line(tally: dict[str, Any]) -> str:
 
 
 def _vote_handler(engine: chat.ChatEngine, which: str):
-    """A click handler for one vote button; returns (reveal, voted, panel A, panel B)."""
+    """A click handler for one vote button; returns (reveal, voted, panel A, panel B).
 
-    def handler(h, a, was_voted, blind_on):
+    The vote goes to the run this tab loaded (its gr.State), the one that gave the answers,
+    even when another tab has loaded something else since.
+    """
+
+    def handler(h, a, was_voted, blind_on, mine):
         unchanged = (gr.update(), was_voted, gr.update(), gr.update())
         if not blind_on:
             return unchanged
         if was_voted:
             gr.Info("Already voted on this round: send a new message for the next one.")
             return unchanged
-        if engine.source is None or not h["tuned"]:
+        if not mine or not mine["has_adapter"] or not h["tuned"]:
             gr.Warning("Send a message first, then vote on the two answers.")
             return unchanged
         users = [m["content"] for m in h["base"] if m["role"] == "user"]
@@ -61,12 +65,12 @@ def _vote_handler(engine: chat.ChatEngine, which: str):
         }
         try:
             tally = chat.record_blind_vote(
-                engine.source.out_dir,
+                mine["out_dir"],
                 which,
                 a,
                 prompt=users[-1] if users else "",
                 answers=answers,
-                label=engine.source.label,
+                label=mine["label"],
             )
         except (chat.ChatError, OSError) as exc:
             gr.Warning(str(exc))
@@ -74,7 +78,7 @@ def _vote_handler(engine: chat.ChatEngine, which: str):
         names = {p: chat.SIDE_LABELS[a[p]] for p in ("A", "B")}
         text = (
             f"A was **{names['A']}**, B was **{names['B']}**. {tally_line(tally)}."
-            f" Saved to `{Path(engine.source.out_dir) / chat.VOTES_FILE}`."
+            f" Saved to `{Path(mine['out_dir']) / chat.VOTES_FILE}`."
             " Send a new message for the next round."
         )
         labels = (gr.update(label=f"A · {names['A']}"), gr.update(label=f"B · {names['B']}"))

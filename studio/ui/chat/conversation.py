@@ -71,16 +71,24 @@ def gen_inputs(ui: dict[str, Any]) -> list[Any]:
     return [ui[k] for k in ("temperature", "top_p", "max_new", "rep_pen", "seed")]
 
 
-def fresh(ui: dict[str, Any], blind_on: bool) -> dict[Any, Any]:
-    """Empty histories and panels; a new hidden assignment in blind mode."""
-    a = chat.new_blind_assignment() if blind_on else {"A": "base", "B": "tuned"}
-    labels = (BLIND_A, BLIND_B) if blind_on else (LABEL_A, LABEL_B)
+NO_TUNED_B = "B · no fine-tune loaded"
+NO_TUNED_NOTE = "No fine-tune loaded: pick a run and press Load to compare it with the base."
+
+
+def fresh(ui: dict[str, Any], blind_on: bool, has_adapter: bool = True) -> dict[Any, Any]:
+    """Empty histories and panels; a new hidden assignment in blind mode. With a base loaded
+    alone, panel B says plainly that there is no fine-tune to answer."""
+    a = chat.new_blind_assignment() if blind_on and has_adapter else {"A": "base", "B": "tuned"}
+    labels = (BLIND_A, BLIND_B) if blind_on and has_adapter else (LABEL_A, LABEL_B)
+    b_panel = gr.update(value=[], label=labels[1], placeholder=None)
+    if not has_adapter:
+        b_panel = gr.update(value=[], label=NO_TUNED_B, placeholder=NO_TUNED_NOTE)
     return {
         ui["hist"]: {"base": [], "tuned": []},
         ui["assign"]: a,
         ui["voted"]: False,
         ui["chat_a"]: gr.update(value=[], label=labels[0]),
-        ui["chat_b"]: gr.update(value=[], label=labels[1]),
+        ui["chat_b"]: b_panel,
         ui["stats"]: "",
         ui["reveal"]: "",
     }
@@ -91,26 +99,56 @@ def reset_outputs(ui: dict[str, Any]) -> list[Any]:
     return [ui[k] for k in ("hist", "assign", "voted", "chat_a", "chat_b", "stats", "reveal")]
 
 
+def model_changed(engine: chat.ChatEngine, mine: dict[str, Any] | None) -> str | None:
+    """Why this tab must not answer now: the model it loaded is not the one in memory.
+
+    Two browser tabs share one Chat model; each tab keeps what it loaded (`mine`, a gr.State
+    of `engine.current()`), so an answer never comes from a model this tab's user did not pick.
+    """
+    now = engine.current()
+    if now is None:
+        if mine is None:
+            return "Nothing loaded yet: press Load base model only, or pick a run and press Load."
+        why = f" ({engine.unload_reason})" if engine.unload_reason else ""
+        return f"The Chat model you loaded ({mine['label']}) was unloaded{why}. Load it again."
+    if mine is not None and mine.get("id") == now["id"]:
+        return None
+    yours = f", not {mine['label']} which you loaded here" if mine else ""
+    return (
+        f"The Chat model was changed in another tab or window: **{now['label']}** is loaded"
+        f" now{yours}."
+    )
+
+
+def send_outputs(ui: dict[str, Any]) -> list[Any]:
+    """What `send` fills."""
+    keys = ("msg", "hist", "assign", "voted", "chat_a", "chat_b", "stats", "reveal")
+    return [ui[k] for k in (*keys, "loaded", "status")]
+
+
 def wire_conversation(ui: dict[str, Any], engine: chat.ChatEngine) -> None:
-    send_inputs = [ui[k] for k in ("msg", "hist", "assign", "voted", "blind", "system")]
+    send_inputs = [ui[k] for k in ("msg", "hist", "assign", "voted", "blind", "system", "loaded")]
     send_inputs += gen_inputs(ui)
-    send_outputs = [ui[k] for k in ("msg", "hist", "assign", "voted", "chat_a", "chat_b")]
-    send_outputs += [ui["stats"], ui["reveal"]]
     for event in (ui["send"].click, ui["msg"].submit):
         event(
-            partial(send, engine),
+            partial(send, ui, engine),
             send_inputs,
-            send_outputs,
+            send_outputs(ui),
             concurrency_limit=1,
             concurrency_id="chat-gen",
         )
     ui["stop"].click(engine.stop, None, None, queue=False)
-    ui["clear"].click(partial(fresh, ui), ui["blind"], reset_outputs(ui))
 
-    def on_blind(blind_on: bool) -> dict[Any, Any]:
-        return {**fresh(ui, blind_on), ui["vote_row"]: gr.update(visible=bool(blind_on))}
+    def on_clear(blind_on: bool, mine: dict[str, Any] | None) -> dict[Any, Any]:
+        return fresh(ui, blind_on, bool(mine and mine["has_adapter"]))
 
-    ui["blind"].change(on_blind, ui["blind"], [*reset_outputs(ui), ui["vote_row"]])
+    ui["clear"].click(on_clear, [ui["blind"], ui["loaded"]], reset_outputs(ui))
+
+    def on_blind(blind_on: bool, mine: dict[str, Any] | None) -> dict[Any, Any]:
+        out = fresh(ui, blind_on, bool(mine and mine["has_adapter"]))
+        return {**out, ui["vote_row"]: gr.update(visible=bool(blind_on))}
+
+    ui["blind"].change(on_blind, [ui["blind"], ui["loaded"]], [*reset_outputs(ui), ui["vote_row"]])
 
 
 def _panels(hist: dict[str, list], assign: dict[str, str]) -> tuple[list, list]:
@@ -132,11 +170,13 @@ def _stats_line(engine: chat.ChatEngine, assign: dict[str, str]) -> str:
     return " &nbsp;|&nbsp; ".join(parts)
 
 
-def _send_problem(engine: chat.ChatEngine, gen: tuple[Any, ...]) -> tuple[Any, str | None]:
+def _send_problem(
+    engine: chat.ChatEngine, mine: dict[str, Any] | None, blind_on: bool, gen: tuple[Any, ...]
+) -> tuple[Any, str | None]:
     """The generation settings, or why nothing can be sent now."""
     problem = chat.training_blocker()
-    if not engine.loaded:
-        problem = problem or "Nothing loaded yet: pick a run and press Load."
+    if not problem and mine is not None and not mine["has_adapter"] and blind_on:
+        problem = "Blind mode needs a fine-tune to hide: pick a run and press Load."
     settings = None
     try:
         settings = generation_settings(*gen)
@@ -145,52 +185,110 @@ def _send_problem(engine: chat.ChatEngine, gen: tuple[Any, ...]) -> tuple[Any, s
     return settings, problem
 
 
+def _adopt(ui: dict[str, Any], engine: chat.ChatEngine, notice: str, blind_on: bool):
+    """Another tab changed the model: say which one is loaded, and take it as this tab's."""
+    now = engine.current()
+    label = now["label"] if now else ""
+    notice += (
+        f" This conversation was cleared; press Send again to chat with {label}, or load"
+        " your pick again."
+    )
+    gr.Warning(notice.replace("**", ""))
+    status = f"**Note:** {notice}"
+    if engine.info is not None and now is not None:
+        status += f"\n\n{engine.info.summary()}"
+    out = fresh(ui, blind_on, bool(now and now["has_adapter"]))
+    return {**out, ui["msg"]: gr.update(), ui["loaded"]: now, ui["status"]: status}
+
+
 def send(
-    engine: chat.ChatEngine, text, h, a, was_voted, blind_on, sys_prompt, *gen
-) -> Iterator[tuple[Any, ...]]:
-    """Stream both answers; yields (msg, hist, assign, voted, panel A, panel B, stats, reveal)."""
+    ui: dict[str, Any],
+    engine: chat.ChatEngine,
+    text,
+    h,
+    a,
+    was_voted,
+    blind_on,
+    sys_prompt,
+    mine,
+    *gen,
+) -> Iterator[dict[Any, Any]]:
+    """Stream both answers (A only with a base loaded alone) into the two panels."""
     text = (text or "").strip()
     if not text:
-        yield gr.update(), h, a, was_voted, *_panels(h, a), gr.update(), gr.update()
+        yield {ui["msg"]: gr.update()}
         return
-    settings, problem = _send_problem(engine, gen)
+    notice = model_changed(engine, mine)
+    if notice:
+        if engine.current() is None:
+            yield {ui["stats"]: f"**Error:** {notice}"}
+        else:
+            yield _adopt(ui, engine, notice, blind_on)
+        return
+    settings, problem = _send_problem(engine, mine, blind_on, gen)
     if problem:
         gr.Warning(problem)
-        yield gr.update(), h, a, was_voted, *_panels(h, a), f"**Error:** {problem}", gr.update()
+        yield {ui["stats"]: f"**Error:** {problem}"}
         return
-    reveal_text = gr.update()
-    new_round = False
+    yield from _answer(ui, engine, text, h, a, was_voted, blind_on, sys_prompt, settings, mine)
+
+
+def _answer(
+    ui: dict[str, Any],
+    engine: chat.ChatEngine,
+    text: str,
+    h: dict[str, list],
+    a: dict[str, str],
+    was_voted: bool,
+    blind_on: bool,
+    sys_prompt: str,
+    settings: chat.GenerationSettings,
+    mine: dict[str, Any],
+) -> Iterator[dict[Any, Any]]:
+    """One turn: the user's message to each side that can answer, streamed."""
+    sides = SIDES if mine["has_adapter"] else ("base",)
+    out: dict[Any, Any] = {ui["msg"]: ""}
     if blind_on and was_voted:  # a vote ends a blind round: start a fresh one
         h = {"base": [], "tuned": []}
         a = chat.new_blind_assignment()
-        was_voted, new_round, reveal_text = False, True, ""
-    h = {side: [*h[side], {"role": "user", "content": text}] for side in SIDES}
+        was_voted = False
+        out[ui["reveal"]] = ""
+    h = {
+        side: [*h[side], {"role": "user", "content": text}] if side in sides else h[side]
+        for side in SIDES
+    }
     partial_text = {side: "" for side in SIDES}
 
-    def view():
+    def view() -> tuple[list, list]:
         shown = {
             side: h[side] + ([{"role": "assistant", "content": partial_text[side]}])
+            if side in sides
+            else []
             for side in SIDES
         }
         return shown[a["A"]], shown[a["B"]]
 
     first_a, first_b = view()
-    if new_round:  # hide the sides again
+    if ui["reveal"] in out:  # a new blind round: hide the sides again
         first_a = gr.update(value=first_a, label=BLIND_A)
         first_b = gr.update(value=first_b, label=BLIND_B)
-    yield "", h, a, was_voted, first_a, first_b, "Generating…", reveal_text
-    order = (a["A"], a["B"])
+    out.update({ui["hist"]: h, ui["assign"]: a, ui["voted"]: was_voted})
+    yield {**out, ui["chat_a"]: first_a, ui["chat_b"]: first_b, ui["stats"]: "Generating…"}
+    order = tuple(side for side in (a["A"], a["B"]) if side in sides)
     error = None
     try:
         for side, chunk in engine.compare_stream(h, settings, system=sys_prompt, order=order):
             partial_text[side] += chunk
-            yield "", h, a, was_voted, *view(), gr.update(), gr.update()
+            panel_a, panel_b = view()
+            yield {ui["chat_a"]: panel_a, ui["chat_b"]: panel_b}
     except chat.ChatError as exc:
         error = str(exc)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-    for side in SIDES:
+    for side in sides:
         answer = partial_text[side] or ("(stopped)" if engine.stopped else "")
         h[side] = [*h[side], {"role": "assistant", "content": answer}]
     line = f"**Error:** {error}" if error else _stats_line(engine, a)
-    yield "", h, a, was_voted, *_panels(h, a), line, gr.update()
+    shown = {side: list(h[side]) if side in sides else [] for side in SIDES}
+    panel_a, panel_b = shown[a["A"]], shown[a["B"]]
+    yield {ui["hist"]: h, ui["chat_a"]: panel_a, ui["chat_b"]: panel_b, ui["stats"]: line}

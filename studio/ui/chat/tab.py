@@ -58,6 +58,7 @@ def build_chat_tab(ctx: dict[str, Any]) -> dict[str, Any]:
     ui["hist"] = gr.State({"base": [], "tuned": []})
     ui["assign"] = gr.State({"A": "base", "B": "tuned"})
     ui["voted"] = gr.State(False)
+    ui["loaded"] = gr.State(None)  # what THIS tab loaded (engine.current()); tabs share a model
     ctx["chat.run"] = ui["run_dd"]
     ctx["chat.status"] = ui["status"]
     return ui
@@ -78,7 +79,7 @@ def _build_loader(ui: dict[str, Any]) -> None:
             scale=3,
         )
         ui["base_dd"] = gr.Dropdown(
-            label="Base model (the run's own unless you change it)",
+            label="Base model (a run's own unless you change it; blank alone: the default)",
             choices=[DEFAULT_MODEL],
             value="",
             allow_custom_value=True,
@@ -93,9 +94,12 @@ def _build_loader(ui: dict[str, Any]) -> None:
         )
     with gr.Row():
         ui["load"] = gr.Button("Load", variant="primary")
+        ui["load_base"] = gr.Button("Load base model only")
         ui["unload"] = gr.Button("Unload")
     ui["status"] = gr.Markdown(
-        "Nothing loaded yet: pick a run and press Load.", elem_id="chat-status"
+        "Nothing loaded yet: press **Load base model only** to see how the base model answers"
+        " before any training, or pick a run and press **Load**.",
+        elem_id="chat-status",
     )
 
 
@@ -140,19 +144,38 @@ def _on_run(run_path: str | None) -> tuple[Any, Any]:
 def _wire_loader(ui: dict[str, Any], engine: chat.ChatEngine) -> None:
     ui["run_dd"].change(_on_run, ui["run_dd"], [ui["ckpt_dd"], ui["base_dd"]])
     load_in = [ui[k] for k in ("run_dd", "ckpt_dd", "adapter_box", "base_dd", "precision")]
+    outputs = [ui["status"], ui["loaded"], *reset_outputs(ui)]
     ui["load"].click(
         partial(do_load, ui, engine),
         [*load_in, ui["blind"]],
-        [ui["status"], *reset_outputs(ui)],
+        outputs,
         concurrency_limit=1,
         concurrency_id="chat-load",
     )
+    ui["load_base"].click(
+        partial(do_load_base, ui, engine),
+        [ui["base_dd"], ui["precision"], ui["blind"]],
+        outputs,
+        concurrency_limit=1,
+        concurrency_id="chat-load",
+    )
+    ui["unload"].click(partial(do_unload, ui, engine), ui["blind"], outputs)
 
-    def do_unload(blind_on: bool) -> dict[Any, Any]:
-        engine.unload()
-        return {ui["status"]: "Unloaded: memory freed.", **fresh(ui, blind_on)}
 
-    ui["unload"].click(do_unload, ui["blind"], [ui["status"], *reset_outputs(ui)])
+def _loaded_view(
+    ui: dict[str, Any], engine: chat.ChatEngine, text: str, blind_on: bool
+) -> dict[Any, Any]:
+    """Status text, this tab's record of what is loaded now, and fresh panels."""
+    now = engine.current()
+    has_adapter = bool(now and now["has_adapter"])
+    return {ui["status"]: text, ui["loaded"]: now, **fresh(ui, blind_on, has_adapter)}
+
+
+def _info_text(info: chat.LoadInfo) -> str:
+    text = info.summary()
+    for w in info.warnings:
+        text += f"\n\n**Warning:** {w}"
+    return text
 
 
 def do_load(
@@ -166,19 +189,49 @@ def do_load(
     blind_on,
     progress=gr.Progress(),  # noqa: B008
 ) -> dict[Any, Any]:
-    """Load the picked adapter on its base; the panels start afresh either way."""
+    """Load the picked adapter (on the base in memory when it is the same one); the panels
+    start afresh either way, and the status says what is loaded after a failure too."""
     target = (adapter_path or "").strip() or ckpt or run_path
     if not target:
-        text = "Pick a run (or paste an adapter folder path), then press Load."
-        return {ui["status"]: text, **fresh(ui, blind_on)}
+        text = (
+            "Pick a run (or paste an adapter folder path), then press Load; or press Load base"
+            " model only to see the base model first."
+        )
+        return _loaded_view(ui, engine, text, blind_on)
     try:
         info = engine.load(target, base or None, prec, progress=lambda m, f: progress(f, m))
+        text = _info_text(info)
     except chat.ChatError as exc:
-        return {ui["status"]: f"**Error:** {exc}", **fresh(ui, blind_on)}
+        text = f"**Error:** {exc}"
     except Exception as exc:  # the app must survive any loading failure
         text = f"**Error:** loading failed: {type(exc).__name__}: {exc}"
-        return {ui["status"]: text, **fresh(ui, blind_on)}
-    text = info.summary()
-    for w in info.warnings:
-        text += f"\n\n**Warning:** {w}"
-    return {ui["status"]: text, **fresh(ui, blind_on)}
+    return _loaded_view(ui, engine, text, blind_on)
+
+
+def do_load_base(
+    ui: dict[str, Any],
+    engine: chat.ChatEngine,
+    base,
+    prec,
+    blind_on,
+    progress=gr.Progress(),  # noqa: B008
+) -> dict[Any, Any]:
+    """Load the base model alone (A only): the typed/picked name, else the default model."""
+    try:
+        info = engine.load_base_only(base or None, prec, progress=lambda m, f: progress(f, m))
+        text = _info_text(info)
+    except chat.ChatError as exc:
+        text = f"**Error:** {exc}"
+    except Exception as exc:  # the app must survive any loading failure
+        text = f"**Error:** loading failed: {type(exc).__name__}: {exc}"
+    return _loaded_view(ui, engine, text, blind_on)
+
+
+def do_unload(ui: dict[str, Any], engine: chat.ChatEngine, blind_on: bool) -> dict[Any, Any]:
+    """Unload and free memory; refused (and said so) while a batch compare runs."""
+    try:
+        engine.unload()
+    except chat.ChatError as exc:
+        gr.Warning(str(exc))
+        return {ui["status"]: f"**Error:** {exc}"}
+    return _loaded_view(ui, engine, "Unloaded: memory freed.", blind_on)

@@ -1,0 +1,149 @@
+"""Datasets by name: a Hugging Face dataset id (or a local dataset folder) into a JSONL file.
+
+`fetch_dataset("tatsu-lab/alpaca", split="train", column_map={"output": "answer"})` loads it
+with `datasets.load_dataset`, renames mapped columns to the studio's field names (Alpaca's
+instruction/input/output, or messages/conversations), and writes the rows as JSONL under
+`<data dir>/datasets/hub/`. That file then goes the local-file route (`studio.data.load`,
+the PII scan, the training split), so a dataset by name is validated exactly like a file.
+
+When the hub cannot be reached the error says so and points to the local-file route, after a
+quick connection check rather than `datasets`' minute of retries. With HF_HUB_OFFLINE=1 the
+local Hugging Face cache is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from studio import paths
+from studio.data.read import DatasetError
+
+HUB_DIR = "hub"  # under the data dir's datasets/
+PROBE_TIMEOUT_S = 3.0
+_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_SAFE_RE = re.compile(r"[^\w.-]+")
+FIELDS = ("instruction", "input", "output", "system", "messages", "conversations")
+
+
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """ "output=answer, instruction=question" -> {"output": "answer", ...}; field names are
+    the studio's (FIELDS), values the dataset's own column names."""
+    out: dict[str, str] = {}
+    for part in re.split(r"[,\n]", text or ""):
+        if not part.strip():
+            continue
+        field, sep, column = part.partition("=")
+        field, column = field.strip(), column.strip()
+        if not sep or not field or not column:
+            raise DatasetError(f"Column map entry {part.strip()!r}: write it as field=column.")
+        if field not in FIELDS:
+            raise DatasetError(f"Column map: {field!r} is not a field; use {', '.join(FIELDS)}.")
+        out[field] = column
+    return out
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """(reachable, host): one TCP connection to the hub's endpoint (HF_ENDPOINT honoured)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, host
+    except OSError:
+        return False, host
+
+
+def offline_message(dataset_id: str, host: str) -> str:
+    return (
+        f"The Hugging Face Hub ({host}) cannot be reached from this computer, so the dataset"
+        f" {dataset_id!r} cannot be downloaded now. Use the local-file route instead: on a"
+        " computer with internet, save it as a file (for example `datasets.load_dataset("
+        f"{dataset_id!r}, split='train').to_json('train.jsonl')`), copy it here and load it"
+        " with Upload or the file path above."
+    )
+
+
+def _load(dataset_id: str, split: str, config: str | None) -> Any:
+    """`datasets.load_dataset` for a local folder or a hub id; DatasetError on failure."""
+    import datasets
+
+    local = Path(dataset_id).expanduser()
+    if not local.is_dir():
+        if not _ID_RE.match(dataset_id):
+            raise DatasetError(
+                f"{dataset_id!r} is neither a dataset folder here nor a hub id (owner/name)."
+            )
+        if not os.environ.get("HF_HUB_OFFLINE"):
+            ok, host = hub_reachable()
+            if not ok:
+                raise DatasetError(offline_message(dataset_id, host))
+    try:
+        return datasets.load_dataset(
+            str(local) if local.is_dir() else dataset_id, config, split=split
+        )
+    except ValueError as exc:  # e.g. an unknown split: datasets names the ones there are
+        raise DatasetError(f"{dataset_id}: {str(exc).splitlines()[0][:400]}") from exc
+    except ConnectionError as exc:
+        raise DatasetError(offline_message(dataset_id, "the hub")) from exc
+    except Exception as exc:  # not found, gated, private, a broken script
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+        raise DatasetError(
+            f"Could not load {dataset_id!r} (split {split!r}): {type(exc).__name__}: {first}"
+        ) from exc
+
+
+def _rows(ds: Any, column_map: dict[str, str], max_rows: int | None) -> list[dict[str, Any]]:
+    """The dataset's rows with mapped columns renamed to the studio's field names."""
+    columns = list(getattr(ds, "column_names", None) or [])
+    missing = [c for c in column_map.values() if c not in columns]
+    if missing:
+        raise DatasetError(
+            f"Column map: no column {missing[0]!r} in this dataset (columns: {', '.join(columns)})."
+        )
+    n = len(ds) if max_rows is None else min(len(ds), max_rows)
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        row = dict(ds[i])
+        renamed = {field: row.pop(col) for field, col in column_map.items()}
+        out.append({**row, **renamed})
+    return out
+
+
+def fetch_dataset(
+    dataset_id: str,
+    split: str = "train",
+    column_map: dict[str, str] | None = None,
+    *,
+    config: str | None = None,
+    max_rows: int | None = None,
+) -> Path:
+    """Load a hub dataset (or a local dataset folder) and write it as JSONL; its path.
+
+    The JSONL is what the Dataset tab then loads, validates and scans like any file.
+    """
+    dataset_id = (dataset_id or "").strip()
+    if not dataset_id:
+        raise DatasetError("Type a Hugging Face dataset id (owner/name) or a dataset folder.")
+    split = (split or "train").strip()
+    ds = _load(dataset_id, split, (config or "").strip() or None)
+    rows = _rows(ds, column_map or {}, max_rows)
+    if not rows:
+        raise DatasetError(f"{dataset_id} (split {split!r}) has no rows.")
+    name = Path(dataset_id).name if Path(dataset_id).is_dir() else dataset_id
+    safe = _SAFE_RE.sub("_", f"{name}-{split}")
+    folder = paths.datasets_dir() / HUB_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{safe}.jsonl"
+    tmp = out.with_suffix(".partial")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(out)  # a half-written file never shadows a good one
+    return out

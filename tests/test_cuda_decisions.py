@@ -1,0 +1,172 @@
+"""CUDA decisions tested without a GPU: faked device counts, free memory and Triton.
+
+Each test fakes only what a machine would report (torch.cuda's answers, free bytes, whether
+Triton imports) and runs the studio's real decision code, and where it is involved the real
+transformers/TRL code it feeds (TrainingArguments' device setup).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import trl  # noqa: F401  (imported before torch.cuda is faked: its import checks the machine)
+from trl import SFTConfig  # noqa: F401
+
+from studio.config import ConfigError, RunConfig
+from studio.export.gguf import plan_verify
+from studio.hardware import detect, doctor, vram
+from studio.hardware.detect import GpuInfo
+from studio.train import recipe
+
+GIB = 2**30
+
+
+@pytest.fixture
+def two_gpus(monkeypatch) -> list:
+    """A PC with two Ampere cards as torch.cuda would report it; set_device calls recorded."""
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=0: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx=0: f"RTX 3090 #{idx}")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    return calls
+
+
+# --- defect 4: two GPUs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_run_on_a_two_gpu_pc_uses_one_card_the_chosen_one(two_gpus, tmp_path, index) -> None:
+    # TrainingArguments alone counts both cards (n_gpu 2): the Trainer would then wrap the
+    # model that device_map put on one card in DataParallel, and SFTTrainer fails at start.
+    cfg = RunConfig(gpu_index=index)
+    args = recipe.build_training_args(cfg, tmp_path, "cuda", has_eval=False, resume=False)
+    assert args.n_gpu == 1
+    assert str(args.parallel_mode) == "ParallelMode.NOT_PARALLEL"
+    assert args.device == torch.device("cuda", index)
+    assert recipe.card(cfg, "cuda") == f"cuda:{index}"
+    if index:
+        assert two_gpus[-1] == index  # the thread's current card, which accelerate's "cuda" means
+
+
+def test_gpu_index_is_checked_against_the_cards_found(two_gpus) -> None:
+    from studio.train.prepare import resolve_device
+
+    assert resolve_device(RunConfig(gpu_index=1))[1] == "cuda: GPU 1, RTX 3090 #1"
+    with pytest.raises(ConfigError, match="gpu_index"):
+        resolve_device(RunConfig(gpu_index=2))
+    with pytest.raises(ConfigError, match="gpu_index"):
+        RunConfig(gpu_index=-1).validate()
+
+
+def test_the_hardware_tab_offers_each_detected_card() -> None:
+    from studio.ui.hardware_tab import gpu_choices
+
+    gpus = [GpuInfo(0, "RTX 3060", 12 * GIB, (8, 6)), GpuInfo(1, "RTX 4090", 24 * GIB, (8, 9))]
+    report = {"gpus": [{**vars(g), "index": g.index} for g in gpus]}
+    assert gpu_choices(report) == [
+        ("GPU 0: RTX 3060, 12.0 GiB", 0),
+        ("GPU 1: RTX 4090, 24.0 GiB", 1),
+    ]
+
+
+def test_the_picked_card_reaches_the_run_config() -> None:
+    from studio.ui.train_tab import FIELDS, config_from_ui
+
+    values = {name: getattr(RunConfig(), name) for name in FIELDS}
+    assert config_from_ui(values, {"hardware.gpu": 1}).gpu_index == 1
+    assert config_from_ui(values, {}).gpu_index == 0  # one card: no picker
+
+
+# --- defect 5: where the GGUF is verified ---------------------------------------------------
+
+
+def test_gguf_verify_goes_to_the_gpu_in_its_dtype_when_it_fits() -> None:
+    plan = plan_verify(8 * 10**9, gpu_free=22 * GIB, gpu_dtype="bfloat16", ram_free=16 * GIB)
+    assert (plan.device, plan.dtype) == ("cuda", "bfloat16")
+
+
+def test_gguf_verify_never_asks_30_gib_of_ram_for_an_8b_model() -> None:
+    # 12 GB card (too small for 16 GB of bf16 weights), 24 GiB free RAM: bf16 on the CPU.
+    plan = plan_verify(8 * 10**9, gpu_free=11 * GIB, gpu_dtype="bfloat16", ram_free=24 * GIB)
+    assert (plan.device, plan.dtype) == ("cpu", "bfloat16")
+    assert "float32 would need 29.8 GiB" in plan.reason
+    # 16 GiB free: not even bf16 fits; skipped, and the reason says so
+    plan = plan_verify(8 * 10**9, gpu_free=None, gpu_dtype=None, ram_free=16 * GIB)
+    assert plan.device is None and "not checked" in plan.reason and "16.0 GiB" in plan.reason
+
+
+def test_a_small_gguf_is_still_checked_exactly_on_the_cpu() -> None:
+    plan = plan_verify(135 * 10**6, gpu_free=None, gpu_dtype=None, ram_free=8 * GIB)
+    assert (plan.device, plan.dtype) == ("cpu", "float32")
+
+
+# --- defect 7: CUDA without Triton ----------------------------------------------------------
+
+
+def test_triton_readiness_needs_the_package_and_on_linux_a_compiler() -> None:
+    assert detect.triton_ready(available=False).value is False
+    assert detect.triton_ready(True, "Linux", compiler=None).value is False
+    assert "install gcc" in detect.triton_ready(True, "Linux", compiler=None).reason
+    assert detect.triton_ready(True, "Linux", compiler="/usr/bin/gcc").value is True
+    assert detect.triton_ready(True, "Windows", compiler=None).value is True
+
+
+@pytest.mark.parametrize(("triton", "compact"), [(False, True), (True, False)])
+def test_cuda_uses_the_compact_head_exactly_when_triton_is_missing(
+    monkeypatch, triton, compact
+) -> None:
+    monkeypatch.setattr(detect, "triton_ready", lambda: detect.Choice(triton, "faked"))
+    model = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=None))
+    assert recipe.compact_head_ok(model, "cuda") is compact
+    assert recipe.compact_head_ok(model, "cpu") is True
+    capped = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0))
+    assert recipe.compact_head_ok(capped, "cuda") is False  # TRL's head knows the cap
+
+
+def test_the_estimate_counts_the_compact_head_on_cuda() -> None:
+    shape = vram.model_shape("Qwen/Qwen2.5-7B-Instruct")
+    settings = {"method": "qlora", "batch_size": 1, "max_seq_len": 1024}
+    settings["gradient_checkpointing"] = True  # the head, not a layer, sets the peak
+    fused = vram.estimate(shape, settings, device="cuda")
+    compact = vram.estimate(shape, settings, device="cuda", compact_head=True)
+    full = vram.estimate(shape, settings, device="cuda", fused_lm_head=False)
+    assert "compact" in next(p.detail for p in compact.parts if p.key == "logits")
+    # pieces of 32 Mi logits with their fp32 copies: more than Triton's in-place tiles,
+    # far less than the 8192 x 152k logits
+    assert fused.part("logits") < compact.part("logits") < full.part("logits") / 4
+
+
+def test_doctor_triton_check_without_gpu_and_without_triton(monkeypatch) -> None:
+    assert doctor.check_triton().status == doctor.OK  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(detect, "triton_ready", lambda: detect.Choice(False, "no Triton"))
+    found = doctor.check_triton()
+    assert found.status == doctor.WARNING and found.detail == "no Triton"
+
+
+# --- defect 9: estimate vs measured ---------------------------------------------------------
+
+
+def test_the_apps_own_cuda_memory_is_not_counted_as_in_use() -> None:
+    # the estimate adds the CUDA context a run needs; the app's own context (the run happens
+    # in this process) must not be counted again as "in use by other programs"
+    gpu = GpuInfo(0, "RTX 4070", 12 * GIB, (8, 9), free_bytes=10 * GIB, own_bytes=GIB // 2)
+    assert gpu.used_bytes == 3 * GIB // 2
+    raw = detect.HardwareReport(
+        *(detect.Choice("", "") for _ in range(3)), [gpu], 0, 0, 1, 0, 0
+    ).to_dict()["gpus"][0]
+    assert raw["used_bytes"] == 3 * GIB // 2  # what the Hardware tab's estimate reads
+
+
+def test_run_metadata_records_the_estimate_and_the_measured_peak(tmp_path: Path) -> None:
+    record = vram.run_estimate("Qwen/Qwen2.5-0.5B-Instruct", RunConfig(), "cuda", False)
+    assert record["estimate_bytes"] > record["estimate_allocated_bytes"] > 0
+    assert vram.measured_peak("cpu")["measured_rss_bytes"] > 0
+    missing = vram.run_estimate(str(tmp_path / "nothing"), RunConfig(), "cpu", True)
+    assert missing["estimate_bytes"] is None and missing["why"]
