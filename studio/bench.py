@@ -611,7 +611,9 @@ def _cuda_extras(cfg: Any, model_path: Path, trainer: Any, r: dict[str, Any]) ->
     """MFU and the VRAM estimate next to the measured peak (CUDA only)."""
     import torch
 
-    n_params = sum(p.numel() for p in trainer.model.parameters())
+    from studio.models.loader import logical_params
+
+    n_params = logical_params(trainer.model)
     name = torch.cuda.get_device_name(0)
     peak_tflops = _PEAK_BF16_TFLOPS.get(next((k for k in _PEAK_BF16_TFLOPS if k in name), ""), 0)
     extras: dict[str, Any] = {"gpu": name, "params": n_params}

@@ -170,3 +170,17 @@ def test_run_metadata_records_the_estimate_and_the_measured_peak(tmp_path: Path)
     assert vram.measured_peak("cpu")["measured_rss_bytes"] > 0
     missing = vram.run_estimate(str(tmp_path / "nothing"), RunConfig(), "cpu", True)
     assert missing["estimate_bytes"] is None and missing["why"]
+
+
+@pytest.mark.slow
+def test_mfu_counts_a_4bit_model_at_its_real_size(embedded_model) -> None:
+    """A QLoRA model's packed 4-bit weights count half in numel(); MFU must not."""
+    import torch
+
+    from studio.models.loader import load_model, logical_params
+
+    full = load_model(embedded_model.path, dtype=torch.float32)
+    nf4 = load_model(embedded_model.path, dtype=torch.float32, four_bit=True)
+    packed = sum(p.numel() for p in nf4.parameters())
+    assert packed < 0.75 * logical_params(full)  # what the old count saw
+    assert logical_params(nf4) == logical_params(full)

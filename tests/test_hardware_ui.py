@@ -29,12 +29,17 @@ def test_cpu_estimate_follows_the_precision_rule(monkeypatch: pytest.MonkeyPatch
 
 
 def _wait_verdict(page, pattern: str, timeout: int = 90_000) -> str:
-    page.wait_for_function(
-        "([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText || '')",
+    """The verdict once it matches and no estimate is still running (Gradio then prefixes
+    the old text with its progress timer, e.g. "processing | 0.3/0.4s")."""
+    return page.wait_for_function(
+        r"""([sel, pat]) => {
+            const text = (document.querySelector(sel)?.innerText || '').trim();
+            const busy = /^(processing|[0-9.\/]+s\b)/.test(text);
+            return new RegExp(pat).test(text) && !busy ? text : false;
+        }""",
         arg=[VERDICT, pattern],
         timeout=timeout,
-    )
-    return page.locator(VERDICT).inner_text()
+    ).json_value()
 
 
 def _pick(page, elem_id: str, option: str) -> None:

@@ -246,4 +246,5 @@ def test_a_real_run_reports_every_check_and_an_untrained_adapter_is_red(
     assert by_name["base vs fine-tune differ"]["verdict"] == "red"
     assert by_name["base vs fine-tune differ"]["ok"] is False
     assert checks.weights_moved(start, untrained)["verdict"] == "red"
-    assert found["figures"]["prompts"] == len(prepared.val_rows)
+    assert len(prepared.val_rows) == 6  # 25% of 24 rows: more than the checks sample
+    assert found["figures"]["prompts"] == 4  # a few prompts keep the checks quick

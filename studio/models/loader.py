@@ -306,6 +306,14 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
+def logical_params(model: Any) -> int:
+    """Parameters as the model's shape counts them. bitsandbytes packs two 4-bit values per
+    byte, so a QLoRA model's `numel()` is about half its real size (MFU came out ~2x low)."""
+    return sum(
+        p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters()
+    )
+
+
 def load_model_for_inference(path: str | Path, device: str | None = None) -> Any:
     """A plain base model in eval mode: float32 on CPU, the card's precision on CUDA."""
     import torch

@@ -359,22 +359,21 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             *fill_outputs,
         ],
     )
-    for picker in (ui["preset"], ui["model"]):
-        picker.input(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
+    ui["preset"].input(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
+    # A new model (picked here or set by another tab) gets its band's settings and then one
+    # estimate: a second listener estimating with the previous band's settings raced the fill
+    # and flashed a wrong verdict ("Won't fit" for an 8B model on its own QLoRA band).
+    ui["model"].change(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
     if train:
+        # The user's edits only: a fill writes every field and has estimated already; one
+        # estimate per filled field read half-updated fields and flashed wrong verdicts.
         gr.on(
-            triggers=[c.change for c in train],
+            triggers=[c.input for c in train],
             fn=partial(on_settings_change, w),
             inputs=inputs,
             outputs=[ui["settings"], ui["verdict"], ui["chart"]],
             **quiet,
         )
-    ui["model"].change(
-        partial(on_model_change, w),
-        inputs=inputs,
-        outputs=[ui["model_info"], ui["verdict"], ui["chart"]],
-        **quiet,
-    )
     ui["autofit"].click(
         partial(on_autofit, w),
         inputs=inputs,
@@ -427,14 +426,6 @@ def on_page_load(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
 def on_settings_change(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     p, m, settings, report = w.read(values)
     return {w.ui["settings"]: settings, **w.view(p, m, settings, report)}
-
-
-def on_model_change(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
-    p, m, settings, report = w.read(values)
-    return {
-        w.ui["model_info"]: model_markdown(m or DEFAULT_MODEL),
-        **w.view(p, m, settings, report),
-    }
 
 
 def on_autofit(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
