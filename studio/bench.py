@@ -7,19 +7,29 @@ Run `python -m studio.bench <command>`; commands:
       >= 5,000 rows/s, peak memory < 2 GB) and compute token-length statistics for the same
       rows with the default model's tokenizer (target: < 30 s).
 
-  train [--rows 300] [--steps 8] [--max-len 512] [--batch 4] [--method lora|qlora]
-        [--no-breakdown] [--json FILE]
+  train [--rows 300] [--steps 20] [--warmup 1] [--max-len 512] [--batch 4]
+        [--method lora|qlora] [--lora-dropout 0.05] [--breakdown-steps 8] [--no-breakdown]
+        [--json FILE]
       (a) the tutorial recipe (pad to max length, loss on every token, plain Trainer with
-      DataCollatorForLanguageModeling) vs (b) the studio's path, same data/model/steps, in one
-      process: real and label-bearing tokens/s, padding share, peak memory, final loss, ratio.
-      Then (b) with one of its choices undone (padding-free batches; on CPU also TRL's loss
-      head and fp32), to show what each is worth. On CUDA also MFU and the VRAM estimate next
-      to the measured peak.
+      DataCollatorForLanguageModeling) vs (b) the studio's path, same data/model/steps, each
+      in its own process, taking turns step by step (a, b, a, b, ...) so that drift on a
+      shared machine hits both: real and label-bearing tokens/s, padding share, peak memory,
+      final loss, the ratio of the totals and the median and spread of the per-step ratios,
+      and the load average while they ran. Then (b) with one of its choices undone
+      (padding-free batches; on CPU also TRL's loss head and fp32), each on its own, to show
+      what each is worth. On CUDA also MFU and the VRAM estimate next to the measured peak.
+  uipath [--rows 300] [--steps 20] [--max-len 512] [--batch 4] [--no-poll] [--json FILE]
+      The same rows and settings as train's studio recipe, run through the JobManager as the
+      Train tab runs them (its evals, checkpoints, logging, and the UI's 1-second polling and
+      chart redraws emulated in-process), vs the studio recipe alone: label-bearing tokens/s,
+      the ratio (goal >= 0.8x), where the UI path's time went, the Train tab's final figure.
   app [--no-train]
       Seconds from `python app.py` to the page served, and from a click on Start (Chromium) to
       the first training step shown.
-  chat RUN_DIR
-      Memory with both chat sides ready vs the base alone; time to first token and tokens/s.
+  chat [RUN_DIR] [--ab-tokens 128] [--batch-tokens 32] [--reps 3] [--no-memory]
+      Memory with both chat sides ready vs the base alone; time to first token and tokens/s;
+      an A/B turn in one batched pass vs A then B, and batch compare prompts/s batched vs
+      one prompt at a time (interleaved repetitions: median and spread of the ratios).
   firstrun [--max-steps N] [--val-rows N] [--allow-pii] [--data-dir DIR] [--json FILE]
       The default path headless: the bundled sample redacted (as the Dataset tab's Redact),
       the CPU preset's defaults, no edits. Prints minutes to finish, the did-it-learn
@@ -33,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import random
@@ -344,56 +353,6 @@ class _TokenCounter:
         return batch
 
 
-def _train_with(trainer: Any, counter: _TokenCounter) -> dict[str, Any]:
-    """Train (args.max_steps optimizer steps) and return timing, token and memory figures."""
-    import torch
-
-    from studio.train.loop import memory_now
-
-    _release_memory()  # so the RSS peak is this recipe's, not the previous one's heap
-    warm = 1  # the first step pays for lazy init; it is timed apart
-    times: list[float] = []
-
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
-
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # keep the output to the figures
-    trainer.add_callback(Clock())
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
-        out = trainer.train()
-    per_step = len(counter.batches) // max(1, len(times))
-    timed = counter.batches[warm * per_step :]
-    secs = sum(times[warm:])
-    real = sum(b["real"] for b in timed)
-    labelled = sum(b["labelled"] for b in timed)
-    slots = sum(b["slots"] for b in timed)
-    if cuda:
-        mem, mem_kind = memory_now("cuda")
-    else:  # the process's peak while training (model, data and Python included)
-        mem, mem_kind = rss.peak_bytes / 2**20, "process RSS peak"
-    return {
-        "steps_timed": len(times) - warm,
-        "seconds": round(secs, 2),
-        "tokens_per_s": round(real / secs, 1),
-        "labelled_tokens_per_s": round(labelled / secs, 1),
-        "padding_share": round(1 - real / slots, 3) if slots else 0.0,
-        "peak_memory_mb": round(mem, 1),
-        "memory_kind": mem_kind,
-        "final_loss": round(float(out.training_loss), 4),
-    }
-
-
 def _release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc), so RSS can fall again."""
     import ctypes
@@ -501,77 +460,196 @@ _UNDONE = [
 ]
 
 
-def _recipes(device: str, breakdown: bool) -> list[tuple[str, str, Callable[..., Any]]]:
-    """(key, label, builder): the two recipes, then the studio path with one choice undone
-    (the last two only exist on CPU)."""
-    out: list[tuple[str, str, Callable[..., Any]]] = [
-        ("tutorial", "(a) tutorial", _tutorial_trainer),
-        ("studio", "(b) studio", _studio_trainer),
+_BUILDERS = {"tutorial": _tutorial_trainer, "studio": _studio_trainer}
+
+
+def _recipe_worker(job: dict[str, Any], turns: list[Any], out: Any) -> None:
+    """One recipe in its own process (own accelerate state, own memory peak): build its
+    trainer, then train, taking a turn per optimizer step with the other recipes' processes
+    (`turns`: one semaphore each), so that machine drift hits every recipe alike."""
+    import torch
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from studio import paths
+    from studio.config import RunConfig
+    from studio.models import loader as models
+
+    paths.set_data_dir(job["data_dir"])
+    cfg = RunConfig.from_dict(job["cfg"])
+    tok = models.load_tokenizer(job["model_path"])
+    rows = bench_rows(job["rows"])
+    build = dict(_BUILDERS)[job["builder"]]
+    torch.manual_seed(cfg.seed)
+    trainer, counter, how = build(
+        cfg, Path(job["model_path"]), tok, rows, job["device"], Path(job["tmp"]), **job["undo"]
+    )
+    me, n = job["index"], len(turns)
+    times: list[float] = []
+
+    class Turn(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            turns[me].acquire(timeout=3600)  # a crashed neighbour must not hang this one
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+            turns[(me + 1) % n].release()
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Turn())
+    _release_memory()
+    with PeakRSS() as rss:
+        result = trainer.train()
+    per = max(1, len(counter.batches) // max(1, len(times)))
+    steps = [
+        {"seconds": t, **{k: sum(b[k] for b in counter.batches[i * per : (i + 1) * per])
+                          for k in ("slots", "real", "labelled")}}
+        for i, t in enumerate(times)
+    ]  # fmt: skip
+    figures: dict[str, Any] = {
+        "precision": how,
+        "final_loss": round(float(result.training_loss), 4),
+    }
+    if job["device"] == "cuda":
+        from studio.train.loop import memory_now
+
+        figures["peak_memory_mb"], figures["memory_kind"] = memory_now("cuda")
+        figures.update(_cuda_extras(cfg, Path(job["model_path"]), trainer, _sum_steps(steps[1:])))
+    else:
+        figures["peak_memory_mb"] = round(rss.peak_bytes / 2**20, 1)
+        figures["memory_kind"] = "process RSS peak"
+    out.put((job["key"], figures, steps))
+
+
+def _sum_steps(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput figures over timed steps."""
+    secs = sum(s["seconds"] for s in steps) or 1e-9
+    real, slots = sum(s["real"] for s in steps), sum(s["slots"] for s in steps)
+    return {
+        "steps_timed": len(steps),
+        "seconds": round(secs, 2),
+        "tokens_per_s": round(real / secs, 1),
+        "labelled_tokens_per_s": round(sum(s["labelled"] for s in steps) / secs, 1),
+        "padding_share": round(1 - real / slots, 3) if slots else 0.0,
+    }
+
+
+def _run_interleaved(jobs: list[dict[str, Any]], warm: int) -> dict[str, dict[str, Any]]:
+    """Run the jobs' recipes in processes that take turns step by step (a, b, a, b, ...);
+    returns key -> figures over the steps after `warm`, plus the per-step list and the load
+    average sampled while they ran."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    turns = [ctx.Semaphore(1 if i == 0 else 0) for i in range(len(jobs))]
+    out = ctx.Queue()
+    # daemon: a benchmark stopped with Ctrl-C takes its recipes' processes with it
+    procs = [
+        ctx.Process(target=_recipe_worker, args=(job, turns, out), daemon=True) for job in jobs
     ]
-    for key, label, undo, _ in _UNDONE if breakdown else []:
-        if device == "cpu" or key == "studio_padding_free":
-            out.append((key, label, functools.partial(_studio_trainer, **undo)))
-    return out
+    for p in procs:
+        p.start()
+    found: dict[str, dict[str, Any]] = {}
+    loads: list[float] = []
+    while len(found) < len(jobs):
+        with contextlib.suppress(Exception):
+            key, figures, steps = out.get(timeout=5)
+            timed = steps[warm:]
+            found[key] = {**figures, **_sum_steps(timed), "per_step": timed}
+        with contextlib.suppress(OSError):
+            loads.append(os.getloadavg()[0])
+        if len(found) < len(jobs) and any(p.exitcode not in (None, 0) for p in procs):
+            for p in procs:
+                p.terminate()
+            raise RuntimeError("a benchmark recipe's process failed (its traceback is above)")
+    for p in procs:
+        p.join()
+    for figures in found.values():
+        figures["load_average_during"] = _spread(loads)
+    return found
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of a list of figures."""
+    import statistics
+
+    if not values:
+        return {}
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {
+        "median": round(statistics.median(values), 2),
+        "q1": round(q[0], 2),
+        "q3": round(q[2], 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+        "n": len(values),
+    }
 
 
 def bench_train(args: argparse.Namespace) -> int:
-    """(a) the tutorial recipe vs (b) the studio path, same data/model/steps, one process."""
-    import gc
-
-    import torch
-
+    """(a) the tutorial recipe vs (b) the studio path, interleaved step by step in two
+    processes; then (b) with one choice undone, each on its own."""
+    from studio import paths
     from studio.config import RunConfig
     from studio.models import loader as models
     from studio.train.prepare import resolve_device
 
     resolved = models.resolve_model(args.model)
-    tok = models.load_tokenizer(resolved.path)
-    rows = bench_rows(args.rows)
     cfg = RunConfig(
         base_model=str(resolved.path),
         method=args.method,
         max_seq_len=args.max_len,
         batch_size=args.batch,
         grad_accum=1,
-        max_steps=args.steps,
+        max_steps=args.steps + args.warmup,
         learning_rate=2e-4,
         warmup_ratio=0.0,
         target_modules="qv",
+        lora_dropout=args.lora_dropout,
         device=args.device,
     ).validate()
     device, why = resolve_device(cfg)
     print(
-        f"train benchmark: {resolved.name} ({cfg.method}), {len(rows)} rows, max length"
-        f" {cfg.max_seq_len}, batch {cfg.batch_size}, {cfg.max_steps} optimizer steps each;"
-        f" device {why}; {os.cpu_count()} cores, load {_load()}",
+        f"train benchmark: {resolved.name} ({cfg.method}), {args.rows} rows, max length"
+        f" {cfg.max_seq_len}, batch {cfg.batch_size}, {args.warmup} warm-up + {args.steps}"
+        f" timed optimizer steps each, (a) and (b) interleaved step by step; lora_dropout"
+        f" {cfg.lora_dropout}; device {why}; {os.cpu_count()} cores, load {_load()}",
         flush=True,
     )
     results: dict[str, Any] = {
         "machine": _machine(),
         "model": resolved.name,
         "method": cfg.method,
-        "rows": len(rows),
+        "rows": args.rows,
         "max_len": cfg.max_seq_len,
         "batch": cfg.batch_size,
-        "steps": cfg.max_steps,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "lora_dropout": cfg.lora_dropout,
         "load_average_at_start": _load(),
     }
     tmp = Path(tempfile.mkdtemp(prefix="lora-studio-bench-train-"))
+    base = {"cfg": cfg.to_dict(), "model_path": str(resolved.path), "rows": args.rows}
+    base |= {"device": device, "tmp": str(tmp), "data_dir": str(paths.data_dir())}
     try:
-        for key, label, build in _recipes(device, args.breakdown):
-            torch.manual_seed(cfg.seed)
-            trainer, counter, how = build(cfg, resolved.path, tok, rows, device, tmp)
-            results[key] = {"precision": how, **_train_with(trainer, counter)}
-            if device == "cuda":
-                results[key].update(_cuda_extras(cfg, resolved.path, trainer, results[key]))
-            del trainer, counter
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        pair = [
+            {**base, "key": key, "builder": key, "undo": {}, "index": i}
+            for i, key in enumerate(("tutorial", "studio"))
+        ]
+        results.update(_run_interleaved(pair, args.warmup))
+        for key, label in (("tutorial", "(a) tutorial"), ("studio", "(b) studio")):
             _print_recipe(label, results[key])
+        _compare_recipes(results)
+        breakdown = cfg.replace(max_steps=args.breakdown_steps + args.warmup).to_dict()
+        for key, label, undo, _ in _UNDONE if args.breakdown else []:
+            if device == "cpu" or key == "studio_padding_free":
+                job = {**base, "cfg": breakdown, "key": key, "builder": "studio"}
+                results.update(_run_interleaved([{**job, "undo": undo, "index": 0}], args.warmup))
+                _print_recipe(label, results[key])
+        _compare_breakdown(results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _compare_recipes(results)
     _write_results(args, "train", results)
     return 0
 
@@ -579,7 +657,8 @@ def bench_train(args: argparse.Namespace) -> int:
 def _print_recipe(label: str, r: dict[str, Any]) -> None:
     print(
         f"{label:17s}: {r['tokens_per_s']:7.1f} real tokens/s,"
-        f" {r['labelled_tokens_per_s']:7.1f} label-bearing tokens/s,"
+        f" {r['labelled_tokens_per_s']:7.1f} label-bearing tokens/s"
+        f" ({r['steps_timed']} steps, {r['seconds']:.1f} s),"
         f" padding {r['padding_share']:.0%}, peak"
         f" {r['peak_memory_mb']:,.0f} MB ({r['memory_kind']}), final loss"
         f" {r['final_loss']}; {r['precision']}",
@@ -588,18 +667,42 @@ def _print_recipe(label: str, r: dict[str, Any]) -> None:
 
 
 def _compare_recipes(results: dict[str, Any]) -> None:
-    """(b) against (a), and against each breakdown run: ratios, printed and recorded."""
+    """(b) against (a): the ratio of the totals, and the median and spread of the per-step
+    ratios (step i of (b) against step i of (a), run back to back)."""
     a, b = results["tutorial"], results["studio"]
     results["ratio_tokens_per_s"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
     results["ratio_labelled_tokens_per_s"] = round(
         b["labelled_tokens_per_s"] / a["labelled_tokens_per_s"], 2
     )
     results["ratio_step_time"] = round(a["seconds"] / b["seconds"], 2)
+
+    def rate(s: dict[str, Any], k: str) -> float:
+        return s[k] / max(s["seconds"], 1e-9)
+
+    pairs = list(zip(a["per_step"], b["per_step"], strict=False))
+    per_step = {
+        k: _spread([rate(sb, k) / max(rate(sa, k), 1e-9) for sa, sb in pairs])
+        for k in ("labelled", "real")
+    }
+    results["ratio_per_step_labelled"], results["ratio_per_step_real"] = per_step.values()
+    lab, load = per_step["labelled"], a.get("load_average_during") or {}
     print(
         f"ratio (b)/(a): {results['ratio_labelled_tokens_per_s']}x label-bearing tokens/s"
         f" (goal >= 3x), {results['ratio_tokens_per_s']}x real tokens/s,"
         f" {results['ratio_step_time']}x faster per optimizer step"
     )
+    if lab:
+        print(
+            f"per-step ratio, label-bearing ({lab['n']} interleaved pairs): median"
+            f" {lab['median']}x, IQR {lab['q1']}-{lab['q3']}x, range {lab['min']}-{lab['max']}x;"
+            f" real tokens median {per_step['real']['median']}x; load average during the run"
+            f" {load.get('median', 'n/a')} (range {load.get('min', '?')}-{load.get('max', '?')})"
+        )
+
+
+def _compare_breakdown(results: dict[str, Any]) -> None:
+    """(b) against each run with one of its choices undone (run after the pair, on its own)."""
+    b = results["studio"]
     for key, label, _, choice in _UNDONE:
         if key in results:
             ratio = round(b["tokens_per_s"] / results[key]["tokens_per_s"], 2)
@@ -682,7 +785,14 @@ def _write_results(args: argparse.Namespace, name: str, results: dict[str, Any])
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=300, help="rows of varied length (300)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per recipe (8)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe (20)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed first steps per recipe (1)")
+    p.add_argument(
+        "--breakdown-steps", type=int, default=8, help="timed steps per breakdown run (8)"
+    )
+    p.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="LoRA dropout of every recipe (0.05)"
+    )
     p.add_argument("--max-len", type=int, default=512, help="max sequence length (512)")
     p.add_argument("--batch", type=int, default=4, help="rows per step (4)")
     p.add_argument("--method", choices=("lora", "qlora"), default="lora")
@@ -694,6 +804,189 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the runs of (b) with one choice undone (padding-free batches, fp32 on CPU)",
     )
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+# --------------------------------------------------------------------------- uipath
+
+
+class _Phases:
+    """A TrainerCallback's clock of a run: time in optimizer steps, in evals, in checkpoint
+    saves (each measured from the event before it to its own end; an eval logs its metrics
+    before `on_evaluate`, so a log does not restart the clock)."""
+
+    def __init__(self) -> None:
+        self.spent = {"steps": 0.0, "evals": 0.0, "saves": 0.0}
+        self.count = {"steps": 0, "evals": 0, "saves": 0}
+        self.first_step_s = 0.0
+        self._last = time.perf_counter()
+
+    def mark(self, kind: str | None) -> None:
+        now = time.perf_counter()
+        if kind is not None:
+            self.spent[kind] += now - self._last
+            self.count[kind] += 1
+            if kind == "steps" and self.count[kind] == 1:
+                self.first_step_s = now - self._last
+        self._last = now
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        phases = self
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                phases.mark(None)
+
+            def on_step_end(self, args, state, control, **kw):
+                phases.mark("steps")
+
+            def on_evaluate(self, args, state, control, **kw):
+                phases.mark("evals")
+
+            def on_save(self, args, state, control, **kw):
+                phases.mark("saves")
+
+        return Clock()
+
+
+def _poll_like_the_ui(stop: threading.Event, counts: dict[str, int]) -> None:
+    """What the Train tab's 1-second timer does in the app's process: copy the snapshot and,
+    when it changed, rebuild the progress text and (when its points changed) the loss figure,
+    serialised as Gradio sends it."""
+    from studio.plots import loss_figure
+    from studio.train.jobs import get_manager
+
+    seen, drawn = -1, ""
+    while not stop.wait(1.0):
+        snap = get_manager().snapshot()
+        counts["polls"] += 1
+        if snap.version == seen:
+            continue
+        seen = snap.version
+        _ = "\n".join(snap.log_lines[-200:])
+        curve = f"{snap.run_dir}:{len(snap.history)}"
+        if curve != drawn:
+            drawn = curve
+            loss_figure({snap.run_name: snap.history}).to_json()
+            counts["redraws"] += 1
+
+
+def _ui_run(cfg: Any, poll: bool) -> tuple[Path, _Phases, dict[str, int]]:
+    """One run through the JobManager (the Train tab's path), with the UI's polling."""
+    from studio.train.jobs import get_manager
+
+    phases, counts, stop = _Phases(), {"polls": 0, "redraws": 0}, threading.Event()
+    poller = threading.Thread(target=_poll_like_the_ui, args=(stop, counts), daemon=True)
+    if poll:
+        poller.start()
+    try:
+        run_dir = get_manager().start(cfg, extra_callbacks=[phases.callback()])
+        snap = get_manager().wait()
+    finally:
+        stop.set()
+    if snap.state != "completed":
+        raise RuntimeError(f"the UI-path run ended {snap.state}: {snap.message}")
+    return run_dir, phases, counts
+
+
+def bench_uipath(args: argparse.Namespace) -> int:
+    """The same rows and settings as `bench train`'s studio recipe, run through the
+    JobManager as the Train tab runs them (the run's own eval, checkpoints and logging, the
+    1-second polling), against the studio recipe alone: label-bearing tokens/s and where the
+    rest of the time goes."""
+    from studio import paths
+    from studio.config import RunConfig
+    from studio.models import loader as models
+    from studio.train.prepare import resolve_device
+
+    resolved = models.resolve_model(args.model)
+    home = Path(tempfile.mkdtemp(prefix="lora-studio-bench-uipath-"))
+    (home / "models").symlink_to(paths.models_dir(), target_is_directory=True)
+    data = home / "rows.jsonl"
+    data.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in bench_rows(args.rows))
+    )
+    paths.set_data_dir(home)
+    cfg = RunConfig(
+        run_name="uipath", base_model=str(resolved.path), dataset_path=str(data),
+        max_seq_len=args.max_len, batch_size=args.batch, grad_accum=1,
+        max_steps=args.steps + 1, learning_rate=2e-4, warmup_ratio=0.0, target_modules="qv",
+        allow_pii=True,  # bench_rows are redacted already
+    ).validate()  # fmt: skip
+    print(
+        f"UI-path benchmark: {resolved.name}, {args.rows} rows, max length {cfg.max_seq_len},"
+        f" batch {cfg.batch_size}, {cfg.max_steps} steps, default eval/checkpoint/logging;"
+        f" polling {'on' if args.poll else 'off'}; load {_load()}",
+        flush=True,
+    )
+    results: dict[str, Any] = {"machine": _machine(), "load_average_at_start": _load()}
+    try:
+        studio = _run_interleaved(
+            [{"cfg": cfg.to_dict(), "model_path": str(resolved.path), "rows": args.rows,
+              "device": resolve_device(cfg)[0], "tmp": str(home),
+              "data_dir": str(home), "key": "studio", "builder": "studio", "undo": {},
+              "index": 0}], 1,
+        )["studio"]  # fmt: skip
+        results["studio_recipe"] = {k: v for k, v in studio.items() if k != "per_step"}
+        run_dir, phases, counts = _ui_run(cfg, args.poll)
+        results["ui_path"] = _ui_figures(run_dir, phases, counts)
+    finally:
+        paths.set_data_dir(None)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+    ui, b = results["ui_path"], results["studio_recipe"]
+    results["ratio"] = round(ui["labelled_tokens_per_s"] / b["labelled_tokens_per_s"], 2)
+    print(
+        f"studio recipe alone: {b['labelled_tokens_per_s']:.1f} label-bearing tokens/s;"
+        f" UI path: {ui['labelled_tokens_per_s']:.1f} ({results['ratio']}x, goal >= 0.8x);"
+        f" the Train tab's final figure {ui['shown_avg_tokens_per_s']} trained tokens/s"
+    )
+    print(
+        f"UI path after step 1: {ui['wall_s']:.1f} s = steps {ui['steps_s']:.1f} s +"
+        f" {ui['evals']} evals {ui['evals_s']:.1f} s + {ui['saves']} checkpoints"
+        f" {ui['saves_s']:.1f} s + other {ui['other_s']:.1f} s; {counts['polls']} polls,"
+        f" {counts['redraws']} chart redraws; load {_load()}"
+    )
+    _write_results(args, "uipath", results)
+    return 0
+
+
+def _ui_figures(run_dir: Path, phases: _Phases, counts: dict[str, int]) -> dict[str, Any]:
+    """The UI-path run's throughput after its first step (the recipe's warm-up step is not
+    counted either), from its own log, and where its time went."""
+    from studio import runs
+
+    log = runs.load_log(run_dir)
+    train = [e for e in log if e.get("kind") == "train"]
+    ends = [e["time"] for e in log if e.get("event") == "message" and "Saving" in e["text"]]
+    wall = ends[-1] - train[0]["time"]
+    labelled = train[-1]["label_tokens"] - train[0]["label_tokens"]
+    steps_s = phases.spent["steps"] - phases.first_step_s
+    rest = phases.spent["evals"] + phases.spent["saves"]
+    return {
+        "labelled_tokens_per_s": round(labelled / wall, 1),
+        "shown_avg_tokens_per_s": train[-1].get("avg_tokens_per_s"),
+        "wall_s": round(wall, 2),
+        "steps_s": round(steps_s, 2),
+        "evals": phases.count["evals"],
+        "evals_s": round(phases.spent["evals"], 2),
+        "saves": phases.count["saves"],
+        "saves_s": round(phases.spent["saves"], 2),
+        "other_s": round(wall - steps_s - rest, 2),
+        **counts,
+    }
+
+
+def _uipath_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=300, help="rows of varied length (300)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (20)")
+    p.add_argument("--max-len", type=int, default=512, help="max sequence length (512)")
+    p.add_argument("--batch", type=int, default=4, help="rows per step (4)")
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument("--no-poll", dest="poll", action="store_false", help="no 1-second polling")
+    p.add_argument("--keep", action="store_true", help="keep the run folder")
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
@@ -796,18 +1089,35 @@ def bench_chat(args: argparse.Namespace) -> int:
     """Memory with both chat sides ready vs the base alone, and per-side speed."""
     from studio.chat import measure
 
-    result = measure.bench_chat(args.model, args.run_dir, _CHAT_PROMPTS, max_new_tokens=args.tokens)
+    result = measure.bench_chat(
+        args.model,
+        args.run_dir or measure.newest_run(),
+        _CHAT_PROMPTS,
+        max_new_tokens=args.tokens,
+        ab_tokens=args.ab_tokens,
+        batch_tokens=args.batch_tokens,
+        reps=args.reps,
+        memory=not args.no_memory,
+    )
     result["machine"] = _machine()
     for key, value in result.items():
-        print(f"{key}: {value}")
+        if key != "batching":
+            print(f"{key}: {value}")
+    print("\n".join(measure.batching_lines(result["batching"])))
     _write_results(args, "chat", result)
     return 0
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run folder (or adapter folder) to compare against its base")
+    p.add_argument(
+        "run_dir", nargs="?", help="a run or adapter folder (default: the newest run with one)"
+    )
     p.add_argument("--model", help="base model (default: the run's own)")
     p.add_argument("--tokens", type=int, default=64, help="max new tokens per answer (64)")
+    p.add_argument("--ab-tokens", type=int, default=128, help="new tokens per A/B turn (128)")
+    p.add_argument("--batch-tokens", type=int, default=32, help="batch compare tokens (32)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (3)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory figures")
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
@@ -974,6 +1284,11 @@ COMMANDS: dict[
     "data": ("dataset load/validate/PII-scan and token-length speed", _data_args, bench_data),
     "train": ("tutorial recipe vs the studio's training path", _train_args, bench_train),
     "app": ("app start-up and Start -> first training step", _app_args, bench_app),
+    "uipath": (
+        "a run through the Train tab's job vs the studio recipe",
+        _uipath_args,
+        bench_uipath,
+    ),
     "chat": ("chat memory (both sides vs base alone) and speed", _chat_args, bench_chat),
     "firstrun": (
         "the default first run on the sample: time, did-it-learn, base vs fine-tune",

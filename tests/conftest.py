@@ -36,6 +36,17 @@ def studio_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def data_dir_back_to_the_sessions(studio_home: Path) -> Iterator[None]:
+    """Each test ends in the session's data dir. A test that pins another in-process (e.g.
+    `doctor.main(["--data-dir", tmp])`) would otherwise leave it to the next tests, and the
+    next to need the model converted it again there (~30 s, in the quick subset)."""
+    from studio import paths
+
+    yield
+    paths.set_data_dir(studio_home)
+
+
 @pytest.fixture(scope="session")
 def embedded_model(studio_home: Path):
     """The real SmolLM2-135M-Instruct, resolved the way the app does it (no mocks)."""

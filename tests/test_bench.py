@@ -30,7 +30,7 @@ def _bench(*args: str) -> str:
 def test_train_bench_compares_both_recipes(embedded_model, tmp_path: Path) -> None:
     out = _bench(
         "train", "--rows", "8", "--steps", "2", "--max-len", "128", "--batch", "2",
-        "--json", str(tmp_path / "train.json"),
+        "--breakdown-steps", "1", "--json", str(tmp_path / "train.json"),
     )  # fmt: skip
     assert "(a) tutorial" in out and "(b) studio" in out and "ratio (b)/(a)" in out
     result = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
@@ -45,6 +45,27 @@ def test_train_bench_compares_both_recipes(embedded_model, tmp_path: Path) -> No
         r = result[recipe]
         assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["final_loss"] > 0
     assert result["ratio_labelled_tokens_per_s"] > 0 and "breakdown:" in out
+    # (a) and (b) took turns: two timed steps each after the warm-up, a ratio per pair
+    assert a["steps_timed"] == b["steps_timed"] == 2 == len(b["per_step"])
+    spread = result["ratio_per_step_labelled"]
+    assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert a["load_average_during"]["n"] >= 1 and "per-step ratio" in out
+
+
+@pytest.mark.slow
+def test_uipath_bench_runs_a_job_like_the_train_tab(embedded_model, tmp_path: Path) -> None:
+    """The Train tab's path (JobManager, default evals and checkpoints, 1-second polling)
+    against the studio recipe alone, at a tiny size."""
+    out = _bench(
+        "uipath", "--rows", "12", "--steps", "2", "--max-len", "96", "--batch", "2",
+        "--json", str(tmp_path / "ui.json"),
+    )  # fmt: skip
+    assert "UI path:" in out and "goal >= 0.8x" in out
+    result = json.loads((tmp_path / "ui.json").read_text(encoding="utf-8"))
+    ui = result["ui_path"]
+    assert ui["labelled_tokens_per_s"] > 0 and result["studio_recipe"]["steps_timed"] == 2
+    assert ui["evals"] >= 1 and ui["saves"] >= 1 and ui["polls"] >= 1
+    assert ui["shown_avg_tokens_per_s"] > 0 and result["ratio"] > 0
 
 
 @pytest.mark.slow

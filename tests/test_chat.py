@@ -405,16 +405,95 @@ def test_greedy_sides_differ_and_base_side_is_the_plain_base(engine, embedded_mo
     assert engine.generate(chat.SIDE_TUNED, ticket_messages(), GREEDY, system=SYSTEM) == b
 
 
+def _plain_greedy(model, tok, text: str, max_new: int, base: bool) -> str:
+    """transformers' own greedy `generate` on one prompt (adapter off for the base side)."""
+    import contextlib
+
+    import torch
+
+    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    off = model.disable_adapter() if base else contextlib.nullcontext()
+    with off, torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return text.rstrip("\ufffd")  # the engine drops a character cut in half at the end
+
+
 @pytest.mark.slow
 def test_streaming_yields_text_in_pieces(engine):
+    """The streamed pieces add up to what transformers' plain greedy `generate` gives for
+    the same prompt, on each side (not to the engine's `generate`, which is built on it)."""
     settings = chat.GenerationSettings(max_new_tokens=24)
-    chunks = list(engine.stream(chat.SIDE_BASE, ticket_messages("Hello! Who are you?"), settings))
-    assert len([c for c in chunks if c]) >= 3
-    assert "".join(chunks) == engine.generate(
-        chat.SIDE_BASE, ticket_messages("Hello! Who are you?"), settings
-    )
-    stats = engine.last_stats[chat.SIDE_BASE]
+    msgs = ticket_messages("Hello! Who are you?")
+    for side in chat.SIDES:
+        chunks = list(engine.stream(side, msgs, settings))
+        assert len([c for c in chunks if c]) >= 3
+        plain = _plain_greedy(
+            engine.model, engine.tokenizer, engine.prompt_text(msgs), 24, side == chat.SIDE_BASE
+        )
+        assert "".join(chunks) == plain, side
+    stats = engine.last_stats[chat.SIDE_TUNED]
     assert stats.new_tokens >= 3 and stats.ttft_s is not None and stats.ttft_s < stats.total_s
+
+
+# Two histories whose prompts differ in length (one side has an earlier exchange), so the
+# batch is left-padded: the padded row must still answer exactly as it does alone.
+LONG_HISTORY = [
+    {"role": "user", "content": "Hi, I ordered a blue kettle last week."},
+    {"role": "assistant", "content": "Thanks for your order! How can I help you today?"},
+    {"role": "user", "content": TICKET},
+]
+
+
+@pytest.mark.slow
+def test_ab_turn_in_one_batched_pass_matches_each_side_alone(engine):
+    """Both sides in ONE generate call (PEFT mixed adapter batch), streamed together, give
+    each side's greedy text alone, with prompts of different lengths (left padding)."""
+    settings = chat.GenerationSettings(max_new_tokens=32)
+    histories = {chat.SIDE_BASE: LONG_HISTORY, chat.SIDE_TUNED: ticket_messages()}
+    alone = {s: engine.generate(s, histories[s], settings, system=SYSTEM) for s in chat.SIDES}
+    assert alone[chat.SIDE_BASE] != alone[chat.SIDE_TUNED]
+    lengths = {
+        s: len(engine.tokenizer(engine.prompt_text(histories[s], SYSTEM))["input_ids"])
+        for s in chat.SIDES
+    }
+    assert lengths[chat.SIDE_BASE] > lengths[chat.SIDE_TUNED] + 10  # really padded
+
+    got = {s: "" for s in chat.SIDES}
+    order: list[str] = []
+    for side, chunk in engine.compare_stream(histories, settings, system=SYSTEM):
+        got[side] += chunk
+        order.append(side)
+    assert "one batched pass" in engine.last_mode
+    assert got == alone
+    # both panels stream at once: B's first piece comes before A's last one
+    assert order.index(chat.SIDE_TUNED) < len(order) - 1 - order[::-1].index(chat.SIDE_BASE)
+    for side in chat.SIDES:
+        st = engine.last_stats[side]
+        assert st.new_tokens >= 3 and not st.stopped and st.prompt_tokens == lengths[side]
+
+    engine.batch_sides = False  # the fallback: one after the other, with the reason shown
+    try:
+        again = {s: "" for s in chat.SIDES}
+        for side, chunk in engine.compare_stream(histories, settings, system=SYSTEM):
+            again[side] += chunk
+        assert again == alone and engine.last_mode.startswith("one side after the other")
+    finally:
+        engine.batch_sides = True
+
+
+@pytest.mark.slow
+def test_a_repetition_penalty_with_padding_falls_back_with_its_reason(engine):
+    settings = chat.GenerationSettings(max_new_tokens=12, repetition_penalty=1.3)
+    histories = {chat.SIDE_BASE: LONG_HISTORY, chat.SIDE_TUNED: ticket_messages()}
+    alone = {s: engine.generate(s, histories[s], settings) for s in chat.SIDES}
+    got = {s: "" for s in chat.SIDES}
+    for side, chunk in engine.compare_stream(histories, settings):
+        got[side] += chunk
+    assert got == alone
+    assert "repetition penalty" in engine.last_mode and "after the other" in engine.last_mode
 
 
 @pytest.mark.slow
@@ -436,13 +515,24 @@ def test_stop_halts_generation_and_both_sides(engine):
     settings = chat.GenerationSettings(max_new_tokens=200)
     msgs = {s: ticket_messages("Write a very long story about a cat.") for s in chat.SIDES}
     got: list[tuple[str, str]] = []
-    for side, chunk in engine.compare_stream(msgs, settings):
+    for side, chunk in engine.compare_stream(msgs, settings):  # one batched pass
         got.append((side, chunk))
         if len(got) == 2:
             engine.stop()
-    assert {side for side, _ in got} == {chat.SIDE_BASE}, "the second side must not start"
-    stats = engine.last_stats[chat.SIDE_BASE]
-    assert stats.stopped and stats.new_tokens < 200
+    for side in chat.SIDES:
+        stats = engine.last_stats[side]
+        assert stats.stopped and stats.new_tokens < 200, side
+    engine.batch_sides = False  # one after the other: the second side must not start
+    try:
+        got.clear()
+        for side, chunk in engine.compare_stream(msgs, settings):
+            got.append((side, chunk))
+            if len(got) == 2:
+                engine.stop()
+        assert {side for side, _ in got} == {chat.SIDE_BASE}, "the second side must not start"
+        assert engine.last_stats[chat.SIDE_BASE].stopped
+    finally:
+        engine.batch_sides = True
     # the next turn is not affected by the earlier Stop
     assert engine.generate(chat.SIDE_TUNED, ticket_messages(), TINY)
 
@@ -465,7 +555,8 @@ def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
     for row, item in zip(first.rows, items, strict=True):
         assert row["base"] != row["fine_tuned"]
         assert row["tuned_rouge_l"] == round(evaluate.rouge_l(row["fine_tuned"], item.reference), 4)
-        assert row["base_json_ok"] in (True, False)  # sample references are JSON objects
+        # The references are JSON objects; the untuned base answers tickets in prose.
+        assert row["base_json_ok"] is False, row["base"]
     assert first.summary["json_references"] == 2
     assert first.csv_path is not None and first.csv_path.parent == run_dir
     assert first.csv_path.name.startswith("compare-") and first.csv_path.suffix == ".csv"
@@ -475,6 +566,42 @@ def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
 
     second = evaluate.batch_compare(engine, items[:1], TINY)
     assert second.csv_path != first.csv_path and first.csv_path.is_file()
+
+
+@pytest.mark.slow
+def test_batched_compare_matches_one_prompt_at_a_time(engine, run_dir: Path):
+    """Both sides of several prompts per generate call (prompts of different lengths, one
+    with its own system message) give the same greedy answers as one prompt and one side
+    at a time."""
+    items = evaluate.validation_items(run_dir, limit=2)
+    items += [
+        evaluate.BatchItem(ticket_messages("Hello!")),
+        evaluate.BatchItem([{"role": "system", "content": SYSTEM}, *LONG_HISTORY], "x"),
+    ]
+    settings = chat.GenerationSettings(max_new_tokens=20)
+    batched = evaluate.batch_compare(
+        engine, items, settings, system="Be brief.", prompts_per_call=3
+    )
+    assert "batched pass" in engine.last_mode
+    assert [r["prompt"] for r in batched.rows] == [i.prompt for i in items]
+    for row, item in zip(batched.rows, items, strict=True):
+        for side, key in ((chat.SIDE_BASE, "base"), (chat.SIDE_TUNED, "fine_tuned")):
+            sys_prompt = None if item.messages[0]["role"] == "system" else "Be brief."
+            alone = engine.generate(side, item.messages, settings, system=sys_prompt).strip()
+            assert row[key] == alone, (item.prompt, side)
+
+
+@pytest.mark.slow
+def test_bench_batching_ratios_at_a_tiny_size(engine):
+    """`python -m studio.bench chat`'s batching figures, at a tiny size (no timing checked)."""
+    out = measure.batching_ratios(engine, ["Hello!"], ["Hi", "Thanks!", "Bye"], 4, 4, reps=2)
+    lines = measure.batching_lines(out)
+    assert out["repetitions"] == 2 and len(lines) == 3
+    for key in ("ab_turn", "batch_compare"):
+        low, high = out[key]["ratio_spread"]
+        assert 0 < low <= out[key]["ratio_median"] <= high
+    assert "A/B turn at 4 new tokens" in lines[0] and "3 prompts x 2 sides" in lines[1]
+    assert engine.batch_sides  # the bench leaves the engine batching again
 
 
 @pytest.mark.slow
@@ -523,7 +650,10 @@ def test_concurrent_turns_do_not_mix_sides(engine):
 
 @pytest.mark.slow
 def test_bench_chat_reports_memory_and_speed(run_dir: Path):
-    result = measure.bench_chat(None, run_dir, ["Hello!"], max_new_tokens=4)
+    result = measure.bench_chat(
+        None, run_dir, ["Hello!"], max_new_tokens=4, ab_tokens=4, batch_prompts=["Hi"], reps=1
+    )
+    assert result["batching"]["ab_turn"]["ratio_median"] > 0
     mem = result["memory"]
     assert mem["base_alone_weights_mb"] > 0 and mem["rss_ratio"] > 0
     assert mem["weights_ratio"] <= 1.1  # one base in memory, plus a small adapter
@@ -608,7 +738,7 @@ def test_batch_compare_holds_its_model_and_saves_to_its_run(engine, run_dir: Pat
         engine.load_base_only()
 
     try:
-        result = evaluate.batch_compare(engine, items, TINY, on_row=on_row)
+        result = evaluate.batch_compare(engine, items, TINY, on_row=on_row, prompts_per_call=2)
         assert len(refusals) == 3
         assert freed and "Unloaded the Chat model" in (freed[0] or "")
         assert not engine.loaded

@@ -27,6 +27,7 @@ def test_send_one_prompt_and_see_two_different_answers(start_app, page, studio_h
     stats = page.locator("#chat-stats")
     stats.get_by_text("tokens/s").or_(stats.get_by_text("Error")).first.wait_for(timeout=300_000)
     assert "Error" not in stats.inner_text(), stats.inner_text()
+    assert "A and B in one batched pass" in stats.inner_text(), stats.inner_text()
 
     answers = []
     for panel in ("#chat-a", "#chat-b"):
@@ -85,4 +86,58 @@ def test_a_tab_is_told_when_another_tab_changed_the_model(studio_home: Path):
         assert final[ui["chat_a"]][-1]["role"] == "assistant" and final[ui["chat_a"]][-1]["content"]
         assert final[ui["chat_b"]] == []  # base alone: B has nothing to answer with
     finally:
+        engine.unload()
+
+
+def _streamed_together(ui: dict, frames: list[dict]) -> bool:
+    """Whether some frame shows B's answer begun while A's was still unfinished."""
+    final_a = frames[-1][ui["chat_a"]][-1]["content"]
+    for frame in frames[:-1]:
+        a, b = frame.get(ui["chat_a"]), frame.get(ui["chat_b"])
+        both = isinstance(a, list) and isinstance(b, list) and a and b
+        if both and b[-1]["content"] and a[-1]["content"] != final_a:
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_send_streams_both_panels_in_one_pass_and_says_so(studio_home: Path):
+    """The Send handler (real components, real model): both panels fill during the same
+    stream, and the stats line says the turn ran in one batched pass, or why it did not."""
+    import gradio as gr
+
+    from studio import chat
+    from studio.ui.chat import conversation
+    from studio.ui.chat.tab import build_chat_tab, do_load
+
+    run_dir = train_chat_run(studio_home)
+    ctx: dict = {}
+    with gr.Blocks():
+        ui = build_chat_tab(ctx)
+    engine = ctx["chat.engine"]
+    gen = (0, 1, 24, 1, 42)  # greedy, 24 new tokens
+    empty = {"base": [], "tuned": []}
+    plain = {"A": "base", "B": "tuned"}
+    try:
+        loaded = do_load(
+            ui, engine, str(run_dir), "", "", "", chat.PRECISION_AUTO, False, _no_progress
+        )
+        mine = loaded[ui["loaded"]]
+        frames = list(
+            conversation.send(ui, engine, TICKET, empty, plain, False, False, "", mine, *gen)
+        )
+
+        assert _streamed_together(ui, frames), "the two panels did not stream at once"
+        line = frames[-1][ui["stats"]]
+        assert "tokens/s" in line and "A and B in one batched pass" in line, line
+
+        engine.batch_sides = False
+        frames = list(
+            conversation.send(ui, engine, TICKET, empty, plain, False, False, "", mine, *gen)
+        )
+        line = frames[-1][ui["stats"]]
+        assert "one side after the other (batching is turned off)" in line, line
+        assert not _streamed_together(ui, frames)  # A was done before B started
+    finally:
+        engine.batch_sides = True
         engine.unload()

@@ -104,3 +104,51 @@ def test_dataset_tab_sample_redact_and_garbage(
     expect(status).to_contain_text("does not exist", timeout=TIMEOUT_MS)
     # The last good dataset stays loaded and the app keeps answering.
     expect(summary).to_contain_text(cleaned.name)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_hub_dataset_offline_names_the_cause_and_a_local_dataset_folder_loads(
+    start_app, page, studio_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Dataset tab's "Hugging Face dataset by name" input, offline (HF_HUB_OFFLINE): a
+    dataset id the local cache lacks gets a message naming offline mode and the local-file
+    route; a local dataset folder (read by `datasets.load_dataset` as a hub repo is) loads,
+    with its column map, through the same validation and PII scan as a file."""
+    import json
+
+    from playwright.sync_api import expect
+
+    folder = tmp_path / "support-vi"
+    (folder / "data").mkdir(parents=True)
+    rows = [{"question": f"Đơn {i} chưa tới?", "answer": f"Kiểm tra đơn {i}."} for i in range(5)]
+    rows[3]["answer"] = "Gọi cho tôi: 0912 345 678"  # one phone number for the PII scan
+    with (folder / "data" / "train.jsonl").open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the app inherits it: no network is tried
+    app = start_app()
+    page.goto(app.url)
+    page.get_by_text("…or a Hugging Face dataset by name").click()
+    status = page.locator("#dataset-status")
+    hub_id = page.locator("#dataset-hub-id textarea, #dataset-hub-id input").first
+    hub_id.fill("lora-studio-tests/never-cached")
+    page.locator("#dataset-hub-load").click()
+    expect(status).to_contain_text("Could not load", timeout=TIMEOUT_MS)
+    expect(status).to_contain_text("Offline mode is on (HF_HUB_OFFLINE is set)")
+    expect(status).to_contain_text("not in this computer's Hugging Face cache")
+    expect(status).to_contain_text("local-file route")
+    assert "Traceback" not in page.content()
+
+    hub_id.fill(str(folder))
+    page.get_by_label("Column map (field=column, ...)").fill("instruction=question, output=answer")
+    page.locator("#dataset-hub-load").click()
+    expect(status).to_contain_text("5 of 5 rows usable", timeout=TIMEOUT_MS)
+    written = studio_home / "datasets" / "hub" / "support-vi-train.jsonl"
+    expect(status).to_contain_text(str(written))
+    assert json.loads(written.read_text(encoding="utf-8").splitlines()[0]) == {
+        "instruction": "Đơn 0 chưa tới?",
+        "output": "Kiểm tra đơn 0.",
+    }
+    expect(page.locator("#dataset-summary")).to_contain_text("alpaca")
+    expect(page.locator("#dataset-pii")).to_contain_text("1 possible PII finding")

@@ -362,3 +362,49 @@ def test_q4_k_m_export_writes_the_route_it_took(two_step_run: Path) -> None:
         assert "--quantize" not in result.create_command
         assert "llama_model_quantize" in result.gguf_route
     assert 'PARAMETER stop "<|im_end|>"' in result.modelfile
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_export_section_q4_k_m_says_which_route_makes_the_file(
+    two_step_run: Path, start_app, page
+) -> None:
+    """Export in the browser with q4_K_M picked. Without llama.cpp's quantizer (this machine:
+    its wheel needs glibc 2.38) the section says so, keeps the checked f16 GGUF, and prints
+    the `ollama create --quantize q4_K_M` command that makes the q4_K_M model."""
+    import re
+
+    from playwright.sync_api import expect
+
+    found = gguf.local_quantizer()
+    app = start_app()
+    page.goto(app.url)
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_text("Export", exact=True).first.click()  # the accordion's label, not its button
+    expect(page.locator("#export-button")).to_be_visible()
+    page.get_by_label("Run to export").click()
+    page.get_by_role("option", name=two_step_run.name, exact=False).click()
+    expect(page.locator("#export-run-details")).to_contain_text(str(two_step_run))
+    choice = page.locator("#export-gguf label").filter(has_text="GGUF q4_K_M")
+    choice.click()
+    expect(choice.locator("input")).to_be_checked()
+    page.locator("#export-button").click()
+    status = page.locator("#export-status")
+    expect(status).to_contain_text("Exported", timeout=900_000)
+    commands = page.locator("#export-commands")
+    files = page.locator("#export-files")
+    if isinstance(found, str):  # the Ollama route: the f16 file here, Ollama quantizes it
+        expect(status).to_contain_text("GGUF route: No q4_K_M file was written here")
+        expect(status).to_contain_text(found.split(":")[0])  # why llama.cpp's quantizer is out
+        expect(status).to_contain_text("ollama create --quantize q4_K_M")
+        expect(status).to_contain_text("NOT checked")
+        expect(commands).to_contain_text(re.compile(r"ollama create \S+ --quantize q4_K_M -f "))
+        expect(files).to_contain_text("-f16.gguf")
+        expect(files).not_to_contain_text("q4_K_M.gguf")
+        f16 = sorted(two_step_run.glob("export*/*-f16.gguf"))
+        assert f16 and f16[-1].stat().st_size > 100e6  # 135M parameters at 2 bytes each
+    else:  # llama.cpp's quantizer loaded: the q4_K_M file is written here
+        expect(status).to_contain_text("llama_model_quantize")
+        expect(files).to_contain_text("-q4_K_M.gguf")
+        expect(commands).not_to_contain_text("--quantize")
+    assert "Traceback" not in page.content()

@@ -240,3 +240,31 @@ def test_band_setting_outside_run_config_values_is_refused(tmp_path: Path) -> No
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     with pytest.raises(PresetError, match=r"bands\.4b_to_9b\.target_modules: use one of qv"):
         load_preset_file(path)
+
+
+def test_a_user_preset_from_before_recipes_borrows_them_with_a_notice(tmp_path: Path) -> None:
+    """A user's copy of a GPU preset made before bands had recipes still loads: the recipe
+    comes from the built-in GPU presets (lr 2e-4 for 1-4B, what their YAML states), the
+    fields the user did write win, and the Hardware tab is told which were borrowed."""
+    user = tmp_path / "presets"
+    user.mkdir()
+    old = _valid("old-card")
+    for band in old["bands"].values():
+        for name in ("learning_rate", "warmup_ratio", "epochs", "min_steps", "step_cap"):
+            band.pop(name)
+        band.pop("max_epochs")
+    old["bands"]["up_to_1b"]["learning_rate"] = 7.0e-4  # the user's own choice stays
+    (user / "old-card.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+
+    catalog = load_presets(user_dir=user)
+
+    assert catalog.problems == []
+    card = catalog.get("old-card")
+    assert card.bands["1b_to_4b"].learning_rate == 2.0e-4
+    assert card.bands["1b_to_4b"].warmup_ratio == 0.03
+    assert card.bands["up_to_1b"].learning_rate == 7.0e-4
+    (notice,) = catalog.notices
+    assert "old-card.yaml" in notice and "learning_rate" in notice and "rtx" in notice
+    # Loaded alone (no catalog to borrow from), the same file names the missing field.
+    with pytest.raises(PresetError, match=r"bands\.1b_to_4b\.learning_rate: required"):
+        load_preset_file(user / "old-card.yaml")

@@ -97,13 +97,14 @@ def test_a_run_goes_one_way_through_the_train_package() -> None:
 
     allowed = {
         "tracking": set(),  # a leaf: where the curves go (TensorBoard, W&B)
+        "distributed": set(),  # a leaf: ranks, the stop file, the accelerate command
         "prepare": set(),
-        "recipe": {"tracking"},
+        "recipe": {"tracking", "distributed"},
         "checks": set(),
         "plan": {"prepare", "recipe"},  # the Train tab's pre-flight, before any run starts
-        "loop": {"prepare", "recipe", "checks", "tracking"},
-        "jobs": {"prepare", "loop"},
-        "cli": {"prepare", "loop"},
+        "loop": {"prepare", "recipe", "checks", "tracking", "distributed"},
+        "jobs": {"prepare", "loop", "distributed"},
+        "cli": {"prepare", "loop", "distributed"},
     }
     for name, may_import in allowed.items():
         tree = ast.parse((ROOT / "studio" / "train" / f"{name}.py").read_text(encoding="utf-8"))
@@ -121,7 +122,6 @@ def test_invalid_settings_are_refused_before_any_model_loads(studio_home, tiny_r
     cases = [
         (tiny_cfg(tiny_rows, lora_r=0), "lora_r"),
         (tiny_cfg(tiny_rows, run_name="no spaces please"), "run_name"),
-        (tiny_cfg(tiny_rows, device="cuda"), "device"),  # no GPU on the test machine
         (tiny_cfg(tiny_rows, dataset_path=str(tmp_path / "missing.jsonl")), "dataset_path"),
     ]
     bad = tmp_path / "bad.jsonl"
@@ -132,6 +132,27 @@ def test_invalid_settings_are_refused_before_any_model_loads(studio_home, tiny_r
             manager().start(cfg)
         assert info.value.field.startswith(field), (field, str(info.value))
     assert not manager().active
+    assert {p.name for p in (studio_home / "runs").glob("*")} == existing  # no run folder made
+
+
+def test_device_cuda_is_refused_without_a_gpu_and_accepted_with_one(studio_home, tiny_rows):
+    """`device: cuda` is a ConfigError only where PyTorch sees no GPU. On a GPU machine the
+    same settings pass the checks a run starts with (and nothing is trained here)."""
+    import torch
+
+    from studio.train.prepare import check_settings
+
+    existing = {p.name for p in (studio_home / "runs").glob("*")}
+    cfg = tiny_cfg(tiny_rows, device="cuda")
+    if torch.cuda.is_available():
+        device, reason = check_settings(cfg)
+        assert device == "cuda" and reason.startswith("cuda: GPU 0, "), (device, reason)
+        assert torch.cuda.get_device_name(0) in reason
+    else:
+        with pytest.raises(ConfigError) as info:
+            manager().start(cfg)
+        assert info.value.field == "device" and "no CUDA GPU is visible" in str(info.value)
+        assert not manager().active
     assert {p.name for p in (studio_home / "runs").glob("*")} == existing  # no run folder made
 
 
@@ -222,6 +243,14 @@ def test_qlora_run_on_cpu_learns(embedded_model, tiny_rows, tokenizer):
     assert result.status == "completed", result.message
     losses = train_losses(result.run_dir)
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    grad_norms = [e["grad_norm"] for e in runs.load_log(result.run_dir) if e.get("kind") == "train"]
+    assert all(g > 0 for g in grad_norms), grad_norms
+    # Every lora_B starts at zero: each one moved, so the adapter has something to merge.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
+    lora_b = {k: v.abs().max().item() for k, v in saved.items() if "lora_B" in k}
+    assert lora_b and min(lora_b.values()) > 0, lora_b
     meta = runs.read_metadata(result.run_dir)
     assert meta["settings"]["method"] == "qlora" and meta["status"] == "completed"
     base = load_model_for_inference(embedded_model.path)

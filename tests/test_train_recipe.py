@@ -162,3 +162,31 @@ def test_label_count_waits_for_the_log_not_each_micro_batch() -> None:
         progress._count_labels(module, (), {"labels": torch.tensor([[-100, 5, 6], [7, -100, 9]])})
     assert progress.label_tokens == 12
     assert progress.label_tokens == 12  # read twice: counted once
+
+
+@pytest.mark.parametrize(
+    ("total", "rows_per_step", "val_rows", "interval"),
+    [
+        (21, 4, 30, 21),  # bench uipath: 7 evals of 30 rows were half the run; now the last only
+        (41, 4, 18, 10),  # the default first run: 4 evals (plus step 0 and the last step)
+        (500, 16, 100, 100),  # a GPU run: evals are cheap next to training, about 5
+        (40, 4, 0, 8),  # no validation rows: the plain ~5 per run
+    ],
+)
+def test_evals_stay_a_small_share_of_the_run(
+    total: int, rows_per_step: int, val_rows: int, interval: int
+) -> None:
+    from studio.train.recipe import eval_interval
+
+    assert eval_interval(total, rows_per_step, val_rows) == interval
+
+
+def test_an_eval_interval_the_user_set_wins() -> None:
+    from studio.config import RunConfig
+    from studio.train.recipe import plan_steps
+
+    cfg = RunConfig(max_steps=21, batch_size=4, grad_accum=1, eval_steps=3)
+    assert plan_steps(cfg, 100, val_rows=30)["eval_steps"] == 3
+    assert (
+        plan_steps(RunConfig(max_steps=21, batch_size=4, grad_accum=1), 100, 30)["eval_steps"] == 21
+    )

@@ -13,6 +13,9 @@ from studio.config import ConfigError, RunConfig
 from studio.train.jobs import JobSnapshot
 from tests.ui_steps import set_train_settings
 
+STARTED = re.compile(r"▶️ Started ui-run")  # the notice of a run that started
+BUSY = re.compile(r"Not started\. A run is (already training: ui-run|being prepared)")
+
 
 def test_config_from_ui_takes_other_tabs_values_and_names_bad_fields():
     from studio.ui.train_tab import FIELDS, config_from_ui
@@ -90,13 +93,31 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
     }
     set_train_settings(page, wanted)
 
-    page.locator("#train-start").click()
+    before = {r.name for r in runs.list_runs()}
     notice = page.locator("#train-notice")
-    notice.get_by_text(re.compile("Started|unresolved")).wait_for(timeout=30_000)
-    if "unresolved" in notice.inner_text():  # the sample's planted PII was scanned: confirm
-        page.locator("#train-allow-pii input").check()
-        page.locator("#train-start").click()
-        notice.get_by_text("Started").wait_for(timeout=30_000)
+    # The bundled sample carries planted PII: the first Start is refused, and no run starts.
+    page.locator("#train-start").click()
+    expect(notice).to_contain_text("unresolved", timeout=30_000)
+    expect(notice).to_contain_text("Not started")
+    page.wait_for_timeout(2000)  # a run wrongly started would be listed by now
+    assert {r.name for r in runs.list_runs()} == before
+    # Confirming starts it ("Started" alone would also match "Not started").
+    page.locator("#train-allow-pii input").check()
+    page.locator("#train-start").click()
+    expect(notice).to_contain_text(STARTED, timeout=30_000)
+    (run_name,) = {r.name for r in runs.list_runs()} - before
+
+    # A second browser tab, opened while the run loads its model, shows that run, and its
+    # Start is refused as busy (checked before the PII question, which it would also get).
+    other = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    other.goto(app.url)
+    other.get_by_role("tab", name="Train").click()
+    expect(other.locator("#train-progress")).to_contain_text(run_name, timeout=30_000)
+    other.locator("#train-start").click()
+    expect(other.locator("#train-notice")).to_contain_text(BUSY, timeout=30_000)
+    now = {r.name: r.status for r in runs.list_runs()}
+    assert set(now) - before == {run_name} and now[run_name] == "running"  # no second run
+    other.context.close()
 
     progress = page.locator("#train-progress")
     chart_traces = page.locator("#train-chart .scatterlayer .trace")
@@ -104,18 +125,6 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
     while time.time() < deadline and chart_traces.count() == 0:
         page.wait_for_timeout(1000)
     assert chart_traces.count() > 0, progress.inner_text()
-
-    # A second browser tab sees the same run, and its Start is refused while the run trains.
-    other = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    other.goto(app.url)
-    other.get_by_role("tab", name="Train").click()
-    other.locator("#train-progress").get_by_text("ui-run").wait_for(timeout=30_000)
-    if "Completed" not in other.locator("#train-progress").inner_text():
-        other.locator("#train-start").click()
-        other.locator("#train-notice").get_by_text(
-            re.compile("already training|Not started")
-        ).wait_for(timeout=30_000)
-    other.context.close()
 
     progress.get_by_text("Completed").wait_for(timeout=400_000)
     run_dir = page.locator("#train-run-dir textarea").input_value()

@@ -27,6 +27,7 @@ from typing import Any
 
 from studio.data import chat_format
 from studio.models import loader as models
+from studio.models.batching import eos_ids, left_pad
 from studio.runs import read_json
 
 SIDE_BASE = "base"
@@ -346,6 +347,103 @@ def _stop_criteria(event: threading.Event):
     return StoppingCriteriaList([_StopFlag()])
 
 
+MIXED_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed adapter batch
+
+
+def mixed_batch_problem(
+    model: Any, settings: GenerationSettings, lengths: list[int] | None = None
+) -> str | None:
+    """Why base and fine-tuned rows cannot share one `generate` call here, or None.
+
+    PEFT mixes adapters per row (`adapter_names`) only for unmerged, non-DoRA LoRA; and a
+    repetition penalty counts every token of a row's input, so it would count the left
+    padding of the shorter prompt and change that row's answer.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(model, PeftModel):
+        return "no adapter attached"
+    config = model.peft_config.get(model.active_adapter)
+    kind = str(getattr(getattr(config, "peft_type", None), "value", "") or "")
+    if kind != "LORA":
+        return f"PEFT mixes only LoRA adapters in one batch (this one is {kind or 'unknown'})"
+    if getattr(config, "use_dora", False):
+        return "PEFT cannot mix a DoRA adapter with the base in one batch"
+    if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
+        return "the adapter is merged into the weights"
+    if settings.repetition_penalty != 1.0 and lengths and len(set(lengths)) > 1:
+        return "a repetition penalty would count the padding of the shorter prompt"
+    return None
+
+
+class _TaggedQueue:
+    """One row's text queue inside a batch: puts (row, item) on the batch's shared queue."""
+
+    def __init__(self, shared: Any, row: int) -> None:
+        self.shared, self.row = shared, row
+
+    def put(self, item: Any, timeout: float | None = None) -> None:
+        self.shared.put((self.row, item), timeout=timeout)
+
+
+def _rows_streamer(tok: Any, n_rows: int, ends: set[int]):
+    """A streamer for a batch of `n_rows`: splits each step's tokens by row, so each panel
+    streams its own text, and ends a row at its own end-of-turn token (`generate` goes on
+    feeding a finished row padding until the whole batch is done; those are dropped here).
+
+    Each row is the one-row streamer (`_streamer_class`: eager Thai, first-token time, token
+    count), so a row's text is decoded exactly as that side alone would decode it.
+    """
+    import queue
+
+    from transformers.generation.streamers import BaseStreamer
+
+    row_class = _streamer_class()
+
+    class _Rows(BaseStreamer):
+        def __init__(self) -> None:
+            self.queue: queue.Queue = queue.Queue()
+            self.rows = [row_class(tok) for _ in range(n_rows)]
+            for i, row in enumerate(self.rows):
+                row.text_queue = _TaggedQueue(self.queue, i)
+            self.done = [False] * n_rows
+            self.by_end_token = [False] * n_rows  # ended by its own end-of-turn token
+            self.ended_at: list[float | None] = [None] * n_rows
+
+        def put(self, value: Any) -> None:
+            value = value.reshape(n_rows, -1)
+            for i, row in enumerate(self.rows):
+                if self.done[i]:
+                    continue
+                prompt = row.next_tokens_are_prompt
+                row.put(value[i])
+                if not prompt and int(value[i, -1]) in ends:
+                    self.by_end_token[i] = True
+                    self._finish(i)
+
+        def _finish(self, i: int) -> None:
+            self.done[i] = True
+            self.ended_at[i] = time.perf_counter()
+            self.rows[i].end()
+
+        def end(self) -> None:
+            for i in range(n_rows):
+                if not self.done[i]:
+                    self._finish(i)
+
+        def __iter__(self) -> Iterator[tuple[int, str]]:
+            live = n_rows
+            while live:
+                row, text = self.queue.get()
+                if text is None:  # the row streamer's stop signal
+                    live -= 1
+                elif text:
+                    yield row, text
+
+    return _Rows()
+
+
 def _finish_stats(
     stats: GenerationStats,
     streamer: Any,
@@ -583,6 +681,8 @@ class ChatEngine:
         self._load_lock = threading.Lock()  # one load / attach / unload at a time
         self._busy: str | None = None  # the batch compare that holds the model
         self._stop_event = threading.Event()
+        self.batch_sides = True  # both sides in one generate call where PEFT allows it
+        self.last_mode = ""  # how the last turn ran: batched, or one by one and why
         _ENGINES.add(self)
 
     @property
@@ -662,6 +762,9 @@ class ChatEngine:
         attached to it (swapping any earlier one) and the base is not loaded again; else
         whatever was loaded is replaced. Raises ChatError with what to do.
         """
+        from studio import heavy
+
+        heavy.ready()  # one thread imports torch/transformers at a time
         progress = progress or (lambda _m, _f: None)
         _check_precision(precision)
         _refuse_while_training()
@@ -706,6 +809,9 @@ class ChatEngine:
         "As trained" means 16-bit here (there is no run). An adapter already on this very
         base is detached instead of loading the base again.
         """
+        from studio import heavy
+
+        heavy.ready()  # one thread imports torch/transformers at a time
         progress = progress or (lambda _m, _f: None)
         _check_precision(precision)
         _refuse_while_training()
@@ -1008,6 +1114,121 @@ class ChatEngine:
                 errors.append(exc)
                 kwargs["streamer"].end()
 
+    def stream_rows(
+        self,
+        rows: list[tuple[str, list[Message], str | None]],
+        settings: GenerationSettings | None = None,
+        *,
+        new_turn: bool = True,
+    ) -> Iterator[tuple[int, str]]:
+        """Answer several (side, messages, system) rows; yield (row index, chunk) as they come.
+
+        With an adapter loaded, all rows go through ONE `generate` call: a left-padded batch
+        whose base rows run with the adapter off and fine-tuned rows with it on (PEFT's mixed
+        adapter batches, `adapter_names`), so one model and one adapter serve both at once and
+        a turn costs about one answer's time, not two. Where PEFT cannot mix them
+        (`mixed_batch_problem`), or `batch_sides` is off, the rows run one after the other;
+        `last_mode` says which happened and why, for the stats line. Greedy answers are the
+        same either way; a sampled turn is batched too (one seed per turn, both sides share
+        one settings), so it repeats under its seed but draws differently from a side alone.
+        """
+        settings = (settings or GenerationSettings()).validate()
+        with self._lock:
+            model, tok = self._require()
+            tuned, load_id = self.source is not None, self.load_id
+        if new_turn:
+            self._stop_event.clear()
+        texts = [self.prompt_text(m, s) for _, m, s in rows]
+        enc = left_pad(tok, texts, model.device) if tuned and len(rows) > 1 else None
+        problem = None
+        if enc is not None:
+            problem = mixed_batch_problem(model, settings, enc["lengths"])
+            problem = problem or (None if self.batch_sides else "batching is turned off")
+        if enc is None or problem:
+            self.last_mode = _sequential_mode(len(rows), problem)
+            yield from self._rows_one_by_one(rows, settings)
+            return
+        self.last_mode = f"{len(rows)} answers in one batched pass (PEFT mixed adapters)"
+        if len(rows) == 2 and {r[0] for r in rows} == set(SIDES):
+            self.last_mode = "A and B in one batched pass (PEFT mixed adapters)"
+        yield from self._rows_batched(rows, settings, model, tok, enc, load_id)
+
+    def _rows_one_by_one(
+        self, rows: list[tuple[str, list[Message], str | None]], settings: GenerationSettings
+    ) -> Iterator[tuple[int, str]]:
+        """The fallback: each row alone, in order; a Stop skips the rows not started."""
+        for i, (side, messages, system) in enumerate(rows):
+            if self._stop_event.is_set():
+                break
+            for chunk in self.stream(side, messages, settings, system=system, new_turn=False):
+                yield i, chunk
+
+    def _rows_batched(
+        self,
+        rows: list[tuple[str, list[Message], str | None]],
+        settings: GenerationSettings,
+        model: Any,
+        tok: Any,
+        enc: dict[str, Any],
+        load_id: int,
+    ) -> Iterator[tuple[int, str]]:
+        """All rows in one `generate` on a thread; each row streams and ends on its own."""
+        lengths = enc.pop("lengths")
+        streamer = _rows_streamer(tok, len(rows), eos_ids(model))
+        stop_event, errors = self._stop_event, []
+        kwargs = dict(
+            **enc,
+            adapter_names=[MIXED_BASE if r[0] == SIDE_BASE else model.active_adapter for r in rows],
+            streamer=streamer,
+            stopping_criteria=_stop_criteria(stop_event),
+            **settings.generate_kwargs(tok),
+        )
+        started = time.perf_counter()
+        thread = threading.Thread(
+            target=self._generate_on_thread,
+            args=(load_id, model, None, settings.seed, kwargs, errors),
+            name="chat-batch",
+            daemon=True,
+        )
+        thread.start()
+        read_all = False
+        try:
+            yield from streamer
+            read_all = True
+        finally:
+            if not read_all:
+                stop_event.set()  # the reader went away: do not keep generating
+            thread.join()
+            for i, (side, _, _) in enumerate(rows):
+                stats = _finish_stats(
+                    GenerationStats(side, prompt_tokens=lengths[i]),
+                    streamer.rows[i],
+                    started,
+                    stop_event,
+                    settings,
+                )
+                stats.total_s = (streamer.ended_at[i] or time.perf_counter()) - started
+                stats.stopped = stats.stopped and not streamer.by_end_token[i]
+                self.last_stats[side] = stats
+        if errors:
+            exc = errors[0]
+            if isinstance(exc, ChatError):
+                raise exc
+            raise ChatError(f"Generation failed (both sides in one batch): {exc}") from exc
+
+    def generate_rows(
+        self,
+        rows: list[tuple[str, list[Message], str | None]],
+        settings: GenerationSettings | None = None,
+        *,
+        new_turn: bool = True,
+    ) -> list[str]:
+        """The whole answers of `stream_rows` (batch compare uses this)."""
+        out = [""] * len(rows)
+        for i, chunk in self.stream_rows(rows, settings, new_turn=new_turn):
+            out[i] += chunk
+        return out
+
     def generate(
         self,
         side: str,
@@ -1028,22 +1249,26 @@ class ChatEngine:
         system: str | None = None,
         order: tuple[str, ...] = SIDES,
     ) -> Iterator[tuple[str, str]]:
-        """One turn on both sides: yield (side, chunk), base first, then fine-tuned.
+        """One turn on both sides: yield (side, chunk) as each side's text comes.
 
-        Each side gets its own history (they diverge after the first answer). A Stop halts
-        the side that is generating and skips the one that has not started. With a base
-        loaded alone, ask for `order=(SIDE_BASE,)`: the fine-tuned side raises NO_TUNED.
+        Both sides are generated together in one batched pass where PEFT allows it
+        (`stream_rows`), so their chunks interleave; else one after the other in `order`
+        (`last_mode` says why). Each side gets its own history (they diverge after the first
+        answer). A Stop halts what is generating and skips a side that has not started. With
+        a base loaded alone, ask for `order=(SIDE_BASE,)`: the fine-tuned side raises NO_TUNED.
         """
         if SIDE_TUNED in order and self.loaded and not self.has_adapter:
             raise ChatError(NO_TUNED)
-        self._stop_event.clear()
-        for side in order:
-            if self._stop_event.is_set():
-                break
-            for chunk in self.stream(
-                side, histories[side], settings, system=system, new_turn=False
-            ):
-                yield side, chunk
+        rows = [(side, histories[side], system) for side in order]
+        for i, chunk in self.stream_rows(rows, settings, new_turn=True):
+            yield order[i], chunk
+
+
+def _sequential_mode(n_rows: int, problem: str | None) -> str:
+    """The stats line's note for rows answered one after the other."""
+    if n_rows <= 1:
+        return ""
+    return f"one side after the other ({problem})" if problem else "one side after the other"
 
 
 def with_system(messages: list[Message], system: str | None) -> list[Message]:

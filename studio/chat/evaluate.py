@@ -510,6 +510,9 @@ def write_csv(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
     return path
 
 
+PROMPTS_PER_CALL = 8  # prompts per generate call: 16 rows (both sides), modest padding and KV
+
+
 def batch_compare(
     engine: ChatEngine,
     items: list[BatchItem],
@@ -520,23 +523,31 @@ def batch_compare(
     progress: BatchProgress | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     expect_id: int | None = None,
+    prompts_per_call: int = PROMPTS_PER_CALL,
 ) -> BatchResult:
     """Answer every item on both sides, score them, and save the table as CSV.
 
+    Both sides of `prompts_per_call` prompts go through one `generate` call (PEFT mixed
+    adapter batches, `ChatEngine.stream_rows`), so a batch takes a fraction of the time of
+    one prompt and one side at a time; greedy answers are the same either way.
+
     The batch holds the engine (`ChatEngine.hold_for_batch`): a Load or Unload meanwhile is
     refused, and the CSV goes to the run the batch started with. A Stop, or training taking
-    the GPU (`release_for_training`), ends it after the current answer; the rows done so far
-    are still saved, and `error` says why it ended early. `system` applies only to items that
-    bring no system message of their own; `on_row` sees each scored row as soon as it is
-    done (the UI fills its table with it). `expect_id`: the `load_id` the caller picked its
-    prompts for (refused when another load came in between).
+    the GPU (`release_for_training`), ends it after the current group of prompts; the rows
+    done so far are still saved, and `error` says why it ended early. `system` applies only
+    to items that bring no system message of their own; `on_row` sees each scored row as
+    soon as it is done (the UI fills its table with it). `expect_id`: the `load_id` the
+    caller picked its prompts for (refused when another load came in between).
     """
     settings = (settings or GenerationSettings()).validate()
     progress = progress or (lambda _d, _t, _m: None)
+    size = max(1, int(prompts_per_call))
     with engine.hold_for_batch(expect_id) as held:
         engine.begin_turn()
         target = out_dir or held["out_dir"]
-        rows, error = _batch_rows(engine, items, settings, system, progress, on_row, held["id"])
+        rows, error = _batch_rows(
+            engine, items, settings, system, progress, on_row, held["id"], size
+        )
         stopped = engine.stopped or error is not None
     progress(len(rows), len(items), "Stopped" if stopped else "Done")
     csv_path = write_csv(rows, target) if target and rows else None
@@ -551,50 +562,58 @@ def _batch_rows(
     progress: BatchProgress,
     on_row: Callable[[dict[str, Any]], None] | None,
     load_id: int,
+    size: int,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The scored rows until the end, a Stop, or the model going away (then with why)."""
     rows: list[dict[str, Any]] = []
     total = len(items)
-    for i, item in enumerate(items):
-        progress(i, total, f"Prompt {i + 1}/{total}")
+    for start in range(0, total, size):
+        group = items[start : start + size]
+        progress(start, total, f"Prompts {start + 1}-{start + len(group)}/{total}")
         try:
-            row = _compare_row(engine, item, settings, system)
+            done = _compare_group(engine, group, settings, system)
         except ChatError as exc:
             return rows, str(exc)
-        if row is not None:  # both answers came from the model the batch started with
-            rows.append(row)
-            if on_row:
-                on_row(row)
+        if done is not None:  # every answer came from the model the batch started with
+            for row in done:
+                rows.append(row)
+                if on_row:
+                    on_row(row)
         if engine.load_id != load_id:
             why = engine.unload_reason or "another model was loaded"
             return rows, f"The chat model was unloaded mid-batch: {why}."
-        if row is None:
+        if done is None:
             break
     return rows, None
 
 
-def _compare_row(
-    engine: ChatEngine, item: BatchItem, settings: GenerationSettings, system: str | None
-) -> dict[str, Any] | None:
-    """One item answered by both sides and scored; None when a Stop cut it short."""
-    has_system = bool(item.messages) and item.messages[0].get("role") == "system"
-    sys_prompt = None if has_system else system
-    answers: dict[str, str] = {}
-    for side in SIDES:
-        if engine.stopped:
-            break
-        answers[side] = engine.generate(
-            side, item.messages, settings, system=sys_prompt, new_turn=False
-        ).strip()
+def _compare_group(
+    engine: ChatEngine, group: list[BatchItem], settings: GenerationSettings, system: str | None
+) -> list[dict[str, Any]] | None:
+    """A group of items answered by both sides in one pass and scored; None when a Stop cut
+    it short (its half-written answers are not kept)."""
+    requests = []
+    for item in group:
+        has_system = bool(item.messages) and item.messages[0].get("role") == "system"
+        requests += [(side, item.messages, None if has_system else system) for side in SIDES]
+    answers = engine.generate_rows(requests, settings, new_turn=False)
     if engine.stopped:
         return None
+    return [
+        _scored_row(item, answers[2 * i].strip(), answers[2 * i + 1].strip())
+        for i, item in enumerate(group)
+    ]
+
+
+def _scored_row(item: BatchItem, base: str, tuned: str) -> dict[str, Any]:
+    """One CSV row: the prompt, the reference, both answers and their scores."""
     row: dict[str, Any] = {
         "prompt": item.prompt,
         "reference": item.reference or "",
-        "base": answers[SIDE_BASE],
-        "fine_tuned": answers[SIDE_TUNED],
+        "base": base,
+        "fine_tuned": tuned,
     }
-    for side, answer in answers.items():
+    for side, answer in ((SIDE_BASE, base), (SIDE_TUNED, tuned)):
         for key, value in score(answer, item.reference).items():
             row[f"{side}_{key}"] = value
     return row

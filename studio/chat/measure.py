@@ -1,18 +1,26 @@
-"""Chat benchmark: memory of both sides vs the base alone, time to first token, tokens/s.
+"""Chat benchmark: memory of both sides vs the base alone, time to first token, tokens/s,
+and what batching both sides in one pass is worth.
 
 Run by `python -m studio.bench chat` (`bench_chat` returns the figures, prints nothing). Each
 memory figure is taken in a fresh child process (`_in_child` -> `_measure_load`), so memory
-freed by an earlier load cannot blur the comparison.
+freed by an earlier load cannot blur the comparison. The batching figures (`batching_ratios`)
+time the engine's own paths, batched and one by one, interleaved (a, b, b, a, ...) so that
+drift on a shared machine hits both, and report the median and spread of the ratios.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import statistics
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from studio import paths
+from studio.chat import evaluate
 from studio.chat.engine import (
     PRECISION_AUTO,
     SIDE_BASE,
@@ -114,6 +122,19 @@ def _in_child(kind: str, adapter: str, base: str | None, precision: str, prompt:
     return result
 
 
+# Eight prompts of different lengths for the batch-compare figure (each answered on both sides).
+BATCH_PROMPTS = [
+    "My parcel has not arrived after two weeks. What should I do?",
+    "Tôi bị trừ tiền hai lần cho cùng một đơn hàng, làm sao để được hoàn tiền?",
+    "How do I reset my password if the email never arrives?",
+    "Can I change the delivery address after the order has shipped?",
+    "สินค้าที่ได้รับชำรุด ต้องการเปลี่ยนสินค้าใหม่ ต้องทำอย่างไร",
+    "The app crashes every time I open my order history on Android. Any fix?",
+    "Do you ship to Da Nang, and how long does it take?",
+    "I want to cancel my subscription but the button is greyed out. Please help.",
+]
+
+
 def bench_chat(
     model: str | None,
     run_dir: str | Path,
@@ -121,25 +142,36 @@ def bench_chat(
     *,
     max_new_tokens: int = 64,
     precision: str = PRECISION_AUTO,
+    ab_tokens: int = 128,
+    batch_prompts: list[str] | None = None,
+    batch_tokens: int = 32,
+    reps: int = 3,
+    memory: bool = True,
 ) -> dict[str, Any]:
     """Measure chat memory and speed; returns figures, prints nothing.
 
     Memory: the base alone vs the chat engine with both sides ready (each loaded in its own
     fresh process, after one generation so working buffers count): process RSS growth and
     weight bytes, and their ratios (goal: at most 1.1). Speed: time to first token and decode
-    tokens/s per side, greedy, averaged over the prompts.
+    tokens/s per side, greedy, averaged over the prompts. Batching: `batching_ratios`.
     """
     import torch
 
     if not prompts:
         raise ChatError("bench_chat needs at least one prompt")
     adapter = str(run_dir)
-    base_alone = _in_child("base", adapter, model, precision, prompts[0])
-    both = _in_child("engine", adapter, model, precision, prompts[0])
+    out: dict[str, Any] = {}
+    if memory:
+        base_alone = _in_child("base", adapter, model, precision, prompts[0])
+        both = _in_child("engine", adapter, model, precision, prompts[0])
+        out["memory"] = _memory_figures(base_alone, both)
     engine = ChatEngine()
     info = engine.load(adapter, model, precision)
     try:
-        speed = _side_speeds(engine, prompts, GenerationSettings(max_new_tokens=max_new_tokens))
+        out.update(_side_speeds(engine, prompts, GenerationSettings(max_new_tokens=max_new_tokens)))
+        out["batching"] = batching_ratios(
+            engine, prompts, batch_prompts or BATCH_PROMPTS, ab_tokens, batch_tokens, reps
+        )
     finally:
         engine.unload()
     return {
@@ -151,9 +183,107 @@ def bench_chat(
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "threads": torch.get_num_threads(),
-        "memory": _memory_figures(base_alone, both),
-        **speed,
+        **out,
     }
+
+
+def batching_ratios(
+    engine: ChatEngine,
+    ab_prompts: list[str],
+    batch_prompts: list[str],
+    ab_tokens: int = 128,
+    batch_tokens: int = 32,
+    reps: int = 3,
+) -> dict[str, Any]:
+    """What one batched pass is worth, as the user waits for it (greedy, after a warm-up):
+
+    - an A/B turn (`compare_stream`): wall time both sides in one pass / A then B (goal
+      <= 0.65x on a 2-core CPU, <= 0.55x on a GPU);
+    - batch compare: prompts/s with both sides of several prompts per call / one prompt
+      and one side at a time (goal >= 3x).
+
+    Each repetition times both ways back to back, alternating which goes first, and the
+    per-repetition ratios give the median and the spread (min-max). The load average is
+    read before and after (the machine may be shared).
+    """
+    ab = GenerationSettings(max_new_tokens=ab_tokens)
+    bc = GenerationSettings(max_new_tokens=batch_tokens)
+    items = [evaluate.BatchItem([{"role": "user", "content": p}]) for p in batch_prompts]
+    load_before = _load()
+    _ab_turn(engine, ab_prompts[0], GenerationSettings(max_new_tokens=4), True)  # warm-up
+    turn: dict[str, list[float]] = {"batched": [], "sequential": [], "ratio": []}
+    rate: dict[str, list[float]] = {"batched": [], "one_at_a_time": [], "ratio": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(max(1, reps)):
+            first = rep % 2 == 0  # a, b, b, a, ...: drift hits both ways alike
+            prompt = ab_prompts[rep % len(ab_prompts)]
+            t = {mode: _ab_turn(engine, prompt, ab, mode) for mode in (first, not first)}
+            turn["batched"].append(t[True])
+            turn["sequential"].append(t[False])
+            turn["ratio"].append(t[True] / t[False])
+            r = {mode: _batch_rate(engine, items, bc, mode, tmp) for mode in (first, not first)}
+            rate["batched"].append(r[True])
+            rate["one_at_a_time"].append(r[False])
+            rate["ratio"].append(r[True] / r[False])
+    engine.batch_sides = True
+    return {
+        "ab_turn": {"max_new_tokens": ab_tokens, **_spread(turn, "s")},
+        "batch_compare": {
+            "prompts": len(items),
+            "prompts_per_call": evaluate.PROMPTS_PER_CALL,
+            "max_new_tokens": batch_tokens,
+            **_spread(rate, "prompts/s"),
+        },
+        "repetitions": max(1, reps),
+        "load_average": {"before": load_before, "after": _load()},
+    }
+
+
+def _ab_turn(engine: ChatEngine, prompt: str, settings: GenerationSettings, batched: bool) -> float:
+    """Seconds for one A/B turn through the engine, batched or A then B."""
+    engine.batch_sides = batched
+    history = [{"role": "user", "content": prompt}]
+    started = time.perf_counter()
+    for _ in engine.compare_stream({side: history for side in SIDES}, settings):
+        pass
+    return time.perf_counter() - started
+
+
+def _batch_rate(
+    engine: ChatEngine,
+    items: list[evaluate.BatchItem],
+    settings: GenerationSettings,
+    batched: bool,
+    out_dir: str,
+) -> float:
+    """Prompts/s of a batch compare: several prompts per call, or one prompt, one side at a
+    time (the way it ran before batching)."""
+    engine.batch_sides = batched
+    size = evaluate.PROMPTS_PER_CALL if batched else 1
+    started = time.perf_counter()
+    evaluate.batch_compare(engine, items, settings, out_dir=out_dir, prompts_per_call=size)
+    return len(items) / (time.perf_counter() - started)
+
+
+def _spread(series: dict[str, list[float]], unit: str) -> dict[str, Any]:
+    """Medians of each series, and the ratio's median and spread (min-max)."""
+    out: dict[str, Any] = {
+        f"{name}_{unit}": round(statistics.median(vals), 3)
+        for name, vals in series.items()
+        if name != "ratio"
+    }
+    ratios = series["ratio"]
+    out["ratio_median"] = round(statistics.median(ratios), 3)
+    out["ratio_spread"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    return out
+
+
+def _load() -> list[float] | None:
+    """The 1/5/15-minute load average (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _side_speeds(
@@ -198,3 +328,29 @@ def _memory_figures(base_alone: dict[str, Any], both: dict[str, Any]) -> dict[st
     if base_alone.get("cuda_allocated"):
         memory["cuda_ratio"] = round(both["cuda_allocated"] / base_alone["cuda_allocated"], 3)
     return memory
+
+
+def newest_run() -> str:
+    """The newest run that has an adapter (the default run to benchmark)."""
+    from studio.chat.engine import list_chat_runs
+
+    runs = list_chat_runs()
+    if not runs:
+        raise ChatError("No run with an adapter yet: train one, or pass a run or adapter folder.")
+    return str(runs[0].path)
+
+
+def batching_lines(b: dict[str, Any]) -> list[str]:
+    """The batching figures as the lines `python -m studio.bench chat` prints."""
+    t, r = b["ab_turn"], b["batch_compare"]
+    return [
+        f"A/B turn at {t['max_new_tokens']} new tokens: batched {t['batched_s']:.2f} s vs A then"
+        f" B {t['sequential_s']:.2f} s -> ratio {t['ratio_median']:.3f}x median (spread"
+        f" {t['ratio_spread'][0]:.3f}-{t['ratio_spread'][1]:.3f}; goal <= 0.65x on CPU)",
+        f"batch compare, {r['prompts']} prompts x 2 sides, {r['max_new_tokens']} tokens:"
+        f" {r['batched_prompts/s']:.3f} prompts/s ({r['prompts_per_call']} per call) vs"
+        f" {r['one_at_a_time_prompts/s']:.3f} one at a time -> {r['ratio_median']:.2f}x median"
+        f" (spread {r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}; goal >= 3x)",
+        f"{b['repetitions']} interleaved repetitions; load average before"
+        f" {b['load_average']['before']}, after {b['load_average']['after']} (shared machine)",
+    ]

@@ -70,6 +70,18 @@ def offline_message(dataset_id: str, host: str) -> str:
     )
 
 
+def not_cached_message(dataset_id: str) -> str:
+    """Offline mode (HF_HUB_OFFLINE) and a dataset the local cache does not hold."""
+    return (
+        f"Offline mode is on (HF_HUB_OFFLINE is set) and the dataset {dataset_id!r} is not in"
+        " this computer's Hugging Face cache, so it cannot be loaded now. Load it once with"
+        " internet and offline mode off (then it is cached), or use the local-file route: save"
+        " it as a file (for example `datasets.load_dataset("
+        f"{dataset_id!r}, split='train').to_json('train.jsonl')`), copy it here and load it"
+        " with Upload or the file path above."
+    )
+
+
 def _load(dataset_id: str, split: str, config: str | None) -> Any:
     """`datasets.load_dataset` for a local folder or a hub id; DatasetError on failure."""
     import datasets
@@ -91,6 +103,8 @@ def _load(dataset_id: str, split: str, config: str | None) -> Any:
     except ValueError as exc:  # e.g. an unknown split: datasets names the ones there are
         raise DatasetError(f"{dataset_id}: {str(exc).splitlines()[0][:400]}") from exc
     except ConnectionError as exc:
+        if os.environ.get("HF_HUB_OFFLINE") or "OfflineModeIsEnabled" in str(exc):
+            raise DatasetError(not_cached_message(dataset_id)) from exc
         raise DatasetError(offline_message(dataset_id, "the hub")) from exc
     except Exception as exc:  # not found, gated, private, a broken script
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""

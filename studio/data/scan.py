@@ -75,6 +75,9 @@ def cached_tokenizer(model_name: str | None) -> tuple[Any, str]:
     Cached because every reload, preview and max-length change needs it, and loading it takes
     a second or more.
     """
+    from studio import heavy
+
+    heavy.ready()  # one thread imports torch/transformers at a time
     from studio.models import loader as models
 
     name = (model_name or "").strip() or models.DEFAULT_MODEL

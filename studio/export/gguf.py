@@ -26,7 +26,7 @@ from studio.export.common import ExportError, Message, Progress, noop, short_err
 from studio.export.merge import (
     SANITY_TOKENS,
     SanityCheck,
-    _available_ram,
+    available_ram,
     compare,
     free_memory,
     greedy_ids,
@@ -275,7 +275,7 @@ def verify_plan(gguf_file: Path) -> VerifyPlan:
 
         gpu_free = int(torch.cuda.mem_get_info()[0])
         gpu_dtype = str(precision("cuda").torch_dtype).removeprefix("torch.")
-    return plan_verify(gguf_params(gguf_file), gpu_free, gpu_dtype, _available_ram())
+    return plan_verify(gguf_params(gguf_file), gpu_free, gpu_dtype, available_ram())
 
 
 def check_gguf(

@@ -144,7 +144,7 @@ def choose_precision(base_path: Path) -> tuple[str, str, str]:
         free, _total = torch.cuda.mem_get_info()
         if free > params * 4 * 1.3:
             return "cuda", "float32", f"on the GPU in float32 ({free / 2**30:.1f} GiB free)"
-    avail = _available_ram()
+    avail = available_ram()
     if avail is None or avail > params * 4 * 1.5:
         return "cpu", "float32", "on the CPU in float32 (exact)"
     return (
@@ -204,7 +204,8 @@ def choose_save_dtype(tensors: Mapping[str, Any], params: int | None = None) -> 
     return found
 
 
-def _available_ram() -> int | None:
+def available_ram() -> int | None:
+    """Free RAM in bytes (None when psutil cannot tell): sizes the merge and the GGUF check."""
     try:
         import psutil
 
@@ -213,13 +214,14 @@ def _available_ram() -> int | None:
         return None
 
 
-def _dtype(name: str):
+def torch_dtype(name: str):
+    """The torch dtype for a name as saved in export_info.json and config.json."""
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _load_tokenizer(src: RunSource, base_path: Path):
+def run_tokenizer(src: RunSource, base_path: Path):
     """The run's own tokenizer (saved with the adapter), else the base's."""
     folder = src.adapter_dir if (src.adapter_dir / "tokenizer_config.json").is_file() else base_path
     tok = models.load_tokenizer(folder)
@@ -228,7 +230,8 @@ def _load_tokenizer(src: RunSource, base_path: Path):
     return tok
 
 
-def _prompt_ids(tok: Any, conv: list[Message]) -> list[int]:
+def encode_prompt(tok: Any, conv: list[Message]) -> list[int]:
+    """A conversation as the token ids the model answers from (template applied once)."""
     text = chat_format.render(tok, conv, add_generation_prompt=True)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -345,12 +348,15 @@ def merge_adapter(
     from peft import PeftModel
 
     device, merge_dt, reason = choose_precision(base.path)
-    tok = _load_tokenizer(src, base.path)
-    prompt_ids = [_prompt_ids(tok, c) for c in prompts]
+    tok = run_tokenizer(src, base.path)
+    prompt_ids = [encode_prompt(tok, c) for c in prompts]
 
     progress(f"Loading the base {base.name} ({merge_dt}, {device})", 0.08)
     model = models.load_model(
-        base.path, device=device, dtype=_dtype(merge_dt), trust_remote_code=src.trust_remote_code
+        base.path,
+        device=device,
+        dtype=torch_dtype(merge_dt),
+        trust_remote_code=src.trust_remote_code,
     )
     try:
         model = PeftModel.from_pretrained(model, str(src.adapter_dir))
@@ -370,7 +376,7 @@ def merge_adapter(
 
     progress("Reloading the merged folder with plain transformers (no peft)", 0.4)
     reloaded = models.load_model(
-        out_dir, device=device, dtype=_dtype(merge_dt), trust_remote_code=src.trust_remote_code
+        out_dir, device=device, dtype=torch_dtype(merge_dt), trust_remote_code=src.trust_remote_code
     )
     reloaded.eval()
     got = greedy_ids(reloaded, tok, prompt_ids, max_new_tokens)
@@ -414,7 +420,7 @@ def _save_merged(model: Any, tok: Any, out_dir: Path, progress: Progress) -> Sav
     merged = model.merge_and_unload()
     saved = choose_save_dtype(merged.state_dict(), merged.num_parameters())
     save_dt = saved.dtype
-    merged = merged.to(_dtype(save_dt))
+    merged = merged.to(torch_dtype(save_dt))
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
     if tok.pad_token_id is not None:

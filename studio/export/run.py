@@ -416,6 +416,9 @@ def export_run(
     resume: an earlier export folder whose merged model is complete (a failed export keeps
     it and says so): the steps not recorded as done in its export_info.json are run again.
     """
+    from studio import heavy
+
+    heavy.ready()  # one thread imports torch/transformers at a time
     progress = progress or noop
     gguf = normalize_gguf_type(gguf)  # "Q4_K_M" -> "q4_K_M"; ExportError when unknown
     t0 = time.time()
@@ -536,8 +539,8 @@ def _merge_step(
     if _merged_complete(partial):
         progress("Reusing the merged model the earlier export completed", 0.4)
         done = steps["merge"]
-        tok = merge._load_tokenizer(src, base.path)
-        prompt_ids = [merge._prompt_ids(tok, c) for c in convs]
+        tok = merge.run_tokenizer(src, base.path)
+        prompt_ids = [merge.encode_prompt(tok, c) for c in convs]
         check = _sanity_check(done["check"])
         return check, SavedDtype(**done["saved"]), tok, prompt_ids, None
     shutil.rmtree(merged_dir, ignore_errors=True)
@@ -559,7 +562,7 @@ def _merged_answers(
     model = models.load_model(
         merged_dir,
         device=device,
-        dtype=merge._dtype(dtype),
+        dtype=merge.torch_dtype(dtype),
         trust_remote_code=src.trust_remote_code,
     ).eval()
     got = merge.greedy_ids(model, tok, prompt_ids, max_new_tokens)

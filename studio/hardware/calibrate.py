@@ -467,7 +467,7 @@ def _estimated_saved(est: vram.VramEstimate, shape: vram.ModelShape) -> int:
     k = vram.KERNELS[est.device]
     s = est.settings
     adapter = k.adapter_qlora if s["method"] == "qlora" else k.adapter_lora
-    layer = vram._layer_saved_per_token(shape, s, k, adapter)
+    layer = vram.layer_saved_per_token(shape, s, k, adapter)
     T = est.tokens_per_step
     per_layer = k.compute * shape.hidden_size if s["gradient_checkpointing"] else layer
     once = 4 * shape.hidden_size + 2 * shape.head_dim * k.compute
@@ -487,7 +487,7 @@ def report(result: Measured, shape: vram.ModelShape) -> tuple[float, bool]:
     paged = est.settings["optimizer"].startswith("paged") and est.device == "cuda"
     k = vram.KERNELS[est.device]
     adapter = k.adapter_qlora if est.settings["method"] == "qlora" else k.adapter_lora
-    states = vram._optimizer_bytes(shape, est.settings, adapter)
+    states = vram.optimizer_bytes(shape, est.settings, adapter)
     estimated_step = est.allocated_bytes - est.part("base") - est.part("lora")
     estimated_step += est.trainable_params * adapter  # gradients appear during the step
     est_total = est.allocated_bytes - (states if paged else 0)

@@ -186,6 +186,9 @@ def torch_build() -> dict[str, Any]:
 
 def detect_gpus() -> tuple[list[GpuInfo], str]:
     """The CUDA devices torch can use, or none and the reason."""
+    from studio import heavy
+
+    heavy.ready()  # one thread imports torch/transformers at a time
     import torch
 
     if torch.version.cuda is None:
@@ -396,7 +399,7 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
         preset = closest_preset(catalog, gpu.name, gpu.total_bytes)
         capacity, in_use = gpu.total_bytes, gpu.used_bytes or 0
         if len(gpus) > 1:
-            notes.append(f"{len(gpus)} GPUs found; a run trains on one (pick it below)")
+            notes.append(multi_gpu_note(gpus))
         if gpu.used_bytes is not None and gpu.used_bytes > 0.15 * gpu.total_bytes:
             notes.append(
                 f"{gpu.used_bytes / GIB:.1f} GiB of the card is already in use by other programs:"
@@ -421,6 +424,56 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
         in_use_bytes=int(in_use),
         notes=notes + catalog.problems,
     )
+
+
+# ------------------------------------------------------------------------- several GPUs
+
+# Per rank, DDP adds gradient buckets (a second copy of the trainable gradients, fp32) and
+# NCCL's communication buffers; 256 MiB is a round figure for the latter, not calibrated.
+DDP_NCCL_BYTES = 256 * 2**20
+
+
+def multi_gpu_note(gpus: list[GpuInfo]) -> str:
+    """Several cards: one trains by default, or all of them through accelerate (DDP)."""
+    names = ", ".join(f"{g.name} {g.total_bytes / GIB:.0f} GiB" for g in gpus)
+    return (
+        f"{len(gpus)} GPUs found ({names}): a run trains on one (pick it below), or on all"
+        f' {len(gpus)} with the Train tab\'s "Use all {len(gpus)} GPUs" (DDP: every card holds'
+        " the whole model and its own batch)"
+    )
+
+
+def visible_gpu_count() -> int:
+    """How many GPUs a training process would see, without importing torch (the Train tab
+    asks while the page is built): the driver's list, narrowed by CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    smi = nvidia_smi() or []
+    if visible is None:
+        return len(smi)
+    picked = [x for x in visible.split(",") if x.strip() and x.strip() != "-1"]
+    return min(len(picked), len(smi))
+
+
+def ddp_per_gpu(
+    single_gpu_bytes: int, trainable_params: int, gpus: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The memory each card needs when all of `gpus` train one run with DDP, and the verdict
+    on the smallest card. Each rank holds the whole model, its optimizer and its own batch
+    (the one-card estimate at the same per-device batch), plus DDP's gradient buckets and
+    NCCL buffers; the effective batch grows with the cards, the memory per card does not."""
+    from studio.hardware.vram import verdict_for
+
+    per_gpu = single_gpu_bytes + 4 * trainable_params + DDP_NCCL_BYTES
+    smallest = min(gpus, key=lambda g: g["total_bytes"])
+    free = smallest.get("free_bytes")
+    available = int(free if free is not None else smallest["total_bytes"])
+    return {
+        "gpus": len(gpus),
+        "per_gpu_bytes": int(per_gpu),
+        "smallest": f"GPU {smallest['index']}: {smallest['name']}",
+        "available_bytes": available,
+        "verdict": verdict_for(int(per_gpu), available),
+    }
 
 
 def c_compiler() -> str | None:

@@ -276,6 +276,44 @@ def _triton_add_one() -> None:
         raise RuntimeError("wrong result")
 
 
+def check_multi_gpu(
+    system: str | None = None, nccl: Callable[[], bool] | None = None, gpus: int | None = None
+) -> Check:
+    """Several GPUs train one run through `accelerate launch` (DDP), which needs NCCL: part of
+    the Linux CUDA builds of torch, absent on Windows (there, multi-GPU needs Linux or WSL)."""
+    import torch.distributed as dist
+
+    system = system or platform.system()
+    has_nccl = (nccl or _nccl_available)()
+    count = hardware.visible_gpu_count() if gpus is None else gpus
+    nccl_text = "NCCL available" if has_nccl else "NCCL not available"
+    detail = f"{nccl_text}; gloo {'available' if dist.is_gloo_available() else 'missing'}"
+    detail += f"; {count} GPU(s) visible"
+    if system == "Windows":
+        return Check(
+            "Multi-GPU",
+            WARNING if count >= 2 else OK,
+            detail + "; on Windows one GPU trains a run",
+            "training on several GPUs needs Linux or WSL 2 (NCCL does not run on Windows)",
+        )
+    if count >= 2 and not has_nccl:
+        return Check(
+            "Multi-GPU",
+            WARNING,
+            detail,
+            "install the CUDA build of torch for Linux (it ships NCCL) to train on all GPUs",
+        )
+    if count >= 2:
+        detail += ": `accelerate launch -m studio.train RUN.yaml` trains on all of them"
+    return Check("Multi-GPU", OK, detail)
+
+
+def _nccl_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_nccl_available()
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_python,
     check_torch,
@@ -285,6 +323,7 @@ CHECKS: list[Callable[[], Check]] = [
     check_vram,
     check_ram,
     check_triton,
+    check_multi_gpu,
 ]
 
 

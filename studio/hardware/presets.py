@@ -30,6 +30,9 @@ PLAN_ONLY = ("epochs", "min_steps", "step_cap", "max_epochs", "tokens_per_s")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _CC_RE = re.compile(r"^\d+\.\d+$")
 _OPTIONAL_BAND_FIELDS = ("tokens_per_s",)
+# The recipe fields a preset written before recipes existed lacks; a user's copy of such a
+# file takes them from the repo's preset of its kind (with a notice) rather than failing.
+RECIPE_FIELDS = ("learning_rate", "warmup_ratio", "epochs", "min_steps", "step_cap", "max_epochs")
 
 
 class PresetError(ValueError):
@@ -183,6 +186,7 @@ class PresetCatalog:
 
     presets: dict[str, Preset]
     problems: list[str]
+    notices: list[str] = field(default_factory=list)  # loaded, with something filled in
 
     def names(self) -> list[str]:
         return list(self.presets)
@@ -207,8 +211,12 @@ def _is_number(value: Any, low: float, high: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
 
-def preset_from_dict(data: Any, path: Path | None = None, user: bool = False) -> Preset:
-    """Build and validate a preset from parsed YAML; errors name the file and field."""
+def preset_from_dict(
+    data: Any, path: Path | None = None, user: bool = False, recipe_from: Preset | None = None
+) -> Preset:
+    """Build and validate a preset from parsed YAML; errors name the file and field.
+
+    `recipe_from` fills recipe fields a band lacks (a user's preset from before recipes)."""
     try:
         if not isinstance(data, dict):
             raise PresetError("(file)", "must be a mapping of settings (name: ..., label: ...)")
@@ -228,7 +236,8 @@ def preset_from_dict(data: Any, path: Path | None = None, user: bool = False) ->
             raise PresetError("bands", f"a mapping with {', '.join(BANDS)}")
         bands = {}
         for band, values in raw_bands.items():
-            bands[str(band)] = _band_from_dict(str(band), values)
+            recipe = recipe_from.bands.get(str(band)) if recipe_from is not None else None
+            bands[str(band)] = _band_from_dict(str(band), values, recipe)
         values = {**data, "bands": bands}
         values.setdefault("compute_capability", None)
         if isinstance(values["compute_capability"], int | float) and not isinstance(
@@ -247,7 +256,8 @@ def preset_from_dict(data: Any, path: Path | None = None, user: bool = False) ->
         raise
 
 
-def _band_from_dict(band: str, values: Any) -> BandDefaults:
+def _band_from_dict(band: str, values: Any, recipe: BandDefaults | None = None) -> BandDefaults:
+    """One band's settings; with `recipe`, missing recipe fields are taken from it."""
     prefix = f"bands.{band}"
     if not isinstance(values, dict):
         raise PresetError(prefix, "a mapping of run settings (method, batch_size, ...)")
@@ -255,6 +265,8 @@ def _band_from_dict(band: str, values: Any) -> BandDefaults:
     unknown = sorted(str(k) for k in values if k not in names)
     if unknown:
         raise PresetError(f"{prefix}.{unknown[0]}", f"unknown setting (known: {', '.join(names)})")
+    if recipe is not None:
+        values = {**{n: getattr(recipe, n) for n in RECIPE_FIELDS}, **values}
     missing = [n for n in names if n not in values and n not in _OPTIONAL_BAND_FIELDS]
     if missing:
         raise PresetError(f"{prefix}.{missing[0]}", "required setting is missing")
@@ -264,8 +276,11 @@ def _band_from_dict(band: str, values: Any) -> BandDefaults:
         raise PresetError(f"{prefix}.{exc.field}", str(exc).split(": ", 1)[-1]) from None
 
 
-def load_preset_file(path: str | Path, user: bool = False) -> Preset:
-    """Read one preset YAML (safe_load) and validate it."""
+def load_preset_file(
+    path: str | Path, user: bool = False, recipes: dict[str, Preset] | None = None
+) -> Preset:
+    """Read one preset YAML (safe_load) and validate it; `recipes` (kind -> preset) fills a
+    band's missing recipe fields from the preset of the file's kind."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -277,7 +292,9 @@ def load_preset_file(path: str | Path, user: bool = False) -> Preset:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PresetError("(yaml)", f"not valid YAML{where}: {exc}", path) from exc
-    return preset_from_dict(data, path, user)
+    kind = data.get("kind") if isinstance(data, dict) else None
+    recipe_from = (recipes or {}).get(kind) if isinstance(kind, str) else None
+    return preset_from_dict(data, path, user, recipe_from)
 
 
 def user_presets_dir() -> Path:
@@ -291,17 +308,21 @@ def load_presets(repo_dir: Path | None = None, user_dir: Path | None = None) -> 
     """The repo's presets, then the user's; a bad or clashing file becomes a problem message."""
     presets: dict[str, Preset] = {}
     problems: list[str] = []
+    notices: list[str] = []
     sources = [(repo_dir or REPO_PRESETS, False), (user_dir or user_presets_dir(), True)]
     for folder, user in sources:
         if not folder.is_dir():
             continue
         files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+        recipes = _recipe_sources(presets) if user else None
         for path in files:
             try:
-                preset = load_preset_file(path, user)
+                preset = load_preset_file(path, user, recipes)
             except PresetError as exc:
                 problems.append(str(exc))
                 continue
+            if user and (note := _recipe_notice(path, preset, recipes or {})):
+                notices.append(note)
             if preset.name in presets:
                 other = presets[preset.name].path
                 problems.append(
@@ -310,7 +331,34 @@ def load_presets(repo_dir: Path | None = None, user_dir: Path | None = None) -> 
                 )
                 continue
             presets[preset.name] = preset
-    return PresetCatalog(presets, problems)
+    return PresetCatalog(presets, problems, notices)
+
+
+def _recipe_sources(presets: dict[str, Preset]) -> dict[str, Preset]:
+    """kind -> the repo preset whose recipes a user's older preset of that kind borrows:
+    the CPU preset for the CPU, the smallest-memory GPU preset for cards (its recipe is the
+    GPU consensus; all GPU presets share it)."""
+    sources: dict[str, Preset] = {}
+    for preset in sorted(presets.values(), key=lambda p: (p.vram_gb, p.name)):
+        sources.setdefault(preset.kind, preset)
+    return sources
+
+
+def _recipe_notice(path: Path, preset: Preset, recipes: dict[str, Preset]) -> str | None:
+    """Say when a user's preset borrowed recipe fields, so the figures are not a surprise."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = data.get("bands", {}) if isinstance(data, dict) else {}
+    lacking = sorted(
+        {n for b in raw.values() if isinstance(b, dict) for n in RECIPE_FIELDS if n not in b}
+    )
+    source = recipes.get(preset.kind)
+    if not lacking or source is None:
+        return None
+    return (
+        f"{path}: no {', '.join(lacking)} in some bands (a preset from before recipes):"
+        f" using those of the built-in '{source.name}' preset; add them to the file to"
+        " choose your own"
+    )
 
 
 def band_for(n_params: int) -> str:

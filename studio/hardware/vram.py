@@ -508,7 +508,7 @@ def nf4_bytes(n_params: int, n_tensors: int, double_quant: bool = True) -> float
     return n_params * NF4_BYTES + constants + n_tensors * NF4_TENSOR_CONST
 
 
-def _optimizer_bytes(shape: ModelShape, s: dict[str, Any], param_bytes: int) -> int:
+def optimizer_bytes(shape: ModelShape, s: dict[str, Any], param_bytes: int) -> int:
     """AdamW keeps two states per trainable value; the 8-bit ones store them blockwise."""
     r = s["lora_r"]
     shapes = shape.linear_shapes()
@@ -551,7 +551,7 @@ def _lora_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adap
     return total
 
 
-def _layer_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int) -> float:
+def layer_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int) -> float:
     """Bytes per token that one decoder layer keeps for backward (without checkpointing).
 
     Frozen base linears keep nothing (autograd saves a matmul input only when the weight
@@ -660,7 +660,7 @@ def _lora_weights(
     shape: ModelShape, s: dict[str, Any], adapter: int, n_lora: int
 ) -> tuple[float, str]:
     """The adapters, their gradients (same dtype) and the optimizer states."""
-    optimizer = _optimizer_bytes(shape, s, adapter)
+    optimizer = optimizer_bytes(shape, s, adapter)
     detail = (
         f"{n_lora / 1e6:.1f}M trainable values at {adapter} B, their gradients at {adapter} B"
         f" and {s['optimizer']} states ({optimizer / max(n_lora, 1):.1f} B per value)"
@@ -691,7 +691,7 @@ def _activations(
     """
     c, h, L = k.compute, shape.hidden_size, shape.num_layers
     T = s["batch_size"] * s["max_seq_len"]
-    layer = _layer_saved_per_token(shape, s, k, adapter)
+    layer = layer_saved_per_token(shape, s, k, adapter)
     transient = _backward_transient_per_token(shape, k)
     per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
     mask, layer_mask = _attention_masks(s, c)

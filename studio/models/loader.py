@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -298,7 +299,10 @@ def load_model(
 
     dtype = dtype if dtype is not None else precision(device).torch_dtype
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    kwargs["device_map"] = device_map(device)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        kwargs["device_map"] = device_map(device)
+    # else an FSDP launch (studio.train.distributed): the Trainer shards the model over the
+    # cards; loading it whole onto one first is what FSDP is there to avoid.
     if four_bit:
         kwargs["quantization_config"] = nf4_config(dtype)
     if gguf_file:

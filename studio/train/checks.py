@@ -65,6 +65,7 @@ def final_metrics(entries: list[dict[str, Any]], step: int | None) -> dict[str, 
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "first_eval_loss": evals[0]["eval_loss"] if evals else None,
         "tokens_per_s": last.get("tokens_per_s"),
+        "avg_tokens_per_s": last.get("avg_tokens_per_s"),  # the run's average: the Train tab's
         "elapsed_s": last.get("elapsed_s"),
         "peak_memory_mb": last.get("peak_memory_mb"),
         "memory_kind": last.get("memory_kind"),
@@ -362,11 +363,9 @@ def stop_token_ids(tok: Any, model: Any) -> list[int]:
             ids.add(int(piece[0]))
     if tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-        if i is not None:
-            ids.add(int(i))
-    return sorted(ids)
+    from studio.models.batching import eos_ids
+
+    return sorted(ids | eos_ids(model))
 
 
 def generate_batch(
@@ -375,26 +374,20 @@ def generate_batch(
     """Greedy answers of a left-padded batch: (text up to the end-of-turn, stopped?)."""
     import torch
 
-    side, pad = tok.padding_side, tok.pad_token
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    try:
-        enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
-        pad_id = tok.pad_token_id
-    finally:
-        tok.padding_side, tok.pad_token = side, pad
-    enc = enc.to(model.device)
+    from studio.models.batching import left_pad, pad_id
+
+    enc = left_pad(tok, prompts, model.device)
     with torch.inference_mode():
         out = model.generate(
-            **enc,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
             max_new_tokens=limit,
             do_sample=False,
             temperature=None,
             top_p=None,
             top_k=None,
             eos_token_id=stop_ids,
-            pad_token_id=pad_id,
+            pad_token_id=pad_id(tok),
             use_cache=True,
         )
     answers = []

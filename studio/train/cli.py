@@ -2,10 +2,15 @@
 
     python -m studio.train RUN.yaml [--data-dir DIR]      # a new run from a run config
     python -m studio.train --resume RUN_DIR               # continue from its last checkpoint
+    accelerate launch -m studio.train RUN.yaml            # the same run on every visible GPU
+
 
 It runs the very same stages as the Train tab, in this process: `studio.train.prepare`, then
 `studio.train.loop.execute_run`, with a progress bar instead of the UI's plot. Ctrl-C asks
 the run to stop at the next step (its adapter is saved); a second Ctrl-C aborts.
+Under `accelerate launch` (or torchrun) with several processes, `studio.train.distributed`
+runs it: rank 0 prepares and writes, every rank trains; a STOP file in the run folder stops
+all ranks at the same step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from studio import paths
 from studio.config import ConfigError, RunConfig
+from studio.train import distributed
 from studio.train.loop import Event, OnEvent, TrainResult, execute_run
 from studio.train.prepare import PreparedRun, prepare_resume, prepare_run
 
@@ -103,6 +109,61 @@ def _print_result(result: TrainResult) -> None:
     print(f"Run folder: {result.run_dir}")
 
 
+def _main_launched(config: str | None, resume: str | None, request: threading.Event) -> int:
+    """Under `accelerate launch`: rank 0 prepares, every rank trains (studio.train.distributed).
+
+    `request` is this rank's Ctrl-C; the ranks stop on `agreed`, which the stop callback sets
+    on all of them at the same step."""
+    w = distributed.world()
+    backend = distributed.init_group(cpu=distributed.wants_cpu(config, resume))
+    payload = _prepare_on_main(config, resume, w, backend) if w.main else None
+    payload = distributed.share(payload)
+    if isinstance(payload, str):  # rank 0 refused the run: every rank exits
+        if w.main:
+            print(payload, file=sys.stderr)
+        distributed.close_group()
+        return 2
+    prepared = distributed.for_this_rank(payload, w)
+    if w.main:
+        print(f"Run folder: {prepared.run_dir}", flush=True)
+        print(f"{w.size} processes ({backend}); effective batch {prepared.meta['effective_batch']}")
+    agreed = threading.Event()
+    result = execute_run(
+        prepared,
+        stop=agreed,
+        on_event=_terminal_printer() if w.main else None,
+        extra_callbacks=[distributed.stop_callback(prepared.run_dir, request, agreed)],
+    )
+    if w.main:
+        distributed.clear_stop(prepared.run_dir)
+        _print_result(result)
+    distributed.close_group()
+    return 0 if result.status in ("completed", "stopped") else 1
+
+
+def _prepare_on_main(
+    config: str | None, resume: str | None, w: distributed.World, backend: str
+) -> PreparedRun | str:
+    """Rank 0: the prepared run, or why it was refused (a string every rank receives: the
+    others wait for it in `share`, so rank 0 must answer whatever happens)."""
+    try:
+        prepared = _prepare(config, resume)
+    except ConfigError as exc:
+        return f"Invalid setting {exc}"
+    except Exception as exc:
+        return f"Could not prepare the run: {type(exc).__name__}: {exc}"
+    distributed.clear_stop(prepared.run_dir)
+    distributed.record(prepared, w, backend)
+    distributed.write_fsdp_config(prepared.run_dir, prepared.cfg.base_model, w.size)
+    try:  # fetch or convert the base model once, before the other ranks look for it
+        from studio.models.loader import resolve_model
+
+        resolve_model(prepared.cfg.base_model)
+    except Exception:
+        pass  # each rank's loader then reports the failure in the run's log
+    return prepared
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -111,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         paths.set_data_dir(args.data_dir)
     stop = _stop_on_ctrl_c()
+    if distributed.launched():
+        return _main_launched(args.config, args.resume, stop)
     try:
         prepared = _prepare(args.config, args.resume)
     except ConfigError as exc:

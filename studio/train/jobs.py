@@ -8,10 +8,20 @@ Stop into `control.should_training_stop` through the run's TrainerCallback. Beca
 lives in the process and not in a browser session, closing or reloading the page changes
 nothing, and two tabs see the same run; a second Start while one runs is refused with
 JobBusyError.
+
+With `processes=N` (the Train tab's "Use all N GPUs") the same run goes through
+`accelerate launch -m studio.train` in a subprocess (`studio.train.distributed`): the
+manager checks the settings here first, reads the run folder from the subprocess's first
+line, follows its progress by tailing the run's log.jsonl (the same events the loop emits
+in-process), and Stop writes the stop file that all ranks agree on.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,8 +29,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio import runs
-from studio.config import RunConfig
+from studio import paths, runs
+from studio.config import ConfigError, RunConfig
+from studio.train import distributed
 
 if TYPE_CHECKING:
     from studio.train.loop import TrainResult
@@ -95,6 +106,7 @@ class JobSnapshot:
     retry_config: dict[str, Any] | None = None
     checks: list[dict[str, Any]] = field(default_factory=list)
     started_at: float | None = None
+    processes: int = 1  # > 1: an `accelerate launch` subprocess trains (one rank per GPU)
     finished_at: float | None = None
     version: int = 0  # bumps on every change, so a poller can skip redraws
 
@@ -114,19 +126,36 @@ class JobManager:
         self._done = threading.Event()
         self._done.set()
         self._preparing = False  # a Start/Resume is preparing its run outside the lock
+        self._proc: subprocess.Popen | None = None  # the accelerate launch of a multi-GPU run
 
     # -- control --------------------------------------------------------------------------
 
-    def start(self, cfg: RunConfig, *, extra_callbacks: Iterable[Any] = ()) -> Path:
-        """Start a new run; ConfigError (bad setting) or JobBusyError come back at once."""
+    def start(
+        self, cfg: RunConfig, *, extra_callbacks: Iterable[Any] = (), processes: int = 1
+    ) -> Path:
+        """Start a new run; ConfigError (bad setting) or JobBusyError come back at once.
+
+        processes > 1: train through `accelerate launch` on that many processes."""
+        from studio import heavy
+
+        heavy.ready()  # one thread imports torch/transformers at a time
         from studio.train.prepare import prepare_run
 
+        if processes > 1:
+            return self._launch_processes(processes, cfg=cfg)
         return self._prepare_and_launch(lambda: prepare_run(cfg), False, extra_callbacks)
 
-    def resume(self, run_dir: str | Path, *, extra_callbacks: Iterable[Any] = ()) -> Path:
+    def resume(
+        self, run_dir: str | Path, *, extra_callbacks: Iterable[Any] = (), processes: int = 1
+    ) -> Path:
         """Continue a stopped/failed/interrupted run from its last checkpoint."""
+        from studio import heavy
+
+        heavy.ready()  # one thread imports torch/transformers at a time
         from studio.train.prepare import prepare_resume
 
+        if processes > 1:
+            return self._launch_processes(processes, run_dir=Path(run_dir))
         return self._prepare_and_launch(lambda: prepare_resume(run_dir), True, extra_callbacks)
 
     def _prepare_and_launch(
@@ -161,6 +190,8 @@ class JobManager:
             if not self._snap.active:
                 return False
             self._stop.set()
+            if self._proc is not None and self._snap.run_dir:  # every rank polls the file
+                distributed.request_stop(self._snap.run_dir)
             self._update(state="stopping", message="Stopping at the next step...")
             self._add_line("Stop requested")
             return True
@@ -262,6 +293,115 @@ class JobManager:
         self._thread.daemon = True  # a closing app must not hang on a run; the run folder
         self._thread.start()  # then reads "interrupted" and can be resumed
 
+    # -- several processes: `accelerate launch` in a subprocess ------------------------------
+
+    def _launch_processes(
+        self, processes: int, *, cfg: RunConfig | None = None, run_dir: Path | None = None
+    ) -> Path:
+        """Check the settings here, start `accelerate launch -m studio.train` and follow it.
+
+        Rank 0 of the subprocess prepares the run; its first line names the run folder, which
+        this waits for (seconds: imports and the process group), so Start returns it as the
+        one-process Start does. A refused setting comes back as ConfigError."""
+        with self._lock:
+            self._refuse_if_busy()
+            self._preparing = True
+        args: list[str] = []
+        try:
+            args, history, offset = _process_args(cfg, run_dir)
+            proc, output, reader = _start_processes(args, processes)
+            found = _await_run_folder(proc, output, reader)
+        except BaseException:
+            with self._lock:
+                self._preparing = False
+            raise
+        finally:
+            if cfg is not None and args:
+                Path(args[0]).unlink(missing_ok=True)  # run.yaml is in the run folder now
+        with self._lock:
+            self._preparing = False
+            method = (cfg or RunConfig.load(found / runs.RUN_YAML)).method
+            self._watch(proc, output, found, processes, method, history, offset)
+            return found
+
+    def _watch(
+        self,
+        proc: subprocess.Popen,
+        output: list[str],
+        run_dir: Path,
+        processes: int,
+        method: str,
+        history: list[dict[str, Any]],
+        offset: int,
+    ) -> None:
+        """Follow the subprocess's run through its log.jsonl until the processes exit."""
+        self._stop = threading.Event()
+        self._done.clear()
+        self._proc = proc
+        self._snap = JobSnapshot(
+            state="running",
+            run_dir=str(run_dir),
+            run_name=run_dir.name,
+            method=method,
+            history=history,
+            message=f"Starting {processes} processes...",
+            started_at=time.time(),
+            processes=processes,
+            version=self._snap.version + 1,
+        )
+        for entry in history:
+            self._apply_progress(entry)
+
+        def work() -> None:
+            pos, final = offset, None
+            while True:
+                exited = proc.poll() is not None
+                pos, ended = self._tail(run_dir / runs.LOG, pos)
+                final = ended or final
+                if exited:
+                    break
+                time.sleep(0.5)
+            if final is None:
+                last = " ".join(line.strip() for line in output[-3:])
+                final = {
+                    "state": "failed",
+                    "message": f"The training processes exited (code {proc.returncode}) before"
+                    f" the run finished: {last}",
+                }
+            with self._lock:
+                self._proc = None
+                self._update(finished_at=time.time(), **final)
+            self._done.set()
+
+        self._thread = threading.Thread(target=work, name=f"train-{run_dir.name}", daemon=True)
+        self._thread.start()
+
+    def _tail(self, log: Path, pos: int) -> tuple[int, dict[str, Any] | None]:
+        """Feed the log's new complete lines to `_on_event`; the final state once finished."""
+        try:
+            with log.open("rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+        except OSError:
+            return pos, None
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        final = None
+        for raw in complete.splitlines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            self._on_event(entry)
+            if entry.get("event") == "finished":
+                final = {
+                    "state": entry.get("status", "failed"),
+                    "message": entry.get("message", ""),
+                    "advice": entry.get("advice") or [],
+                    "retry_config": entry.get("retry_config"),
+                    "checks": entry.get("checks") or [],
+                }
+        return pos + len(complete), final
+
     def _on_event(self, entry: dict[str, Any]) -> None:
         with self._lock:
             if entry.get("kind") in ("train", "eval"):
@@ -310,6 +450,83 @@ class JobManager:
         for key, value in changes.items():
             setattr(self._snap, key, value)
         self._snap.version += 1
+
+
+def _process_args(
+    cfg: RunConfig | None, run_dir: Path | None
+) -> tuple[list[str], list[dict[str, Any]], int]:
+    """`studio.train` arguments (a temporary run.yaml, or --resume), the run's history so
+    far and where its log ends now. The settings pass the one-process run's checks first."""
+    from studio.train.prepare import check_settings
+
+    if cfg is not None:
+        if cfg.dataset_path:
+            cfg = cfg.replace(dataset_path=str(Path(cfg.dataset_path).expanduser().resolve()))
+        check_settings(cfg)
+        fd, name = tempfile.mkstemp(prefix="run-", suffix=".yaml")
+        os.close(fd)
+        cfg.save(name)
+        return [name], [], 0
+    assert run_dir is not None
+    check_settings(RunConfig.load(run_dir / runs.RUN_YAML))
+    history = [e for e in runs.load_log(run_dir) if e.get("kind")]
+    log = run_dir / runs.LOG
+    return ["--resume", str(run_dir)], history, log.stat().st_size if log.is_file() else 0
+
+
+def _start_processes(
+    args: list[str], processes: int
+) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`accelerate launch` of the run; its output lines are collected by a reader thread."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if distributed.cpu_processes():
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the forced CPU run: gloo, no card touched
+    else:
+        from studio.chat.engine import release_for_training
+
+        release_for_training("cuda")  # the chat model must not share a card with a rank
+    cmd = distributed.launch_command([*args, "--data-dir", str(paths.data_dir())], processes)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    output: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout or []:
+            output.append(line.rstrip())
+            del output[:-200]
+
+    reader = threading.Thread(target=read, name="accelerate-output", daemon=True)
+    reader.start()
+    return proc, output, reader
+
+
+def _await_run_folder(
+    proc: subprocess.Popen, output: list[str], reader: threading.Thread, timeout: float = 900
+) -> Path:
+    """The run folder rank 0 announces, or why the processes ended before it (ConfigError)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        exited = proc.poll() is not None
+        if exited:
+            reader.join(timeout=5)
+        for line in list(output):
+            if line.startswith("Run folder: "):
+                return Path(line.removeprefix("Run folder: ").strip())
+        if exited:
+            refused = [x for x in output if x.startswith(("Invalid setting", "Could not prepare"))]
+            text = refused[-1] if refused else " ".join(output[-5:])
+            raise ConfigError("run", f"the training processes did not start: {text}")
+        time.sleep(0.2)
+    proc.kill()
+    raise ConfigError("run", "the training processes did not start within 15 minutes")
 
 
 def _train_line(e: dict[str, Any]) -> str:

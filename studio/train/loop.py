@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import math
+import os
 import shutil
 import threading
 import time
@@ -29,8 +31,15 @@ from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, template_hash
 from studio.hardware import vram
 from studio.models.precision import precision
-from studio.train import checks, recipe, tracking
-from studio.train.prepare import PreparedRun, now_iso, tokenize_rows
+from studio.train import checks, distributed, recipe, tracking
+from studio.train.prepare import (
+    PreparedRun,
+    load_token_cache,
+    now_iso,
+    save_token_cache,
+    token_cache_key,
+    tokenize_rows,
+)
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
@@ -79,6 +88,7 @@ class _Live:
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = field(default_factory=time.time)
     callback: Any = None  # the progress callback, once the trainer is built
+    writes: bool = True  # False on DDP ranks > 0: only rank 0 writes the run folder
 
     def emit(self, entry: Event) -> None:
         """Append to log.jsonl and pass on to the caller (the UI's job, the CLI's printer)."""
@@ -121,12 +131,14 @@ def execute_run(
     extra_callbacks: Iterable[Any] = (),
 ) -> TrainResult:
     """Load, train, save, check. Never raises for a training failure: returns status failed."""
+    writes = distributed.is_main()  # under `accelerate launch`, rank 0 alone writes the run
     live = _Live(
         run,
         stop or threading.Event(),
         on_event,
-        runs.open_log(run.run_dir),
+        runs.open_log(run.run_dir) if writes else open(os.devnull, "a"),  # noqa: SIM115
         TrainResult(run.run_dir, "failed", ""),
+        writes=writes,
     )
     try:
         _train(live, list(extra_callbacks))
@@ -154,7 +166,7 @@ def _train(live: _Live, extra_callbacks: list[Any]) -> None:
     train_tok, val_tok = _tokenize(live, tok)
     live.check_stop()
 
-    live.say(f"Loading {resolved.name} ({run.cfg.method}) from {resolved.path}")
+    live.say(f"Loading model {resolved.name} ({run.cfg.method}) from {resolved.path}")
     with live.timed("model_load_s"):
         model = recipe.load_base_model(run.cfg, resolved.path, run.device)
     live.check_stop()
@@ -162,15 +174,48 @@ def _train(live: _Live, extra_callbacks: list[Any]) -> None:
     trainer = _build_trainer(live, model, tok, train_tok, val_tok, extra_callbacks)
     live.check_stop()
 
-    with live.timed("train_s"):
-        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    if not _already_trained(live, trainer):
+        with live.timed("train_s"):
+            trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     if live.callback.nan_step is not None:
         raise nan_error(run.cfg, live.callback.nan_step)
 
+    if not live.writes:  # DDP ranks > 0: rank 0 saves and checks the adapter
+        live.result.status = "stopped" if live.callback.stopped else "completed"
+        return
     live.say("Saving the adapter")
     with live.timed("save_s"):
         save_adapter(trainer.model, tok, run.run_dir)
     _record_success(live, trainer, tok)
+
+
+def _already_trained(live: _Live, trainer: Any) -> bool:
+    """A resume from a checkpoint at the last step (the run was killed during its final save):
+    load that checkpoint's adapter and state, and train no more.
+
+    `trainer.train()` would take one more step before it checks max_steps (step 5 of 4), so
+    the adapter saved would not be the one the run trained (tests/test_kill.py, `final`).
+    """
+    from transformers.trainer_callback import TrainerState
+
+    ckpt = live.run.resume_from
+    if ckpt is None:
+        return False
+    state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    if state.global_step < trainer.args.max_steps:
+        return False
+    live.callback.init_params = {  # the fresh adapter, for "adapter weights moved"
+        n: p.detach().float().cpu().clone()
+        for n, p in trainer.model.named_parameters()
+        if p.requires_grad
+    }
+    trainer._load_from_checkpoint(str(ckpt))
+    trainer.state = state
+    live.say(
+        f"{ckpt.name} is at the last step ({trainer.args.max_steps}): saving its adapter"
+        " without training again"
+    )
+    return True
 
 
 def _announce(live: _Live) -> None:
@@ -213,17 +258,28 @@ def _load_tokenizer(live: _Live, path: Path) -> Any:
     tok = load_tokenizer(path)
     live.run.meta["chat_template"] = tok.chat_template
     live.run.meta["template_hash"] = template_hash(tok)
-    runs.atomic_write_text(live.run.run_dir / "chat_template.jinja", tok.chat_template or "")
+    if live.writes:
+        runs.atomic_write_text(live.run.run_dir / "chat_template.jinja", tok.chat_template or "")
     return tok
 
 
 def _tokenize(live: _Live, tok: Any) -> tuple[list[dict], list[dict]]:
     """Tokenize the train and validation rows; record what was kept, cut and dropped."""
     run = live.run
+    n_rows = len(run.train_rows) + len(run.val_rows)
     with live.timed("tokenize_s"):
-        train_tok, train_stats = tokenize_rows(tok, run.train_rows, run.cfg)
-        runs.kill_point("tokenize")
-        val_tok, val_stats = tokenize_rows(tok, run.val_rows, run.cfg, required=False)
+        key = token_cache_key(tok, run)
+        cached = load_token_cache(key)
+        if cached is None:
+            live.say(f"Tokenizing {n_rows} rows")
+            train_tok, train_stats = tokenize_rows(tok, run.train_rows, run.cfg)
+            runs.kill_point("tokenize")
+            val_tok, val_stats = tokenize_rows(tok, run.val_rows, run.cfg, required=False)
+            save_token_cache(key, (train_tok, train_stats, val_tok, val_stats))
+        else:
+            live.say(f"Tokenized {n_rows} rows before (same data and settings): reusing them")
+            runs.kill_point("tokenize")
+            train_tok, train_stats, val_tok, val_stats = cached
     run.meta["dataset"].update(
         train_examples=len(train_tok),
         val_examples=len(val_tok),
@@ -264,6 +320,9 @@ def _build_trainer(
     trainer = recipe.build_trainer(
         cfg, model, tok, args, run.device, train_tok, val_tok, [live.callback, *extra_callbacks]
     )
+    if args.eval_on_start:  # the step-0 eval must not hold back the first step: see base_eval
+        args.eval_on_start = False
+        live.callback.base_eval = functools.partial(base_eval, trainer)
     trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
     plan = recipe.apply_step_plan(trainer, cfg)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -276,13 +335,15 @@ def _build_trainer(
     run.meta["memory"] = vram.run_estimate(
         run.meta["base_model"]["path"], cfg, run.device, trainer.compact_head
     )
-    runs.write_metadata(run.run_dir, run.meta)
+    if live.writes:
+        runs.write_metadata(run.run_dir, run.meta)
     live.say(
         f"Training {plan['total_steps']} steps: batch {cfg.batch_size} x accumulation "
         f"{cfg.grad_accum}, {trainable:,} trainable of {total:,} parameters"
         + (f", resuming from {run.resume_from.name}" if run.resume_from else "")
     )
     live.emit({"event": "status", "status": "training", "total_steps": plan["total_steps"]})
+    live.say(f"First step (of {plan['total_steps']})")
     return trainer
 
 
@@ -336,6 +397,9 @@ def _explain_failure(live: _Live, exc: BaseException) -> None:
 def _finish(live: _Live) -> None:
     """Record how the run ended (metadata, model card, final event), then release the run."""
     run, result, meta = live.run, live.result, live.run.meta
+    if not live.writes:  # DDP ranks > 0 leave the record to rank 0
+        live.log_fh.close()
+        return
     if result.status == "failed" and not result.final_metrics:
         result.final_metrics = checks.final_metrics(runs.load_log(run.run_dir), None)
     live.timings["total_s"] = round(time.time() - live.t_start, 2)
@@ -399,6 +463,17 @@ def memory_now(device: str) -> tuple[float, str]:
     return psutil.Process().memory_info().rss / 2**20, "process RSS"
 
 
+def base_eval(trainer: Any) -> float:
+    """The eval loss at step 0, computed later: a fresh LoRA adapter (lora_B = 0) leaves the
+    base model's outputs unchanged, so the base model with the adapter switched off gives
+    exactly the step-0 figure. Run at the first scheduled eval, it no longer holds back the
+    first training step (Start -> first step shown)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with model.disable_adapter():
+        metrics = trainer.evaluate(metric_key_prefix="eval_step0")
+    return float(metrics["eval_step0_loss"])
+
+
 def progress_callback(run: PreparedRun, emit: OnEvent, stop: threading.Event) -> Any:
     """The run's TrainerCallback (`_Progress`), made here so that importing this module does
     not import transformers."""
@@ -418,7 +493,9 @@ class _Progress:
         self.t0 = time.time()
         self._labels_counted = 0
         self._labels_pending: Any = None  # a device tensor, read only when logging
-        self._tokens_at_log, self._time_at_log = 0, time.time()
+        self._tokens_at_log = 0
+        self._step_time, self._step_t0 = 0.0, 0.0  # seconds inside optimizer steps, this window
+        self.base_eval: Callable[[], float] | None = None  # the deferred step-0 eval
         self.peak_mb, self.mem_kind = 0.0, ""
         self.first_step = 0
         self.stopped = False
@@ -444,7 +521,7 @@ class _Progress:
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch
 
-        self.t0 = self._time_at_log = time.time()
+        self.t0 = time.time()
         self.first_step = state.global_step
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -457,7 +534,11 @@ class _Progress:
                 if p.requires_grad
             }
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_t0 = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
+        self._step_time += time.perf_counter() - self._step_t0
         runs.kill_point(f"step{state.global_step}")  # after the update, before its checkpoint
         mb, self.mem_kind = memory_now(self.device)
         self.peak_mb = max(self.peak_mb, mb)
@@ -480,9 +561,10 @@ class _Progress:
         base = {"step": state.global_step, "total_steps": state.max_steps, "time": now}
         if "loss" in logs:
             loss = float(logs["loss"])
-            dt = max(now - self._time_at_log, 1e-6)
-            tps = (self.label_tokens - self._tokens_at_log) / dt
-            self._tokens_at_log, self._time_at_log = self.label_tokens, now
+            # The window's rate over the time spent in its steps: the evals and checkpoint
+            # saves between log lines do not drag the figure down (they are in the average).
+            tps = (self.label_tokens - self._tokens_at_log) / max(self._step_time, 1e-6)
+            self._tokens_at_log, self._step_time = self.label_tokens, 0.0
             done = max(state.global_step - self.first_step, 1)
             eta = elapsed / done * max(state.max_steps - state.global_step, 0)
             kwh = self.watts * elapsed / 3.6e6
@@ -494,6 +576,9 @@ class _Progress:
                 "learning_rate": float(logs.get("learning_rate", 0.0)),
                 "grad_norm": _num(logs.get("grad_norm")),
                 "tokens_per_s": round(tps, 1),
+                # the run's real average so far: trained tokens over all the time since
+                # training began (steps, evals, checkpoints, logging)
+                "avg_tokens_per_s": round(self.label_tokens / max(elapsed, 1e-6), 1),
                 "label_tokens": self.label_tokens,
                 "elapsed_s": round(elapsed, 2),
                 "eta_s": round(eta, 1),
@@ -509,6 +594,10 @@ class _Progress:
                 control.should_training_stop = True
                 control.should_save = False  # a NaN adapter is not worth keeping
         if "eval_loss" in logs:
+            if self.base_eval is not None:  # the step-0 figure first, so the curve starts at 0
+                run_eval, self.base_eval = self.base_eval, None
+                step0 = {**base, "step": 0, "eval_loss": run_eval()}
+                self.emit({"kind": "eval", **step0})
             self.emit({"kind": "eval", **base, "eval_loss": float(logs["eval_loss"])})
         return control
 

@@ -171,6 +171,73 @@ def tokenize_rows(
     return out, stats
 
 
+# --- the tokenization cache -----------------------------------------------------------------
+
+TOKEN_CACHE_KEEP = 8  # newest cached tokenizations kept; older ones are deleted
+_TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map.json")
+
+
+def _token_cache_dir() -> Path:
+    from studio import paths
+
+    return paths.data_dir() / "cache" / "tokens"
+
+
+def token_cache_key(tok: Any, run: PreparedRun) -> str:
+    """What the tokens of a run depend on, hashed: the rows themselves (so the dataset file's
+    content, its format and the split), the tokenizer's files and chat template, max length,
+    the loss mask setting, and the code that tokenizes. Any change gives a new key, so a
+    cached tokenization is never stale; an unchanged Start skips tokenizing."""
+    import hashlib
+    import json
+
+    from studio.data import chat_format
+    from studio.data.chat_format import template_hash
+
+    h = hashlib.sha256()
+    for part in (
+        json.dumps([run.train_rows, run.val_rows], ensure_ascii=False, sort_keys=True),
+        f"{run.cfg.max_seq_len}|{run.cfg.assistant_only_loss}|{template_hash(tok)}",
+        type(tok).__name__,
+    ):
+        h.update(part.encode("utf-8"))
+    name = str(getattr(tok, "name_or_path", "") or "")
+    folder = Path(name)
+    files = sorted({f for p in _TOKENIZER_FILES for f in folder.glob(p)}) if name else []
+    for f in [*files, Path(chat_format.__file__), Path(__file__)]:
+        with contextlib.suppress(OSError):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def load_token_cache(key: str) -> tuple | None:
+    """(train_tok, train_stats, val_tok, val_stats) cached under `key`, or None."""
+    import json
+
+    path = _token_cache_dir() / f"{key}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["train"], data["train_stats"], data["val"], data["val_stats"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or torn: tokenize again
+        return None
+
+
+def save_token_cache(key: str, value: tuple) -> None:
+    """Cache a tokenization (atomic write); keeps the newest TOKEN_CACHE_KEEP. Best effort:
+    a full disk costs the next Start its tokenizing, never the run."""
+    import json
+
+    train, train_stats, val, val_stats = value
+    folder = _token_cache_dir()
+    data = {"train": train, "train_stats": train_stats, "val": val, "val_stats": val_stats}
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write_text(folder / f"{key}.json", json.dumps(data, separators=(",", ":")))
+        old = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime)[:-TOKEN_CACHE_KEEP]
+        for f in old:
+            f.unlink(missing_ok=True)
+
+
 # --- hardware -----------------------------------------------------------------------------
 
 

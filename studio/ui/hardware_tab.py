@@ -179,7 +179,23 @@ def estimate_view(
     label = catalog.get(preset_name).label
     fig = vram_figure(est, capacity / GIB)
     fig.update_layout(title={"text": f"{label} · {shape.name.split('/')[-1]}: {est.verdict}"})
-    return _verdict_markdown(est, how), fig
+    return _verdict_markdown(est, how) + ddp_markdown(est, report), fig
+
+
+def ddp_markdown(est: vram.VramEstimate, report: dict[str, Any] | None) -> str:
+    """With 2+ GPUs: the memory per card when all of them train the run (DDP)."""
+    gpus = (report or {}).get("gpus") or []
+    if len(gpus) < 2 or est.device != "cuda":
+        return ""
+    from studio.hardware.detect import ddp_per_gpu
+
+    d = ddp_per_gpu(est.total_bytes, est.trainable_params, gpus)
+    return (
+        f"\n\n**With all {d['gpus']} GPUs (DDP):** {d['per_gpu_bytes'] / GIB:.2f} GiB on each"
+        f" card ({d['verdict']} on the smallest, {d['smallest']}, {d['available_bytes'] / GIB:.1f}"
+        " GiB free): every card holds the whole model and its own batch, plus DDP's gradient"
+        " buckets and NCCL buffers; the effective batch is multiplied by the cards."
+    )
 
 
 def _fill(preset_name: str | None, model: str | None, current: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +306,8 @@ def _presets_note(catalog: PresetCatalog) -> str:
     )
     if catalog.problems:
         text += "\n\n" + "\n\n".join(f"⚠️ Preset not loaded: {p}" for p in catalog.problems)
+    if catalog.notices:
+        text += "\n\n" + "\n\n".join(f"ℹ️ {n}" for n in catalog.notices)
     return text
 
 

@@ -18,7 +18,7 @@ import gradio as gr
 from studio import runs
 from studio.config import DEVICES, METHODS, OPTIMIZERS, TARGETS, ConfigError, RunConfig
 from studio.models.loader import DEFAULT_MODEL
-from studio.train import checks
+from studio.train import checks, distributed
 from studio.train.jobs import JobBusyError, JobSnapshot, get_manager
 from studio.train.plan import PLAN_FIELDS, RunPlan, plan_run
 
@@ -120,6 +120,7 @@ def build_train_tab(ctx: dict[str, Any]) -> dict[str, Any]:
             _build_run_panel(ui)
     _build_past_runs(ui)
     ui["seen"] = gr.State(-1)  # the job version this browser tab last drew
+    ui["drawn"] = gr.State("")  # the curve this browser tab last drew (run, points)
     ui["edited"] = gr.State([])  # PLAN_FIELDS the user typed into: the plan leaves them alone
     ui["timer"] = gr.Timer(1.0)
     for name in FIELDS:
@@ -164,6 +165,10 @@ def _build_run_panel(ui: dict[str, Any]) -> None:
     with gr.Row():
         ui["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
         ui["stop"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
+    n = distributed.offered_processes()  # several GPUs: the same run through accelerate (DDP)
+    ui["all_gpus"] = gr.Checkbox(
+        label=distributed.offer_label(n), value=False, visible=n >= 2, elem_id="train-all-gpus"
+    )
     ui["notice"] = gr.Markdown(elem_id="train-notice")
     ui["progress"] = gr.Markdown("No run yet.", elem_id="train-progress")
     ui["chart"] = gr.Plot(label="Loss", elem_id="train-chart")
@@ -227,7 +232,7 @@ class TrainWiring:
         return [self.ui["runs_table"], self.ui["resume_dd"], self.ui["overlay_dd"]]
 
     def poll_outputs(self) -> list[Any]:
-        names = ("progress", "chart", "log", "run_dir", "result", "retry", "seen")
+        names = ("progress", "chart", "log", "run_dir", "result", "retry", "seen", "drawn")
         return [*(self.ui[k] for k in names), self.refresh_signal, *self.past_outputs()]
 
 
@@ -250,15 +255,17 @@ def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             [ui["pii_group"], ui["pii_md"], ui["allow_pii"]],
         )
     _wire_plan(w, demo)
-    ui["start"].click(partial(start, w), inputs, [ui["notice"], ui["pii_group"], ui["pii_md"]])
+    ui["start"].click(
+        partial(start, w), {*inputs, ui["all_gpus"]}, [ui["notice"], ui["pii_group"], ui["pii_md"]]
+    )
     ui["stop"].click(stop, None, ui["notice"])
-    ui["resume"].click(resume, ui["resume_dd"], ui["notice"])
+    ui["resume"].click(resume, [ui["resume_dd"], ui["all_gpus"]], ui["notice"])
     ui["retry"].click(partial(retry, w), None, [*(ui[name] for name in FIELDS), ui["notice"]])
     ui["refresh"].click(past_runs_updates, None, past_outputs)
     ui["overlay_dd"].change(overlay, ui["overlay_dd"], ui["compare"])
     ui["timer"].tick(
         partial(poll, w),
-        [ui["seen"], w.refresh_signal],
+        [ui["seen"], w.refresh_signal, ui["drawn"]],
         w.poll_outputs(),
         show_progress="hidden",
     )
@@ -329,10 +336,12 @@ def start(w: TrainWiring, values: dict[Any, Any]) -> tuple[Any, Any, Any]:
             gr.Warning("Confirm the PII findings first (or redact them in the Dataset tab).")
             group, text, _ = pii_notice(pii)
             return f"**Not started.** {text}", group, text
-        run_dir = get_manager().start(cfg)
+        run_dir = get_manager().start(cfg, processes=_processes(values.get(w.ui["all_gpus"])))
     except ConfigError as exc:
         gr.Warning(f"Setting {exc.field}: {exc}")
-        return f"❌ **Not started.** Setting `{exc.field}`: {exc}", gr.skip(), gr.skip()
+        # The engine's own PII gate (a file this page never scanned): offer the confirmation.
+        group = gr.Group(visible=True) if exc.field == "allow_pii" else gr.skip()
+        return f"❌ **Not started.** Setting `{exc.field}`: {exc}", group, gr.skip()
     except JobBusyError as exc:
         gr.Warning(str(exc))
         return f"⏳ **Not started.** {exc}", gr.skip(), gr.skip()
@@ -345,11 +354,17 @@ def stop() -> str:
     return "No run is training."
 
 
-def resume(run_dir: str | None) -> str:
+def _processes(all_gpus: bool | None) -> int:
+    """1 (the default, one device), or every offered GPU through accelerate when ticked."""
+    n = distributed.offered_processes()
+    return n if all_gpus and n >= 2 else 1
+
+
+def resume(run_dir: str | None, all_gpus: bool | None = False) -> str:
     if not run_dir:
         return "Pick a run to resume first."
     try:
-        path = get_manager().resume(run_dir)
+        path = get_manager().resume(run_dir, processes=_processes(all_gpus))
     except (ConfigError, JobBusyError) as exc:
         gr.Warning(str(exc))
         return f"❌ **Not resumed.** {exc}"
@@ -371,16 +386,19 @@ def retry(w: TrainWiring) -> dict[Any, Any]:
     return {**fills, notice: f"▶️ Retrying as **{run_dir.name}** with the suggested settings."}
 
 
-def poll(w: TrainWiring, seen: int, signal: int) -> dict[Any, Any]:
-    """Redraw from the job's snapshot when it changed since this browser tab last drew."""
+def poll(w: TrainWiring, seen: int, signal: int, drawn: str = "") -> dict[Any, Any]:
+    """Redraw from the job's snapshot when it changed since this browser tab last drew; the
+    chart only when its points changed (a message or a checkpoint line leaves it alone)."""
     snap = get_manager().snapshot()
     if snap.version == seen:
         return {comp: gr.skip() for comp in w.poll_outputs()}
     finished = not snap.active and snap.finished_at is not None
     ui = w.ui
+    curve = f"{snap.run_dir}:{len(snap.history)}"
     out: dict[Any, Any] = {
         ui["progress"]: progress_markdown(snap),
-        ui["chart"]: live_figure(snap),
+        ui["chart"]: live_figure(snap) if curve != drawn else gr.skip(),
+        ui["drawn"]: curve,
         ui["log"]: "\n".join(snap.log_lines[-200:]),
         ui["run_dir"]: snap.run_dir or "",
         ui["result"]: result_markdown(snap),
@@ -495,11 +513,12 @@ def progress_markdown(snap: JobSnapshot) -> str:
     frac = snap.step / total if total else 0.0
     bar = "▰" * round(frac * 20) + "▱" * (20 - round(frac * 20))
     lines = [
-        f"**{state}** · `{snap.run_name}` · {snap.method}",
+        f"**{state}** · `{snap.run_name}` · {snap.method}"
+        + (f" · {snap.processes} processes (accelerate)" if snap.processes > 1 else ""),
         f"{bar} step **{snap.step}/{total or '?'}** ({frac:.0%})"
         + (f" · epoch {snap.epoch:.2f}" if snap.epoch is not None else ""),
         f"train loss **{_fmt(snap.train_loss)}** · eval loss **{_fmt(snap.eval_loss)}** · "
-        f"lr {snap.learning_rate or 0:.2e} · {snap.tokens_per_s or 0:.0f} trained tokens/s",
+        f"lr {snap.learning_rate or 0:.2e} · {_speed(snap)}",
         f"elapsed {_duration(snap.elapsed_s)} · ETA "
         f"{_duration(snap.eta_s) if snap.active and snap.eta_s is not None else '-'}"
         + (
@@ -513,9 +532,22 @@ def progress_markdown(snap: JobSnapshot) -> str:
         lines.append(
             f"electricity ≈ {snap.energy_kwh:.4f} kWh ≈ {snap.energy_cost or 0:.4f} ({note})"
         )
-    if snap.active and snap.message:
+    if snap.active and snap.message and (snap.step == 0 or snap.state == "stopping"):
+        # before step 1: what the wait is (loading model, tokenizing N rows, first step)
         lines.append(f"_{snap.message}_")
     return "  \n".join(lines)
+
+
+def _speed(snap: JobSnapshot) -> str:
+    """Trained tokens/s: while training, the latest steps' rate; once the run ended, its real
+    average (trained tokens over the whole training time, evals and checkpoints included),
+    the `avg_tokens_per_s` of its last log line, so the tab and the log agree."""
+    last = next((e for e in reversed(snap.history) if e.get("kind") == "train"), {})
+    avg = last.get("avg_tokens_per_s")
+    if not snap.active and avg is not None:
+        return f"{avg:.0f} trained tokens/s on average"
+    rate = f"{snap.tokens_per_s or 0:.0f} trained tokens/s"
+    return f"{rate} (average {avg:.0f})" if avg is not None else rate
 
 
 def result_markdown(snap: JobSnapshot) -> str:

@@ -218,7 +218,8 @@ def run_batch(
             yield gr.update(), frame(), gr.update()
         else:
             done, total, message = payload
-            yield f"{message} · {done}/{total} done", gr.update(), gr.update()
+            mode = f" · {engine.last_mode}" if done and engine.last_mode else ""
+            yield f"{message} · {done}/{total} done{mode}", gr.update(), gr.update()
     if "error" in result:
         yield f"**Error:** batch compare failed: {result['error']}", frame(), None
         return

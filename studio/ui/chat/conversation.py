@@ -62,7 +62,7 @@ def build_conversation(ui: dict[str, Any]) -> None:
     with gr.Row():
         ui["send"] = gr.Button("Send", variant="primary")
         ui["stop"] = gr.Button("Stop", variant="stop")
-        ui["clear"] = gr.Button("Clear")
+        ui["clear"] = gr.Button("Clear", elem_id="chat-clear")
     ui["stats"] = gr.Markdown("", elem_id="chat-stats")
 
 
@@ -167,7 +167,10 @@ def _stats_line(engine: chat.ChatEngine, assign: dict[str, str]) -> str:
             f"**{panel}**: {st.new_tokens} tokens, first token {ttft},"
             f" {st.tokens_per_s:.1f} tokens/s{note}"
         )
-    return " &nbsp;|&nbsp; ".join(parts)
+    line = " &nbsp;|&nbsp; ".join(parts)
+    if parts and engine.last_mode:  # batched, or one after the other and why
+        line += f" &nbsp;·&nbsp; _{engine.last_mode}_"
+    return line
 
 
 def _send_problem(
