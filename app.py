@@ -65,6 +65,21 @@ def _patient_localhost_check() -> None:
     networking.url_ok = url_ok
 
 
+def _close_on_sigterm() -> None:
+    """A SIGTERM or SIGHUP (`kill`, a closed terminal) closes the app as Ctrl-C does: Gradio
+    shuts its server down and the interpreter exits normally, so the exit hooks run (a
+    multi-GPU run's processes are stopped at a step and the run recorded,
+    `studio.train.jobs.end_children`). Python's default for SIGTERM skips them."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from studio import paths
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _patient_localhost_check()
     print(f"LoRA Studio data dir: {paths.data_dir()}", flush=True)
     _prepare_default_model()
+    _close_on_sigterm()
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host,
         server_port=args.port,

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from studio.chat import engine as chat
-from studio.chat import evaluate, measure
+from studio.chat import evaluate, measure, streaming
+from studio.models import precision
 
 RUN_NAME = "chat-test"
 SYSTEM = (
@@ -69,10 +70,18 @@ def run_dir(studio_home: Path, embedded_model) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir: Path):
-    eng = chat.ChatEngine()
-    eng.load(run_dir)
-    yield eng
-    eng.unload()
+    """The chat engine in fp32, on every CPU: these tests hold a batched answer to the very
+    tokens of the same answer alone, which fp32 gives. In bf16 (a GPU, or a CPU with native
+    bf16, where Chat runs in bf16) a batch's matmuls round in another order, so a greedy pick
+    between two tokens within rounding of each other may flip, as on any GPU;
+    `test_bf16_ab_turn_matches_alone_or_splits_at_a_near_tie` checks that case."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(precision.CPU_FP32_ENV, "1")
+        eng = chat.ChatEngine()
+        eng.load(run_dir)
+        assert str(eng.model.dtype) == "torch.float32"
+        yield eng
+        eng.unload()
 
 
 GREEDY = chat.GenerationSettings(temperature=0.0, max_new_tokens=24)
@@ -254,7 +263,7 @@ def test_streamer_releases_thai_text_before_the_end(tokenizer):
 
     text = "สวัสดีครับ ขอบคุณมากครับ"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    streamer = chat._streamer_class()(tokenizer)
+    streamer = streaming.streamer_class()(tokenizer)
     streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
     for i in ids:
         streamer.put(torch.tensor([i]))
@@ -268,7 +277,7 @@ def test_streamer_releases_thai_text_before_the_end(tokenizer):
     cut = tokenizer("Tôi muốn đổi", add_special_tokens=False)["input_ids"]
     partial = [i for i in range(1, len(cut)) if "\ufffd" in tokenizer.decode(cut[:i])]
     assert partial, "this tokenizer splits Vietnamese letters across tokens"
-    streamer = chat._streamer_class()(tokenizer)
+    streamer = streaming.streamer_class()(tokenizer)
     streamer.put(torch.tensor([[1]]))
     for i in cut[: partial[-1]]:
         streamer.put(torch.tensor([i]))
@@ -449,7 +458,7 @@ LONG_HISTORY = [
 
 @pytest.mark.slow
 def test_ab_turn_in_one_batched_pass_matches_each_side_alone(engine):
-    """Both sides in ONE generate call (PEFT mixed adapter batch), streamed together, give
+    """Both sides in ONE generate call (the adapter switched per row), streamed together, give
     each side's greedy text alone, with prompts of different lengths (left padding)."""
     settings = chat.GenerationSettings(max_new_tokens=32)
     histories = {chat.SIDE_BASE: LONG_HISTORY, chat.SIDE_TUNED: ticket_messages()}
@@ -482,6 +491,61 @@ def test_ab_turn_in_one_batched_pass_matches_each_side_alone(engine):
         assert again == alone and engine.last_mode.startswith("one side after the other")
     finally:
         engine.batch_sides = True
+
+
+@pytest.mark.slow
+def test_bf16_ab_turn_matches_alone_or_splits_at_a_near_tie(run_dir: Path, monkeypatch):
+    """Chat in bf16 (this CPU's precision where it has native bf16, as on a GPU): base and
+    fine-tune rows batched give each row's answer alone, except that a greedy pick may flip
+    where two tokens were within rounding; then the logits must show it (the export check's
+    rule: the gap alone <= twice the logit change at the split), and every step up to the
+    split must agree to bf16 rounding. The engine's own batched stream is the batch here."""
+    import contextlib
+
+    import torch
+
+    from studio.models.batching import adapter_rows, left_pad
+
+    monkeypatch.delenv(precision.CPU_FP32_ENV, raising=False)  # the `engine` fixture's
+    if not precision.cpu_bf16()[0]:
+        pytest.skip(precision.cpu_bf16()[1])
+    eng = chat.ChatEngine()
+    eng.load(run_dir)
+    try:
+        model, tok = eng.model, eng.tokenizer
+        assert model.dtype == torch.bfloat16
+        rows = [(chat.SIDE_BASE, LONG_HISTORY), (chat.SIDE_TUNED, ticket_messages())]
+        rows += [(chat.SIDE_TUNED, LONG_HISTORY), (chat.SIDE_BASE, ticket_messages())]
+        texts = [eng.prompt_text(m, SYSTEM) for _, m in rows]
+        settings = chat.GenerationSettings(max_new_tokens=24)
+        streamed = eng.generate_rows([(side, m, SYSTEM) for side, m in rows], settings)
+        kw = dict(settings.generate_kwargs(tok), output_logits=True, return_dict_in_generate=True)
+        enc = left_pad(tok, texts, model.device)
+        enc.pop("lengths")
+        with torch.inference_mode(), adapter_rows(model, [s != chat.SIDE_BASE for s, _ in rows]):
+            batch = model.generate(**enc, **kw)
+        width = enc["input_ids"].shape[1]
+        for i, ((side, _), text) in enumerate(zip(rows, texts, strict=True)):
+            got = batch.sequences[i, width:].tolist()
+            assert streamed[i] == tok.decode(got, skip_special_tokens=True)
+            one = tok(text, add_special_tokens=False, return_tensors="pt")
+            off = model.disable_adapter() if side == chat.SIDE_BASE else contextlib.nullcontext()
+            with torch.inference_mode(), off:
+                alone = model.generate(**one, **kw)
+            want = alone.sequences[0, one["input_ids"].shape[1] :].tolist()
+            split = next(
+                (k for k, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None
+            )
+            steps = min(len(want), len(got)) if split is None else split + 1
+            for k in range(steps):  # padded rows differ by rounding: mean |change| ~0.06-0.25
+                ref, mine = alone.logits[k][0].float(), batch.logits[k][i].float()
+                change = float((ref - mine).abs().max())  # (an adapter on the wrong row: 1.6-15)
+                assert float((ref - mine).abs().mean()) <= 0.5, (side, k, change)
+            if split is not None:
+                margin = float(ref[want[split]] - ref[got[split]])
+                assert margin <= 2 * change, (side, split, margin, change)
+    finally:
+        eng.unload()
 
 
 @pytest.mark.slow
@@ -596,12 +660,20 @@ def test_bench_batching_ratios_at_a_tiny_size(engine):
     """`python -m studio.bench chat`'s batching figures, at a tiny size (no timing checked)."""
     out = measure.batching_ratios(engine, ["Hello!"], ["Hi", "Thanks!", "Bye"], 4, 4, reps=2)
     lines = measure.batching_lines(out)
-    assert out["repetitions"] == 2 and len(lines) == 3
-    for key in ("ab_turn", "batch_compare"):
+    assert out["repetitions"] == 2 and len(lines) == 4
+    for key in ("ab_turn", "ab_turn_natural_length", "batch_compare"):
         low, high = out[key]["ratio_spread"]
         assert 0 < low <= out[key]["ratio_median"] <= high
-    assert "A/B turn at 4 new tokens" in lines[0] and "3 prompts x 2 sides" in lines[1]
+    assert "both sides 4 new tokens" in lines[0] and "natural lengths" in lines[1]
+    assert "3 prompts x 2 sides" in lines[2]
     assert engine.batch_sides  # the bench leaves the engine batching again
+    # its fixed-length turn: both sides generate exactly the asked tokens, past an answer's end
+    fixed = chat.GenerationSettings(max_new_tokens=40, min_new_tokens=40)
+    for _ in engine.compare_stream(
+        {s: [{"role": "user", "content": "Hi"}] for s in chat.SIDES}, fixed
+    ):
+        pass
+    assert [engine.last_stats[s].new_tokens for s in chat.SIDES] == [40, 40]
 
 
 @pytest.mark.slow
@@ -668,10 +740,10 @@ def test_stop_criterion_answers_on_the_inputs_device() -> None:
 
     import torch
 
-    from studio.chat.engine import _stop_criteria
+    from studio.chat.streaming import stop_criteria
 
     event = threading.Event()
-    (criterion,) = _stop_criteria(event)
+    (criterion,) = stop_criteria(event)
     ids = torch.zeros((2, 5), dtype=torch.long, device="meta")
     out = criterion(ids, None)
     assert out.device == ids.device and out.shape == (2,) and out.dtype == torch.bool

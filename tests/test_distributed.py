@@ -159,6 +159,9 @@ def test_the_job_runs_qlora_on_two_processes_follows_the_log_and_stops_every_ran
     assert not (run_dir / distributed.STOP_FILE).exists()  # a resume will not stop at once
     meta = runs.read_metadata(run_dir)
     assert (meta["settings"]["method"], meta["distributed"]["processes"]) == ("qlora", 2)
+    answers = [c for c in meta["checks"] if c["name"] in ("it stops", "base vs fine-tune differ")]
+    assert answers and all("4-bit generation on the CPU is slow" in c["detail"] for c in answers)
+    assert meta["did_it_learn"]["prompts"] == 2  # 4-bit on the CPU: fewer, shorter answers
     assert sorted((studio_home / "runs").glob("ddpjob-*")) == [run_dir]
 
 
@@ -185,11 +188,152 @@ def test_only_rank_zero_writes(monkeypatch):
     assert not distributed.launched()
 
 
+def test_only_rank_zero_writes_the_token_cache_and_the_other_ranks_read_it(
+    monkeypatch, studio_home
+):
+    """Every rank tokenizes the same rows; rank 0 alone writes the cache file (no N-way race
+    on one file), and a rank > 0 reads what rank 0 wrote."""
+    from studio.train.prepare import load_token_cache, save_token_cache
+
+    value = ([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}], {"rows": 1}, [], {"rows": 0})
+    key = "ranks" + "0" * 27
+    cached = studio_home / "cache" / "tokens" / f"{key}.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert save_token_cache(key, value) is False
+    assert not cached.exists() and load_token_cache(key) is None
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert save_token_cache(key, value) is True
+    assert cached.is_file()
+    monkeypatch.setenv("RANK", "1")
+    assert load_token_cache(key) == value
+
+
 def test_the_launch_command_runs_studio_train_on_n_processes():
     cmd = distributed.launch_command(["run.yaml"], 3)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "3"
     assert cmd[-3:] == ["-m", "studio.train", "run.yaml"]
+
+
+# --- the job's side: the app's exit, a rank's failure ----------------------------------------
+# `accelerate launch` is replaced by a stand-in launcher (the thing under test is the job
+# manager's handling of the processes, not training): like rank 0 it creates and claims the
+# run folder and announces it; like torchrun it starts a "rank" in a session of its own.
+
+STANDIN_LAUNCHER = """
+import subprocess, sys, time
+from studio import paths, runs
+paths.set_data_dir(sys.argv[1])
+run_dir = runs.new_run_dir("standin")
+runs.write_metadata(run_dir, {"status": "running", "run_name": "standin"})
+runs.mark_live(run_dir)
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                        start_new_session=True)
+(run_dir / "pids").write_text(f"{__import__('os').getpid()} {rank.pid}")
+print(f"Run folder: {run_dir}", flush=True)
+time.sleep(300)  # deaf to the stop file: it has to be killed
+"""
+
+APP_THAT_CLOSES = """
+import sys
+from studio.config import RunConfig
+from studio.train import distributed, jobs
+distributed.launch_command = lambda args, n: [sys.executable, "-c", sys.argv[1], args[-1]]
+jobs.STOP_GRACE_S, jobs.KILL_GRACE_S = 1.0, 3.0
+run_dir = jobs.get_manager().start(RunConfig.load(sys.argv[2]), processes=2)
+print(run_dir, flush=True)
+# the script ends here with the run going: the interpreter's exit has to stop it
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_apps_exit_stops_a_launched_run_and_records_it_interrupted(studio_home, rows, tmp_path):
+    """An app that exits with a multi-process run going: the stop file first, then the
+    launcher and its rank (in a session of its own, as torchrun starts ranks) are killed, and
+    the run reads "interrupted" with why, not "running"."""
+    import psutil
+
+    yaml_path = small_cfg(rows, run_name="closing").save(tmp_path / "run.yaml")
+    env = {**os.environ, distributed.CPU_PROCESSES_ENV: "2"}
+    app = subprocess.run(
+        [sys.executable, "-c", APP_THAT_CLOSES, STANDIN_LAUNCHER, str(yaml_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert app.returncode == 0, app.stderr[-3000:]
+    run_dir = Path(app.stdout.strip().splitlines()[-1])
+    pids = [int(x) for x in (run_dir / "pids").read_text().split()]
+    try:
+        assert (run_dir / distributed.STOP_FILE).is_file()  # asked to stop first
+        assert all(_gone(pid) for pid in pids), pids
+        info = runs.run_info(run_dir)
+        assert info.status == "interrupted"
+        meta = runs.read_metadata(run_dir)
+        assert meta["status"] == "interrupted" and "app closed" in meta["message"]
+        assert runs.load_log(run_dir)[-1]["event"] == "finished"
+    finally:
+        for pid in pids:  # a failed run of this test must not leave its stand-ins behind
+            if not _gone(pid):
+                psutil.Process(pid).kill()
+
+
+STANDIN_FAILING_RANKS = """
+import sys, time
+from studio import paths, runs
+from studio.config import RunConfig
+from studio.train import distributed
+from studio.train.loop import TrainResult, oom_advice, write_end
+paths.set_data_dir(sys.argv[1])
+run_dir = runs.new_run_dir("ranks")
+runs.write_metadata(run_dir, {"status": "running", "run_name": "ranks"})
+runs.mark_live(run_dir)
+print(f"Run folder: {run_dir}", flush=True)
+t = time.time()
+message, advice, retry = oom_advice(RunConfig(batch_size=4), "cpu", MemoryError("rank 1"))
+rank1 = TrainResult(run_dir, "failed", message, advice, retry, failed_at=t)
+# rank 0 then loses rank 1 in its all-reduce, and records that echo as the run's end
+rank0 = TrainResult(run_dir, "failed", "Training failed: RuntimeError: Connection closed by peer",
+                    failed_at=t + 0.5)
+write_end(run_dir, runs.read_metadata(run_dir), rank0)
+print(distributed.failure_line(0, rank0), flush=True)  # printed first, happened later
+print("\\r 33%|###   | 2/6 [00:04<00:08]", end="", flush=True)  # rank 0's bar, left open
+print(distributed.failure_line(1, rank1), flush=True)
+sys.exit(1)
+"""
+
+
+def test_a_failed_rank_fails_the_run_with_its_own_error_and_advice(studio_home, rows, monkeypatch):
+    """Rank 1 runs out of memory, rank 0 fails after it (lost connection) and records that:
+    the job records the run as failed with rank 1's error, advice and retry config."""
+    from studio.train.jobs import JobManager
+
+    monkeypatch.setenv(distributed.CPU_PROCESSES_ENV, "2")
+    monkeypatch.setattr(
+        distributed,
+        "launch_command",
+        lambda args, n: [sys.executable, "-c", STANDIN_FAILING_RANKS, args[-1]],
+    )
+    manager = JobManager()
+    run_dir = manager.start(small_cfg(rows, run_name="ranks"), processes=2)
+    snap = manager.wait(timeout=120)
+    assert snap.state == "failed", (snap.state, snap.message)
+    assert snap.message.startswith("Rank 1 of 2 failed: Out of system memory"), snap.message
+    assert any("Halve the batch" in line for line in snap.advice), snap.advice
+    assert snap.retry_config and snap.retry_config["batch_size"] == 2
+    meta = runs.read_metadata(run_dir)
+    assert (meta["status"], meta["error"]) == ("failed", snap.message)
+    assert meta["advice"] == snap.advice
+    assert runs.run_info(run_dir).status == "failed"
 
 
 # --- the app's side: hardware, doctor, the Train tab's offer ---------------------------------

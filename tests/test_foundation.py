@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,7 @@ def test_app_serves_four_tabs_in_chromium(start_app, page) -> None:
     page.get_by_role("tab", name="Dataset", exact=True).click()
     expect(page.locator("#dataset-status")).to_contain_text("No dataset loaded")
     assert page.title() == "LoRA Studio"
+    # SIGTERM closes the app as Ctrl-C does: a normal exit, so exit hooks run (Python's
+    # default would end it with -15 and skip them; studio.train.jobs.end_children)
+    app.kill(signal.SIGTERM)
+    assert app.proc.returncode == 0, app.log()

@@ -28,7 +28,54 @@ def test_cpu_estimate_follows_the_precision_rule(monkeypatch: pytest.MonkeyPatch
     assert estimate_kernel("cpu") == "cpu"
 
 
-def _wait_verdict(page, pattern: str, timeout: int = 90_000) -> str:
+def _wiring():
+    """The tab's wiring with names standing in for the components (handlers key by them)."""
+    from studio.ui.hardware_tab import SETTING_FIELDS, HardwareWiring
+
+    names = ("preset", "model", "settings", "report", "model_info", "verdict", "chart")
+    train = {k: f"train.{k}" for k in SETTING_FIELDS}
+    return HardwareWiring({n: n for n in names}, train, edited="edited", note="note")
+
+
+def test_an_automatic_fill_keeps_typed_fields_and_a_pick_replaces_them_saying_so() -> None:
+    """The rule of the Train fields: detection's fill leaves what the user typed; a preset
+    the user picks fills everything and names what it replaced; the pick's repeat is quiet."""
+    import gradio as gr
+
+    from studio.ui.hardware_tab import _fill_outputs, on_pick
+    from studio.ui.train_tab import mark_edited
+
+    cpu = yaml.safe_load((REPO_PRESETS / "cpu.yaml").read_text(encoding="utf-8"))
+    band = cpu["bands"]["up_to_1b"]  # the default 135M model's band
+    assert (band["max_seq_len"], band["grad_accum"]) != (160, 1)  # else nothing would show
+    w = _wiring()
+    typed: list[str] = []
+    for name in ("max_seq_len", "grad_accum"):
+        assert mark_edited(name, typed) is typed  # in place: a running handler sees it
+    fields = {f"train.{k}": v for k, v in {"max_seq_len": 160, "grad_accum": 1}.items()}
+    values = {"preset": "cpu", "model": None, "settings": {}, "report": None, "edited": typed}
+    values.update(fields)
+
+    auto = _fill_outputs(w, values, None, picked=False)
+    assert auto["train.max_seq_len"] == auto["train.grad_accum"] == gr.skip()
+    assert auto["train.lora_r"] == band["lora_r"] and auto["train.method"] == band["method"]
+    assert "detected preset" in auto["note"] and "max_seq_len" in auto["note"]
+    assert auto["verdict"] == gr.skip()  # estimated after, from the fields as they are
+
+    picked = on_pick(w, values)
+    assert (picked["train.max_seq_len"], picked["train.grad_accum"]) == (
+        band["max_seq_len"],
+        band["grad_accum"],
+    )
+    assert f"max_seq_len` 160 → {band['max_seq_len']}" in picked["note"]
+    assert f"grad_accum` 1 → {band['grad_accum']}" in picked["note"]
+    assert typed == []  # filled on request: the fields are the preset's again
+    assert "GiB" in picked["verdict"]  # estimated with the filled settings
+    repeat = on_pick(w, {**values, "settings": picked["settings"]})
+    assert repeat["note"] == gr.skip()  # the same pick again: the note of the first stays
+
+
+def wait_verdict(page, pattern: str, timeout: int = 90_000) -> str:
     """The verdict once it matches and no estimate is still running (Gradio then prefixes
     the old text with its progress timer, e.g. "processing | 0.3/0.4s")."""
     return page.wait_for_function(
@@ -42,7 +89,7 @@ def _wait_verdict(page, pattern: str, timeout: int = 90_000) -> str:
     ).json_value()
 
 
-def _pick(page, elem_id: str, option: str) -> None:
+def pick(page, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id} input").click()
     page.get_by_role("option", name=option, exact=True).click()
 
@@ -62,20 +109,20 @@ def test_preset_and_model_change_the_verdict(start_app, page, studio_home: Path)
         page.get_by_role("tab", name="Hardware", exact=True).click()
         # Detection runs on page load and picks a preset; its estimate appears. The detected
         # preset's defaults for the 135M default model fit any machine the studio runs on.
-        first = _wait_verdict(page, "^. ?Fits:")
+        first = wait_verdict(page, "^. ?Fits:")
         detected = page.locator("#hw-detected").inner_text()
         assert "Preset:" in detected and "Precision:" in detected
 
-        _pick(page, "hw-preset", "NVIDIA RTX 4060 8 GB")
-        card = _wait_verdict(page, r"of 7\.5 GiB free")  # 8 GiB minus a typical desktop
+        pick(page, "hw-preset", "NVIDIA RTX 4060 8 GB")
+        card = wait_verdict(page, r"of 7\.5 GiB free")  # 8 GiB minus a typical desktop
         assert card != first
         page.wait_for_function(
             "() => /RTX 4060 8 GB/.test(document.querySelector('#hw-chart')?.innerText || '')",
             timeout=30_000,
         )
 
-        _pick(page, "hw-model", "Llama-3.1-8B-Instruct · 8.0B")
-        big = _wait_verdict(page, r"Base weights\s+5\.31")  # QLoRA: NF4 8B base
+        pick(page, "hw-model", "Llama-3.1-8B-Instruct · 8.0B")
+        big = wait_verdict(page, r"Base weights\s+5\.31")  # QLoRA: NF4 8B base
         assert "4B to 9B band" in page.locator("#hw-model-info").inner_text()
         # The 4B-9B band's QLoRA defaults fit an 8 GB card (tests/test_presets.py checks it).
         assert re.search(r"^. ?Fits:", big), big

@@ -117,6 +117,18 @@ def test_cpu_default_recipe_for_the_sample() -> None:
     assert defaults.effective_batch == b.batch_size * b.grad_accum
 
 
+def test_cpu_plan_line_for_the_sample_says_what_the_first_run_measured(
+    sample_dataset_path, tokenizer, own_data_dir
+) -> None:
+    """The default first run's plan line at the CPU preset's rate (a fresh data dir: no run
+    measured yet). `python -m studio.bench firstrun` trained these 41 steps in 1.59 min, so
+    the line says about 2 min (the old 130 tokens/s said about 4)."""
+    cfg = RunConfig(preset="cpu", dataset_path=str(sample_dataset_path), allow_pii=True)
+    planned = planner.plan_run(cfg, tokenizer)
+    assert planned.preflight.time_source.startswith("the preset's")
+    assert planned.line.endswith("~41 steps, about 2 min here"), planned.line
+
+
 def test_suggested_max_len_is_p99_rounded_up() -> None:
     lengths = list(range(1, 101))  # p99 (nearest rank) = 99 -> 128
     assert planner.suggested_max_len(lengths) == 128

@@ -98,7 +98,7 @@ def test_a_run_goes_one_way_through_the_train_package() -> None:
     allowed = {
         "tracking": set(),  # a leaf: where the curves go (TensorBoard, W&B)
         "distributed": set(),  # a leaf: ranks, the stop file, the accelerate command
-        "prepare": set(),
+        "prepare": {"distributed"},  # rank 0 alone writes the token cache
         "recipe": {"tracking", "distributed"},
         "checks": set(),
         "plan": {"prepare", "recipe"},  # the Train tab's pre-flight, before any run starts

@@ -11,7 +11,8 @@ from playwright.sync_api import expect
 from studio import runs
 from studio.config import ConfigError, RunConfig
 from studio.train.jobs import JobSnapshot
-from tests.ui_steps import set_train_settings
+from tests.conftest import MODEL_CACHE
+from tests.ui_steps import fill, set_train_settings
 
 STARTED = re.compile(r"▶️ Started ui-run")  # the notice of a run that started
 BUSY = re.compile(r"Not started\. A run is (already training: ui-run|being prepared)")
@@ -137,3 +138,90 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
     table = page.locator("#train-runs")
     expect(table).to_contain_text(runs.run_info(run_dir).name, timeout=30_000)
     expect(table).to_contain_text("completed")
+
+
+# Typed while the page-load events (hardware detection and its preset fill, the plan) are
+# still on their way: values that differ from the CPU preset's band (batch 2, accumulation 2,
+# length 512, lr 1e-3), so a late fill that overwrote them would show.
+TYPED = {
+    "train-max-seq-len": ("160", "max_seq_len: 160"),
+    "train-grad-accum": ("1", "grad_accum: 1"),
+    "train-batch-size": ("3", "batch_size: 3"),
+    "train-learning-rate": ("0.002", "learning_rate: 0.002"),
+}
+
+
+class _HeldEvents:
+    """Holds every event the page sends to the server until released: the page-load events
+    leave with the values of the untouched page and are answered after the typing, as they
+    are when detection is slow (the first torch import on a busy PC)."""
+
+    def __init__(self, page) -> None:
+        self.routes: list = []
+        self.released = False
+        page.route("**/gradio_api/queue/join*", self._on_request)
+
+    def _on_request(self, route) -> None:
+        if self.released:
+            route.continue_()
+        else:
+            self.routes.append(route)
+
+    def release(self) -> None:
+        """Send the held events, in the order the page sent them."""
+        self.released = True
+        while self.routes:
+            self.routes.pop(0).continue_()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_values_typed_before_the_page_load_fill_are_kept_and_used(start_app, page, tmp_path):
+    from tests.test_hardware_ui import pick, wait_verdict
+
+    (tmp_path / "models").symlink_to(MODEL_CACHE, target_is_directory=True)
+    app = start_app(home=tmp_path)  # its own data dir: the run started here stays out of others
+    held = _HeldEvents(page)
+    page.goto(app.url)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function("() => !!document.querySelector('#train-max-seq-len input')")
+    for elem_id, (value, _line) in TYPED.items():
+        fill(page, elem_id, value)
+    assert held.routes, "the page sent no events on load"  # none answered: all are held
+    held.release()
+
+    # Settled: detection done and its estimate shown, then the plan made on the Train tab.
+    page.get_by_role("tab", name="Hardware", exact=True).click()
+    expect(page.locator("#hw-detected")).to_contain_text("Preset:", timeout=60_000)
+    wait_verdict(page, r"^. ?(Fits|Tight|Won't fit):")
+    page.get_by_role("tab", name="Train").click()
+    plan = page.locator("#train-plan")
+    expect(plan).to_contain_text("Pre-flight", timeout=60_000)
+    page.wait_for_timeout(1000)  # a late fill, if any, lands meanwhile
+    for elem_id, (value, _line) in TYPED.items():
+        box = page.locator(f"#{elem_id} input")
+        assert float(box.input_value()) == float(value), (elem_id, box.input_value())
+    expect(plan).to_contain_text("at max length 160")  # the plan and pre-flight used them
+    expect(plan).to_contain_text("learning_rate kept")
+    note = page.locator("#train-fill-note")  # the fill came, and says what it left alone
+    expect(note).to_contain_text("filled from the detected preset")
+    expect(note).to_contain_text(re.compile(r"Your own .*max_seq_len.* kept"))
+
+    # Start uses them: the run folder's run.yaml (the config it trains) has the typed values.
+    page.locator("#train-allow-pii input").check()  # the sample's planted PII
+    page.locator("#train-start").click()
+    notice = page.locator("#train-notice")
+    expect(notice).to_contain_text(re.compile(r"▶️ Started \S+"), timeout=30_000)
+    page.locator("#train-stop").click()
+    name = re.search(r"Started (\S+)\.", notice.inner_text()).group(1).strip("*")
+    run_yaml = (tmp_path / "runs" / name / runs.RUN_YAML).read_text(encoding="utf-8")
+    for _value, line in TYPED.values():
+        assert line in run_yaml, (line, run_yaml)
+
+    # A preset the user picks fills again, typed fields included, and says what it replaced.
+    page.get_by_role("tab", name="Hardware", exact=True).click()
+    pick(page, "hw-preset", "NVIDIA RTX 4060 8 GB")
+    page.get_by_role("tab", name="Train").click()
+    expect(note).to_contain_text("the preset you picked", timeout=30_000)
+    expect(note).to_contain_text(re.compile(r"Replaced what you had typed: .*max_seq_len 160 →"))
+    assert page.locator("#train-max-seq-len input").input_value() != "160"

@@ -16,15 +16,15 @@ def fill(page: Any, elem_id: str, value: str) -> None:
 
 
 def set_train_settings(page: Any, wanted: dict[str, tuple[str, str]]) -> Any:
-    """Fill Train-tab fields {elem_id: (value, expected YAML line)} until the run config shows
-    them all; returns the YAML box. The Hardware tab fills some fields from its preset when
-    the page loads, which can overwrite a first fill: settle and retry."""
+    """Fill Train-tab fields {elem_id: (value, expected YAML line)} once and wait until the run
+    config shows them all; returns the YAML box. Typed once, not retried: the page-load preset
+    fill must leave typed fields alone (a retry here once hid that it overwrote them)."""
     page.get_by_text("Advanced settings").click()
     page.get_by_text("Run config (YAML): the same run headless").click()
     yaml_box = page.locator("#train-yaml")
-    for _ in range(5):
-        for elem_id, (value, _line) in wanted.items():
-            fill(page, elem_id, value)
+    for elem_id, (value, _line) in wanted.items():
+        fill(page, elem_id, value)
+    for _ in range(20):
         page.wait_for_timeout(1500)
         text = yaml_box.inner_text()
         if all(line in text for _value, line in wanted.values()):

@@ -1,20 +1,23 @@
 """Chat with a run: the base model and its fine-tune side by side, from ONE loaded model.
 
-The base is loaded once through `studio.models.loader` (in 4-bit for a QLoRA run, as it was
-trained, unless 16-bit is asked) with the run's LoRA adapter attached by peft. The fine-tuned
-side ("tuned") generates with the adapter on; the base side ("base") generates from the very
-same weights inside `model.disable_adapter()`, so there is never a second copy in memory.
-Prompts are rendered with `studio.data.chat_format.render`, the one template path training used.
+The base is loaded once through `studio.models.loader`, in the device's precision as training
+loads it (bf16 on a GPU or on a CPU with native bf16; 4-bit for a QLoRA run unless 16-bit is
+asked), with the run's LoRA adapter attached by peft. The fine-tuned side ("tuned") generates
+with the adapter on; the base side ("base") from the very same weights with it off
+(`model.disable_adapter()`, or per row when both sides share one batch:
+`studio.models.batching.adapter_rows`), so there is never a second copy in memory. Prompts are
+rendered with `studio.data.chat_format.render`, the one template path training used.
 
-Also here: resolving a run, checkpoint or adapter folder; streaming (`TextIteratorStreamer` +
-`generate` on a thread) with a Stop flag; unload; and the guard that refuses to load while a
-training run holds the GPU. Scores, blind votes and batch compare are in
+Also here: resolving a run, checkpoint or adapter folder; generating on a thread with a Stop
+flag (the streamers are in `studio.chat.streaming`); unload; and the guard that refuses to
+load while a training run holds the GPU. Scores, blind votes and batch compare are in
 `studio.chat.evaluate`; the load-time benchmark is in `studio.chat.measure`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import threading
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.chat.streaming import rows_streamer, stop_criteria, streamer_class
 from studio.data import chat_format
 from studio.models import loader as models
-from studio.models.batching import eos_ids, left_pad
+from studio.models.batching import adapter_rows, eos_ids, left_pad, mixed_batch_problem
 from studio.runs import read_json
 
 SIDE_BASE = "base"
@@ -62,6 +66,7 @@ class GenerationSettings:
     max_new_tokens: int = 256
     repetition_penalty: float = 1.0
     seed: int = 42  # reset before each side, so sampled runs repeat
+    min_new_tokens: int = 0  # hold the end token off this long (benchmarks fix the length)
 
     def validate(self) -> GenerationSettings:
         """Raise ChatError naming the first bad setting; return self when all is well."""
@@ -71,6 +76,7 @@ class GenerationSettings:
             (1 <= self.max_new_tokens <= 32768, "max_new_tokens", "use 1 to 32768"),
             (0.5 <= self.repetition_penalty <= 3.0, "repetition_penalty", "use 0.5 to 3 (1 = off)"),
             (0 <= self.seed < 2**32, "seed", "use 0 to 4294967295"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "use 0 to max"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -88,6 +94,8 @@ class GenerationSettings:
             "repetition_penalty": float(self.repetition_penalty),
             "pad_token_id": tokenizer.pad_token_id,
         }
+        if self.min_new_tokens:
+            kw["min_new_tokens"] = int(self.min_new_tokens)
         if self.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -294,156 +302,6 @@ class GenerationStats:
         return (self.new_tokens - 1) / (self.total_s - self.ttft_s)
 
 
-def _streamer_class():
-    """TextIteratorStreamer that also flushes Thai/Lao/Khmer/Myanmar/Japanese text eagerly.
-
-    The stock streamer only releases text at spaces (or CJK ideographs), so a Thai answer,
-    written without spaces, would arrive all at once at the end. It also records when the
-    first generated token came and how many there were.
-    """
-    from transformers import TextIteratorStreamer
-
-    class _Streamer(TextIteratorStreamer):
-        def __init__(self, tokenizer: Any, **kw: Any) -> None:
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kw)
-            self.started = time.perf_counter()
-            self.first_token_at: float | None = None
-            self.new_tokens = 0
-
-        def put(self, value: Any) -> None:
-            if not self.next_tokens_are_prompt:
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                self.new_tokens += int(value.numel())
-            super().put(value)
-
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if stream_end:  # cut by max_new_tokens inside a multi-byte character
-                text = text.rstrip("\ufffd")
-            super().on_finalized_text(text, stream_end)
-
-        def _is_chinese_char(self, cp: int) -> bool:
-            no_space_scripts = (
-                (0x0E00, 0x0EFF),  # Thai, Lao
-                (0x1000, 0x109F),  # Myanmar
-                (0x1780, 0x17FF),  # Khmer
-                (0x3040, 0x30FF),  # Hiragana, Katakana
-            )
-            return super()._is_chinese_char(cp) or any(a <= cp <= b for a, b in no_space_scripts)
-
-    return _Streamer
-
-
-def _stop_criteria(event: threading.Event):
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _StopFlag(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full(
-                (input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device
-            )
-
-    return StoppingCriteriaList([_StopFlag()])
-
-
-MIXED_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed adapter batch
-
-
-def mixed_batch_problem(
-    model: Any, settings: GenerationSettings, lengths: list[int] | None = None
-) -> str | None:
-    """Why base and fine-tuned rows cannot share one `generate` call here, or None.
-
-    PEFT mixes adapters per row (`adapter_names`) only for unmerged, non-DoRA LoRA; and a
-    repetition penalty counts every token of a row's input, so it would count the left
-    padding of the shorter prompt and change that row's answer.
-    """
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if not isinstance(model, PeftModel):
-        return "no adapter attached"
-    config = model.peft_config.get(model.active_adapter)
-    kind = str(getattr(getattr(config, "peft_type", None), "value", "") or "")
-    if kind != "LORA":
-        return f"PEFT mixes only LoRA adapters in one batch (this one is {kind or 'unknown'})"
-    if getattr(config, "use_dora", False):
-        return "PEFT cannot mix a DoRA adapter with the base in one batch"
-    if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
-        return "the adapter is merged into the weights"
-    if settings.repetition_penalty != 1.0 and lengths and len(set(lengths)) > 1:
-        return "a repetition penalty would count the padding of the shorter prompt"
-    return None
-
-
-class _TaggedQueue:
-    """One row's text queue inside a batch: puts (row, item) on the batch's shared queue."""
-
-    def __init__(self, shared: Any, row: int) -> None:
-        self.shared, self.row = shared, row
-
-    def put(self, item: Any, timeout: float | None = None) -> None:
-        self.shared.put((self.row, item), timeout=timeout)
-
-
-def _rows_streamer(tok: Any, n_rows: int, ends: set[int]):
-    """A streamer for a batch of `n_rows`: splits each step's tokens by row, so each panel
-    streams its own text, and ends a row at its own end-of-turn token (`generate` goes on
-    feeding a finished row padding until the whole batch is done; those are dropped here).
-
-    Each row is the one-row streamer (`_streamer_class`: eager Thai, first-token time, token
-    count), so a row's text is decoded exactly as that side alone would decode it.
-    """
-    import queue
-
-    from transformers.generation.streamers import BaseStreamer
-
-    row_class = _streamer_class()
-
-    class _Rows(BaseStreamer):
-        def __init__(self) -> None:
-            self.queue: queue.Queue = queue.Queue()
-            self.rows = [row_class(tok) for _ in range(n_rows)]
-            for i, row in enumerate(self.rows):
-                row.text_queue = _TaggedQueue(self.queue, i)
-            self.done = [False] * n_rows
-            self.by_end_token = [False] * n_rows  # ended by its own end-of-turn token
-            self.ended_at: list[float | None] = [None] * n_rows
-
-        def put(self, value: Any) -> None:
-            value = value.reshape(n_rows, -1)
-            for i, row in enumerate(self.rows):
-                if self.done[i]:
-                    continue
-                prompt = row.next_tokens_are_prompt
-                row.put(value[i])
-                if not prompt and int(value[i, -1]) in ends:
-                    self.by_end_token[i] = True
-                    self._finish(i)
-
-        def _finish(self, i: int) -> None:
-            self.done[i] = True
-            self.ended_at[i] = time.perf_counter()
-            self.rows[i].end()
-
-        def end(self) -> None:
-            for i in range(n_rows):
-                if not self.done[i]:
-                    self._finish(i)
-
-        def __iter__(self) -> Iterator[tuple[int, str]]:
-            live = n_rows
-            while live:
-                row, text = self.queue.get()
-                if text is None:  # the row streamer's stop signal
-                    live -= 1
-                elif text:
-                    yield row, text
-
-    return _Rows()
-
-
 def _finish_stats(
     stats: GenerationStats,
     streamer: Any,
@@ -570,16 +428,16 @@ def wants_four_bit(method: str, precision: str) -> bool:
 
 
 def load_base(path: str | Path, four_bit: bool, device: str | None = None) -> Any:
-    """The base model as training saw it: 16-bit like `models.load_model_for_inference`,
-    or NF4 double-quant 4-bit (bitsandbytes) like a QLoRA run."""
+    """The base model as training saw it, in the device's precision: 16-bit (bf16 or fp32 on
+    a CPU) like `models.load_model_for_inference`, or NF4 double-quant 4-bit (bitsandbytes)
+    like a QLoRA run."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not four_bit:
         return models.load_model_for_inference(path, device)
-    dtype = None if device.startswith("cuda") else torch.float32
-    return models.load_model(path, device=device, dtype=dtype, four_bit=True).eval()
+    return models.load_model(path, device=device, four_bit=True).eval()
 
 
 def resolve_base(name: str, source: AdapterSource, progress: Any = None) -> models.ResolvedModel:
@@ -1050,55 +908,60 @@ class ChatEngine:
             self._stop_event.clear()
         text = self.prompt_text(messages, system)
         enc = tok(text, add_special_tokens=False, return_tensors="pt").to(model.device)
-        streamer = _streamer_class()(tok)
+        streamer = streamer_class()(tok)
         stats = GenerationStats(side, prompt_tokens=int(enc["input_ids"].shape[1]))
         errors: list[BaseException] = []
         stop_event = self._stop_event
         kwargs = dict(
             **enc,
             streamer=streamer,
-            stopping_criteria=_stop_criteria(stop_event),
+            stopping_criteria=stop_criteria(stop_event),
             **settings.generate_kwargs(tok),
         )
         started = time.perf_counter()
         streamer.started = started
-        thread = threading.Thread(
-            target=self._generate_on_thread,
-            args=(load_id, model, side if tuned else None, settings.seed, kwargs, errors),
-            name=f"chat-{side}",
-            daemon=True,
-        )
+        switch = model.disable_adapter if side == SIDE_BASE and tuned else None
+        args = (load_id, model, switch, settings.seed, kwargs, errors)
+        try:
+            yield from self._read_while_generating(f"chat-{side}", args, streamer)
+        finally:
+            self.last_stats[side] = _finish_stats(stats, streamer, started, stop_event, settings)
+        _raise_first(errors, f"on the {SIDE_LABELS[side]} side")
+
+    def _read_while_generating(
+        self, name: str, args: tuple[Any, ...], chunks: Iterator[Any]
+    ) -> Iterator[Any]:
+        """Run `generate` on a thread and yield its streamer's non-empty pieces; a reader that
+        goes away presses Stop, so the thread never generates for nobody."""
+        run = self._generate_on_thread
+        thread = threading.Thread(target=run, args=args, name=name, daemon=True)
         thread.start()
         read_all = False
         try:
-            for chunk in streamer:
+            for chunk in chunks:
                 if chunk:
                     yield chunk
             read_all = True
         finally:
             if not read_all:
-                stop_event.set()  # the reader went away: do not keep generating
+                self._stop_event.set()
             thread.join()
-            self.last_stats[side] = _finish_stats(stats, streamer, started, stop_event, settings)
-        if errors:
-            exc = errors[0]
-            if isinstance(exc, ChatError):
-                raise exc
-            raise ChatError(f"Generation failed on the {SIDE_LABELS[side]} side: {exc}") from exc
 
     def _generate_on_thread(
         self,
         load_id: int,
         model: Any,
-        side: str | None,
+        switch: Callable[[], Any] | None,
         seed: int,
         kwargs: dict[str, Any],
         errors: list[BaseException],
     ) -> None:
-        """Run `generate` under the lock (disable_adapter is global to the model); any error is
-        kept for the reader and ends the stream, so the reader never waits forever.
+        """Run `generate` under the lock (the adapter switch is the model's own state); any
+        error is kept for the reader and ends the stream, so the reader never waits forever.
 
-        `side` None: a base loaded alone, nothing to switch off."""
+        `switch`: a context manager factory that turns the adapter off for a base side
+        (`disable_adapter`) or per row for a batch (`adapter_rows`, which yields extra
+        `generate` arguments); None where there is nothing to switch."""
         import torch
 
         with self._lock:
@@ -1107,9 +970,8 @@ class ChatEngine:
                     why = self.unload_reason or "another model was loaded"
                     raise ChatError(f"The model changed before this answer started: {why}.")
                 torch.manual_seed(seed)
-                adapter_off = model.disable_adapter() if side == SIDE_BASE else None
-                with adapter_off or contextlib.nullcontext(), torch.inference_mode():
-                    model.generate(**kwargs)
+                with (switch or contextlib.nullcontext)() as extra, torch.inference_mode():
+                    model.generate(**kwargs, **(extra or {}))
             except BaseException as exc:
                 errors.append(exc)
                 kwargs["streamer"].end()
@@ -1124,9 +986,10 @@ class ChatEngine:
         """Answer several (side, messages, system) rows; yield (row index, chunk) as they come.
 
         With an adapter loaded, all rows go through ONE `generate` call: a left-padded batch
-        whose base rows run with the adapter off and fine-tuned rows with it on (PEFT's mixed
-        adapter batches, `adapter_names`), so one model and one adapter serve both at once and
-        a turn costs about one answer's time, not two. Where PEFT cannot mix them
+        whose base rows run with the adapter off and fine-tuned rows with it on
+        (`studio.models.batching.adapter_rows`: per-row LoRA scaling, else PEFT's mixed adapter
+        batches), so one model and one adapter serve both at once and a turn costs about one
+        answer's time, not two. Where the rows cannot share a batch
         (`mixed_batch_problem`), or `batch_sides` is off, the rows run one after the other;
         `last_mode` says which happened and why, for the stats line. Greedy answers are the
         same either way; a sampled turn is batched too (one seed per turn, both sides share
@@ -1142,15 +1005,15 @@ class ChatEngine:
         enc = left_pad(tok, texts, model.device) if tuned and len(rows) > 1 else None
         problem = None
         if enc is not None:
-            problem = mixed_batch_problem(model, settings, enc["lengths"])
+            problem = mixed_batch_problem(model, settings.repetition_penalty, enc["lengths"])
             problem = problem or (None if self.batch_sides else "batching is turned off")
         if enc is None or problem:
             self.last_mode = _sequential_mode(len(rows), problem)
             yield from self._rows_one_by_one(rows, settings)
             return
-        self.last_mode = f"{len(rows)} answers in one batched pass (PEFT mixed adapters)"
+        self.last_mode = f"{len(rows)} answers in one batched pass"
         if len(rows) == 2 and {r[0] for r in rows} == set(SIDES):
-            self.last_mode = "A and B in one batched pass (PEFT mixed adapters)"
+            self.last_mode = "A and B in one batched pass"
         yield from self._rows_batched(rows, settings, model, tok, enc, load_id)
 
     def _rows_one_by_one(
@@ -1174,31 +1037,20 @@ class ChatEngine:
     ) -> Iterator[tuple[int, str]]:
         """All rows in one `generate` on a thread; each row streams and ends on its own."""
         lengths = enc.pop("lengths")
-        streamer = _rows_streamer(tok, len(rows), eos_ids(model))
+        streamer = rows_streamer(tok, len(rows), eos_ids(model))
         stop_event, errors = self._stop_event, []
         kwargs = dict(
             **enc,
-            adapter_names=[MIXED_BASE if r[0] == SIDE_BASE else model.active_adapter for r in rows],
             streamer=streamer,
-            stopping_criteria=_stop_criteria(stop_event),
+            stopping_criteria=stop_criteria(stop_event),
             **settings.generate_kwargs(tok),
         )
+        switch = functools.partial(adapter_rows, model, [r[0] != SIDE_BASE for r in rows])
+        args = (load_id, model, switch, settings.seed, kwargs, errors)
         started = time.perf_counter()
-        thread = threading.Thread(
-            target=self._generate_on_thread,
-            args=(load_id, model, None, settings.seed, kwargs, errors),
-            name="chat-batch",
-            daemon=True,
-        )
-        thread.start()
-        read_all = False
         try:
-            yield from streamer
-            read_all = True
+            yield from self._read_while_generating("chat-batch", args, streamer)
         finally:
-            if not read_all:
-                stop_event.set()  # the reader went away: do not keep generating
-            thread.join()
             for i, (side, _, _) in enumerate(rows):
                 stats = _finish_stats(
                     GenerationStats(side, prompt_tokens=lengths[i]),
@@ -1210,11 +1062,7 @@ class ChatEngine:
                 stats.total_s = (streamer.ended_at[i] or time.perf_counter()) - started
                 stats.stopped = stats.stopped and not streamer.by_end_token[i]
                 self.last_stats[side] = stats
-        if errors:
-            exc = errors[0]
-            if isinstance(exc, ChatError):
-                raise exc
-            raise ChatError(f"Generation failed (both sides in one batch): {exc}") from exc
+        _raise_first(errors, "(both sides in one batch)")
 
     def generate_rows(
         self,
@@ -1262,6 +1110,15 @@ class ChatEngine:
         rows = [(side, histories[side], system) for side in order]
         for i, chunk in self.stream_rows(rows, settings, new_turn=True):
             yield order[i], chunk
+
+
+def _raise_first(errors: list[BaseException], where: str) -> None:
+    """Raise the generate thread's first error as a ChatError (as it is, if it was one)."""
+    if not errors:
+        return
+    if isinstance(errors[0], ChatError):
+        raise errors[0]
+    raise ChatError(f"Generation failed {where}: {errors[0]}") from errors[0]
 
 
 def _sequential_mode(n_rows: int, problem: str | None) -> str:

@@ -527,9 +527,10 @@ def batch_compare(
 ) -> BatchResult:
     """Answer every item on both sides, score them, and save the table as CSV.
 
-    Both sides of `prompts_per_call` prompts go through one `generate` call (PEFT mixed
-    adapter batches, `ChatEngine.stream_rows`), so a batch takes a fraction of the time of
-    one prompt and one side at a time; greedy answers are the same either way.
+    Both sides of `prompts_per_call` prompts go through one `generate` call (the adapter
+    switched per row, `ChatEngine.stream_rows`), so a batch takes a fraction of the time of
+    one prompt and one side at a time; greedy answers are the same either way in fp32 (in
+    bf16 a pick between two tokens within rounding may flip, as on any GPU).
 
     The batch holds the engine (`ChatEngine.hold_for_batch`): a Load or Unload meanwhile is
     refused, and the CSV goes to the run the batch started with. A Stop, or training taking

@@ -197,8 +197,11 @@ def batching_ratios(
 ) -> dict[str, Any]:
     """What one batched pass is worth, as the user waits for it (greedy, after a warm-up):
 
-    - an A/B turn (`compare_stream`): wall time both sides in one pass / A then B (goal
-      <= 0.65x on a 2-core CPU, <= 0.55x on a GPU);
+    - an A/B turn (`compare_stream`): wall time both sides in one pass / A then B, with both
+      sides held to exactly `ab_tokens` new tokens (the end token is held off), so the two
+      ways do the same work (goal <= 0.65x on a 2-core CPU, <= 0.55x on a GPU);
+    - the same turn at the answers' natural lengths: a batch runs until its longer answer
+      ends, so where the fine-tune answers much shorter than the base it gains less;
     - batch compare: prompts/s with both sides of several prompts per call / one prompt
       and one side at a time (goal >= 3x).
 
@@ -206,28 +209,27 @@ def batching_ratios(
     per-repetition ratios give the median and the spread (min-max). The load average is
     read before and after (the machine may be shared).
     """
-    ab = GenerationSettings(max_new_tokens=ab_tokens)
+    fixed = GenerationSettings(max_new_tokens=ab_tokens, min_new_tokens=ab_tokens)
+    natural = GenerationSettings(max_new_tokens=ab_tokens)
     bc = GenerationSettings(max_new_tokens=batch_tokens)
     items = [evaluate.BatchItem([{"role": "user", "content": p}]) for p in batch_prompts]
     load_before = _load()
     _ab_turn(engine, ab_prompts[0], GenerationSettings(max_new_tokens=4), True)  # warm-up
-    turn: dict[str, list[float]] = {"batched": [], "sequential": [], "ratio": []}
+    series = {k: {"batched": [], "sequential": [], "ratio": []} for k in ("fixed", "natural")}
     rate: dict[str, list[float]] = {"batched": [], "one_at_a_time": [], "ratio": []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(max(1, reps)):
             first = rep % 2 == 0  # a, b, b, a, ...: drift hits both ways alike
             prompt = ab_prompts[rep % len(ab_prompts)]
-            t = {mode: _ab_turn(engine, prompt, ab, mode) for mode in (first, not first)}
-            turn["batched"].append(t[True])
-            turn["sequential"].append(t[False])
-            turn["ratio"].append(t[True] / t[False])
+            for key, settings in (("fixed", fixed), ("natural", natural)):
+                t = {mode: _ab_turn(engine, prompt, settings, mode) for mode in (first, not first)}
+                _add_ratio(series[key], t[True], t[False], ("batched", "sequential"))
             r = {mode: _batch_rate(engine, items, bc, mode, tmp) for mode in (first, not first)}
-            rate["batched"].append(r[True])
-            rate["one_at_a_time"].append(r[False])
-            rate["ratio"].append(r[True] / r[False])
+            _add_ratio(rate, r[True], r[False], ("batched", "one_at_a_time"))
     engine.batch_sides = True
     return {
-        "ab_turn": {"max_new_tokens": ab_tokens, **_spread(turn, "s")},
+        "ab_turn": {"max_new_tokens": ab_tokens, **_spread(series["fixed"], "s")},
+        "ab_turn_natural_length": {"max_new_tokens": ab_tokens, **_spread(series["natural"], "s")},
         "batch_compare": {
             "prompts": len(items),
             "prompts_per_call": evaluate.PROMPTS_PER_CALL,
@@ -237,6 +239,13 @@ def batching_ratios(
         "repetitions": max(1, reps),
         "load_average": {"before": load_before, "after": _load()},
     }
+
+
+def _add_ratio(series: dict[str, list[float]], a: float, b: float, names: tuple[str, str]) -> None:
+    """Record one repetition's two figures and their ratio a / b."""
+    series[names[0]].append(a)
+    series[names[1]].append(b)
+    series["ratio"].append(a / b)
 
 
 def _ab_turn(engine: ChatEngine, prompt: str, settings: GenerationSettings, batched: bool) -> float:
@@ -342,11 +351,14 @@ def newest_run() -> str:
 
 def batching_lines(b: dict[str, Any]) -> list[str]:
     """The batching figures as the lines `python -m studio.bench chat` prints."""
-    t, r = b["ab_turn"], b["batch_compare"]
+    t, n, r = b["ab_turn"], b["ab_turn_natural_length"], b["batch_compare"]
     return [
-        f"A/B turn at {t['max_new_tokens']} new tokens: batched {t['batched_s']:.2f} s vs A then"
-        f" B {t['sequential_s']:.2f} s -> ratio {t['ratio_median']:.3f}x median (spread"
+        f"A/B turn, both sides {t['max_new_tokens']} new tokens: batched {t['batched_s']:.2f} s"
+        f" vs A then B {t['sequential_s']:.2f} s -> ratio {t['ratio_median']:.3f}x median (spread"
         f" {t['ratio_spread'][0]:.3f}-{t['ratio_spread'][1]:.3f}; goal <= 0.65x on CPU)",
+        f"A/B turn at natural lengths (up to {n['max_new_tokens']}): batched {n['batched_s']:.2f} s"
+        f" vs A then B {n['sequential_s']:.2f} s -> ratio {n['ratio_median']:.3f}x median (spread"
+        f" {n['ratio_spread'][0]:.3f}-{n['ratio_spread'][1]:.3f})",
         f"batch compare, {r['prompts']} prompts x 2 sides, {r['max_new_tokens']} tokens:"
         f" {r['batched_prompts/s']:.3f} prompts/s ({r['prompts_per_call']} per call) vs"
         f" {r['one_at_a_time_prompts/s']:.3f} one at a time -> {r['ratio_median']:.2f}x median"

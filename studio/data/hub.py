@@ -6,6 +6,12 @@ instruction/input/output, or messages/conversations), and writes the rows as JSO
 `<data dir>/datasets/hub/`. That file then goes the local-file route (`studio.data.load`,
 the PII scan, the training split), so a dataset by name is validated exactly like a file.
 
+A local folder is either one `datasets.save_to_disk` wrote (a `Dataset`: state.json,
+dataset_info.json and *.arrow; a `DatasetDict`: dataset_dict.json and a subfolder per split),
+read with `datasets.load_from_disk`, or a folder of data files, read with `load_dataset` as a
+hub repo is. `load_dataset` refuses a saved Dataset, and on a saved DatasetDict it only knows
+splits named like train/test/validation (others are missed, or pooled into "train").
+
 When the hub cannot be reached the error says so and points to the local-file route, after a
 quick connection check rather than `datasets`' minute of retries. With HF_HUB_OFFLINE=1 the
 local Hugging Face cache is used as it is.
@@ -29,6 +35,13 @@ PROBE_TIMEOUT_S = 3.0
 _ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SAFE_RE = re.compile(r"[^\w.-]+")
 FIELDS = ("instruction", "input", "output", "system", "messages", "conversations")
+SAVED_DICT = "dataset_dict.json"  # what DatasetDict.save_to_disk writes at the top
+SAVED_ONE = "state.json"  # what Dataset.save_to_disk writes (with dataset_info.json, *.arrow)
+FOLDER_KINDS = (
+    "a dataset saved with `save_to_disk` (dataset_info.json, state.json and *.arrow files, or"
+    " dataset_dict.json with a subfolder per split) or a folder of data files that"
+    " `datasets.load_dataset` reads (JSON/JSONL, CSV, Parquet, Arrow, text)"
+)
 
 
 def parse_column_map(text: str | None) -> dict[str, str]:
@@ -83,10 +96,13 @@ def not_cached_message(dataset_id: str) -> str:
 
 
 def _load(dataset_id: str, split: str, config: str | None) -> Any:
-    """`datasets.load_dataset` for a local folder or a hub id; DatasetError on failure."""
+    """The split of a local dataset folder or a hub id, as a `datasets.Dataset`;
+    DatasetError on failure."""
     import datasets
 
     local = Path(dataset_id).expanduser()
+    if local.is_dir() and saved_kind(local):
+        return _load_saved(local, split)
     if not local.is_dir():
         if not _ID_RE.match(dataset_id):
             raise DatasetError(
@@ -106,11 +122,68 @@ def _load(dataset_id: str, split: str, config: str | None) -> Any:
         if os.environ.get("HF_HUB_OFFLINE") or "OfflineModeIsEnabled" in str(exc):
             raise DatasetError(not_cached_message(dataset_id)) from exc
         raise DatasetError(offline_message(dataset_id, "the hub")) from exc
+    except FileNotFoundError as exc:  # datasets' "no data files" errors derive from it
+        if local.is_dir():
+            raise DatasetError(
+                f"The folder {local} holds no dataset: it is neither {FOLDER_KINDS}. Type the"
+                " folder that save_to_disk wrote (for a DatasetDict, the one with"
+                " dataset_dict.json), or load a single data file with the file path above."
+            ) from exc
+        raise _could_not_load(dataset_id, split, exc) from exc
     except Exception as exc:  # not found, gated, private, a broken script
-        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+        raise _could_not_load(dataset_id, split, exc) from exc
+
+
+def _could_not_load(dataset_id: str, split: str, exc: BaseException) -> DatasetError:
+    return DatasetError(
+        f"Could not load {dataset_id!r} (split {split!r}): {type(exc).__name__}: {_first_line(exc)}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, short enough for a status line."""
+    return str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+
+
+def saved_kind(folder: Path) -> str | None:
+    """Which `save_to_disk` wrote the folder ("DatasetDict" or "Dataset"), else None."""
+    if (folder / SAVED_DICT).is_file():
+        return "DatasetDict"
+    if (folder / SAVED_ONE).is_file():
+        return "Dataset"
+    return None
+
+
+def _load_saved(folder: Path, split: str) -> Any:
+    """A folder `save_to_disk` wrote, read with `datasets.load_from_disk`. A DatasetDict gives
+    the split asked for (as `load_dataset` does for a hub id); a Dataset is one split already,
+    refused only when it recorded another name than the one asked for."""
+    import datasets
+
+    kind = saved_kind(folder)
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # a half-copied folder: missing arrow files, a broken state.json
         raise DatasetError(
-            f"Could not load {dataset_id!r} (split {split!r}): {type(exc).__name__}: {first}"
+            f"The folder {folder} looks like a {kind} saved with `save_to_disk`, but"
+            f" `datasets.load_from_disk` could not read it: {type(exc).__name__}:"
+            f" {_first_line(exc)}. Copy the whole folder again, or save the dataset again"
+            " with `save_to_disk` (or as a file with `to_json`)."
         ) from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DatasetError(
+                f"{folder} (a DatasetDict saved with `save_to_disk`) has no split {split!r};"
+                f" its splits are {', '.join(map(repr, ds))}. Type one of them as the split."
+            )
+        return ds[split]
+    recorded = str(ds.split) if ds.split is not None else None
+    if recorded is not None and recorded.split("[")[0] != split.split("[")[0]:
+        raise DatasetError(
+            f"{folder} (a Dataset saved with `save_to_disk`) holds one split, {recorded!r},"
+            f" not {split!r}. Type {recorded.split('[')[0]!r} as the split to load it."
+        )
+    return ds
 
 
 def _rows(ds: Any, column_map: dict[str, str], max_rows: int | None) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ import shlex
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -605,10 +605,20 @@ def _export_into(
     warnings += _merge_warnings(src, saved, check, tok, gguf)
 
     _record(partial, current="gguf")
-    gguf_file, gguf_check = _gguf_resumable(
-        src, partial, gguf, tok, convs, prompt_ids, merged_out, progress, warnings,
-        max_new_tokens=max_new_tokens, verify=verify_gguf,
-    )  # fmt: skip
+    job = GgufJob(
+        src=src,
+        partial=partial,
+        gguf=gguf,
+        tok=tok,
+        convs=convs,
+        prompt_ids=prompt_ids,
+        merged_out=merged_out,
+        progress=progress,
+        warnings=warnings,
+        max_new_tokens=max_new_tokens,
+        verify=verify_gguf,
+    )
+    gguf_file, gguf_check = _gguf_resumable(job)
 
     _record(partial, current="ollama")
     progress("Writing the Ollama Modelfile", 0.95)
@@ -663,38 +673,48 @@ def _route(gguf: str, gguf_file: Path | None) -> str:
     return route_note(gguf, gguf_file, why if isinstance(why, str) else None) or ""
 
 
-def _gguf_resumable(
-    src: RunSource,
-    partial: Path,
-    gguf: str,
-    tok: Any,
-    convs: list[list[Message]],
-    prompt_ids: list[list[int]],
-    merged_out: Any,
-    progress: Progress,
-    warnings: list[str],
-    *,
-    max_new_tokens: int,
-    verify: bool,
-) -> tuple[Path | None, SanityCheck | None]:
+@dataclass(frozen=True, kw_only=True)
+class GgufJob:
+    """What the GGUF step needs, built once by `_export_into` and handed down its helpers.
+
+    `warnings` is the export's own list: the steps append to it. `merged_out` is the merged
+    model's (answers, logits) that the GGUF is compared with; None when the merge ran in an
+    earlier process (a resumed export), then recomputed if the GGUF is to be verified.
+    """
+
+    src: RunSource
+    partial: Path
+    gguf: str
+    tok: Any
+    convs: list[list[Message]]
+    prompt_ids: list[list[int]]
+    merged_out: tuple[list[list[int]], list[Any]] | None
+    progress: Progress
+    warnings: list[str]
+    max_new_tokens: int
+    verify: bool
+
+
+def _gguf_resumable(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
     """The GGUF step, or the file and check an earlier try completed; recorded when done."""
-    if gguf == "none":
+    if job.gguf == "none":
         return None, None
+    partial = job.partial
     steps = read_json(partial / EXPORT_INFO).get("steps") or {}
     done = steps.get("gguf")
-    if done and done.get("type") == gguf and (partial / done["file"]).is_file():
-        progress("Reusing the GGUF file the earlier export completed", 0.85)
+    if done and done.get("type") == job.gguf and (partial / done["file"]).is_file():
+        job.progress("Reusing the GGUF file the earlier export completed", 0.85)
         return partial / done["file"], _sanity_check(done.get("check"))
-    if merged_out is None and verify:
-        progress("Greedy answers of the merged model (to compare the GGUF with)", 0.5)
-        merged_out = _merged_answers(src, partial / MERGED, tok, prompt_ids, max_new_tokens)
-    gguf_file, gguf_check = _gguf_step(
-        src, partial, gguf, tok, convs, (prompt_ids, merged_out), progress, warnings,
-        max_new_tokens=max_new_tokens, verify=verify,
-    )  # fmt: skip
+    if job.merged_out is None and job.verify:
+        job.progress("Greedy answers of the merged model (to compare the GGUF with)", 0.5)
+        merged_out = _merged_answers(
+            job.src, partial / MERGED, job.tok, job.prompt_ids, job.max_new_tokens
+        )
+        job = replace(job, merged_out=merged_out)
+    gguf_file, gguf_check = _gguf_step(job)
     if gguf_file is not None:
         steps["gguf"] = {
-            "type": gguf,
+            "type": job.gguf,
             "file": gguf_file.name,
             "check": asdict(gguf_check) if gguf_check else None,
         }
@@ -728,68 +748,47 @@ def _merge_warnings(
     return warnings
 
 
-def _gguf_step(
-    src: RunSource,
-    partial: Path,
-    gguf: str,
-    tok: Any,
-    convs: list[list[Message]],
-    merged: tuple[list[list[int]], tuple[list[list[int]], list[Any]]],
-    progress: Progress,
-    warnings: list[str],
-    *,
-    max_new_tokens: int,
-    verify: bool,
-) -> tuple[Path | None, SanityCheck | None]:
+def _gguf_step(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
     """The GGUF file: converted and checked, then, for a k-quant, quantized where llama.cpp's
     quantizer loads (else the f16 file is kept for `ollama create --quantize`)."""
-    gguf_file, gguf_check = _convert_and_check(
-        src, partial, gguf, tok, convs, merged, progress, warnings,
-        max_new_tokens=max_new_tokens, verify=verify,
-    )  # fmt: skip
-    if gguf_file is None or converter_type(gguf) == gguf:
+    gguf_file, gguf_check = _convert_and_check(job)
+    if gguf_file is None or converter_type(job.gguf) == job.gguf:
         return gguf_file, gguf_check
     try:
-        made = quantize_gguf(gguf_file, gguf, progress)
+        made = quantize_gguf(gguf_file, job.gguf, job.progress)
     except ExportError as exc:
-        warnings.append(f"{exc} The f16 GGUF is kept; Ollama can quantize it (see the commands).")
+        job.warnings.append(
+            f"{exc} The f16 GGUF is kept; Ollama can quantize it (see the commands)."
+        )
         return gguf_file, gguf_check
     return (made if isinstance(made, Path) else gguf_file), gguf_check
 
 
-def _convert_and_check(
-    src: RunSource,
-    partial: Path,
-    gguf: str,
-    tok: Any,
-    convs: list[list[Message]],
-    merged: tuple[list[list[int]], tuple[list[list[int]], list[Any]]],
-    progress: Progress,
-    warnings: list[str],
-    *,
-    max_new_tokens: int,
-    verify: bool,
-) -> tuple[Path | None, SanityCheck | None]:
+def _convert_and_check(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
     """Convert to GGUF and check it; a failed conversion is a warning, not a failed export.
 
-    `merged` is (prompt ids, (merged answers, their logits)) from `merge_adapter`.
+    The check compares against `job.merged_out` (answers, logits) from `merge_adapter`.
     """
-    prompt_ids, merged_out = merged
+    gguf, warnings, progress = job.gguf, job.warnings, job.progress
     outtype = converter_type(gguf)  # k-quants are made from the f16 file, checked first
-    fname = f"{ollama_name(src.name)}-{outtype}.gguf"
+    fname = f"{ollama_name(job.src.name)}-{outtype}.gguf"
     try:
-        gguf_file = convert_to_gguf(partial / MERGED, partial / fname, outtype, src.name, progress)
+        gguf_file = convert_to_gguf(
+            job.partial / MERGED, job.partial / fname, outtype, job.src.name, progress
+        )
     except ExportError as exc:
         warnings.append(f"No GGUF file: {exc} The merged folder and Modelfile are still usable.")
         return None, None
-    if not verify:
+    if not job.verify:
         return gguf_file, None
     plan = verify_plan(gguf_file)
     if plan.device is None:
         warnings.append(f"The {gguf} GGUF file was {plan.reason}")
         return gguf_file, None
     progress(f"Loading the GGUF back with transformers ({plan.reason}) to compare answers", 0.82)
-    gguf_check = check_gguf(gguf_file, tok, convs, prompt_ids, merged_out, max_new_tokens, plan)
+    gguf_check = check_gguf(
+        gguf_file, job.tok, job.convs, job.prompt_ids, job.merged_out, job.max_new_tokens, plan
+    )
     if not gguf_check.passed:
         warnings.append(
             f"The {gguf} GGUF's answers differ from the merged model's beyond rounding"

@@ -319,13 +319,15 @@ def logical_params(model: Any) -> int:
 
 
 def load_model_for_inference(path: str | Path, device: str | None = None) -> Any:
-    """A plain base model in eval mode: float32 on CPU, the card's precision on CUDA."""
+    """A plain base model in eval mode, in the device's precision as training loads it
+    (`studio.models.precision`): the card's bf16/fp16 on CUDA; bf16 on a CPU with native bf16
+    (where a batch of two rows also costs about what one does, so Chat's A/B pass pays),
+    else fp32."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = None if device.startswith("cuda") else torch.float32
-    return load_model(path, device=device, dtype=dtype).eval()
+    return load_model(path, device=device).eval()
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:

@@ -404,7 +404,11 @@ def sample_answers(
     """Base (adapter disabled) and fine-tune answers to each item's prompt, greedy, batched.
 
     Runs on the training model as it is (no second copy in memory); `model.eval()` first, so
-    dropout is off and the answers are the ones Chat will give.
+    dropout is off and the answers are the ones Chat will give. The two sides are two
+    `generate` calls on batches of the very same shape, not Chat's one mixed batch
+    (`studio.models.batching.adapter_rows`): in bf16 a row's position in a batch changes its
+    rounding, and "base vs fine-tune differ" must not count rounding as the adapter's doing
+    (an adapter that changed nothing gives the same answers here, to the bit).
     """
     import contextlib
 
@@ -441,6 +445,8 @@ def answer_checks(
     val_rows: list[dict[str, Any]],
     train_rows: list[dict[str, Any]],
     n_prompts: int = SAMPLE_PROMPTS,
+    *,
+    limit: int = SAMPLE_TOKENS,  # answers that fit it are picked first (pick_samples)
 ) -> dict[str, Any]:
     """The checks "it stops", "format learned" and "base vs fine-tune differ" on a few validation
     prompts (training prompts when the run held none out), with their figures.
@@ -451,8 +457,8 @@ def answer_checks(
 
     source = "validation" if any(reference_of(r) for r in val_rows) else "training"
     try:
-        items, limit = pick_samples(tok, val_rows if source == "validation" else train_rows)
-        items = items[:n_prompts]
+        rows = val_rows if source == "validation" else train_rows
+        items, limit = pick_samples(tok, rows, n_prompts, limit)
         if not items:
             detail = "no conversation ends with an assistant answer to compare against"
             return {"checks": [make_check("sample answers", "n/a", detail)], "figures": {}}

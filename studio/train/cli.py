@@ -134,6 +134,8 @@ def _main_launched(config: str | None, resume: str | None, request: threading.Ev
         on_event=_terminal_printer() if w.main else None,
         extra_callbacks=[distributed.stop_callback(prepared.run_dir, request, agreed)],
     )
+    if result.status == "failed":  # the job reads which rank broke first, and why
+        print(distributed.failure_line(w.rank, result), flush=True)
     if w.main:
         distributed.clear_stop(prepared.run_dir)
         _print_result(result)

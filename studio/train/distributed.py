@@ -149,6 +149,49 @@ def stop_callback(run_dir: Path, request: threading.Event, agreed: threading.Eve
     return AgreeToStop()
 
 
+# --- a rank's failure, told to the job that launched the ranks --------------------------------
+
+FAILED_MARK = "LORA_STUDIO_RANK_FAILED "  # a rank's failure, one JSON line on its stdout
+
+
+def failure_line(rank: int, result: Any) -> str:
+    """The line a failed rank prints (every rank, rank 0 too): its error, advice and retry
+    config as the loop explained them (`loop._explain_failure`, the one-process rule), and when
+    it broke. Ranks > 0 write nothing in the run folder, so this is how their error reaches
+    the job; the time tells the rank that broke first from those that broke because of it."""
+    import json
+
+    return FAILED_MARK + json.dumps(
+        {
+            "rank": rank,
+            "time": result.failed_at or 0.0,
+            "message": result.message,
+            "advice": result.advice,
+            "retry_config": result.retry_config,
+        }
+    )
+
+
+def first_failure(lines: list[str]) -> dict[str, Any] | None:
+    """The failure that came first among the ranks' FAILED_MARK lines, or None.
+
+    When rank 1 breaks (out of memory, say), rank 0 then fails in its next all-reduce with a
+    lost connection: the earliest failure is the cause, the later ones are its echoes."""
+    import json
+
+    found = []
+    for line in lines:
+        at = line.find(FAILED_MARK)  # not always at the start: ranks share one pipe, and
+        if at < 0:  # rank 0's progress bar leaves its line open
+            continue
+        try:
+            entry = json.loads(line[at + len(FAILED_MARK) :])
+            found.append((float(entry["time"]), int(entry["rank"]), entry))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return min(found, key=lambda f: f[:2])[2] if found else None
+
+
 # --- a run on several processes -------------------------------------------------------------
 
 

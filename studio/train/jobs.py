@@ -13,17 +13,23 @@ With `processes=N` (the Train tab's "Use all N GPUs") the same run goes through
 `accelerate launch -m studio.train` in a subprocess (`studio.train.distributed`): the
 manager checks the settings here first, reads the run folder from the subprocess's first
 line, follows its progress by tailing the run's log.jsonl (the same events the loop emits
-in-process), and Stop writes the stop file that all ranks agree on.
+in-process), and Stop writes the stop file that all ranks agree on. The subprocess does not
+outlive the app: on exit the manager asks its ranks to stop (the stop file), kills them after
+a short grace, and records the run as interrupted rather than leave it marked running
+(`end_children`). A rank that fails tells the job why (`distributed.failure_line`); the run is
+recorded as failed with that rank's error and advice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +43,8 @@ if TYPE_CHECKING:
     from studio.train.loop import TrainResult
 
 MAX_LOG_LINES = 400
+STOP_GRACE_S = 15.0  # the app is closing: time for the ranks to stop at a step (checkpoint)
+KILL_GRACE_S = 5.0  # then SIGTERM to the launcher and every rank; SIGKILL what is left after
 
 
 def run_training(
@@ -81,7 +89,7 @@ class JobBusyError(RuntimeError):
 class JobSnapshot:
     """What the UI shows, copied out under the lock (plain data, safe to read anywhere)."""
 
-    state: str = "idle"  # idle, running, stopping, completed, stopped, failed
+    state: str = "idle"  # idle, running, stopping, completed, stopped, failed, interrupted
     run_dir: str | None = None
     run_name: str = ""
     method: str = ""
@@ -127,6 +135,10 @@ class JobManager:
         self._done.set()
         self._preparing = False  # a Start/Resume is preparing its run outside the lock
         self._proc: subprocess.Popen | None = None  # the accelerate launch of a multi-GPU run
+        # Launched subprocesses; the app's exit (or this manager's end) stops them. The
+        # finalizer holds the list, not the manager.
+        self._children: list[_Child] = []
+        self._closer = weakref.finalize(self, end_children, self._children)
 
     # -- control --------------------------------------------------------------------------
 
@@ -307,11 +319,16 @@ class JobManager:
             self._refuse_if_busy()
             self._preparing = True
         args: list[str] = []
+        child: _Child | None = None
         try:
             args, history, offset = _process_args(cfg, run_dir)
-            proc, output, reader = _start_processes(args, processes)
-            found = _await_run_folder(proc, output, reader)
+            child = _start_processes(args, processes)
+            self._children.append(child)  # from here on, the app's exit stops it
+            found = _await_run_folder(child)
         except BaseException:
+            if child is not None:
+                kill_tree(child.proc, KILL_GRACE_S)
+                self._children.remove(child)
             with self._lock:
                 self._preparing = False
             raise
@@ -321,20 +338,21 @@ class JobManager:
         with self._lock:
             self._preparing = False
             method = (cfg or RunConfig.load(found / runs.RUN_YAML)).method
-            self._watch(proc, output, found, processes, method, history, offset)
+            self._watch(child, found, method, history, offset)
             return found
 
     def _watch(
         self,
-        proc: subprocess.Popen,
-        output: list[str],
+        child: _Child,
         run_dir: Path,
-        processes: int,
         method: str,
         history: list[dict[str, Any]],
         offset: int,
     ) -> None:
-        """Follow the subprocess's run through its log.jsonl until the processes exit."""
+        """Follow the subprocess's run through its log.jsonl until the processes exit; then
+        record an end nobody recorded (`settle`: a rank's failure, or processes that died)."""
+        proc, processes = child.proc, child.processes
+        child.run_dir = run_dir
         self._stop = threading.Event()
         self._done.clear()
         self._proc = proc
@@ -361,15 +379,18 @@ class JobManager:
                 if exited:
                     break
                 time.sleep(0.5)
-            if final is None:
-                last = " ".join(line.strip() for line in output[-3:])
-                final = {
-                    "state": "failed",
-                    "message": f"The training processes exited (code {proc.returncode}) before"
-                    f" the run finished: {last}",
-                }
+            if child.reader is not None:
+                child.reader.join(timeout=5)  # the last lines, a failed rank's among them
+            entry = settle(child)
+            if entry is not None:  # the record settle wrote replaces the log's (rank 0's echo)
+                self._on_event(entry)
+                final = _final_of(entry)
+            if final is None:  # the run folder could not be written: say what the job knows
+                final = {"state": "failed", "message": _exited_message(child)}
             with self._lock:
                 self._proc = None
+                with contextlib.suppress(ValueError):
+                    self._children.remove(child)
                 self._update(finished_at=time.time(), **final)
             self._done.set()
 
@@ -393,13 +414,7 @@ class JobManager:
                 continue
             self._on_event(entry)
             if entry.get("event") == "finished":
-                final = {
-                    "state": entry.get("status", "failed"),
-                    "message": entry.get("message", ""),
-                    "advice": entry.get("advice") or [],
-                    "retry_config": entry.get("retry_config"),
-                    "checks": entry.get("checks") or [],
-                }
+                final = _final_of(entry)
         return pos + len(complete), final
 
     def _on_event(self, entry: dict[str, Any]) -> None:
@@ -474,10 +489,27 @@ def _process_args(
     return ["--resume", str(run_dir)], history, log.stat().st_size if log.is_file() else 0
 
 
-def _start_processes(
-    args: list[str], processes: int
-) -> tuple[subprocess.Popen, list[str], threading.Thread]:
-    """`accelerate launch` of the run; its output lines are collected by a reader thread."""
+@dataclass(eq=False)
+class _Child:
+    """One `accelerate launch` subprocess and what the job reads from it. It holds no reference
+    to the manager, so the exit hook (`end_children`) can stop it whatever became of that."""
+
+    proc: subprocess.Popen
+    processes: int
+    output: list[str] = field(default_factory=list)  # its last 200 lines
+    failures: list[str] = field(default_factory=list)  # the ranks' FAILED_MARK lines
+    reader: threading.Thread | None = None
+    run_dir: Path | None = None
+    closing: bool = False  # the app is closing: the end is "interrupted", not a failure
+    settled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _start_processes(args: list[str], processes: int) -> _Child:
+    """`accelerate launch` of the run; a reader thread collects its output lines.
+
+    In a session of its own: a Ctrl-C in the app's terminal reaches the app alone, whose exit
+    then stops the run with the stop file first (`end_children`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if distributed.cpu_processes():
         env["CUDA_VISIBLE_DEVICES"] = ""  # the forced CPU run: gloo, no card touched
@@ -486,6 +518,11 @@ def _start_processes(
 
         release_for_training("cuda")  # the chat model must not share a card with a rank
     cmd = distributed.launch_command([*args, "--data-dir", str(paths.data_dir())], processes)
+    return spawn(cmd, env, processes)
+
+
+def spawn(cmd: list[str], env: dict[str, str] | None, processes: int) -> _Child:
+    """Start `cmd` in its own session and collect its output (and any rank's failure line)."""
     proc = subprocess.Popen(
         cmd,
         cwd=Path(__file__).resolve().parents[2],
@@ -495,38 +532,157 @@ def _start_processes(
         text=True,
         encoding="utf-8",
         errors="replace",
+        start_new_session=os.name == "posix",
     )
-    output: list[str] = []
+    child = _Child(proc, processes)
 
     def read() -> None:
         for line in proc.stdout or []:
-            output.append(line.rstrip())
-            del output[:-200]
+            if distributed.FAILED_MARK in line:
+                child.failures.append(line.strip())
+            child.output.append(line.rstrip())
+            del child.output[:-200]
 
-    reader = threading.Thread(target=read, name="accelerate-output", daemon=True)
-    reader.start()
-    return proc, output, reader
+    child.reader = threading.Thread(target=read, name="accelerate-output", daemon=True)
+    child.reader.start()
+    return child
 
 
-def _await_run_folder(
-    proc: subprocess.Popen, output: list[str], reader: threading.Thread, timeout: float = 900
-) -> Path:
+def _announced_folder(output: list[str]) -> Path | None:
+    """The run folder rank 0 prints first ("Run folder: ..."), once it has."""
+    for line in list(output):
+        if line.startswith("Run folder: "):
+            return Path(line.removeprefix("Run folder: ").strip())
+    return None
+
+
+def _await_run_folder(child: _Child, timeout: float = 900) -> Path:
     """The run folder rank 0 announces, or why the processes ended before it (ConfigError)."""
+    proc, output = child.proc, child.output
     deadline = time.time() + timeout
     while time.time() < deadline:
         exited = proc.poll() is not None
-        if exited:
-            reader.join(timeout=5)
-        for line in list(output):
-            if line.startswith("Run folder: "):
-                return Path(line.removeprefix("Run folder: ").strip())
+        if exited and child.reader is not None:
+            child.reader.join(timeout=5)
+        found = _announced_folder(output)
+        if found is not None:
+            return found
         if exited:
             refused = [x for x in output if x.startswith(("Invalid setting", "Could not prepare"))]
             text = refused[-1] if refused else " ".join(output[-5:])
             raise ConfigError("run", f"the training processes did not start: {text}")
         time.sleep(0.2)
-    proc.kill()
     raise ConfigError("run", "the training processes did not start within 15 minutes")
+
+
+# --- how a launched run ended, and the app's exit ---------------------------------------------
+
+
+def _final_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot fields of a log's "finished" entry."""
+    return {
+        "state": entry.get("status", "failed"),
+        "message": entry.get("message", ""),
+        "advice": entry.get("advice") or [],
+        "retry_config": entry.get("retry_config"),
+        "checks": entry.get("checks") or [],
+    }
+
+
+def _exited_message(child: _Child) -> str:
+    last = " ".join(line.strip() for line in child.output[-3:])
+    return (
+        f"The training processes exited (code {child.proc.returncode}) before the run"
+        f" finished: {last}"
+    )
+
+
+def settle(child: _Child) -> dict[str, Any] | None:
+    """Once the processes are gone: record the end that no rank recorded, and return its log
+    entry (None: rank 0's own record stands).
+
+    - the app closed the run (`closing`) while it was still marked running: "interrupted";
+    - a rank printed its failure (`distributed.failure_line`) and rank 0 recorded none, or
+      recorded only the echo (its all-reduce lost the failed rank): "failed", with the error,
+      advice and retry config of the rank that broke first;
+    - the processes died without a word (killed, crashed): "failed", with their last lines.
+    """
+    from studio.train.loop import TrainResult, record_end
+
+    with child.lock:
+        run_dir = child.run_dir or _announced_folder(child.output)
+        if child.settled or run_dir is None:
+            return None
+        child.settled = True
+        status = runs.read_metadata(run_dir).get("status")
+        if status in ("completed", "stopped"):
+            return None
+        root = distributed.first_failure(child.failures)
+        resume = "Resume continues from the last complete checkpoint."
+        if child.closing:
+            if status != "running":
+                return None
+            result = TrainResult(
+                run_dir, "interrupted", "The app closed while this run was training.", [resume]
+            )
+        elif root is not None and (status != "failed" or root["rank"] != 0):
+            result = TrainResult(
+                run_dir,
+                "failed",
+                f"Rank {root['rank']} of {child.processes} failed: {root['message']}",
+                list(root.get("advice") or []),
+                root.get("retry_config"),
+            )
+        elif status == "failed":
+            return None
+        else:
+            result = TrainResult(run_dir, "failed", _exited_message(child), [resume])
+        return record_end(run_dir, result)
+
+
+def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the launcher and every process under it, then SIGKILL what is left after
+    `grace_s`. Not only its process group: torchrun starts each rank in a session of its own."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+
+
+def end_children(
+    children: list[_Child], grace_s: float | None = None, kill_grace_s: float | None = None
+) -> None:
+    """The app is closing (or its job manager ends): stop every launched run, never leaving
+    one marked running. First the stop file, so the ranks stop together at a step with a
+    checkpoint; after `grace_s` they are killed, and the run is recorded as interrupted (it
+    resumes from its last checkpoint)."""
+    grace = STOP_GRACE_S if grace_s is None else grace_s
+    kill_grace = KILL_GRACE_S if kill_grace_s is None else kill_grace_s
+    for child in list(children):
+        child.closing = True
+        run_dir = child.run_dir or _announced_folder(child.output)
+        if child.proc.poll() is None:
+            if run_dir is not None:
+                with contextlib.suppress(OSError):
+                    distributed.request_stop(run_dir)
+            try:
+                child.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                kill_tree(child.proc, kill_grace)
+        with contextlib.suppress(Exception):  # exiting: a record that fails must not hang it
+            settle(child)
 
 
 def _train_line(e: dict[str, Any]) -> str:

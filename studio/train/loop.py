@@ -74,6 +74,7 @@ class TrainResult:
     final_metrics: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    failed_at: float | None = None  # when it broke: which rank of a launched run broke first
 
 
 @dataclass
@@ -362,9 +363,15 @@ def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
         run.device,
         run.expected_device,
     )
-    live.say("Checking the answers: base vs fine-tune on a few validation prompts")
+    n_prompts, limit, why = answer_budget(run)
+    live.say("Checking the answers: base vs fine-tune on a few validation prompts" + why)
     with live.timed("answer_checks_s"):
-        answers = checks.answer_checks(trainer.model, tok, run.val_rows, run.train_rows)
+        answers = checks.answer_checks(
+            trainer.model, tok, run.val_rows, run.train_rows, n_prompts, limit=limit
+        )
+    if why:  # the verdicts say they stand on fewer answers
+        for check in answers["checks"]:
+            check["detail"] += why
     result.checks += answers["checks"]
     run.meta["did_it_learn"] = answers["figures"]
     result.warnings = [c["detail"] for c in result.checks if c["ok"] is False]
@@ -375,9 +382,32 @@ def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
     )
 
 
+# 4-bit generation on the CPU goes through bitsandbytes' row-by-row gemv kernel (faster ones
+# need the `kernels` package): after a 4-step QLoRA run of the 135M model on 2 busy cores
+# (load ~6), the default checks (4 prompts, up to 96 new tokens, base and fine-tune) took 275 s,
+# and 23 min were seen under more load. Their cost grows with prompts x tokens.
+QUICK_CHECK_PROMPTS = 2  # still two answers per side to compare
+QUICK_CHECK_TOKENS = 48  # answers that fit are picked first; the limit still covers them
+
+
+def answer_budget(run: PreparedRun) -> tuple[int, int, str]:
+    """Prompts and length limit of the answer checks, and why they are fewer ("" if not).
+
+    A 4-bit base on the CPU gets 2 prompts with short answers (the limit rises to 1.5x the
+    longest one chosen, so "it stops" is still judged on answers that fit)."""
+    if run.cfg.method == "qlora" and run.device == "cpu":
+        why = (
+            f" ({QUICK_CHECK_PROMPTS} prompts with short answers: 4-bit generation on the CPU"
+            " is slow)"
+        )
+        return QUICK_CHECK_PROMPTS, QUICK_CHECK_TOKENS, why
+    return checks.SAMPLE_PROMPTS, checks.SAMPLE_TOKENS, ""
+
+
 def _explain_failure(live: _Live, exc: BaseException) -> None:
     """Turn what broke into the result's message, advice and one-click retry config."""
     result, run = live.result, live.run
+    result.failed_at = time.time()
     if isinstance(exc, TrainingError):
         result.message, result.advice, result.retry_config = str(exc), exc.advice, exc.retry
     elif isinstance(exc, ConfigError | TemplateError):
@@ -400,9 +430,20 @@ def _finish(live: _Live) -> None:
     if not live.writes:  # DDP ranks > 0 leave the record to rank 0
         live.log_fh.close()
         return
-    if result.status == "failed" and not result.final_metrics:
-        result.final_metrics = checks.final_metrics(runs.load_log(run.run_dir), None)
     live.timings["total_s"] = round(time.time() - live.t_start, 2)
+    meta.setdefault("timings", {}).update(live.timings)
+    write_end(run.run_dir, meta, result)
+    live.emit(finished_event(result))
+    with contextlib.suppress(OSError):
+        live.log_fh.close()
+    runs.mark_done(run.run_dir)
+
+
+def write_end(run_dir: Path, meta: dict[str, Any], result: TrainResult) -> None:
+    """How the run ended, into its metadata and model card: the one record of every ending,
+    written by the run's own process, or by the job that launched its ranks (`record_end`)."""
+    if result.status in ("failed", "interrupted") and not result.final_metrics:
+        result.final_metrics = checks.final_metrics(runs.load_log(run_dir), None)
     meta.update(
         status=result.status,
         updated=now_iso(),
@@ -415,26 +456,37 @@ def _finish(live: _Live) -> None:
         advice=result.advice,
         retry_config=result.retry_config,
     )
-    meta.setdefault("timings", {}).update(live.timings)
     try:
-        runs.write_metadata(run.run_dir, meta)
-        runs.atomic_write_text(run.run_dir / "README.md", checks.model_card(meta))
+        runs.write_metadata(run_dir, meta)
+        runs.atomic_write_text(run_dir / "README.md", checks.model_card(meta))
     except OSError as exc:
         result.warnings.append(f"could not write the run's metadata: {_short(exc)}")
-    live.emit(
-        {
-            "event": "finished",
-            "status": result.status,
-            "message": result.message,
-            "advice": result.advice,
-            "retry_config": result.retry_config,
-            "checks": result.checks,
-            "final_metrics": result.final_metrics,
-        }
-    )
-    with contextlib.suppress(OSError):
-        live.log_fh.close()
-    runs.mark_done(run.run_dir)
+
+
+def finished_event(result: TrainResult) -> Event:
+    """The log's last entry: what the Train tab and a job following the log show at the end."""
+    return {
+        "event": "finished",
+        "status": result.status,
+        "message": result.message,
+        "advice": result.advice,
+        "retry_config": result.retry_config,
+        "checks": result.checks,
+        "final_metrics": result.final_metrics,
+    }
+
+
+def record_end(run_dir: Path, result: TrainResult) -> Event | None:
+    """End a launched run whose ranks are gone without recording it (a rank > 0 failed and
+    rank 0 was killed, or the app closed): the same metadata, model card and final log entry
+    as `_finish`. Never while some process still trains the run; returns the final entry."""
+    if runs.is_live(run_dir):
+        return None
+    write_end(run_dir, runs.read_metadata(run_dir), result)
+    entry = {**finished_event(result), "time": time.time()}
+    with contextlib.suppress(OSError), contextlib.closing(runs.open_log(run_dir)) as fh:
+        runs.append_log(fh, entry)
+    return entry
 
 
 def save_adapter(model: Any, tok: Any, run_dir: Path) -> Path:

@@ -24,6 +24,7 @@ from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, tokenize_conversation
 from studio.data.load import SAMPLE_DATASET
 from studio.models.precision import precision
+from studio.train import distributed
 
 
 @dataclass
@@ -222,11 +223,17 @@ def load_token_cache(key: str) -> tuple | None:
         return None
 
 
-def save_token_cache(key: str, value: tuple) -> None:
+def save_token_cache(key: str, value: tuple) -> bool:
     """Cache a tokenization (atomic write); keeps the newest TOKEN_CACHE_KEEP. Best effort:
-    a full disk costs the next Start its tokenizing, never the run."""
+    a full disk costs the next Start its tokenizing, never the run. Returns whether it wrote.
+
+    Under `accelerate launch` rank 0 alone writes: every rank tokenizes the same rows, and N
+    of them writing one file and pruning the same folder at once would only race. The other
+    ranks read the cache (`load_token_cache`) and never write it."""
     import json
 
+    if not distributed.is_main():
+        return False
     train, train_stats, val, val_stats = value
     folder = _token_cache_dir()
     data = {"train": train, "train_stats": train_stats, "val": val, "val_stats": val_stats}
@@ -236,6 +243,8 @@ def save_token_cache(key: str, value: tuple) -> None:
         old = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime)[:-TOKEN_CACHE_KEEP]
         for f in old:
             f.unlink(missing_ok=True)
+        return True
+    return False
 
 
 # --- hardware -----------------------------------------------------------------------------

@@ -255,6 +255,7 @@ def _build_source(ui: dict[str, Any]) -> None:
             ui["hub_id"] = gr.Textbox(
                 label="Dataset id (or a local dataset folder)",
                 placeholder="tatsu-lab/alpaca",
+                info="a folder save_to_disk wrote, or a folder of data files",
                 scale=3,
                 elem_id="dataset-hub-id",
             )

@@ -2,13 +2,16 @@
 
 Choosing a preset or a model fills the Train tab's settings (still editable there); changing
 any of those settings re-estimates. Detection and the environment check run when the page
-loads, not at start-up, so the app serves at once. The engine (studio.hardware: presets,
-detect, vram, doctor; figures from studio.plots) does the work; this module only turns its
-plain data into components.
+loads, not at start-up, so the app serves at once; the preset detection picks fills only the
+Train fields the user has not typed into meanwhile (the user did not ask for that fill), while
+a preset or model the user picks fills them all and says which typed values it replaced. The
+engine (studio.hardware: presets, detect, vram, doctor; figures from studio.plots) does the
+work; this module only turns its plain data into components.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -331,11 +334,20 @@ class HardwareWiring:
 
     ui: dict[str, Any]
     train: dict[str, Any]  # SETTING_FIELDS name -> the Train tab's component, where present
+    edited: Any = None  # the Train tab's "train.edited" State (fields the user typed into)
+    note: Any = None  # the Train tab's "train.fill_note" Markdown (what a fill did)
 
     def inputs(self) -> set[Any]:
         """What every handler reads: pickers, detection report, settings, Train fields."""
         ui = self.ui
-        return {ui["preset"], ui["model"], ui["settings"], ui["report"], *self.train.values()}
+        mine = {ui["preset"], ui["model"], ui["settings"], ui["report"]}
+        return mine | set(self.train.values()) | ({self.edited} - {None})
+
+    def typed(self, values: dict[Any, Any]) -> list[str]:
+        """The Train fields the user typed into: the session's own list, so marks made while
+        a slow handler ran (typing during detection) are seen when it reads this at its end."""
+        got = values.get(self.edited) if self.edited is not None else None
+        return got if isinstance(got, list) else []
 
     def read(self, values: dict[Any, Any]) -> tuple[str | None, str | None, dict, Any]:
         """(preset, model, settings merged with the Train fields, detection report)."""
@@ -350,21 +362,29 @@ class HardwareWiring:
         text, fig = estimate_view(p, m, settings, report)
         return {self.ui["verdict"]: text, self.ui["chart"]: fig}
 
-    def settings_out(self, new: dict[str, Any]) -> dict[Any, Any]:
-        """The settings state and the Train tab's fields set to `new`."""
-        return {self.ui["settings"]: new, **{c: new.get(k) for k, c in self.train.items()}}
+    def settings_out(self, new: dict[str, Any], keep: Iterable[str] = ()) -> dict[Any, Any]:
+        """The settings state and the Train tab's fields set to `new`, but for `keep`."""
+        fields = {c: gr.skip() if k in keep else new.get(k) for k, c in self.train.items()}
+        return {self.ui["settings"]: new, **fields}
+
+    def note_out(self, text: Any) -> dict[Any, Any]:
+        return {self.note: text} if self.note is not None else {}
 
 
 def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     """Fill the Train tab's fields from presets/models; re-estimate when any of them changes."""
     # The Train tab may not exist yet (or may lack a field): fill and watch what is there.
-    w = HardwareWiring(ui, {k: ctx[f"train.{k}"] for k in SETTING_FIELDS if f"train.{k}" in ctx})
+    train_fields = {k: ctx[f"train.{k}"] for k in SETTING_FIELDS if f"train.{k}" in ctx}
+    w = HardwareWiring(ui, train_fields, ctx.get("train.edited"), ctx.get("train.fill_note"))
     inputs, train = w.inputs(), list(w.train.values())
-    fill_outputs = [ui["settings"], *train, ui["model_info"], ui["verdict"], ui["chart"]]
+    note = [w.note] if w.note is not None else []
+    fill_outputs = [ui["settings"], *train, ui["model_info"], ui["verdict"], ui["chart"], *note]
     quiet = {"trigger_mode": "always_last", "show_progress": "hidden"}
     checks_out = [ui["checks"], ui["checks_box"]]
     ctx["demo"].load(partial(run_checks, ui), outputs=checks_out, show_progress="hidden")
     ui["recheck"].click(partial(run_checks, ui), outputs=checks_out)
+    # Detection's fill is automatic: it leaves the fields typed into meanwhile alone, so its
+    # one estimate comes after it, from the fields as they then are.
     ctx["demo"].load(
         partial(on_page_load, w),
         inputs=inputs,
@@ -376,12 +396,21 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             ui["gpu"],
             *fill_outputs,
         ],
+    ).then(
+        partial(on_settings_change, w),
+        inputs=inputs,
+        outputs=[ui["settings"], ui["verdict"], ui["chart"]],
+        show_progress="hidden",
     )
-    ui["preset"].input(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
-    # A new model (picked here or set by another tab) gets its band's settings and then one
-    # estimate: a second listener estimating with the previous band's settings raced the fill
-    # and flashed a wrong verdict ("Won't fit" for an 8B model on its own QLoRA band).
-    ui["model"].change(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **quiet)
+    # Picks one at a time: one pick can arrive as two `.input` events (seen 27 ms apart), and a
+    # repeat running beside the first would not see that it already replaced typed values.
+    picks = {**quiet, "concurrency_limit": 1, "concurrency_id": "hardware-pick"}
+    ui["preset"].input(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **picks)
+    # A new model (only the user sets it: no event writes this picker) gets its band's
+    # settings and then one estimate: a second listener estimating with the previous band's
+    # settings raced the fill and flashed a wrong verdict ("Won't fit" for an 8B model on its
+    # own QLoRA band).
+    ui["model"].change(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **picks)
     if train:
         # The user's edits only: a fill writes every field and has estimated already; one
         # estimate per filled field read half-updated fields and flashed wrong verdicts.
@@ -404,21 +433,67 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
 
 
 def _fill_outputs(
-    w: HardwareWiring, p: str | None, m: str | None, settings: dict, report: Any
+    w: HardwareWiring, values: dict[Any, Any], report: Any, *, picked: bool
 ) -> dict[Any, Any]:
-    """The preset's defaults for the model into the Train fields, then the new estimate."""
+    """The preset's defaults for the model into the Train fields, and what the fill did.
+
+    picked (the user chose the preset or model): every field is filled, the typed ones that
+    change are named in the note, and the estimate follows. Otherwise (detection on page
+    load) the fields the user typed into keep their values and the estimate is left to the
+    step after, which reads the fields as they are (this one saw them before the typing).
+    """
+    p, m, settings, _report = w.read(values)
     new = _fill(p, m, settings)
-    return {
-        **w.settings_out(new),
-        w.ui["model_info"]: model_markdown(m or DEFAULT_MODEL),
-        **w.view(p, m, new, report),
-    }
+    typed = w.typed(values)  # read now, at the end: typing during detection counts
+    out = {w.ui["model_info"]: model_markdown(m or DEFAULT_MODEL)}
+    if picked:
+        replaced = {k: (settings.get(k), new.get(k)) for k in w.train if k in typed}
+        replaced = {k: v for k, v in replaced.items() if v[0] != v[1]}
+        typed[:] = [k for k in typed if k not in w.train]  # filled on request: not theirs now
+        # One pick can arrive twice with the same values (see wire): the repeat, finding the
+        # marks gone and the settings already filled, must not erase the note of the first.
+        repeat = not replaced and values.get(w.ui["settings"]) == new
+        note = gr.skip() if repeat else fill_note(p, m, replaced=replaced)
+        return {**out, **w.settings_out(new), **w.view(p, m, new, report), **w.note_out(note)}
+    kept = [k for k in w.train if k in typed]
+    note = fill_note(p, m, kept=kept, detected=True)
+    skip = {w.ui["verdict"]: gr.skip(), w.ui["chart"]: gr.skip()}
+    return {**out, **w.settings_out(new, keep=kept), **skip, **w.note_out(note)}
+
+
+def fill_note(
+    preset_name: str | None,
+    model: str | None,
+    *,
+    kept: Iterable[str] = (),
+    replaced: dict[str, tuple[Any, Any]] | None = None,
+    detected: bool = False,
+) -> str:
+    """The Train tab's line on a fill: which preset and band, and the user's values it kept
+    (an automatic fill) or replaced (one the user asked for), so neither goes unnoticed."""
+    if not preset_name:
+        return ""
+    try:
+        label = _catalog().get(preset_name).label
+        n_params = vram.model_shape(model or DEFAULT_MODEL).n_params
+    except (vram.ModelShapeError, KeyError):
+        return ""
+    source = "the detected preset" if detected else "the preset you picked,"
+    text = (
+        f"Settings filled from {source} **{label}** for a {vram.format_params(n_params)}"
+        f" model ({BAND_LABELS[band_for(n_params)]} band)."
+    )
+    if kept:
+        text += f" Your own {', '.join(f'`{k}`' for k in kept)} kept."
+    if replaced:
+        changes = ", ".join(f"`{k}` {old} → {new}" for k, (old, new) in replaced.items())
+        text += f" Replaced what you had typed: {changes}."
+    return text
 
 
 def on_pick(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     """A preset or model was picked: fill the Train tab from the preset and re-estimate."""
-    p, m, settings, report = w.read(values)
-    return _fill_outputs(w, p, m, settings, report)
+    return _fill_outputs(w, values, values.get(w.ui["report"]), picked=True)
 
 
 def on_page_load(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
@@ -428,7 +503,6 @@ def on_page_load(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     catalog = _catalog()
     report = detect(catalog).to_dict()
     chosen = report["preset"]["value"]
-    _p, m, settings, _report = w.read(values)
     return {
         w.ui["detected"]: detected_markdown(report),
         w.ui["preset"]: gr.Dropdown(choices=_preset_choices(catalog), value=chosen),
@@ -437,7 +511,7 @@ def on_page_load(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
         w.ui["gpu"]: gr.Dropdown(
             choices=gpu_choices(report) or [("GPU 0", 0)], value=0, visible=len(report["gpus"]) > 1
         ),
-        **_fill_outputs(w, chosen, m, settings, report),
+        **_fill_outputs(w, {**values, w.ui["preset"]: chosen}, report, picked=False),
     }
 
 

@@ -4,6 +4,11 @@ A thin layer over `studio.train.jobs` (the process-wide background job) and `stu
 folders): a gr.Timer polls the job once a second, so a reloaded page or a second browser tab
 shows the same run, and a closed page does not stop it. The settings are RunConfig fields,
 registered in ctx as "train.<field>" for the Hardware tab to fill.
+
+A value the user typed wins over every fill the user did not ask for: each field's `.input`
+marks it in "train.edited", which the page-load preset fill (Hardware tab) and the recipe
+plan read when they answer, not when they were sent. A fill the user asks for (picking a
+preset or model, Auto-fit, Retry) may replace typed values, and says so.
 """
 
 from __future__ import annotations
@@ -121,10 +126,14 @@ def build_train_tab(ctx: dict[str, Any]) -> dict[str, Any]:
     _build_past_runs(ui)
     ui["seen"] = gr.State(-1)  # the job version this browser tab last drew
     ui["drawn"] = gr.State("")  # the curve this browser tab last drew (run, points)
-    ui["edited"] = gr.State([])  # PLAN_FIELDS the user typed into: the plan leaves them alone
+    # The fields the user typed into; automatic fills leave them alone. A list mutated in
+    # place: a slow handler holding it sees the marks made while it ran.
+    ui["edited"] = gr.State([])
     ui["timer"] = gr.Timer(1.0)
     for name in FIELDS:
         ctx[f"train.{name}"] = ui[name]
+    ctx["train.edited"] = ui["edited"]
+    ctx["train.fill_note"] = ui["fill_note"]
     ctx["runs.refresh"] = gr.State(0)
     return ui
 
@@ -138,6 +147,7 @@ def _build_settings(ui: dict[str, Any]) -> None:
             ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
 
     gr.Markdown("### Settings\nFilled by the Hardware tab's preset; edit freely.")
+    ui["fill_note"] = gr.Markdown(elem_id="train-fill-note")  # what the last preset fill did
     ui["target"] = gr.Markdown(elem_id="train-target")
     ui["plan"] = gr.Markdown(elem_id="train-plan")
     for start in range(0, len(BASIC_FIELDS), 3):
@@ -273,14 +283,17 @@ def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
 
 def _wire_plan(w: TrainWiring, demo: Any) -> None:
     """The recipe plan and pre-flight: redone when the model, data, preset or batch changes,
-    or when the user types into a planned field (which the plan then leaves alone)."""
+    or when the user types into a planned field (which the plan then leaves alone). Typing
+    into any field marks it as the user's (see the module docstring)."""
     ui = w.ui
     inputs = {*w.inputs(), ui["edited"]}
     quiet = {"trigger_mode": "always_last", "show_progress": "hidden"}
-    for name in PLAN_FIELDS:
-        ui[name].input(partial(mark_edited, name), ui["edited"], ui["edited"]).then(
-            partial(plan_update, w), inputs, w.plan_outputs(), **quiet
+    for name in FIELDS:
+        marked = ui[name].input(
+            partial(mark_edited, name), ui["edited"], ui["edited"], show_progress="hidden"
         )
+        if name in PLAN_FIELDS:
+            marked.then(partial(plan_update, w), inputs, w.plan_outputs(), **quiet)
     triggers = [c.change for c in w.cross.values()] + [ui[n].change for n in PLAN_INPUTS]
     gr.on(triggers, partial(plan_update, w), inputs, w.plan_outputs(), **quiet)
     if demo is not None:
@@ -291,14 +304,20 @@ def _wire_plan(w: TrainWiring, demo: Any) -> None:
 
 
 def mark_edited(name: str, edited: list[str] | None) -> list[str]:
-    """Remember that the user typed into a planned field: from now on their value wins."""
-    return sorted({*(edited or []), name})
+    """Remember that the user typed into a field: from now on their value wins over the fills
+    they did not ask for. Changed in place, for the handlers already holding the list."""
+    if not isinstance(edited, list):
+        edited = []
+    if name not in edited:
+        edited.append(name)
+    return edited
 
 
 def plan_update(w: TrainWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     """The plan's line and pre-flight, and the planned values of the fields not edited."""
     settings, extras = w.read(values)
-    edited = set(values.get(w.ui["edited"]) or [])
+    live = values.get(w.ui["edited"])
+    edited = set(live or [])
     try:
         cfg = config_from_ui(settings, extras)
     except ConfigError as exc:
@@ -309,8 +328,10 @@ def plan_update(w: TrainWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     planned = plan_run(cfg, tok, edited)
     if tok is None:
         planned.problems.append(f"no pre-flight: the model's tokenizer is not available ({why})")
-    fills = {w.ui[k]: v for k, v in planned.settings.items()}
-    return {w.ui["plan"]: plan_markdown(planned, edited), **fills}
+    typed_meanwhile = set(live or []) - edited  # typed while this plan was being made
+    fills = {w.ui[k]: v for k, v in planned.settings.items() if k not in typed_meanwhile}
+    shown = (edited | typed_meanwhile) & set(PLAN_FIELDS)  # the plan's own fields kept
+    return {w.ui["plan"]: plan_markdown(planned, shown), **fills}
 
 
 def preview(w: TrainWiring, values: dict[Any, Any]) -> tuple[str, str]:
