@@ -438,9 +438,18 @@ def export_run(
             target = _export_target(src.run_dir, out, stamp)
             partial = target.with_name(f"{target.name}.partial-{stamp}")
             _check_space(target, base.path, gguf)
-        result = _run_steps(
-            src, base, partial, target, gguf, progress, max_new_tokens, n_prompts, verify_gguf
+        plan = ExportPlan(
+            src=src,
+            base=base,
+            partial=partial,
+            target=target,
+            gguf=gguf,
+            progress=progress,
+            max_new_tokens=max_new_tokens,
+            n_prompts=n_prompts,
+            verify_gguf=verify_gguf,
         )
+        result = _run_steps(plan)
     finally:
         _export_lock.release()
     result.seconds = round(time.time() - t0, 1)
@@ -466,29 +475,18 @@ def _check_space(target: Path, base_path: Path, gguf: str) -> None:
         )
 
 
-def _run_steps(
-    src: RunSource,
-    base: models.ResolvedModel,
-    partial: Path,
-    target: Path,
-    gguf: str,
-    progress: Progress,
-    max_new_tokens: int,
-    n_prompts: int,
-    verify_gguf: bool,
-) -> ExportResult:
+def _run_steps(plan: ExportPlan) -> ExportResult:
     """The steps into `partial`, renamed to `target` at the end.
 
     A failure before the merged model is complete removes the folder (nothing usable was
     built); after it, the folder is kept with the failed step recorded, for --resume.
     """
+    src, partial, target, gguf = plan.src, plan.partial, plan.target, plan.gguf
     try:
         if not partial.exists():
             partial.mkdir(parents=True)
             _record(partial, run_dir=str(src.run_dir), status="running", steps={})
-        result = _export_into(
-            src, base, partial, target, gguf, progress, max_new_tokens, n_prompts, verify_gguf
-        )
+        result = _export_into(plan)
         if partial != target:
             partial.rename(target)
         return result
@@ -572,26 +570,18 @@ def _merged_answers(
     return got, own
 
 
-def _export_into(
-    src: RunSource,
-    base: models.ResolvedModel,
-    partial: Path,
-    target: Path,
-    gguf: str,
-    progress: Progress,
-    max_new_tokens: int,
-    n_prompts: int,
-    verify_gguf: bool,
-) -> ExportResult:
+def _export_into(plan: ExportPlan) -> ExportResult:
     """All writing happens here, inside `partial`; paths in the result point at `target`.
 
     Each step is recorded in export_info.json as it starts ("current") and when it is done
     ("steps"), so a failure names its step and a retry skips what is done.
     """
+    src, base, partial, target, gguf = plan.src, plan.base, plan.partial, plan.target, plan.gguf
+    progress, max_new_tokens = plan.progress, plan.max_new_tokens
     warnings: list[str] = []
     notes: list[str] = []
     rows, val = _training_rows(src)
-    convs = sanity_prompts(val or rows, n_prompts)
+    convs = sanity_prompts(val or rows, plan.n_prompts)
     if not rows:
         notes.append("The run's dataset was not readable; the sanity check used default prompts.")
     if src.method == "qlora":
@@ -616,7 +606,7 @@ def _export_into(
         progress=progress,
         warnings=warnings,
         max_new_tokens=max_new_tokens,
-        verify=verify_gguf,
+        verify=plan.verify_gguf,
     )
     gguf_file, gguf_check = _gguf_resumable(job)
 
@@ -671,6 +661,22 @@ def _route(gguf: str, gguf_file: Path | None) -> str:
     """Which tool made which GGUF file (k-quants: llama.cpp's quantizer here, or Ollama's)."""
     why = local_quantizer() if quantize_route(gguf, gguf_file) else None
     return route_note(gguf, gguf_file, why if isinstance(why, str) else None) or ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportPlan:
+    """One export as `export_run` settled it: the run, its base, the folder written into
+    (`partial`, renamed to `target` when done) and the user's choices."""
+
+    src: RunSource
+    base: models.ResolvedModel
+    partial: Path
+    target: Path
+    gguf: str
+    progress: Progress
+    max_new_tokens: int
+    n_prompts: int
+    verify_gguf: bool
 
 
 @dataclass(frozen=True, kw_only=True)
