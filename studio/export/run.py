@@ -596,17 +596,12 @@ def _export_into(plan: ExportPlan) -> ExportResult:
 
     _record(partial, current="gguf")
     job = GgufJob(
-        src=src,
-        partial=partial,
-        gguf=gguf,
+        plan=plan,
         tok=tok,
         convs=convs,
         prompt_ids=prompt_ids,
         merged_out=merged_out,
-        progress=progress,
         warnings=warnings,
-        max_new_tokens=max_new_tokens,
-        verify=plan.verify_gguf,
     )
     gguf_file, gguf_check = _gguf_resumable(job)
 
@@ -688,39 +683,34 @@ class GgufJob:
     earlier process (a resumed export), then recomputed if the GGUF is to be verified.
     """
 
-    src: RunSource
-    partial: Path
-    gguf: str
+    plan: ExportPlan
     tok: Any
     convs: list[list[Message]]
     prompt_ids: list[list[int]]
     merged_out: tuple[list[list[int]], list[Any]] | None
-    progress: Progress
     warnings: list[str]
-    max_new_tokens: int
-    verify: bool
 
 
 def _gguf_resumable(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
     """The GGUF step, or the file and check an earlier try completed; recorded when done."""
-    if job.gguf == "none":
+    if job.plan.gguf == "none":
         return None, None
-    partial = job.partial
+    partial = job.plan.partial
     steps = read_json(partial / EXPORT_INFO).get("steps") or {}
     done = steps.get("gguf")
-    if done and done.get("type") == job.gguf and (partial / done["file"]).is_file():
-        job.progress("Reusing the GGUF file the earlier export completed", 0.85)
+    if done and done.get("type") == job.plan.gguf and (partial / done["file"]).is_file():
+        job.plan.progress("Reusing the GGUF file the earlier export completed", 0.85)
         return partial / done["file"], _sanity_check(done.get("check"))
-    if job.merged_out is None and job.verify:
-        job.progress("Greedy answers of the merged model (to compare the GGUF with)", 0.5)
+    if job.merged_out is None and job.plan.verify_gguf:
+        job.plan.progress("Greedy answers of the merged model (to compare the GGUF with)", 0.5)
         merged_out = _merged_answers(
-            job.src, partial / MERGED, job.tok, job.prompt_ids, job.max_new_tokens
+            job.plan.src, partial / MERGED, job.tok, job.prompt_ids, job.plan.max_new_tokens
         )
         job = replace(job, merged_out=merged_out)
     gguf_file, gguf_check = _gguf_step(job)
     if gguf_file is not None:
         steps["gguf"] = {
-            "type": job.gguf,
+            "type": job.plan.gguf,
             "file": gguf_file.name,
             "check": asdict(gguf_check) if gguf_check else None,
         }
@@ -758,10 +748,10 @@ def _gguf_step(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
     """The GGUF file: converted and checked, then, for a k-quant, quantized where llama.cpp's
     quantizer loads (else the f16 file is kept for `ollama create --quantize`)."""
     gguf_file, gguf_check = _convert_and_check(job)
-    if gguf_file is None or converter_type(job.gguf) == job.gguf:
+    if gguf_file is None or converter_type(job.plan.gguf) == job.plan.gguf:
         return gguf_file, gguf_check
     try:
-        made = quantize_gguf(gguf_file, job.gguf, job.progress)
+        made = quantize_gguf(gguf_file, job.plan.gguf, job.plan.progress)
     except ExportError as exc:
         job.warnings.append(
             f"{exc} The f16 GGUF is kept; Ollama can quantize it (see the commands)."
@@ -775,17 +765,18 @@ def _convert_and_check(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
 
     The check compares against `job.merged_out` (answers, logits) from `merge_adapter`.
     """
-    gguf, warnings, progress = job.gguf, job.warnings, job.progress
+    export, warnings = job.plan, job.warnings
+    gguf, progress, name = export.gguf, export.progress, export.src.name
     outtype = converter_type(gguf)  # k-quants are made from the f16 file, checked first
-    fname = f"{ollama_name(job.src.name)}-{outtype}.gguf"
+    fname = f"{ollama_name(name)}-{outtype}.gguf"
     try:
         gguf_file = convert_to_gguf(
-            job.partial / MERGED, job.partial / fname, outtype, job.src.name, progress
+            export.partial / MERGED, export.partial / fname, outtype, name, progress
         )
     except ExportError as exc:
         warnings.append(f"No GGUF file: {exc} The merged folder and Modelfile are still usable.")
         return None, None
-    if not job.verify:
+    if not export.verify_gguf:
         return gguf_file, None
     plan = verify_plan(gguf_file)
     if plan.device is None:
@@ -793,7 +784,7 @@ def _convert_and_check(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
         return gguf_file, None
     progress(f"Loading the GGUF back with transformers ({plan.reason}) to compare answers", 0.82)
     gguf_check = check_gguf(
-        gguf_file, job.tok, job.convs, job.prompt_ids, job.merged_out, job.max_new_tokens, plan
+        gguf_file, job.tok, job.convs, job.prompt_ids, job.merged_out, export.max_new_tokens, plan
     )
     if not gguf_check.passed:
         warnings.append(
