@@ -55,6 +55,21 @@ def test_cpu_precision_is_bf16_only_with_native_instructions(monkeypatch) -> Non
     assert precision.precision("cpu").name == "fp32"
 
 
+def test_the_no_bf16_knob_runs_the_studio_as_on_a_cpu_without_it(monkeypatch) -> None:
+    """LORA_STUDIO_CPU_NO_BF16 (the suite's fp32 mode) hides the bf16 flags, so the reason
+    reads as on such a CPU; it is read with the flags, in this process and in subprocesses."""
+    monkeypatch.delenv(precision.CPU_FP32_ENV, raising=False)
+    monkeypatch.setenv(precision.CPU_NO_BF16_ENV, "1")
+    precision.cpu_flags.cache_clear()
+    try:
+        assert not precision.cpu_flags() & precision.CPU_BF16_FLAGS
+        assert precision.precision("cpu").name == "fp32"
+        assert "no native bf16" in precision.precision("cpu").reason
+    finally:
+        monkeypatch.undo()
+        precision.cpu_flags.cache_clear()  # back to this process's own setting
+
+
 def test_one_home_for_the_rule() -> None:
     """Grep finds the capability check and is_bf16_supported only in the precision module."""
     from pathlib import Path
