@@ -8,6 +8,9 @@ end-of-turn marker the template writes after it (`<|im_end|>`, `<|eot_id|>`, `<e
 the tokenizer's vocabulary: it is what generation must learn to emit so the model stops (the
 pad == eos pitfall: that token must be trained). What a template does is measured once per
 template string and cached, so tokenizing thousands of rows stays fast.
+
+A reply with `"weight": 0` (OpenAI's fine-tuning format: context, not a target) is rendered
+like any other and masked like the user turns, so the model reads it but does not learn it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content, and "weight": 0 on a reply that is not trained
 
 # Probe contents: plain words no template rewrites, unlikely to occur in template text.
 _PROBE_SYSTEM = "Zqx probe system rule"
@@ -74,6 +77,8 @@ def _apply(tokenizer: Any, messages: list[Message], add_generation_prompt: bool)
             "this tokenizer has no chat template; pick an instruct/chat model or one with "
             "chat_template.jinja in its folder"
         )
+    if any("weight" in m for m in messages):  # ours, not the template's
+        messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     try:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -227,8 +232,9 @@ def _locate(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[in
     """Render once and find each message's content in order, each search starting after the
     previous one (so a reply quoted in a user turn is not taken for the reply).
 
-    Returns the text, the spans of the assistant replies (through their marker) and whether
-    the conversation ends with a reply the template left without a marker.
+    Returns the text, the spans of the trained assistant replies (through their marker; a
+    weight-0 reply is context, so it has none) and whether the conversation ends with a
+    trained reply the template left without a marker.
     """
     traits = template_traits(tokenizer)
     msgs = _fold_system(messages) if traits.folds_system else messages
@@ -248,15 +254,17 @@ def _locate(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[in
                     " cannot be located for the loss"
                 )
             end, closed = _close(text, found[1], closer)
-            spans.append((found[0], end))
+            if msg.get("weight") != 0:
+                spans.append((found[0], end))
             cursor = end
         elif found is not None:
             cursor = found[1]
-    return text, spans, bool(msgs) and msgs[-1].get("role") == "assistant" and not closed
+    last = msgs[-1] if msgs else {}
+    return text, spans, last.get("role") == "assistant" and last.get("weight") != 0 and not closed
 
 
 def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation and return the character spans of each assistant turn.
+    """Render the conversation and return the character spans of each trained assistant turn.
 
     A span runs from the first character of the reply to the end of the end-of-turn marker
     the template writes after it; the newline a template puts after that marker is not trained.
@@ -286,7 +294,8 @@ def tokenize_conversation(
     """Token ids and the assistant mask of one conversation, truncated to max_length.
 
     When a template does not write an end-of-turn marker after the last reply, the
-    tokenizer's EOS is appended and trained, so the tuned model learns to stop.
+    tokenizer's EOS is appended and trained, so the tuned model learns to stop (unless that
+    reply has weight 0: then nothing of it is trained).
     """
     text, spans, open_end = _locate(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -93,11 +93,10 @@ def token_lengths(rows: list[Row], tokenizer: Any) -> list[int]:
         msgs = row["messages"]
         text = chat_format.render(tokenizer, msgs)
         texts.append(text)
-        # tokenize_conversation appends EOS when the template leaves the reply unterminated.
+        # tokenize_conversation appends EOS when the template leaves a trained reply open.
         last = msgs[-1]
-        extra.append(
-            int(bool(eos) and last["role"] == "assistant" and text.endswith(last["content"]))
-        )
+        trained_last = last["role"] == "assistant" and last.get("weight") != 0
+        extra.append(int(bool(eos) and trained_last and text.endswith(last["content"])))
     lengths = _lengths_by_segment(tokenizer, texts)
     if lengths is None:
         lengths = _lengths_direct(tokenizer, texts)

@@ -1,0 +1,311 @@
+"""The dataset formats people bring (issue 27): OpenAI's chat fine-tuning rows (`weight`,
+`name`, tool calls), Excel's encodings (UTF-16 "Unicode Text", `;` CSV with a BOM), legacy
+Windows code pages, and CSVs the studio writes that Excel must open right.
+
+Quick except the browser test: the label checks use the real embedded tokenizer, no model.
+Expected values are written out by hand from the files built here, not read from the code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from studio.config import RunConfig
+from studio.data.load import DatasetError, load_dataset_file
+from studio.data.tokens import preview_row
+from studio.train.prepare import load_training_rows, tokenize_rows
+
+VI = "Xin chào, tôi quên mật khẩu rồi."  # Vietnamese, precomposed (NFC) as typed on Windows
+TH = "สวัสดีครับ ลืมรหัสผ่าน"  # Thai with combining vowel and tone marks
+REPLY_SKIPPED = "Tôi không biết đâu."  # weight 0: a bad first answer kept as context
+REPLY_TRAINED = "Bấm Quên mật khẩu trên trang đăng nhập."
+IM_END = "<|im_end|>"  # SmolLM2's ChatML template closes every turn with it
+
+OPENAI_ROW = {
+    "messages": [
+        {"role": "system", "content": "You are Mai, a polite support agent."},
+        {"role": "user", "content": VI, "name": "lan"},
+        {"role": "assistant", "content": REPLY_SKIPPED, "weight": 0},
+        {"role": "user", "content": "Bạn giúp tôi được không?", "name": "lan"},
+        {"role": "assistant", "content": REPLY_TRAINED, "weight": 1, "name": "mai"},
+    ]
+}
+PLAIN_ROW = {
+    "messages": [
+        {"role": "user", "content": TH},
+        {"role": "assistant", "content": "ไปที่หน้าเข้าสู่ระบบครับ"},
+    ]
+}
+TOOL_ROWS = [
+    {  # OpenAI function calling: an assistant tool call, then the tool's answer
+        "messages": [
+            {"role": "user", "content": "Weather in Hanoi?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Hanoi"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "31C"},
+            {"role": "assistant", "content": "It is 31°C in Hanoi."},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+    },
+    {  # the older function_call form
+        "messages": [
+            {"role": "user", "content": "Time in Bangkok?"},
+            {"role": "assistant", "function_call": {"name": "now", "arguments": "{}"}},
+            {"role": "function", "name": "now", "content": "14:00"},
+            {"role": "assistant", "content": "It is 14:00."},
+        ]
+    },
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- OpenAI format
+
+
+def test_openai_rows_with_weight_and_name_are_read(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "openai.jsonl", [OPENAI_ROW, PLAIN_ROW])
+    report = load_dataset_file(path)
+    assert (report.format, report.valid, report.invalid, report.errors) == ("messages", 2, 0, [])
+    assert report.rows[0]["messages"] == [
+        {"role": "system", "content": "You are Mai, a polite support agent."},
+        {"role": "user", "content": VI},
+        {"role": "assistant", "content": REPLY_SKIPPED, "weight": 0},
+        {"role": "user", "content": "Bạn giúp tôi được không?"},
+        {"role": "assistant", "content": REPLY_TRAINED},
+    ]
+    assert report.rows[1] == PLAIN_ROW  # rows without weights are read as before
+    name_notes = [n for n in report.notes if "'name'" in n]
+    assert len(name_notes) == 1 and "ignored" in name_notes[0]  # one note for the file
+    assert any("1 assistant replies have weight 0" in n for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("weight", "reason"),
+    [(2, "weight must be 0 or 1, got 2"), ("0", "weight must be 0 or 1, got text")],
+)
+def test_a_weight_other_than_0_or_1_is_a_row_error(tmp_path: Path, weight, reason: str) -> None:
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad["messages"][1]["weight"] = weight
+    report = load_dataset_file(write_jsonl(tmp_path / "w.jsonl", [PLAIN_ROW, bad]))
+    assert report.valid == 1
+    assert [(e.line, e.field, e.message) for e in report.errors] == [
+        (2, "messages[1].weight", reason)
+    ]
+
+
+def test_a_row_with_every_reply_at_weight_0_has_nothing_to_train(tmp_path: Path) -> None:
+    row = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo", "weight": 0},
+        ]
+    }
+    report = load_dataset_file(write_jsonl(tmp_path / "w0.jsonl", [PLAIN_ROW, row]))
+    assert report.valid == 1 and [e.line for e in report.errors] == [2]
+    assert "weight 0" in report.errors[0].message
+
+
+def test_tool_call_rows_are_counted_not_errors(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "tools.jsonl", [PLAIN_ROW, *TOOL_ROWS, OPENAI_ROW])
+    report = load_dataset_file(path)
+    assert (report.total, report.valid, report.invalid, report.errors) == (4, 2, 0, [])
+    assert report.tool_rows == [2, 3]
+    assert report.summary()["tool_rows"] == 2
+    tool_notes = [n for n in report.notes if "not supported yet" in n]
+    assert len(tool_notes) == 1 and "2 rows call tools" in tool_notes[0]
+    assert "lines 2, 3" in tool_notes[0]
+
+
+def _trained_runs(tok, input_ids: list[int], labels: list[int]) -> list[str]:
+    """The trained stretches of a row, decoded: what the loss is computed on."""
+    runs: list[list[int]] = []
+    for i, (tid, lab) in enumerate(zip(input_ids, labels, strict=True)):
+        if lab == -100:
+            continue
+        assert lab == tid
+        if runs and labels[i - 1] != -100:
+            runs[-1].append(tid)
+        else:
+            runs.append([tid])
+    return [tok.decode(r) for r in runs]
+
+
+def test_weight_0_replies_are_masked_in_the_labels_the_trainer_sees(
+    tmp_path: Path, tokenizer
+) -> None:
+    """File -> loader -> the run's rows -> tokenize_rows, the path a run takes to its labels."""
+    path = write_jsonl(tmp_path / "openai.jsonl", [OPENAI_ROW])
+    cfg = RunConfig(dataset_path=str(path))
+    rows = load_training_rows(cfg)
+    (weighted,), _ = tokenize_rows(tokenizer, rows, cfg)
+    unweighted = [
+        {"messages": [{k: v for k, v in m.items() if k != "weight"} for m in rows[0]["messages"]]}
+    ]
+    (plain,), _ = tokenize_rows(tokenizer, unweighted, cfg)
+
+    assert weighted["input_ids"] == plain["input_ids"]  # the skipped reply stays in the context
+    assert REPLY_SKIPPED in tokenizer.decode(weighted["input_ids"])
+    assert _trained_runs(tokenizer, **weighted) == [REPLY_TRAINED + IM_END]
+    assert _trained_runs(tokenizer, **plain) == [REPLY_SKIPPED + IM_END, REPLY_TRAINED + IM_END]
+
+
+def test_the_preview_shows_a_weight_0_reply_as_context(tmp_path: Path, tokenizer) -> None:
+    report = load_dataset_file(write_jsonl(tmp_path / "openai.jsonl", [OPENAI_ROW]))
+    segments = preview_row(report.rows[0], tokenizer)
+    trained = [text for text, flag in segments if flag]
+    context = "".join(text for text, flag in segments if not flag)
+    assert trained == [REPLY_TRAINED + IM_END]
+    assert REPLY_SKIPPED in context
+
+
+# --------------------------------------------------------------------------- encodings
+
+TABLE = [("instruction", "output"), (VI, "Bấm Quên mật khẩu."), (TH, "ไปที่หน้าเข้าสู่ระบบ")]
+EXPECTED_TABLE_ROWS = [
+    [{"role": "user", "content": VI}, {"role": "assistant", "content": "Bấm Quên mật khẩu."}],
+    [{"role": "user", "content": TH}, {"role": "assistant", "content": "ไปที่หน้าเข้าสู่ระบบ"}],
+]
+
+
+def _table_text(sep: str) -> str:
+    """The table as Excel writes it: cells with the separator in them quoted, CRLF line ends."""
+    out = io.StringIO()
+    csv.writer(out, delimiter=sep, lineterminator="\r\n").writerows(TABLE)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "sep", "encoding", "bom"),
+    [
+        ("unicode-text.txt", "\t", "utf-16-le", b"\xff\xfe"),  # Excel "Unicode Text"
+        ("csv-utf16.csv", ",", "utf-16-le", b"\xff\xfe"),  # Excel "CSV UTF-16"
+        ("big-endian.tsv", "\t", "utf-16-be", b"\xfe\xff"),
+        ("europe.csv", ";", "utf-8", b"\xef\xbb\xbf"),  # European Excel: ';' and a UTF-8 BOM
+    ],
+)
+def test_excel_exports_are_read(tmp_path: Path, name: str, sep: str, encoding: str, bom: bytes):
+    path = tmp_path / name
+    path.write_bytes(bom + _table_text(sep).encode(encoding))
+    report = load_dataset_file(path)
+    assert (report.file_kind, report.format, report.errors) == ("csv", "alpaca", [])
+    assert [r["messages"] for r in report.rows] == EXPECTED_TABLE_ROWS
+    assert report.row_numbers == [2, 3]
+
+
+def test_a_utf16_jsonl_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "notepad.jsonl"
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in (PLAIN_ROW, OPENAI_ROW))
+    path.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    report = load_dataset_file(path)
+    assert report.valid == 2 and report.rows[0] == PLAIN_ROW
+
+
+VI_CP1258 = "Tiếng Việt có dấu: người dùng quên mật khẩu"
+
+
+def _cp1258(text: str) -> bytes:
+    """How Vietnamese Windows stores text: a toned letter as its base letter (â, ơ... have
+    codes) followed by a combining tone mark, in code page 1258."""
+    tones = "\u0300\u0301\u0303\u0309\u0323"  # grave, acute, tilde, hook above, dot below
+    out = []
+    for ch in text:
+        parts = unicodedata.normalize("NFD", ch)
+        base = unicodedata.normalize("NFC", "".join(c for c in parts if c not in tones))
+        out.append(base + "".join(c for c in parts if c in tones))
+    return "".join(out).encode("cp1258")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        (
+            "vi.csv",
+            b"instruction,output\r\n" + _cp1258(VI_CP1258) + b",ok\r\n",
+            "Windows-1258 (Vietnamese)",
+        ),
+        (
+            "vi.jsonl",
+            json.dumps(PLAIN_ROW).encode() + b"\n"
+            + b'{"instruction": "' + _cp1258(VI_CP1258) + b'", "output": "ok"}\n',
+            "Windows-1258 (Vietnamese)",
+        ),
+        (
+            "fr.csv",
+            "instruction,output\r\nQu'est-ce qu'un modèle ? Où ça ?,Très bien\r\n".encode("cp1252"),
+            "Windows-1252 (Western European)",
+        ),
+    ],
+    ids=["cp1258-csv", "cp1258-jsonl", "cp1252-csv"],
+)  # fmt: skip
+def test_a_legacy_code_page_is_refused_naming_it(
+    tmp_path: Path, name: str, content: bytes, named: str
+) -> None:
+    """Never a silent misread: the file is refused, the message names the code page it looks
+    like and says how to save it as UTF-8."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert content.decode("cp1252", errors="replace")  # it would "decode" as something
+    with pytest.raises(DatasetError) as info:
+        load_dataset_file(path)
+    msg = str(info.value)
+    assert "not UTF-8" in msg and named in msg and "line 2" in msg
+    assert "CSV UTF-8" in msg and len(msg) < 600
+
+
+# --------------------------------------------------------------------------- CSVs for Excel
+
+
+def test_the_batch_compare_csv_opens_right_in_excel(tmp_path: Path) -> None:
+    from studio.chat.evaluate import CSV_COLUMNS, write_csv
+
+    row = {**dict.fromkeys(CSV_COLUMNS, ""), "prompt": VI, "base": TH, "fine_tuned": "Được ạ"}
+    path = write_csv([row], tmp_path)
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")  # the BOM Excel needs to read UTF-8
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert (back[0]["prompt"], back[0]["base"], back[0]["fine_tuned"]) == (VI, TH, "Được ạ")
+    assert write_csv([row], tmp_path) != path  # a second save is a new file
+
+
+def test_the_shared_csv_writer_round_trips_through_the_dataset_reader(tmp_path: Path) -> None:
+    from studio.data.table import write_csv
+
+    rows = [dict(zip(TABLE[0], cells, strict=True)) for cells in TABLE[1:]]
+    path = write_csv(tmp_path / "out.csv", list(TABLE[0]), rows)
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [r["messages"] for r in load_dataset_file(path).rows] == EXPECTED_TABLE_ROWS
+    with pytest.raises(FileExistsError):
+        write_csv(path, list(TABLE[0]), rows)  # never overwrites
+
+
+def test_every_csv_the_studio_writes_goes_through_the_one_writer() -> None:
+    """A new CSV writer elsewhere would forget the BOM: keep them all in data/table.py."""
+    studio = Path(__file__).resolve().parents[1] / "studio"
+    writer = re.compile(r"\bcsv\.(writer|DictWriter)\b|\.to_csv\(")
+    found = [
+        str(f.relative_to(studio))
+        for f in studio.rglob("*.py")
+        if writer.search(f.read_text(encoding="utf-8"))
+    ]
+    assert found == ["data/table.py"]
