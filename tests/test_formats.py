@@ -221,6 +221,39 @@ def test_a_utf16_jsonl_file_is_read(tmp_path: Path) -> None:
     assert report.valid == 2 and report.rows[0] == PLAIN_ROW
 
 
+def test_utf16_table_columns_are_offered_for_mapping(tmp_path: Path) -> None:
+    """The Dataset tab's column-mapping controls read the header of a UTF-16 table too."""
+    from studio.data.table import table_columns
+
+    path = tmp_path / "unicode-text.txt"
+    header = "câu hỏi\ttrả lời\tghi chú\r\n"
+    path.write_bytes(b"\xff\xfe" + (header + "a\tb\tc\r\n").encode("utf-16-le"))
+    assert table_columns(path) == ["câu hỏi", "trả lời", "ghi chú"]
+
+
+def test_a_huge_utf16_file_is_refused_before_it_is_read_whole(tmp_path: Path) -> None:
+    from studio.data.read import MAX_WIDE_BYTES
+
+    path = tmp_path / "huge.txt"
+    path.write_bytes(b"\xff\xfe" + _table_text("\t").encode("utf-16-le") * 2000)
+    with path.open("r+b") as f:
+        f.truncate(MAX_WIDE_BYTES)  # sparse: nothing more is written to disk
+    with pytest.raises(DatasetError, match=r"UTF-16 text of 128 MB.*Save it as UTF-8"):
+        load_dataset_file(path)
+
+
+def test_a_utf16_prompt_file_loads_in_chat(tmp_path: Path) -> None:
+    """Notepad's "Unicode" .txt, one prompt per line, for Chat's batch comparison."""
+    from studio.chat.evaluate import load_prompt_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"\xff\xfe" + f"{VI}\r\n\r\n{TH}\r\n".encode("utf-16-le"))
+    assert [item.messages for item in load_prompt_file(path)] == [
+        [{"role": "user", "content": VI}],
+        [{"role": "user", "content": TH}],
+    ]
+
+
 VI_CP1258 = "Tiếng Việt có dấu: người dùng quên mật khẩu"
 
 
@@ -309,3 +342,40 @@ def test_every_csv_the_studio_writes_goes_through_the_one_writer() -> None:
         if writer.search(f.read_text(encoding="utf-8"))
     ]
     assert found == ["data/table.py"]
+
+
+# --------------------------------------------------------------------------- in the browser
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_dataset_tab_reads_openai_rows_and_previews_a_weight_0_reply_as_context(
+    start_app, page, tmp_path: Path, embedded_model
+) -> None:
+    """Upload an OpenAI-format file: the counts and notes show, and the preview leaves the
+    weight-0 reply unhighlighted (context) while the weight-1 reply is highlighted (trained)."""
+    from playwright.sync_api import expect
+
+    path = write_jsonl(tmp_path / "openai-vi.jsonl", [OPENAI_ROW, TOOL_ROWS[0], PLAIN_ROW])
+    app = start_app()
+    page.goto(app.url)
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(path))
+    status = page.locator("#dataset-status")
+    expect(status).to_contain_text("2 of 3 rows usable", timeout=120_000)
+    summary = page.locator("#dataset-summary")
+    expect(summary).to_contain_text("1 rows call tools")
+    expect(summary).to_contain_text("not supported yet")
+    expect(summary).to_contain_text("'name': it is ignored")
+    expect(summary).to_contain_text("1 assistant replies have weight 0")
+
+    page.get_by_role("button", name="Show preview", exact=True).click()
+    expect(page.locator("#dataset-preview-info")).to_contain_text(
+        "1 reply has weight 0", timeout=120_000
+    )
+    preview = page.locator("#dataset-preview")
+    expect(preview).to_contain_text(REPLY_SKIPPED)
+    trained = "".join(preview.locator(".token.highlighted .text").all_inner_texts())
+    context = "".join(preview.locator(".text.unlabeled").all_inner_texts())
+    assert REPLY_TRAINED in trained and REPLY_SKIPPED not in trained
+    assert REPLY_SKIPPED in context and VI in context
+    assert "Traceback" not in page.content()

@@ -382,13 +382,14 @@ def load_prompt_file(path: str | Path, limit: int | None = None) -> list[BatchIt
 
 
 def _text_items(path: Path) -> list[BatchItem]:
-    """One prompt per non-blank line of a UTF-8 text file, read a line at a time through the
-    dataset reader's line reader, so a huge line is refused rather than read whole."""
-    from studio.data.read import decode_line, read_lines
+    """One prompt per non-blank line of a UTF-8 (or UTF-16 with BOM) text file, read a line at
+    a time through the dataset reader's line reader, so a huge line is refused rather than
+    read whole."""
+    from studio.data.read import decode_line, open_utf8, read_lines
 
     items: list[BatchItem] = []
     try:
-        with path.open("rb") as f:
+        with open_utf8(path) as f:
             for n, raw in enumerate(read_lines(f, path), start=1):
                 if b"\x00" in raw:
                     raise ChatError(f"{path}: line {n} holds NUL bytes: not a text file")

@@ -37,6 +37,9 @@ MAX_LINE_BYTES = 8 * 1024 * 1024
 # from this size on ask for .jsonl, which streams.
 MAX_JSON_BYTES = 512 * 1024 * 1024
 SNIFF_BYTES = 64 * 1024
+# UTF-16/32 text is decoded whole (bytes, text and UTF-8 copy: ~3x in memory); spreadsheet
+# exports are far smaller, and a bigger file is asked for in UTF-8, which streams.
+MAX_WIDE_BYTES = 128 * 1024 * 1024
 EXPECTED = (
     "Expected a fine-tuning dataset: .jsonl (one JSON object per line), .json (an array of rows),"
     " .csv or .parquet, in UTF-8 (or UTF-16 with a BOM), with rows in chat 'messages', ShareGPT"
@@ -151,11 +154,11 @@ def open_utf8(path: Path) -> BinaryIO:
     if encoding is None:
         return f
     with f:
-        if path.stat().st_size >= MAX_JSON_BYTES:
+        size = path.stat().st_size
+        if size >= MAX_WIDE_BYTES:
             raise DatasetError(
-                f"{path.name} is {encoding.upper()} text of {path.stat().st_size / 2**20:,.0f}"
-                f" MB, which is read whole; the limit is {MAX_JSON_BYTES // 2**20} MB."
-                f" {SAVE_AS_UTF8}"
+                f"{path.name} is {encoding.upper()} text of {size / 2**20:,.0f} MB, which is"
+                f" read whole; the limit is {MAX_WIDE_BYTES // 2**20} MB. {SAVE_AS_UTF8}"
             )
         text = _decode_wide(f.read(), encoding, path)
     return io.BytesIO(text.encode("utf-8"))
