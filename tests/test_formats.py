@@ -179,6 +179,30 @@ def test_the_preview_shows_a_weight_0_reply_as_context(tmp_path: Path, tokenizer
     assert REPLY_SKIPPED in context
 
 
+def test_a_last_reply_at_weight_0_gets_no_trained_eos(tokenizer) -> None:
+    """A template that writes no end-of-turn marker gets EOS appended after a trained last
+    reply; after a weight-0 last reply nothing is appended, and the Dataset tab's token count
+    still equals what training tokenizes."""
+    import copy
+
+    from studio.data.chat_format import tokenize_conversation
+    from studio.data.tokens import token_lengths
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you.", "weight": 0},
+    ]
+    tc = tokenize_conversation(tok, messages)
+    assert tc.input_ids[-1] != tok.eos_token_id
+    trained = [i for i, m in zip(tc.input_ids, tc.assistant_mask, strict=True) if m]
+    assert tok.decode(trained).strip() == "Hello there."  # BPE glues the space before it
+    assert token_lengths([{"messages": messages}], tok) == [len(tc.input_ids)]
+
+
 # --------------------------------------------------------------------------- encodings
 
 TABLE = [("instruction", "output"), (VI, "Bấm Quên mật khẩu."), (TH, "ไปที่หน้าเข้าสู่ระบบ")]
