@@ -201,6 +201,10 @@ def test_a_last_reply_at_weight_0_gets_no_trained_eos(tokenizer) -> None:
     trained = [i for i, m in zip(tc.input_ids, tc.assistant_mask, strict=True) if m]
     assert tok.decode(trained).strip() == "Hello there."  # BPE glues the space before it
     assert token_lengths([{"messages": messages}], tok) == [len(tc.input_ids)]
+    messages[-1] = {"role": "assistant", "content": "See you."}  # trained: EOS appended
+    tc = tokenize_conversation(tok, messages)
+    assert tc.input_ids[-1] == tok.eos_token_id and tc.assistant_mask[-1] == 1
+    assert token_lengths([{"messages": messages}], tok) == [len(tc.input_ids)]
 
 
 # --------------------------------------------------------------------------- encodings
