@@ -137,6 +137,23 @@ def test_tool_call_rows_are_counted_not_errors(tmp_path: Path) -> None:
     assert "lines 2, 3" in tool_notes[0]
 
 
+def test_empty_tool_fields_do_not_make_a_tool_row(tmp_path: Path) -> None:
+    """Exports write "tool_calls": null on plain replies and "tools": [] on plain rows."""
+    row = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo", "tool_calls": None, "function_call": None},
+        ],
+        "tools": [],
+    }
+    report = load_dataset_file(write_jsonl(tmp_path / "empty-tools.jsonl", [row]))
+    assert (report.valid, report.errors, report.tool_rows) == (1, [], [])
+    assert report.rows[0]["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
+
+
 def _trained_runs(tok, input_ids: list[int], labels: list[int]) -> list[str]:
     """The trained stretches of a row, decoded: what the loss is computed on."""
     runs: list[list[int]] = []

@@ -64,7 +64,7 @@ def tool_use(rec: Any, fmt: str) -> str | None:
     """What makes this row a tool-calling conversation (e.g. "tool_calls"), or None."""
     if fmt != "alpaca" and isinstance(rec, dict):
         for key in _TOOL_ROW_KEYS:
-            if key in rec:
+            if rec.get(key):
                 return key
     role_key = "role" if fmt == "messages" else "from"
     for turn in _turns(rec, fmt):
@@ -91,7 +91,7 @@ def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems
     if fmt == "alpaca":
         return _normalize_alpaca(rec)
     key = "messages" if fmt == "messages" else "conversations"
-    allowed = {key} | META_KEYS
+    allowed = {key} | META_KEYS | {k for k in _TOOL_ROW_KEYS if not rec.get(k)}  # "tools": []
     problems: Problems = [
         (k, f"unknown key '{k}' (a {fmt} row holds '{key}')") for k in rec if k not in allowed
     ]
@@ -116,9 +116,13 @@ def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Mess
     if not isinstance(turn, dict):
         problems.append((where, f"expected an object, got {json_type(turn)}"))
         return None
-    known_keys = {role_key, text_key, WEIGHT_KEY, *DROPPED_TURN_KEYS}
+    known_keys = {role_key, text_key, WEIGHT_KEY, *DROPPED_TURN_KEYS, *_TOOL_TURN_KEYS}
     extra = [k for k in turn if k not in known_keys]
     problems += [(where, f"unknown key '{k}' (expected {role_key}, {text_key})") for k in extra]
+    # Exports write "tool_calls": null on plain replies; a real tool call is not supported yet.
+    problems += [
+        (where, f"{k}: tool calls are not supported yet") for k in _TOOL_TURN_KEYS if turn.get(k)
+    ]
     weight = turn.get(WEIGHT_KEY)
     if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
         shown = repr(weight) if isinstance(weight, int | float) else json_type(weight)
