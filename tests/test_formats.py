@@ -100,6 +100,34 @@ def test_openai_rows_with_weight_and_name_are_read(tmp_path: Path) -> None:
     assert any("1 assistant replies have weight 0" in n for n in report.notes)
 
 
+def test_openai_rows_in_parquet_read_with_nulls_for_unset_keys(tmp_path: Path) -> None:
+    """A table gives every message every key, null where a row left it out (Parquet files,
+    hub datasets): a null weight trains, a null name makes no note."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    weighted = {
+        "messages": [
+            {"role": "user", "content": "Hi", "weight": None},
+            {"role": "assistant", "content": "Wrong.", "weight": 0},
+            {"role": "user", "content": "Again?", "weight": None},
+            {"role": "assistant", "content": "Right.", "weight": 1},
+        ]
+    }
+    path = tmp_path / "weights.parquet"
+    pq.write_table(pa.Table.from_pylist([PLAIN_ROW, weighted]), path)
+    report = load_dataset_file(path)
+    assert (report.valid, report.errors) == (2, [])
+    assert report.rows[0] == PLAIN_ROW
+    assert [m.get("weight") for m in report.rows[1]["messages"]] == [None, 0, None, None]
+    assert not [n for n in report.notes if "'name'" in n]
+
+    named = tmp_path / "named.parquet"
+    pq.write_table(pa.Table.from_pylist([PLAIN_ROW, OPENAI_ROW]), named)
+    report = load_dataset_file(named)
+    assert report.valid == 2 and len([n for n in report.notes if "'name'" in n]) == 1
+
+
 @pytest.mark.parametrize(
     ("weight", "reason"),
     [(2, "weight must be 0 or 1, got 2"), ("0", "weight must be 0 or 1, got text")],

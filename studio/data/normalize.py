@@ -80,8 +80,10 @@ def tool_use(rec: Any, fmt: str) -> str | None:
 
 
 def dropped_keys(rec: Any, fmt: str) -> set[str]:
-    """Turn keys this row holds that are read and dropped (`name`), for one note per file."""
-    return {k for t in _turns(rec, fmt) if isinstance(t, dict) for k in DROPPED_TURN_KEYS if k in t}
+    """Turn keys with a value in this row that are read and dropped (`name`), for one note per
+    file. A table (Parquet, a hub dataset) gives every turn every key, null where unset."""
+    turns = [t for t in _turns(rec, fmt) if isinstance(t, dict)]
+    return {k for t in turns for k in DROPPED_TURN_KEYS if t.get(k) is not None}
 
 
 def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems]:
