@@ -108,7 +108,7 @@ def test_openai_rows_in_parquet_read_with_nulls_for_unset_keys(tmp_path: Path) -
 
     weighted = {
         "messages": [
-            {"role": "user", "content": "Hi", "weight": None},
+            {"role": "user", "content": "Hi", "weight": None, "name": None},
             {"role": "assistant", "content": "Wrong.", "weight": 0},
             {"role": "user", "content": "Again?", "weight": None},
             {"role": "assistant", "content": "Right.", "weight": 1},
