@@ -128,6 +128,14 @@ def test_openai_rows_in_parquet_read_with_nulls_for_unset_keys(tmp_path: Path) -
     assert report.valid == 2 and len([n for n in report.notes if "'name'" in n]) == 1
 
 
+def test_the_row_browser_marks_a_weight_0_reply(tmp_path: Path) -> None:
+    from studio.data.search import search_rows
+
+    report = load_dataset_file(write_jsonl(tmp_path / "openai.jsonl", [OPENAI_ROW]))
+    (item,) = search_rows(report.rows, report.row_numbers, max_chars=1000)["items"]
+    assert item["assistant"] == f"(weight 0, not trained) {REPLY_SKIPPED}\n---\n{REPLY_TRAINED}"
+
+
 @pytest.mark.parametrize(
     ("weight", "reason"),
     [(2, "weight must be 0 or 1, got 2"), ("0", "weight must be 0 or 1, got text")],
