@@ -126,7 +126,7 @@ def _looks_like_jsonl(text: bytes) -> bool:
 
 
 def wide_encoding(head: bytes) -> str | None:
-    """ "utf-16" or "utf-32" for text that starts with that byte-order mark, else None."""
+    """The wide encoding (utf-16, utf-32) whose byte-order mark starts `head`, else None."""
     return next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
 
 
@@ -225,9 +225,10 @@ def not_utf8(path: Path, raw: bytes, line_no: int, pos: int) -> DatasetError:
     wrong one would read without error into wrong text (cp1258's tone mark 0xD2 is 'Ò' in
     cp1252)."""
     bad = raw[pos : pos + 1].hex()
+    found = guess_code_page(raw[max(0, pos - 4096) : pos + 4096])  # a minified .json is one line
     return DatasetError(
         f"{path.name} is not UTF-8 text: line {line_no} has the byte 0x{bad} at position"
-        f" {pos + 1}. It looks like {guess_code_page(raw)}, which the studio does not guess"
+        f" {pos + 1}. It looks like {found}, which the studio does not guess"
         f" at (a wrong code page reads into wrong letters). {SAVE_AS_UTF8}"
     )
 
