@@ -136,6 +136,19 @@ def test_the_row_browser_marks_a_weight_0_reply(tmp_path: Path) -> None:
     assert item["assistant"] == f"(weight 0, not trained) {REPLY_SKIPPED}\n---\n{REPLY_TRAINED}"
 
 
+def test_the_json_check_reads_only_trained_replies(tmp_path: Path) -> None:
+    row = {
+        "messages": [
+            {"role": "user", "content": "Order 7 status?"},
+            {"role": "assistant", "content": "It is on its way.", "weight": 0},
+            {"role": "user", "content": "As JSON please."},
+            {"role": "assistant", "content": '{"order": 7, "status": "shipped"}'},
+        ]
+    }
+    report = load_dataset_file(write_jsonl(tmp_path / "j.jsonl", [row]), json_check=True)
+    assert (report.json_check["passed"], report.json_check["failed"]) == (1, 0)
+
+
 @pytest.mark.parametrize(
     ("weight", "reason"),
     [(2, "weight must be 0 or 1, got 2"), ("0", "weight must be 0 or 1, got text")],

@@ -321,13 +321,14 @@ def _turn_stats(counts: Counter[int]) -> dict[str, Any]:
 
 
 def check_json_replies(rows: list[Row], row_numbers: list[int] | None = None) -> dict[str, Any]:
-    """Which rows have an assistant reply that does not parse as JSON (for JSON-output tasks)."""
+    """Which rows have a trained assistant reply that does not parse as JSON (for JSON-output
+    tasks); a weight-0 reply is context, which the model does not learn to write."""
     numbers = row_numbers or list(range(1, len(rows) + 1))
     failed: list[int] = []
     examples: list[dict[str, Any]] = []
     for line, row in zip(numbers, rows, strict=True):
         for m in row["messages"]:
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or m.get(WEIGHT_KEY) == 0:
                 continue
             try:
                 json.loads(m["content"])
