@@ -236,6 +236,22 @@ def test_weight_0_replies_are_masked_in_the_labels_the_trainer_sees(
     assert _trained_runs(tokenizer, **plain) == [REPLY_SKIPPED + IM_END, REPLY_TRAINED + IM_END]
 
 
+def test_weight_0_replies_stay_out_of_the_loss_when_every_token_trains(
+    tmp_path: Path, tokenizer
+) -> None:
+    """Loss on every token (assistant_only_loss off) trains the prompts too, but a weight-0
+    reply is the user's explicit "do not learn this": its tokens stay masked."""
+    path = write_jsonl(tmp_path / "openai.jsonl", [OPENAI_ROW])
+    cfg = RunConfig(dataset_path=str(path), assistant_only_loss=False)
+    (row,), _ = tokenize_rows(tokenizer, load_training_rows(cfg), cfg)
+    runs = _trained_runs(tokenizer, **row)
+    assert len(runs) == 2
+    assert runs[0].endswith("<|im_start|>assistant\n") and VI in runs[0]  # the prompt trains
+    assert runs[1].startswith("\n<|im_start|>user\nBạn giúp tôi")  # from the end of the skip
+    assert runs[1].endswith(REPLY_TRAINED + IM_END + "\n")
+    assert REPLY_SKIPPED not in "".join(runs)
+
+
 def test_the_preview_shows_a_weight_0_reply_as_context(tmp_path: Path, tokenizer) -> None:
     report = load_dataset_file(write_jsonl(tmp_path / "openai.jsonl", [OPENAI_ROW]))
     segments = preview_row(report.rows[0], tokenizer)
