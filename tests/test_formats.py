@@ -97,7 +97,7 @@ def test_openai_rows_with_weight_and_name_are_read(tmp_path: Path) -> None:
     assert report.rows[1] == PLAIN_ROW  # rows without weights are read as before
     name_notes = [n for n in report.notes if "'name'" in n]
     assert len(name_notes) == 1 and "ignored" in name_notes[0]  # one note for the file
-    assert any("1 assistant replies have weight 0" in n for n in report.notes)
+    assert any("1 assistant reply has weight 0" in n for n in report.notes)
 
 
 def test_openai_rows_in_parquet_read_with_nulls_for_unset_keys(tmp_path: Path) -> None:
@@ -473,10 +473,10 @@ def test_dataset_tab_reads_openai_rows_and_previews_a_weight_0_reply_as_context(
     status = page.locator("#dataset-status")
     expect(status).to_contain_text("2 of 3 rows usable", timeout=120_000)
     summary = page.locator("#dataset-summary")
-    expect(summary).to_contain_text("1 rows call tools")
+    expect(summary).to_contain_text("1 row calls tools")
     expect(summary).to_contain_text("not supported yet")
     expect(summary).to_contain_text("'name': it is ignored")
-    expect(summary).to_contain_text("1 assistant replies have weight 0")
+    expect(summary).to_contain_text("1 assistant reply has weight 0")
 
     page.get_by_role("button", name="Show preview", exact=True).click()
     expect(page.locator("#dataset-preview-info")).to_contain_text(

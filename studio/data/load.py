@@ -203,10 +203,11 @@ def _notes(report: DatasetReport, dropped: set[str]) -> list[str]:
         shown = ", ".join(map(str, report.tool_rows[:10])) + (
             ", …" if len(report.tool_rows) > 10 else ""
         )
+        n = len(report.tool_rows)
         notes.append(
-            f"{len(report.tool_rows):,} rows call tools (tool_calls, role 'tool' or"
-            f" function_call): tool use is not supported yet, so they are left out"
-            f" ({report.unit}s {shown})."
+            f"{n:,} {'row calls' if n == 1 else 'rows call'} tools (tool_calls, role 'tool' or"
+            f" function_call): tool use is not supported yet, so"
+            f" {'it is' if n == 1 else 'they are'} left out ({report.unit}s {shown})."
         )
     if "name" in dropped:
         notes.append(
@@ -215,9 +216,9 @@ def _notes(report: DatasetReport, dropped: set[str]) -> list[str]:
         )
     unweighted = sum(m.get(WEIGHT_KEY) == 0 for row in report.rows for m in row["messages"])
     if unweighted:
+        replies = "assistant reply has" if unweighted == 1 else "assistant replies have"
         notes.append(
-            f"{unweighted:,} assistant replies have weight 0: they stay in the conversation as"
-            " context and are not trained."
+            f"{unweighted:,} {replies} weight 0: context in the conversation, not trained."
         )
     return notes
 
