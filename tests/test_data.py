@@ -225,9 +225,9 @@ def test_each_row_error_names_its_line(tmp_path: Path) -> None:
 
 
 def test_sharegpt_unknown_role_and_alpaca_types(tmp_path: Path) -> None:
-    rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "x"}]}]
+    rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "x"}]}]
     report = load_dataset_file(write_jsonl(tmp_path / "s.jsonl", rows))
-    assert "unknown role 'tool'" in str(report.errors[0])
+    assert "unknown role 'bot'" in str(report.errors[0])
     assert "expected human, gpt or system" in str(report.errors[0])
     rows = [{"instruction": "q", "output": {"a": 1}}, {"instruction": "q", "output": "fine"}]
     report = load_dataset_file(write_jsonl(tmp_path / "a.jsonl", rows))
@@ -301,7 +301,7 @@ def test_thai_and_vietnamese_round_trip(tmp_path: Path) -> None:
     [
         ("img.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "binary"),
         ("latin1.jsonl", '{"messages": []}\n{"x": "café"}\n'.encode("latin-1"), "not UTF-8"),
-        ("utf16.json", '[{"a": 1}]'.encode("utf-16"), "UTF-16"),
+        ("utf16.json", b"\xff\xfe[\x00\x00\xd8]\x00", "not valid UTF-16"),  # a lone surrogate
         ("empty.jsonl", b"", "empty"),
         ("blank.json", b"  \n\r\n ", "empty"),
         ("prose.jsonl", b"Dear diary,\ntoday I trained a model.\n", "not JSON"),
@@ -331,7 +331,7 @@ def test_not_a_dataset_gets_one_clear_message(
 def test_undecodable_text_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(json.dumps(chat()).encode() + b"\n" + b'{"messages": "caf\xe9"}\n')
-    with pytest.raises(DatasetError, match=r"line 2 has the byte 0xe9.*Save the file as UTF-8"):
+    with pytest.raises(DatasetError, match=r"line 2 has the byte 0xe9.*Save it as UTF-8"):
         load_dataset_file(path)
 
 

@@ -13,7 +13,6 @@ there is one parser for every dataset file; only the mapping of a row to a promp
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import random
@@ -37,6 +36,7 @@ from studio.chat.engine import (
 )
 from studio.data import load as data_load
 from studio.data.normalize import ROLES, SHAREGPT_ROLES
+from studio.data.table import write_csv as write_table_csv
 from studio.runs import read_json
 
 VOTES = ("A", "B", "tie")
@@ -382,13 +382,14 @@ def load_prompt_file(path: str | Path, limit: int | None = None) -> list[BatchIt
 
 
 def _text_items(path: Path) -> list[BatchItem]:
-    """One prompt per non-blank line of a UTF-8 text file, read a line at a time through the
-    dataset reader's line reader, so a huge line is refused rather than read whole."""
-    from studio.data.read import decode_line, read_lines
+    """One prompt per non-blank line of a UTF-8 (or UTF-16 with BOM) text file, read a line at
+    a time through the dataset reader's line reader, so a huge line is refused rather than
+    read whole."""
+    from studio.data.read import decode_line, open_utf8, read_lines
 
     items: list[BatchItem] = []
     try:
-        with path.open("rb") as f:
+        with open_utf8(path) as f:
             for n, raw in enumerate(read_lines(f, path), start=1):
                 if b"\x00" in raw:
                     raise ChatError(f"{path}: line {n} holds NUL bytes: not a text file")
@@ -499,15 +500,11 @@ def _timestamped(out_dir: Path, stem: str, suffix: str) -> Path:
 
 
 def write_csv(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
-    """Save compare rows as a new `compare-<timestamp>.csv` (never overwriting one)."""
+    """Save compare rows as a new `compare-<timestamp>.csv` (never overwriting one), UTF-8
+    with a BOM so Excel shows Vietnamese and Thai answers right."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = _timestamped(out, "compare", ".csv")
-    with path.open("x", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_table_csv(_timestamped(out, "compare", ".csv"), CSV_COLUMNS, rows)
 
 
 PROMPTS_PER_CALL = 8  # prompts per generate call: 16 rows (both sides), modest padding and KV

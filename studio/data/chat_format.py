@@ -8,15 +8,18 @@ end-of-turn marker the template writes after it (`<|im_end|>`, `<|eot_id|>`, `<e
 the tokenizer's vocabulary: it is what generation must learn to emit so the model stops (the
 pad == eos pitfall: that token must be trained). What a template does is measured once per
 template string and cached, so tokenizing thousands of rows stays fast.
+
+A reply with `"weight": 0` (OpenAI's fine-tuning format: context, not a target) is rendered
+like any other and masked like the user turns, so the model reads it but does not learn it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content, and "weight": 0 on a reply that is not trained
 
 # Probe contents: plain words no template rewrites, unlikely to occur in template text.
 _PROBE_SYSTEM = "Zqx probe system rule"
@@ -49,6 +52,9 @@ class TokenizedConversation:
     assistant_mask: list[int]
     text: str
     truncated: bool
+    # 1 for the tokens of a weight-0 reply, kept out of the loss even when every token trains
+    # (assistant_only_loss off); empty when the conversation has none.
+    context_mask: list[int] = field(default_factory=list)
 
     @property
     def trained_tokens(self) -> int:
@@ -74,6 +80,8 @@ def _apply(tokenizer: Any, messages: list[Message], add_generation_prompt: bool)
             "this tokenizer has no chat template; pick an instruct/chat model or one with "
             "chat_template.jinja in its folder"
         )
+    if any("weight" in m for m in messages):  # ours, not the template's
+        messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     try:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -223,18 +231,23 @@ def _system_comes_first(text: str, rest: list[Message], system_end: int) -> bool
     return nxt is None or _find(text, nxt.get("content") or "", system_end) is not None
 
 
-def _locate(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]], bool]:
+Span = tuple[int, int]
+
+
+def _locate(tokenizer: Any, messages: list[Message]) -> tuple[str, list[Span], list[Span], bool]:
     """Render once and find each message's content in order, each search starting after the
     previous one (so a reply quoted in a user turn is not taken for the reply).
 
-    Returns the text, the spans of the assistant replies (through their marker) and whether
-    the conversation ends with a reply the template left without a marker.
+    Returns the text, the spans of the trained assistant replies (through their marker), the
+    spans of the weight-0 replies (context, never trained) and whether the conversation ends
+    with a trained reply the template left without a marker.
     """
     traits = template_traits(tokenizer)
     msgs = _fold_system(messages) if traits.folds_system else messages
     text = _apply(tokenizer, msgs, False)
     closer = traits.marker or tokenizer.eos_token
-    spans: list[tuple[int, int]] = []
+    spans: list[Span] = []
+    skipped: list[Span] = []
     cursor, closed = 0, True
     for i, msg in enumerate(msgs):
         role, found = msg.get("role"), _find(text, msg.get("content") or "", cursor)
@@ -248,20 +261,22 @@ def _locate(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[in
                     " cannot be located for the loss"
                 )
             end, closed = _close(text, found[1], closer)
-            spans.append((found[0], end))
+            (skipped if msg.get("weight") == 0 else spans).append((found[0], end))
             cursor = end
         elif found is not None:
             cursor = found[1]
-    return text, spans, bool(msgs) and msgs[-1].get("role") == "assistant" and not closed
+    last = msgs[-1] if msgs else {}
+    open_end = last.get("role") == "assistant" and last.get("weight") != 0 and not closed
+    return text, spans, skipped, open_end
 
 
 def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation and return the character spans of each assistant turn.
+    """Render the conversation and return the character spans of each trained assistant turn.
 
     A span runs from the first character of the reply to the end of the end-of-turn marker
     the template writes after it; the newline a template puts after that marker is not trained.
     """
-    text, spans, _ = _locate(tokenizer, messages)
+    text, spans, _, _ = _locate(tokenizer, messages)
     return text, spans
 
 
@@ -286,20 +301,23 @@ def tokenize_conversation(
     """Token ids and the assistant mask of one conversation, truncated to max_length.
 
     When a template does not write an end-of-turn marker after the last reply, the
-    tokenizer's EOS is appended and trained, so the tuned model learns to stop.
+    tokenizer's EOS is appended and trained, so the tuned model learns to stop (unless that
+    reply has weight 0: then nothing of it is trained).
     """
-    text, spans, open_end = _locate(tokenizer, messages)
+    text, spans, skipped, open_end = _locate(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     mask = _mask(enc["offset_mapping"], spans)
+    context = _mask(enc["offset_mapping"], skipped) if skipped else []
     eos_id = tokenizer.eos_token_id
     if open_end and eos_id is not None:
         ids.append(eos_id)
         mask.append(1)
+        context += [0] if context else []
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
-        ids, mask = ids[:max_length], mask[:max_length]
-    return TokenizedConversation(ids, mask, text, truncated)
+        ids, mask, context = ids[:max_length], mask[:max_length], context[:max_length]
+    return TokenizedConversation(ids, mask, text, truncated, context)
 
 
 def template_hash(tokenizer: Any) -> str:

@@ -11,15 +11,17 @@ files all read through `read_records` / `load_dataset_file`. Where each step liv
   files a run trains from, the Dataset tab's row search.
 
 Files: `.jsonl`, `.json` (an array of rows, or an object holding one), `.csv`/`.tsv` and
-`.parquet`; UTF-8 with or without BOM, LF or CRLF. A bad row is reported with the file's line
-(or row) number and left out; the good rows stay usable.
+`.parquet`; UTF-8 with or without BOM, or UTF-16 with a BOM (Excel's "Unicode Text"), LF or
+CRLF. A bad row is reported with the file's line (or row) number and left out; the good rows
+stay usable. Rows that call tools are counted and left out (not supported yet), and what the
+loader read but does not use (OpenAI's `name`) is one note for the file, not an error per row.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,12 @@ from studio.data import chat_format
 from studio.data.normalize import (
     FORMAT_CHOICES,
     ROLES,
+    WEIGHT_KEY,
     Message,
     Row,
+    dropped_keys,
     normalize_record,
+    tool_use,
 )
 from studio.data.read import (
     DatasetError,
@@ -94,6 +99,8 @@ class DatasetReport:
     unit: str = "line"  # what row_numbers count: "line" of the file, or "row" of a table
     columns: list[str] | None = None  # table columns, for CSV/Parquet
     column_map: dict[str, str | None] | None = None  # Alpaca field -> column used
+    tool_rows: list[int] = field(default_factory=list)  # rows calling tools: left out, counted
+    notes: list[str] = field(default_factory=list)  # what was read but not used, in plain words
 
     @property
     def duplicate_rows(self) -> int:
@@ -110,6 +117,7 @@ class DatasetReport:
             "total": self.total,
             "valid": self.valid,
             "invalid": self.invalid,
+            "tool_rows": len(self.tool_rows),
             "duplicate_groups": len(self.duplicates),
             "duplicate_rows": self.duplicate_rows,
             "roles": dict(self.roles),
@@ -145,9 +153,12 @@ def load_dataset_file(
         records, fmt, used_map = table_records(path, columns, records, fmt, column_map)
     if fmt == "auto":
         fmt = detect_format(path, records)
+    records, tool_rows, dropped = _set_aside(records, fmt)
     errors, good = _validate(records, fmt, tokenizer, unit)
-    report = _report(path, fmt, len(records), errors, good)
+    report = _report(path, fmt, len(records) + len(tool_rows), errors, good)
     report.file_kind, report.unit, report.columns, report.column_map = kind, unit, columns, used_map
+    report.tool_rows = tool_rows
+    report.notes = _notes(report, dropped)
     if json_check:
         report.json_check = check_json_replies(report.rows, report.row_numbers)
     return report
@@ -166,6 +177,50 @@ def read_records(path: str | Path) -> tuple[str, list[str] | None, list[Record]]
         columns, records = read_table(path, kind)
         return kind, columns, records
     return kind, None, read_jsonl(path) if kind == "jsonl" else read_json(path)
+
+
+def _set_aside(records: list[Record], fmt: str) -> tuple[list[Record], list[int], set[str]]:
+    """The records to validate, the lines of rows that call tools (not supported yet: counted,
+    not an error on every row) and the turn keys read but dropped (OpenAI's `name`)."""
+    kept: list[Record] = []
+    tool_rows: list[int] = []
+    dropped: set[str] = set()
+    for record in records:
+        line, rec, err = record
+        if err is None and tool_use(rec, fmt):
+            tool_rows.append(line)
+            continue
+        if err is None:
+            dropped |= dropped_keys(rec, fmt)
+        kept.append(record)
+    return kept, tool_rows, dropped
+
+
+def _notes(report: DatasetReport, dropped: set[str]) -> list[str]:
+    """One plain note per thing the loader read and did not train on as written."""
+    notes: list[str] = []
+    if report.tool_rows:
+        shown = ", ".join(map(str, report.tool_rows[:10])) + (
+            ", …" if len(report.tool_rows) > 10 else ""
+        )
+        n = len(report.tool_rows)
+        notes.append(
+            f"{n:,} {'row calls' if n == 1 else 'rows call'} tools (tool_calls, role 'tool' or"
+            f" function_call): tool use is not supported yet, so"
+            f" {'it is' if n == 1 else 'they are'} left out ({report.unit}s {shown})."
+        )
+    if "name" in dropped:
+        notes.append(
+            "Messages carry a 'name': it is ignored (chat templates do not write who speaks);"
+            " the role and content are trained as usual."
+        )
+    unweighted = sum(m.get(WEIGHT_KEY) == 0 for row in report.rows for m in row["messages"])
+    if unweighted:
+        replies = "assistant reply has" if unweighted == 1 else "assistant replies have"
+        notes.append(
+            f"{unweighted:,} {replies} weight 0: context in the conversation, not trained."
+        )
+    return notes
 
 
 def _validate(
@@ -267,13 +322,14 @@ def _turn_stats(counts: Counter[int]) -> dict[str, Any]:
 
 
 def check_json_replies(rows: list[Row], row_numbers: list[int] | None = None) -> dict[str, Any]:
-    """Which rows have an assistant reply that does not parse as JSON (for JSON-output tasks)."""
+    """Which rows have a trained assistant reply that does not parse as JSON (for JSON-output
+    tasks); a weight-0 reply is context, which the model does not learn to write."""
     numbers = row_numbers or list(range(1, len(rows) + 1))
     failed: list[int] = []
     examples: list[dict[str, Any]] = []
     for line, row in zip(numbers, rows, strict=True):
         for m in row["messages"]:
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or m.get(WEIGHT_KEY) == 0:
                 continue
             try:
                 json.loads(m["content"])

@@ -5,14 +5,17 @@ statistics and the PII scan read. A row that cannot be used comes back as `(fiel
 problems instead, so the loader can report it with its line number and leave it out.
 
 Alpaca: `instruction`, `input`, `output`, optional `system`. ShareGPT: `conversations:
-[{from, value}]`. Chat messages: `messages: [{role, content}]`.
+[{from, value}]`. Chat messages: `messages: [{role, content}]`, including OpenAI's chat
+fine-tuning rows: `weight: 0` on an assistant message keeps it as context only (the message
+then carries `"weight": 0`, and its tokens get no loss), `name` is dropped. Rows that call
+tools are recognised (`tool_use`) so the loader can count them instead of failing each one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content (text); "weight": 0 on a reply not trained
 Row = dict[str, list[Message]]
 Problems = list[tuple[str, str]]  # (field, reason) pairs that make a row unusable
 
@@ -25,6 +28,15 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _SHAREGPT_ALIASES = {"user": "user", "assistant": "assistant"}
 # Row keys that carry bookkeeping, not training text: tolerated and ignored.
 META_KEYS = frozenset({"id", "source", "meta", "metadata", "lang", "language", "tags", "split"})
+# Turn keys of OpenAI's chat fine-tuning format. `weight` 0/1 says whether an assistant
+# message is trained; `name` (who speaks) is written by no chat template, so it is dropped.
+WEIGHT_KEY = "weight"
+DROPPED_TURN_KEYS = frozenset({"name"})
+# What marks a tool-calling row (OpenAI function calling, LLaMA-Factory's ShareGPT tools):
+# not supported yet, so such rows are counted and left out rather than each one an error.
+_TOOL_ROW_KEYS = ("tools", "functions", "parallel_tool_calls")
+_TOOL_TURN_KEYS = ("tool_calls", "function_call", "tool_call_id")
+_TOOL_ROLES = frozenset({"tool", "function", "function_call", "observation", "ipython"})
 
 
 def guess_record_format(rec: Any) -> str | None:
@@ -40,6 +52,40 @@ def guess_record_format(rec: Any) -> str | None:
     return None
 
 
+def _turns(rec: Any, fmt: str) -> list[Any]:
+    """The row's list of turns in a chat format, or [] (Alpaca, or no list there)."""
+    if fmt == "alpaca" or not isinstance(rec, dict):
+        return []
+    turns = rec.get("messages" if fmt == "messages" else "conversations")
+    return turns if isinstance(turns, list) else []
+
+
+def tool_use(rec: Any, fmt: str) -> str | None:
+    """What makes this row a tool-calling conversation (e.g. "tool_calls"), or None."""
+    if fmt != "alpaca" and isinstance(rec, dict):
+        for key in _TOOL_ROW_KEYS:
+            if rec.get(key):
+                return key
+    role_key = "role" if fmt == "messages" else "from"
+    for turn in _turns(rec, fmt):
+        if not isinstance(turn, dict):
+            continue
+        for key in _TOOL_TURN_KEYS:
+            if turn.get(key):
+                return key
+        role = turn.get(role_key)
+        if isinstance(role, str) and role in _TOOL_ROLES:
+            return f"role '{role}'"
+    return None
+
+
+def dropped_keys(rec: Any, fmt: str) -> set[str]:
+    """Turn keys with a value in this row that are read and dropped (`name`), for one note per
+    file. A table (Parquet, a hub dataset) gives every turn every key, null where unset."""
+    turns = [t for t in _turns(rec, fmt) if isinstance(t, dict)]
+    return {k for t in turns for k in DROPPED_TURN_KEYS if t.get(k) is not None}
+
+
 def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems]:
     """One record as chat messages, or the (field, reason) problems that make it unusable."""
     if not isinstance(rec, dict):
@@ -47,7 +93,7 @@ def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems
     if fmt == "alpaca":
         return _normalize_alpaca(rec)
     key = "messages" if fmt == "messages" else "conversations"
-    allowed = {key} | META_KEYS
+    allowed = {key} | META_KEYS | {k for k in _TOOL_ROW_KEYS if not rec.get(k)}  # "tools": []
     problems: Problems = [
         (k, f"unknown key '{k}' (a {fmt} row holds '{key}')") for k in rec if k not in allowed
     ]
@@ -72,8 +118,18 @@ def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Mess
     if not isinstance(turn, dict):
         problems.append((where, f"expected an object, got {json_type(turn)}"))
         return None
-    extra = [k for k in turn if k not in (role_key, text_key)]
+    known_keys = {role_key, text_key, WEIGHT_KEY, *DROPPED_TURN_KEYS, *_TOOL_TURN_KEYS}
+    extra = [k for k in turn if k not in known_keys]
     problems += [(where, f"unknown key '{k}' (expected {role_key}, {text_key})") for k in extra]
+    # Exports write "tool_calls": null on plain replies; a real tool call is not supported yet.
+    problems += [
+        (where, f"{k}: tool calls are not supported yet") for k in _TOOL_TURN_KEYS if turn.get(k)
+    ]
+    weight = turn.get(WEIGHT_KEY)
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        shown = repr(weight) if isinstance(weight, int | float) else json_type(weight)
+        problems.append((f"{where}.{WEIGHT_KEY}", f"weight must be 0 or 1, got {shown}"))
+        return None
     if role_key not in turn:
         problems.append((where, f"missing key '{role_key}'"))
         return None
@@ -99,6 +155,8 @@ def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Mess
     if content is None or not content.strip():
         problems.append((f"{where}.{text_key}", f"empty content in the {role} turn"))
         return None
+    if role == "assistant" and weight == 0:  # context only: kept, not trained
+        return {"role": role, "content": content, WEIGHT_KEY: 0}
     return {"role": role, "content": content}
 
 
@@ -145,6 +203,8 @@ def _check_turns(messages: list[Message], key: str) -> tuple[list[Message] | Non
         problems.append((key, "no user turn"))
     if "assistant" not in roles:
         problems.append((key, "no assistant turn (nothing to train on)"))
+    elif all(m.get(WEIGHT_KEY) == 0 for m in messages if m["role"] == "assistant"):
+        problems.append((key, "every assistant turn has weight 0 (nothing to train on)"))
     return (None, problems) if problems else (messages, [])
 
 

@@ -8,18 +8,26 @@ is not a dataset at all raises one `DatasetError` saying what was expected.
 JSON Lines are split at "\n" only: text written with `ensure_ascii=False` may hold U+2028,
 U+0085 and other characters that `str.splitlines()` would wrongly treat as line ends.
 
+Encodings: UTF-8 (with or without BOM), and UTF-16/UTF-32 with a BOM (Excel's "Unicode Text"
+and "CSV UTF-16"), which is decoded once in memory (`open_utf8`). Text in a legacy code page
+(Windows-1252, Windows-1258 Vietnamese...) is refused with a message naming the code page it
+looks like and how to save it as UTF-8: every byte is some letter in every code page, so a
+wrong guess reads without error into wrong letters, a silent misread; and training reads the
+file again later by its path, so one re-save fixes it for the studio and every other tool.
+
 Also here: the row format most records have, and keeping an uploaded file for later runs.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from studio.data.normalize import guess_record_format
 
@@ -29,13 +37,28 @@ MAX_LINE_BYTES = 8 * 1024 * 1024
 # from this size on ask for .jsonl, which streams.
 MAX_JSON_BYTES = 512 * 1024 * 1024
 SNIFF_BYTES = 64 * 1024
+# UTF-16/32 text is decoded whole (bytes, text and UTF-8 copy: ~3x in memory); spreadsheet
+# exports are far smaller, and a bigger file is asked for in UTF-8, which streams.
+MAX_WIDE_BYTES = 128 * 1024 * 1024
 EXPECTED = (
     "Expected a fine-tuning dataset: .jsonl (one JSON object per line), .json (an array of rows),"
-    " .csv or .parquet, in UTF-8, with rows in chat 'messages', ShareGPT 'conversations' or"
-    " Alpaca 'instruction'/'output' form."
+    " .csv or .parquet, in UTF-8 (or UTF-16 with a BOM), with rows in chat 'messages', ShareGPT"
+    " 'conversations' or Alpaca 'instruction'/'output' form."
 )
 
 Record = tuple[int, Any, str | None]  # (line/row number, parsed value, parse error)
+
+# Byte-order marks of wide Unicode text; UTF-32 LE first, as it starts with UTF-16 LE's mark.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+SAVE_AS_UTF8 = (
+    "Save it as UTF-8 and load it again (Excel: Save As > 'CSV UTF-8 (Comma delimited)';"
+    " Notepad: Save As, Encoding 'UTF-8')."
+)
 
 
 class DatasetError(ValueError):
@@ -55,14 +78,15 @@ def file_kind(path: Path) -> str:
         raise DatasetError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
     name = path.name
     ext = path.suffix.lower()
-    if not head.strip(b" \t\r\n\xef\xbb\xbf"):
-        raise DatasetError(f"{name} is empty. {EXPECTED}")
     if head.startswith(b"PAR1"):
         return "parquet"
     if ext == ".parquet":
         raise DatasetError(f"{name} is named .parquet but is not a Parquet file. {EXPECTED}")
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DatasetError(f"{name} is UTF-16 text. Save it as UTF-8 and load it again.")
+    encoding = wide_encoding(head)
+    if encoding:  # Excel's "Unicode Text": sniff the decoded text
+        head = _decode_wide(head, encoding, path, final=False).encode("utf-8")
+    if not head.strip(b" \t\r\n\xef\xbb\xbf"):
+        raise DatasetError(f"{name} is empty. {EXPECTED}")
     if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf")):
         raise DatasetError(f"{name} is a compressed archive. Unpack it first. {EXPECTED}")
     if b"\x00" in head:
@@ -77,6 +101,8 @@ def file_kind(path: Path) -> str:
         if ext == ".jsonl" or ext == ".ndjson":
             return "jsonl"
         return "jsonl" if _looks_like_jsonl(text) else "json"
+    if ext == ".txt" and b"\t" in text.split(b"\n", 1)[0]:
+        return "csv"  # Excel's "Unicode Text" export: tab-separated, saved as .txt
     if ext in (".json", ".jsonl", ".ndjson"):
         check_decodes(path)
         snippet = text[:60].decode("utf-8", "replace").split("\n")[0].rstrip("\r")
@@ -99,9 +125,48 @@ def _looks_like_jsonl(text: bytes) -> bool:
     return True
 
 
+def wide_encoding(head: bytes) -> str | None:
+    """The wide encoding (utf-16, utf-32) whose byte-order mark starts `head`, else None."""
+    return next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
+
+
+def _decode_wide(raw: bytes, encoding: str, path: Path, final: bool = True) -> str:
+    """UTF-16/32 bytes as text (the BOM consumed); a DatasetError where they do not decode.
+    `final=False` for a file's first bytes, which may end inside a character."""
+    try:
+        return codecs.getincrementaldecoder(encoding)("strict").decode(raw, final=final)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{path.name} starts with a {encoding.upper()} byte-order mark but is not valid"
+            f" {encoding.upper()} text (bad bytes at byte {exc.start}). {SAVE_AS_UTF8}"
+        ) from None
+
+
+def open_utf8(path: Path) -> BinaryIO:
+    """The file's bytes as UTF-8: the file itself, or UTF-16/32 text decoded once in memory.
+
+    Wide text is read whole: Excel's exports are spreadsheet-sized, and the readers then
+    see one encoding, with lines that split at b"\n" as in any UTF-8 file.
+    """
+    f = path.open("rb")
+    encoding = wide_encoding(f.read(4))
+    f.seek(0)
+    if encoding is None:
+        return f
+    with f:
+        size = path.stat().st_size
+        if size >= MAX_WIDE_BYTES:
+            raise DatasetError(
+                f"{path.name} is {encoding.upper()} text of {size / 2**20:,.0f} MB, which is"
+                f" read whole; the limit is {MAX_WIDE_BYTES // 2**20} MB. {SAVE_AS_UTF8}"
+            )
+        text = _decode_wide(f.read(), encoding, path)
+    return io.BytesIO(text.encode("utf-8"))
+
+
 def check_decodes(path: Path) -> None:
     """Raise one clear message for text that is not UTF-8, naming the line."""
-    with path.open("rb") as f:
+    with open_utf8(path) as f:
         for line_no, raw in enumerate(read_lines(f, path), start=1):
             decode_line(raw, path, line_no)
 
@@ -128,18 +193,51 @@ def decode_line(raw: bytes, path: Path, line_no: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad = raw[exc.start : exc.start + 1].hex()
-        raise DatasetError(
-            f"{path.name} is not UTF-8 text: line {line_no} has the byte 0x{bad} at position"
-            f" {exc.start + 1}. Save the file as UTF-8 and load it again."
-        ) from None
+        raise not_utf8(path, raw, line_no, exc.start) from None
+
+
+# Windows-1258 bytes of Vietnamese: the five combining tone marks, and the vowels a tone mark
+# may follow (ASCII, and â ê ô ă ơ ư in either case).
+_CP1258_TONES = frozenset(b"\xcc\xec\xde\xd2\xf2")
+_CP1258_VOWELS = frozenset(b"aeiouyAEIOUY\xe2\xea\xf4\xe3\xf5\xfd\xc2\xca\xd4\xc3\xd5\xdd")
+
+
+def guess_code_page(raw: bytes) -> str:
+    """The legacy code page non-UTF-8 text looks written in, in words, to name in a message.
+
+    Vietnamese Windows text (cp1258) writes tone marks as combining bytes right after a
+    vowel; Western (cp1252) text has those bytes as letters (Ò, ì...) after consonants too.
+    """
+    tones = [i for i, b in enumerate(raw) if b in _CP1258_TONES and i > 0]
+    if tones and sum(raw[i - 1] in _CP1258_VOWELS for i in tones) >= 0.9 * len(tones):
+        return "Windows-1258 (Vietnamese)"
+    try:
+        raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return "a legacy code page, not UTF-8"
+    return "Windows-1252 (Western European)"
+
+
+def not_utf8(path: Path, raw: bytes, line_no: int, pos: int) -> DatasetError:
+    """The error for text that is not UTF-8: where, which code page it looks like, what to do.
+
+    No guess is used to read the file: a code page decodes any byte into some letter, so a
+    wrong one would read without error into wrong text (cp1258's tone mark 0xD2 is 'Ò' in
+    cp1252)."""
+    bad = raw[pos : pos + 1].hex()
+    found = guess_code_page(raw[max(0, pos - 4096) : pos + 4096])  # a minified .json is one line
+    return DatasetError(
+        f"{path.name} is not UTF-8 text: line {line_no} has the byte 0x{bad} at position"
+        f" {pos + 1}. It looks like {found}, which the studio does not guess"
+        f" at (a wrong code page reads into wrong letters). {SAVE_AS_UTF8}"
+    )
 
 
 def read_jsonl(path: Path) -> list[Record]:
     """Each non-blank line parsed as JSON; a line that is not JSON becomes a row error."""
     records: list[Record] = []
     loads = json.loads
-    with path.open("rb") as f:
+    with open_utf8(path) as f:
         for line_no, raw in enumerate(read_lines(f, path), start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -177,15 +275,16 @@ def read_json(path: Path) -> list[Record]:
             f" the limit is {MAX_JSON_BYTES // 2**20} MB. Save it as .jsonl (one row per line),"
             " which is read a line at a time."
         )
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    with open_utf8(path) as f:
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        start = raw.rfind(b"\n", 0, exc.start) + 1
+        end = raw.find(b"\n", exc.start)
+        line = raw[start : end if end >= 0 else len(raw)]
         line_no = raw.count(b"\n", 0, exc.start) + 1
-        raise DatasetError(
-            f"{path.name} is not UTF-8 text: line {line_no} has the byte"
-            f" 0x{raw[exc.start : exc.start + 1].hex()}. Save the file as UTF-8 and load it again."
-        ) from None
+        raise not_utf8(path, line, line_no, exc.start - start) from None
     del raw
     pos = _WS.match(text).end()
     try:

@@ -48,7 +48,14 @@ def search_rows(
                 "turns": sum(m["role"] != "system" for m in msgs),
                 "system": cut([m["content"] for m in msgs if m["role"] == "system"]),
                 "user": cut([m["content"] for m in msgs if m["role"] == "user"]),
-                "assistant": cut([m["content"] for m in msgs if m["role"] == "assistant"]),
+                "assistant": cut([_reply(m) for m in msgs if m["role"] == "assistant"]),
             }
         )
     return {"items": items, "matches": len(hits), "page": page, "pages": pages}
+
+
+def _reply(message: dict[str, Any]) -> str:
+    """A reply as the row browser lists it: a weight-0 reply (context only) says so."""
+    if message.get("weight") == 0:
+        return f"(weight 0, not trained) {message['content']}"
+    return message["content"]

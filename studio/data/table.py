@@ -3,15 +3,21 @@
 A table holds either a `messages` / `conversations` column of JSON (a chat dataset stored as a
 table), or columns that map onto the Alpaca fields (`instruction`, `input`, `output`,
 `system`), guessed by common names or chosen by the user in the Dataset tab.
+
+Tables come from Excel as often as from code: UTF-16 "Unicode Text" (tab-separated), CSV with
+`;` between cells (European Excel) and a UTF-8 BOM all read. Every CSV the studio writes goes
+through `write_csv`: UTF-8 with a BOM, the only way Excel opens Vietnamese or Thai text right.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from studio.data.normalize import ALPACA_FIELDS
 from studio.data.read import (
@@ -22,6 +28,7 @@ from studio.data.read import (
     Record,
     check_decodes,
     file_kind,
+    open_utf8,
 )
 
 _COLUMN_GUESSES: dict[str, tuple[str, ...]] = {
@@ -39,7 +46,7 @@ def read_table(path: Path, kind: str) -> tuple[list[str], list[Record]]:
     if kind == "parquet":
         return _read_parquet(path)
     check_decodes(path)
-    with path.open("r", encoding="utf-8-sig", newline="") as f:
+    with io.TextIOWrapper(open_utf8(path), encoding="utf-8-sig", newline="") as f:
         sample = f.read(SNIFF_BYTES)
         f.seek(0)
         header_line = _LINE_END.split(sample, 1)[0]
@@ -112,7 +119,8 @@ def table_columns(path: str | Path) -> list[str] | None:
         except Exception as exc:
             raise DatasetError(f"{path.name} is not a readable Parquet file: {exc}") from None
     if kind == "csv":
-        with path.open("r", encoding="utf-8-sig", newline="", errors="replace") as f:
+        text = io.TextIOWrapper(open_utf8(path), encoding="utf-8-sig", errors="replace")
+        with text as f:
             header_line = f.readline()
         delim = _delimiter(path, header_line)
         return [h.strip() for h in next(csv.reader([header_line], delimiter=delim), [])]
@@ -190,3 +198,20 @@ def table_records(
             continue
         out.append((line, {fld: item.get(col) for fld, col in mapping.items()}, None))
     return out, "alpaca", {fld: mapping.get(fld) for fld in ALPACA_FIELDS}
+
+
+# What Excel needs to read a CSV as UTF-8 rather than the system's code page: the BOM.
+CSV_ENCODING = "utf-8-sig"
+
+
+def write_csv(path: str | Path, columns: list[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as a new CSV file that Excel opens right (UTF-8 with BOM); never overwrites.
+
+    Values of keys not in `columns` are left out; a missing key writes an empty cell.
+    """
+    path = Path(path)
+    with path.open("x", encoding=CSV_ENCODING, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

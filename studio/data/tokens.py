@@ -93,11 +93,12 @@ def token_lengths(rows: list[Row], tokenizer: Any) -> list[int]:
         msgs = row["messages"]
         text = chat_format.render(tokenizer, msgs)
         texts.append(text)
-        # tokenize_conversation appends EOS when the template leaves the reply unterminated.
+        # tokenize_conversation appends EOS when the template leaves a trained reply open:
+        # nothing but whitespace after it.
         last = msgs[-1]
-        extra.append(
-            int(bool(eos) and last["role"] == "assistant" and text.endswith(last["content"]))
-        )
+        trained_last = last["role"] == "assistant" and last.get("weight") != 0
+        open_end = text.rstrip().endswith(last["content"].rstrip())
+        extra.append(int(bool(eos) and trained_last and open_end))
     lengths = _lengths_by_segment(tokenizer, texts)
     if lengths is None:
         lengths = _lengths_direct(tokenizer, texts)

@@ -157,8 +157,9 @@ def tokenize_rows(
             labels = [
                 t if m else -100 for t, m in zip(conv.input_ids, conv.assistant_mask, strict=True)
             ]
-        else:
-            labels = list(conv.input_ids)
+        else:  # every token trains except weight-0 replies (OpenAI format: context only)
+            skip = conv.context_mask or [0] * len(conv.input_ids)
+            labels = [-100 if s else t for t, s in zip(conv.input_ids, skip, strict=True)]
         if len(labels) < 2 or all(x == -100 for x in labels[1:]):
             stats["dropped"] += 1
             continue

@@ -130,6 +130,8 @@ def _summary_md(
             )
         else:
             lines.append(f"\n**JSON check:** all {jc['checked']:,} rows have JSON replies.")
+    for note in report.notes:  # tool rows left out, OpenAI 'name' ignored, weight-0 replies
+        lines.append("\n" + _box("info", note))
     if report.invalid:
         listed = "listed below"
         if len(report.errors) > MAX_TABLE_ROWS:
@@ -218,8 +220,8 @@ def build_dataset_tab(ctx: dict[str, Any]) -> dict[str, Any]:
     ui: dict[str, Any] = {}
     gr.Markdown(
         "Pick the conversations to fine-tune on: `.jsonl`, `.json`, `.csv` or `.parquet` in chat"
-        " *messages*, ShareGPT or Alpaca form. The file is checked row by row; bad rows are"
-        " listed and left out."
+        " *messages* (OpenAI's format too, with `weight`), ShareGPT or Alpaca form, in UTF-8 or"
+        " Excel's UTF-16. The file is checked row by row; bad rows are listed and left out."
     )
     _build_source(ui)
     _build_report(ui)
@@ -237,7 +239,7 @@ def _build_source(ui: dict[str, Any]) -> None:
     with gr.Row(equal_height=False):
         ui["upload"] = gr.File(
             label="Upload a dataset file",
-            file_types=[".json", ".jsonl", ".csv", ".tsv", ".parquet"],
+            file_types=[".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet"],
             type="filepath",
             height=140,
             elem_id="dataset-upload",
@@ -325,9 +327,10 @@ def _build_preview_and_pii(ui: dict[str, Any]) -> None:
         with gr.Row():
             ui["preview_line"] = gr.Number(label="Row (line number)", precision=0, scale=1)
             ui["preview_btn"] = gr.Button("Show preview", scale=0)
-        ui["preview_info"] = gr.Markdown()
+        ui["preview_info"] = gr.Markdown(elem_id="dataset-preview-info")
         ui["preview"] = gr.HighlightedText(
             label="Training text",
+            elem_id="dataset-preview",
             color_map={"trained": "#22c55e"},
             show_legend=True,
             combine_adjacent=True,
@@ -720,6 +723,12 @@ def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int)
     marker = chat_format.end_of_turn_marker(tok)
     if marker:
         info += f" Each reply ends with `{marker}`, trained so the model learns to stop."
+    skipped = sum(m.get("weight") == 0 for m in row["messages"])
+    if skipped:
+        info += (
+            f" {skipped} {'reply has' if skipped == 1 else 'replies have'} weight 0: context"
+            " only, not highlighted, not trained."
+        )
     if tc.truncated:
         info += " " + _box("warn", f"Cut at {max_len} tokens: the rest is not trained.")
     for note in chat_format.template_notes(tok):  # e.g. a template with no system role
