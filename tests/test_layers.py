@@ -142,9 +142,7 @@ def test_no_import_goes_up_a_layer() -> None:
         for dst, line in targets:
             high, _ = layer_of(dst)
             if high > low:
-                upward.append(
-                    f"{src}:{line} ({LAYERS[low][0]}) imports {dst} ({LAYERS[high][0]})"
-                )
+                upward.append(f"{src}:{line} ({LAYERS[low][0]}) imports {dst} ({LAYERS[high][0]})")
     assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
 
 

