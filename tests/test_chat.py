@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from studio import gpu
 from studio.chat import engine as chat
 from studio.chat import evaluate, measure, streaming
 from studio.data import scores
@@ -332,15 +333,15 @@ def test_chat_refused_while_a_gpu_run_trains(studio_home: Path):
     runs.write_metadata(run, meta)
     runs.mark_live(run)
     try:
-        assert "using the GPU" in (chat.training_blocker() or "")
+        assert "using the GPU" in (gpu.training_blocker() or "")
         with pytest.raises(chat.ChatError, match="using the GPU"):
             chat.ChatEngine().load(run)
         runs.write_metadata(run, {**meta, "device": {"used": "cpu"}})
-        assert chat.training_blocker() is None
+        assert gpu.training_blocker() is None
     finally:
         runs.mark_done(run)
         runs.write_metadata(run, {**meta, "status": "failed"})
-    assert chat.training_blocker() is None
+    assert gpu.training_blocker() is None
 
 
 def test_a_training_check_that_fails_refuses_to_load(monkeypatch: pytest.MonkeyPatch, studio_home):
@@ -351,7 +352,7 @@ def test_a_training_check_that_fails_refuses_to_load(monkeypatch: pytest.MonkeyP
         raise OSError("runs folder unreadable")
 
     monkeypatch.setattr(runs, "list_runs", unreadable)
-    message = chat.training_blocker() or ""
+    message = gpu.training_blocker() or ""
     assert "Could not check" in message and "runs folder unreadable" in message
     eng = chat.ChatEngine()
     with pytest.raises(chat.ChatError, match="Could not check"):
@@ -802,10 +803,10 @@ def test_batch_compare_holds_its_model_and_saves_to_its_run(engine, run_dir: Pat
                 with pytest.raises(chat.ChatError, match="batch compare is running") as exc:
                     attempt()
                 refusals.append(str(exc.value))
-            assert chat.release_for_training("cpu") is None  # on CPU the chat model stays
+            assert gpu.release_for_training("cpu") is None  # on CPU the chat model stays
             assert engine.loaded
         else:
-            freed.append(chat.release_for_training("cuda", "next-run"))
+            freed.append(gpu.release_for_training("cuda", "next-run"))
 
     def eng_load_base() -> None:
         engine.load_base_only()

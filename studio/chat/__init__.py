@@ -27,9 +27,7 @@ from studio.chat.engine import (
     LoadInfo,
     list_chat_runs,
     list_checkpoints,
-    release_for_training,
     resolve_adapter,
-    training_blocker,
     with_system,
 )
 from studio.chat.evaluate import (
@@ -75,10 +73,8 @@ __all__ = [
     "load_prompt_file",
     "new_blind_assignment",
     "record_blind_vote",
-    "release_for_training",
     "resolve_adapter",
     "summarize",
-    "training_blocker",
     "validation_items",
     "with_system",
     "write_csv",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio import paths
+from studio import gpu, paths
 from studio.data import chat_format
 from studio.export.common import ExportError, Message, Progress, noop, short_error
 from studio.export.merge import (
@@ -28,7 +28,6 @@ from studio.export.merge import (
     SanityCheck,
     available_ram,
     compare,
-    free_memory,
     greedy_ids,
     teacher_logits,
 )
@@ -308,7 +307,7 @@ def check_gguf(
     got = greedy_ids(model, tok, prompt_ids, max_new_tokens)
     on_ref = [teacher_logits(model, p, r) for p, r in zip(prompt_ids, expected, strict=True)]
     model = None
-    free_memory()
+    gpu.free_memory()
     title = "GGUF file (loaded back) vs merged folder"
     check = compare(title, convs, tok, expected, got, expected_logits, on_ref)
     check.note = (

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from studio import gpu
 from studio.data import chat_format
 from studio.export import merge
 from studio.export.common import (
@@ -566,7 +567,7 @@ def _merged_answers(
     got = merge.greedy_ids(model, tok, prompt_ids, max_new_tokens)
     own = [merge.teacher_logits(model, p, g) for p, g in zip(prompt_ids, got, strict=True)]
     del model
-    merge.free_memory()
+    gpu.free_memory()
     return got, own
 
 

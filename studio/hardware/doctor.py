@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import paths
+from studio.gpu import default_device
 from studio.hardware import detect as hardware
 from studio.models.precision import precision
 
@@ -137,9 +138,7 @@ def check_bitsandbytes() -> Check:
     """QLoRA needs bitsandbytes' 4-bit kernels on this device, in the dtype training uses there."""
     where = "on this device"
     try:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         import bitsandbytes as bnb
 
         compute = precision(device)  # fp16 on a card without native bf16, fp32 on most CPUs

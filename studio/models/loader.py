@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import paths
+from studio import gpu, paths
 from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
 
@@ -323,11 +323,7 @@ def load_model_for_inference(path: str | Path, device: str | None = None) -> Any
     (`studio.models.precision`): the card's bf16/fp16 on CUDA; bf16 on a CPU with native bf16
     (where a batch of two rows also costs about what one does, so Chat's A/B pass pays),
     else fp32."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(path, device=device).eval()
+    return load_model(path, device=gpu.default_device(device)).eval()
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:

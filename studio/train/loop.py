@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import gc
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import runs
+from studio import gpu, runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, template_hash
 from studio.hardware import vram
@@ -118,7 +117,7 @@ class _Live:
         if self.callback is not None and self.callback._hook is not None:
             self.callback._hook.remove()
         self.callback = None
-        _free_memory()
+        gpu.free_memory()
 
 
 # --- running ------------------------------------------------------------------------------
@@ -824,14 +823,6 @@ def oom_advice(
     if changes:
         message += " Retry changes: " + ", ".join(f"{k} {v}" for k, v in changes.items()) + "."
     return message, advice, retry
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _short(exc: BaseException) -> str:
