@@ -394,6 +394,7 @@ NO_TUNED = (
     " attach its adapter (the base is not loaded again)."
 )
 
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ChatError(f"precision: use one of {', '.join(PRECISIONS)}")
