@@ -20,9 +20,10 @@ import pytest
 
 from studio import gpu
 from studio.chat import engine as chat
-from studio.chat import evaluate, measure, streaming
+from studio.chat import evaluate, streaming
 from studio.data import scores
 from studio.models import precision
+from studio.tools import chat as measure
 
 RUN_NAME = "chat-test"
 SYSTEM = (

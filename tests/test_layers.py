@@ -6,8 +6,10 @@ foundation (studio.paths, config, runs, heavy, and any other top-level module of
 
 Imports inside functions count (a lazy import is still a dependency: nanochat/LLaMA-Factory
 habit 14 in STYLE.md), and so do `if TYPE_CHECKING:` ones. Command entry points sit on top
-with app.py: every `__main__.py`, and the thin shims kept only so that `python -m X` still
-works after a module moved (`studio.bench`, `studio.doctor`, `studio.hardware.calibrate`).
+with app.py: every `__main__.py` (`studio/hardware/calibrate/__main__.py` keeps `python -m
+studio.hardware.calibrate` running the tool), and the thin shims `studio.bench` and
+`studio.doctor`, kept only so that `python -m X` still works after the code moved to
+`studio.tools`.
 Besides an upward import, a circle fails: modules that import each other, or two packages
 of the same layer that do (chat -> export -> chat), even when each import alone points
 sideways.
@@ -33,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("app",)),
 ]
 # Thin command shims: `python -m <name>` keeps working after the code moved (top layer).
-COMMAND_SHIMS = {"studio.bench", "studio.doctor", "studio.hardware.calibrate"}
+COMMAND_SHIMS = {"studio.bench", "studio.doctor"}
 
 
 def module_name(path: Path) -> str:
