@@ -117,23 +117,3 @@ def test_app_serves_four_tabs_in_chromium(start_app, page) -> None:
     # default would end it with -15 and skip them; studio.train.jobs.end_children)
     app.kill(signal.SIGTERM)
     assert app.proc.returncode == 0, app.log()
-
-
-def test_the_train_tabs_gpu_job_blocks_chat_through_the_hand_over(studio_home) -> None:
-    """Chat learns of the Train tab's job from `studio.gpu` (no chat -> train import): the job
-    manager registers itself when created, and a run on cuda refuses Chat's load."""
-    from studio import gpu, runs
-    from studio.train import jobs
-
-    manager = jobs.get_manager()
-    run = runs.new_run_dir("handover")
-    runs.write_metadata(run, {"status": "running", "device": {"used": "cuda"}})
-    watched = gpu._active_job
-    try:
-        gpu.watch_training(lambda: run)  # the manager's view, with its run active
-        assert "Training (handover" in (gpu.training_blocker() or "")
-        runs.write_metadata(run, {"status": "running", "device": {"used": "cpu"}})
-        assert gpu.training_blocker() is None  # chatting during CPU training is allowed
-    finally:
-        gpu.watch_training(watched)
-    assert watched == manager.active_run_dir  # registered by get_manager

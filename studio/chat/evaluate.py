@@ -36,6 +36,7 @@ from studio.data import load as data_load
 from studio.data.normalize import ROLES, SHAREGPT_ROLES
 from studio.data.scores import score
 from studio.runs import read_json
+from studio.util import new_path
 
 VOTES = ("A", "B", "tie")
 VOTES_FILE = "blind_votes.jsonl"
@@ -378,21 +379,11 @@ def validation_items(run_dir: str | Path, limit: int | None = None) -> list[Batc
     return items[:limit] if limit else items
 
 
-def _timestamped(out_dir: Path, stem: str, suffix: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"{stem}-{stamp}{suffix}"
-    n = 2
-    while path.exists():
-        path = out_dir / f"{stem}-{stamp}-{n}{suffix}"
-        n += 1
-    return path
-
-
 def write_csv(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
     """Save compare rows as a new `compare-<timestamp>.csv` (never overwriting one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = _timestamped(out, "compare", ".csv")
+    path = new_path(out, "compare", ".csv")
     with path.open("x", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -22,7 +22,7 @@ from typing import Any
 
 from studio import gpu, paths
 from studio.data import chat_format
-from studio.export.common import ExportError, Message, Progress, noop, short_error
+from studio.export.common import ExportError, Message, Progress, noop
 from studio.export.merge import (
     SANITY_TOKENS,
     SanityCheck,
@@ -33,6 +33,7 @@ from studio.export.merge import (
 )
 from studio.models import loader as models
 from studio.runs import read_json
+from studio.util import short_error
 
 # f16 and q8_0 come straight from llama.cpp's converter; the k-quants (what most Ollama and
 # llama.cpp users run) need llama.cpp's quantizer, which takes the f16 file as input.

@@ -14,9 +14,10 @@ from typing import Any
 
 from studio import gpu
 from studio.data import chat_format
-from studio.export.common import ExportError, Message, Progress, RunSource, short_error
+from studio.export.common import ExportError, Message, Progress, RunSource
 from studio.models import loader as models
 from studio.runs import read_json
+from studio.util import short_error
 
 SANITY_TOKENS = 32
 # Models below this many parameters keep their merged weights in float32: the merge stays

