@@ -2,7 +2,8 @@
 
 - `engine`: resolve a run or adapter, load base + adapter once, stream both sides, Stop, unload.
 - `evaluate`: scores, blind votes, batch compare (prompt files and validation splits).
-- `measure`: the memory/speed benchmark behind `python -m studio.bench chat`.
+
+The memory/speed benchmark behind `python -m studio.bench chat` is `studio.tools.chat`.
 
 The names the Chat tab uses are re-exported here, so `from studio import chat` is its one
 import; each still has its home in the module above.

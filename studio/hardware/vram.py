@@ -20,7 +20,7 @@ rank, batch, sequence length, gradient checkpointing, optimizer) give the peak a
 
 The constants follow the code paths of the pinned stack (transformers 5, peft, TRL 1.x,
 bitsandbytes): which tensors autograd saves, in which dtype. `python -m studio.hardware.calibrate`
-(studio/hardware/calibrate.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
+(studio/tools/calibrate.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
 
 Run: `python -m studio.hardware.vram MODEL [--method qlora --batch-size 2 --card-gb 12 ...]` prints
 the estimate; `python -m studio.hardware.calibrate` runs the CUDA calibration.
