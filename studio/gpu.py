@@ -19,8 +19,10 @@ from typing import Any, Protocol
 
 
 def default_device(device: str | None = None) -> str:
-    """`device` when one is named; else CUDA when torch sees a GPU, else the CPU."""
-    if device:
+    """`device` when one is named; else (None, "" or "auto") CUDA when torch sees a GPU, else
+    the CPU. The one rule for a device nobody picked: Chat, the loader, the doctor, training's
+    hand-over."""
+    if device and device != "auto":
         return device
     import torch
 

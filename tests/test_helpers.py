@@ -102,3 +102,13 @@ def test_the_train_tabs_gpu_job_blocks_chat_through_the_hand_over(studio_home) -
     finally:
         gpu.watch_training(watched)
     assert watched == manager.active_run_dir  # registered by get_manager
+
+
+def test_one_default_device_rule() -> None:
+    import torch
+
+    from studio import gpu
+
+    visible = "cuda" if torch.cuda.is_available() else "cpu"
+    assert gpu.default_device() == gpu.default_device("auto") == gpu.default_device("") == visible
+    assert gpu.default_device("cpu") == "cpu" and gpu.default_device("cuda:1") == "cuda:1"
