@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from studio.models.loader import DEFAULT_MODEL
-
+# The embedded SmolLM2 (`studio.models.loader` ships it): a run without a model picked uses it.
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit base
 TARGETS = ("qv", "attention", "attention_mlp", "all_linear")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")

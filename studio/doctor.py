@@ -1,6 +1,10 @@
-"""`python -m studio.doctor`: checks this machine for training (see `studio.hardware.doctor`)."""
+"""`python -m studio.doctor [--selftest]`: checks this machine for training.
+
+The checks are `studio.hardware.doctor`; the self-test is the tool `studio.tools.selftest`.
+"""
 
 from studio.hardware.doctor import main
+from studio.tools.selftest import main as selftest
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(selftest=selftest))

@@ -17,13 +17,13 @@ import os
 import re
 import tempfile
 import threading
-import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from studio import paths
+from studio.util import new_path
 
 try:  # POSIX: a lock the kernel drops when the holder dies, even on SIGKILL
     import fcntl
@@ -102,15 +102,7 @@ def new_run_dir(run_name: str, root: Path | None = None) -> Path:
     run_name = unicodedata.normalize("NFC", run_name)
     root = root or paths.runs_dir()
     root.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i in range(1, 1000):
-        path = root / (f"{run_name}-{stamp}" if i == 1 else f"{run_name}-{stamp}-{i}")
-        try:
-            path.mkdir()  # exclusive: an existing folder is never reused
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"could not create a new run folder for {run_name} in {root}")
+    return new_path(root, run_name, create=Path.mkdir)  # exclusive: a folder is never reused
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Qwen2, Qwen3, Gemma 2, Gemma 3 and Llama, each built from its transformers confi
 with 2 layers and hidden size 64 (`studio.models.tiny`), on the embedded tokenizer wearing
 the family's real chat template (read from the llama-cpp-python sdist the export fetches,
 like tests/test_templates.py): tokenize, train 2 steps, one A/B chat turn, merge, f16 GGUF
-export and its verification (`studio.hardware.selftest.run_case`, which the GPU self-test
+export and its verification (`studio.tools.selftest.run_case`, which the GPU self-test
 also runs). Where llama.cpp's converter refuses a combination, the test says which.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from studio.export import gguf as export
-from studio.hardware import selftest
 from studio.models import tiny
+from studio.tools import selftest
 
 # Where llama.cpp's converter refuses the embedded tokenizer on an architecture: the text it
 # fails with, and why. Qwen2's converter fingerprints the BPE pre-tokenizer; the embedded

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from studio import gpu
 from studio.chat import engine as chat
-from studio.chat import evaluate, measure, streaming
+from studio.chat import evaluate, streaming
+from studio.data import scores
 from studio.models import precision
+from studio.tools import chat as measure
 
 RUN_NAME = "chat-test"
 SYSTEM = (
@@ -97,42 +100,42 @@ def ticket_messages(text: str = TICKET) -> list[dict[str, str]]:
 
 def test_rouge_l_known_values():
     # LCS of "the cat sat on the mat" / "the cat is on the mat" = "the cat on the mat" (5 of 6)
-    score = evaluate.rouge_l("the cat sat on the mat", "the cat is on the mat")
+    score = scores.rouge_l("the cat sat on the mat", "the cat is on the mat")
     assert score == pytest.approx(5 / 6)
-    assert evaluate.rouge_l("The  Cat.", "the cat") == 1.0  # case and punctuation ignored
-    assert evaluate.rouge_l("dog", "the cat") == 0.0
-    assert evaluate.rouge_l("", "") == 1.0
-    assert evaluate.rouge_l("", "x") == 0.0
+    assert scores.rouge_l("The  Cat.", "the cat") == 1.0  # case and punctuation ignored
+    assert scores.rouge_l("dog", "the cat") == 0.0
+    assert scores.rouge_l("", "") == 1.0
+    assert scores.rouge_l("", "x") == 0.0
     # precision 2/2, recall 2/4 -> F1 = 2 * 1 * 0.5 / 1.5
-    assert evaluate.rouge_l("a b", "a x b y") == pytest.approx(2 / 3)
+    assert scores.rouge_l("a b", "a x b y") == pytest.approx(2 / 3)
 
 
 def test_rouge_l_unicode_scripts():
     # Vietnamese words keep their diacritics; NFC and NFD spellings are the same text
     nfd = "Xin cha\u0300o ba\u0323n"
-    assert evaluate.rouge_l(nfd, "Xin chào bạn") == 1.0
-    assert evaluate.rouge_tokens("Xin chào bạn") == ["xin", "chào", "bạn"]
+    assert scores.rouge_l(nfd, "Xin chào bạn") == 1.0
+    assert scores.rouge_tokens("Xin chào bạn") == ["xin", "chào", "bạn"]
     # Thai has no spaces: characters are the units, so a partial match scores between 0 and 1
-    tokens = evaluate.rouge_tokens("สวัสดีครับ")
+    tokens = scores.rouge_tokens("สวัสดีครับ")
     assert len(tokens) == len("สวัสดีครับ")
-    score = evaluate.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
+    score = scores.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
     assert 0.5 < score < 1.0
 
 
 def test_exact_match_normalizes_whitespace_only():
-    assert evaluate.exact_match("  Paris \n is  big ", "Paris is big")
-    assert not evaluate.exact_match("paris is big", "Paris is big")
+    assert scores.exact_match("  Paris \n is  big ", "Paris is big")
+    assert not scores.exact_match("paris is big", "Paris is big")
 
 
 def test_json_format_accuracy_rules():
     ref = json.dumps({"category": "billing", "priority": "high", "answer": "Refunded."})
     good = '{"category": "account", "priority": "low", "answer": "x", "extra": 1}'
-    assert evaluate.json_format_ok(good, ref) is True  # other values, same keys: format is right
-    assert evaluate.json_format_ok('```json\n{"category": 1, "priority": 2, "answer": 3}\n```', ref)
-    assert evaluate.json_format_ok('{"category": "billing", "priority": "high"}', ref) is False
-    assert evaluate.json_format_ok('{"category": "billing",', ref) is False  # does not parse
-    assert evaluate.json_format_ok("[1, 2]", ref) is False  # parses, not an object
-    assert evaluate.json_format_ok("anything", "plain text reference") is None
+    assert scores.json_format_ok(good, ref) is True  # other values, same keys: format is right
+    assert scores.json_format_ok('```json\n{"category": 1, "priority": 2, "answer": 3}\n```', ref)
+    assert scores.json_format_ok('{"category": "billing", "priority": "high"}', ref) is False
+    assert scores.json_format_ok('{"category": "billing",', ref) is False  # does not parse
+    assert scores.json_format_ok("[1, 2]", ref) is False  # parses, not an object
+    assert scores.json_format_ok("anything", "plain text reference") is None
 
 
 def test_score_and_summary_on_known_rows():
@@ -141,7 +144,7 @@ def test_score_and_summary_on_known_rows():
     for base, tuned in [("Sorry!", ref), ("{}", '{"category": "x", "priority": "y"}')]:
         row = {"prompt": "p", "reference": ref, "base": base, "fine_tuned": tuned}
         for side, text in (("base", base), ("tuned", tuned)):
-            row.update({f"{side}_{k}": v for k, v in evaluate.score(text, ref).items()})
+            row.update({f"{side}_{k}": v for k, v in scores.score(text, ref).items()})
         rows.append(row)
     assert rows[0]["tuned_exact_match"] is True and rows[0]["base_exact_match"] is False
     assert rows[1]["base_json_ok"] is False and rows[1]["tuned_json_ok"] is True
@@ -150,10 +153,10 @@ def test_score_and_summary_on_known_rows():
     assert summary["base_exact_match"] == 0.0 and summary["tuned_exact_match"] == 0.5
     assert summary["base_json_format"] == 0.0 and summary["tuned_json_format"] == 1.0
     assert summary["tuned_rouge_l"] == pytest.approx(
-        round((1.0 + evaluate.rouge_l(rows[1]["fine_tuned"], ref)) / 2, 4)
+        round((1.0 + scores.rouge_l(rows[1]["fine_tuned"], ref)) / 2, 4)
     )
     no_ref = {"exact_match": None, "bleu": None, "chrf": None, "rouge_l": None, "json_ok": None}
-    assert evaluate.score("x", None) == no_ref
+    assert scores.score("x", None) == no_ref
 
 
 # --------------------------------------------------------------------------- inputs (fast)
@@ -331,15 +334,15 @@ def test_chat_refused_while_a_gpu_run_trains(studio_home: Path):
     runs.write_metadata(run, meta)
     runs.mark_live(run)
     try:
-        assert "using the GPU" in (chat.training_blocker() or "")
+        assert "using the GPU" in (gpu.training_blocker() or "")
         with pytest.raises(chat.ChatError, match="using the GPU"):
             chat.ChatEngine().load(run)
         runs.write_metadata(run, {**meta, "device": {"used": "cpu"}})
-        assert chat.training_blocker() is None
+        assert gpu.training_blocker() is None
     finally:
         runs.mark_done(run)
         runs.write_metadata(run, {**meta, "status": "failed"})
-    assert chat.training_blocker() is None
+    assert gpu.training_blocker() is None
 
 
 def test_a_training_check_that_fails_refuses_to_load(monkeypatch: pytest.MonkeyPatch, studio_home):
@@ -350,7 +353,7 @@ def test_a_training_check_that_fails_refuses_to_load(monkeypatch: pytest.MonkeyP
         raise OSError("runs folder unreadable")
 
     monkeypatch.setattr(runs, "list_runs", unreadable)
-    message = chat.training_blocker() or ""
+    message = gpu.training_blocker() or ""
     assert "Could not check" in message and "runs folder unreadable" in message
     eng = chat.ChatEngine()
     with pytest.raises(chat.ChatError, match="Could not check"):
@@ -618,7 +621,7 @@ def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
     assert seen[0] == (0, 2) and seen[-1] == (2, 2)
     for row, item in zip(first.rows, items, strict=True):
         assert row["base"] != row["fine_tuned"]
-        assert row["tuned_rouge_l"] == round(evaluate.rouge_l(row["fine_tuned"], item.reference), 4)
+        assert row["tuned_rouge_l"] == round(scores.rouge_l(row["fine_tuned"], item.reference), 4)
         # The references are JSON objects; the untuned base answers tickets in prose.
         assert row["base_json_ok"] is False, row["base"]
     assert first.summary["json_references"] == 2
@@ -801,10 +804,10 @@ def test_batch_compare_holds_its_model_and_saves_to_its_run(engine, run_dir: Pat
                 with pytest.raises(chat.ChatError, match="batch compare is running") as exc:
                     attempt()
                 refusals.append(str(exc.value))
-            assert chat.release_for_training("cpu") is None  # on CPU the chat model stays
+            assert gpu.release_for_training("cpu") is None  # on CPU the chat model stays
             assert engine.loaded
         else:
-            freed.append(chat.release_for_training("cuda", "next-run"))
+            freed.append(gpu.release_for_training("cuda", "next-run"))
 
     def eng_load_base() -> None:
         engine.load_base_only()

@@ -380,17 +380,17 @@ def test_the_hardware_report_lists_every_gpu_and_offers_them_all(two_cards):
 
 
 def test_the_ddp_estimate_holds_the_whole_model_on_each_card_and_judges_the_smallest(two_cards):
+    from studio.config import DEFAULT_MODEL
     from studio.hardware import detect, vram
-    from studio.models.loader import DEFAULT_MODEL
     from studio.ui.hardware_tab import ddp_markdown
 
     report = detect.detect().to_dict()
     shape = vram.model_shape(DEFAULT_MODEL)
     est = vram.estimate(shape, {}, capacity_bytes=24 * GIB, in_use_bytes=0, device="cuda")
-    d = detect.ddp_per_gpu(est.total_bytes, est.trainable_params, report["gpus"])
+    d = vram.ddp_per_gpu(est.total_bytes, est.trainable_params, report["gpus"])
     # every rank: the one-card estimate at the same per-device batch, plus DDP's buckets
     assert d["per_gpu_bytes"] > est.total_bytes
-    assert d["per_gpu_bytes"] - est.total_bytes == 4 * est.trainable_params + detect.DDP_NCCL_BYTES
+    assert d["per_gpu_bytes"] - est.total_bytes == 4 * est.trainable_params + vram.DDP_NCCL_BYTES
     assert d["smallest"] == "GPU 1: NVIDIA GeForce RTX 3060"
     assert d["available_bytes"] == 11 * GIB
     assert "With all 2 GPUs (DDP)" in ddp_markdown(est, report)

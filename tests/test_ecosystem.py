@@ -173,23 +173,23 @@ SACREBLEU_SYS = ["The dog bit the man.", "It wasn't surprising.", "The man had j
 
 
 def test_bleu_and_chrf_are_sacrebleus_documented_scores() -> None:
-    from studio.chat import evaluate
+    from studio.data import scores
 
-    _, bleu, chrf = evaluate._scorers()  # the scorers batch compare uses, as configured
+    _, bleu, chrf = scores._scorers()  # the scorers batch compare uses, as configured
     assert round(bleu.corpus_score(SACREBLEU_SYS, SACREBLEU_REFS).score, 2) == 48.53
     assert round(chrf.corpus_score(SACREBLEU_SYS, SACREBLEU_REFS).score, 2) == 59.73
-    assert evaluate.bleu("The dog bit the man.", "The dog bit the man.") == pytest.approx(100)
-    assert evaluate.chrf("The dog bit the man.", "The dog bit the man.") == pytest.approx(100)
-    assert evaluate.bleu("cat", "The dog bit the man.") == 0.0
+    assert scores.bleu("The dog bit the man.", "The dog bit the man.") == pytest.approx(100)
+    assert scores.chrf("The dog bit the man.", "The dog bit the man.") == pytest.approx(100)
+    assert scores.bleu("cat", "The dog bit the man.") == 0.0
 
 
 def test_rouge_l_is_rouge_scores_and_keeps_vietnamese_and_thai() -> None:
     from rouge_score import tokenize
 
-    from studio.chat import evaluate
+    from studio.data import scores
 
     # rouge-score's README pair: LCS "the quick brown jumps the" = 5 of 8 and 9 tokens.
-    got = evaluate.rouge_l(
+    got = scores.rouge_l(
         "The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog"
     )
     assert got == pytest.approx(2 * (5 / 8) * (5 / 9) / (5 / 8 + 5 / 9))
@@ -197,17 +197,18 @@ def test_rouge_l_is_rouge_scores_and_keeps_vietnamese_and_thai() -> None:
     # words at every accented letter.
     assert tokenize.tokenize("สวัสดีครับ", None) == []
     assert tokenize.tokenize("Xin chào", None) == ["xin", "ch", "o"]
-    assert evaluate.rouge_l("Xin chào bạn", "Xin chào anh") == pytest.approx(2 / 3)
-    thai = evaluate.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
+    assert scores.rouge_l("Xin chào bạn", "Xin chào anh") == pytest.approx(2 / 3)
+    thai = scores.rouge_l("สวัสดีครับ", "สวัสดีค่ะ")
     assert 0.5 < thai < 1.0  # shared characters count, different endings do not
-    assert 0 < evaluate.chrf("สวัสดีครับ", "สวัสดีค่ะ") < 100
+    assert 0 < scores.chrf("สวัสดีครับ", "สวัสดีค่ะ") < 100
 
 
 def test_score_rows_carry_bleu_chrf_rouge_next_to_exact_match_and_json() -> None:
     from studio.chat import evaluate
+    from studio.data import scores
 
     ref = '{"category": "shipping", "reply": "Xin lỗi"}'
-    row = evaluate.score('{"category": "shipping", "reply": "Xin lỗi bạn"}', ref)
+    row = scores.score('{"category": "shipping", "reply": "Xin lỗi bạn"}', ref)
     assert list(row) == ["exact_match", "bleu", "chrf", "rouge_l", "json_ok"]
     assert row["exact_match"] is False and row["json_ok"] is True
     assert 0 < row["bleu"] < 100 and 0 < row["chrf"] < 100 and 0 < row["rouge_l"] < 1

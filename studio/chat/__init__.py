@@ -2,7 +2,8 @@
 
 - `engine`: resolve a run or adapter, load base + adapter once, stream both sides, Stop, unload.
 - `evaluate`: scores, blind votes, batch compare (prompt files and validation splits).
-- `measure`: the memory/speed benchmark behind `python -m studio.bench chat`.
+
+The memory/speed benchmark behind `python -m studio.bench chat` is `studio.tools.chat`.
 
 The names the Chat tab uses are re-exported here, so `from studio import chat` is its one
 import; each still has its home in the module above.
@@ -27,9 +28,7 @@ from studio.chat.engine import (
     LoadInfo,
     list_chat_runs,
     list_checkpoints,
-    release_for_training,
     resolve_adapter,
-    training_blocker,
     with_system,
 )
 from studio.chat.evaluate import (
@@ -42,7 +41,6 @@ from studio.chat.evaluate import (
     load_prompt_file,
     new_blind_assignment,
     record_blind_vote,
-    score,
     summarize,
     validation_items,
     write_csv,
@@ -76,11 +74,8 @@ __all__ = [
     "load_prompt_file",
     "new_blind_assignment",
     "record_blind_vote",
-    "release_for_training",
     "resolve_adapter",
-    "score",
     "summarize",
-    "training_blocker",
     "validation_items",
     "with_system",
     "write_csv",

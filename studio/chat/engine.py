@@ -9,25 +9,25 @@ with the adapter on; the base side ("base") from the very same weights with it o
 rendered with `studio.data.chat_format.render`, the one template path training used.
 
 Also here: resolving a run, checkpoint or adapter folder; generating on a thread with a Stop
-flag (the streamers are in `studio.chat.streaming`); unload; and the guard that refuses to
-load while a training run holds the GPU. Scores, blind votes and batch compare are in
-`studio.chat.evaluate`; the load-time benchmark is in `studio.chat.measure`.
+flag (the streamers are in `studio.chat.streaming`); unload. The guard that refuses to load
+while a training run holds the GPU, and the hand-over to training, are in `studio.gpu`.
+Scores, blind votes and batch compare are in `studio.chat.evaluate`; the load-time benchmark
+is in `studio.tools.chat`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import json
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio import gpu
 from studio.chat.streaming import rows_streamer, stop_criteria, streamer_class
 from studio.data import chat_format
 from studio.models import loader as models
@@ -320,95 +320,6 @@ def _finish_stats(
     return stats
 
 
-def training_blocker() -> str | None:
-    """A message when a training run is active on a GPU (chat would compete for its VRAM).
-
-    On CPU, chatting during training is allowed (slow, but harmless). Runs trained by any
-    process count: a run folder whose training process is alive (`studio.runs`), plus the
-    Train tab's job registry (`studio.train.jobs`) when it exists. A check that fails is not
-    a pass: the answer is then a refusal that says what went wrong (fail closed), because
-    loading a chat model next to a GPU run can crash it with out-of-memory.
-    """
-    for active in (_active_job_from_jobs, _active_run_on_disk):
-        try:
-            found = active()
-        except Exception as exc:
-            return (
-                "Could not check whether a training run is using the GPU"
-                f" ({type(exc).__name__}: {exc}), so the chat model is not loaded: loading it"
-                " next to a GPU run could crash that run with out-of-memory. Look at the Train"
-                " tab (and the runs folder), then try again."
-            )
-        if found:
-            name, device = found
-            if device.startswith("cuda") or device == "gpu":
-                return (
-                    f"Training ({name}) is using the GPU right now. Chatting would compete for"
-                    " its memory and could crash it with out-of-memory: wait for it to finish"
-                    " or stop it in the Train tab, then load the chat model."
-                )
-    return None
-
-
-def release_for_training(device: str | None = None, run_name: str = "") -> str | None:
-    """Unload every Chat model before a training run loads its own; the message says so.
-
-    Training calls this right before it loads its model (`studio.train.jobs`). On CUDA the
-    chat model would share the card's memory with training and can push a 12 GB card into
-    out-of-memory, so it is unloaded (a batch compare in progress stops, and its finished
-    rows are saved to the run it started with). On CPU it stays loaded: system RAM is
-    usually several times the size of a model small enough to train on a CPU, and chatting
-    during CPU training is allowed (`training_blocker`); returns None then, as when nothing
-    was loaded. `device` is the device training will use (None: CUDA when visible).
-    """
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not str(device).lower().startswith("cuda"):
-        return None
-    why = f"training{f' ({run_name})' if run_name else ''} needs the GPU memory"
-    released = [label for eng in list(_ENGINES) if (label := eng.release(why))]
-    if not released:
-        return None
-    return (
-        f"Unloaded the Chat model ({', '.join(released)}) so that training has the GPU memory;"
-        " load it again in the Chat tab when the run has ended."
-    )
-
-
-def _active_job_from_jobs() -> tuple[str, str] | None:
-    """The Train tab's job in this process (`studio.train.jobs`), as (name, device)."""
-    try:
-        from studio.train import jobs
-    except ImportError:
-        return None
-    run_dir = jobs.get_manager().active_run_dir()
-    if run_dir is None:
-        return None
-    device = (read_json(run_dir / METADATA_FILE).get("device") or {}).get("used") or ""
-    if not device:  # metadata not written yet: the run will use the GPU if there is one
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_dir.name, str(device).lower()
-
-
-def _active_run_on_disk() -> tuple[str, str] | None:
-    """A run folder some live process is training (CLI or app), as (name, device)."""
-    from studio import runs as runs_mod
-
-    found = None
-    for info in runs_mod.list_runs():
-        if info.status == "running":
-            meta = runs_mod.read_metadata(info.path)
-            device = str((meta.get("device") or {}).get("used") or "").lower()
-            if device.startswith("cuda"):
-                return info.name, device
-            found = found or (info.name, device)
-    return found
-
-
 def model_bytes(model: Any) -> int:
     """Bytes held by the model's parameters and buffers, each storage counted once."""
     seen: set[int] = set()
@@ -431,10 +342,7 @@ def load_base(path: str | Path, four_bit: bool, device: str | None = None) -> An
     """The base model as training saw it, in the device's precision: 16-bit (bf16 or fp32 on
     a CPU) like `models.load_model_for_inference`, or NF4 double-quant 4-bit (bitsandbytes)
     like a QLoRA run."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = gpu.default_device(device)
     if not four_bit:
         return models.load_model_for_inference(path, device)
     return models.load_model(path, device=device, four_bit=True).eval()
@@ -486,17 +394,6 @@ NO_TUNED = (
     " attach its adapter (the base is not loaded again)."
 )
 
-# Every engine of this process, so training can free their GPU memory (release_for_training).
-_ENGINES: weakref.WeakSet[ChatEngine] = weakref.WeakSet()
-
-
-def _default_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
@@ -504,7 +401,7 @@ def _check_precision(precision: str) -> None:
 
 
 def _refuse_while_training() -> None:
-    blocker = training_blocker()
+    blocker = gpu.training_blocker()
     if blocker:
         raise ChatError(blocker)
 
@@ -541,7 +438,7 @@ class ChatEngine:
         self._stop_event = threading.Event()
         self.batch_sides = True  # both sides in one generate call where PEFT allows it
         self.last_mode = ""  # how the last turn ran: batched, or one by one and why
-        _ENGINES.add(self)
+        gpu.hold(self)  # training unloads it before a GPU run (`gpu.release_for_training`)
 
     @property
     def loaded(self) -> bool:
@@ -637,7 +534,7 @@ class ChatEngine:
         key = BaseKey(
             str(Path(resolved.path).resolve()),
             wants_four_bit(source.method, precision),
-            _default_device(device),
+            gpu.default_device(device),
         )
         warnings = _load_warnings(source, base_model, name, Path(resolved.path), key.four_bit)
         with self._exclusive("load another model"):
@@ -679,7 +576,7 @@ class ChatEngine:
         except models.ModelNotFoundError as exc:
             raise ChatError(str(exc)) from exc
         key = BaseKey(
-            str(Path(resolved.path).resolve()), precision == PRECISION_4, _default_device(device)
+            str(Path(resolved.path).resolve()), precision == PRECISION_4, gpu.default_device(device)
         )
         with self._exclusive("load another model"):
             started = time.perf_counter()
@@ -705,10 +602,10 @@ class ChatEngine:
         except ImportError as exc:
             raise ChatError(f"4-bit loading needs bitsandbytes: {exc}") from exc
         self.base_loads += 1
-        blocker = training_blocker()  # training may have started while this loaded
+        blocker = gpu.training_blocker()  # training may have started while this loaded
         if blocker:
             del base
-            self._free()
+            gpu.free_memory()
             raise ChatError(blocker)
         with self._lock:
             self._base, self._base_key = base, key
@@ -795,7 +692,7 @@ class ChatEngine:
             if had:
                 self.load_id += 1
                 self.unload_reason = reason
-        self._free()
+        gpu.free_memory()
 
     def unload(self, reason: str | None = None) -> None:
         """Drop the model and give its memory back (RAM, and VRAM on a GPU).
@@ -839,17 +736,6 @@ class ChatEngine:
             f" {have}. Answers may be off; pick the base model the run was trained on."
         )
         return tok
-
-    @staticmethod
-    def _free() -> None:
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
 
     def tensor_bytes(self) -> int:
         """Bytes of weights held (each storage once): base + adapter, never two bases."""

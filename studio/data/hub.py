@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from studio import paths
 from studio.data.read import DatasetError
+from studio.util import first_line, short_error
 
 HUB_DIR = "hub"  # under the data dir's datasets/
 PROBE_TIMEOUT_S = 3.0
@@ -117,7 +118,7 @@ def _load(dataset_id: str, split: str, config: str | None) -> Any:
             str(local) if local.is_dir() else dataset_id, config, split=split
         )
     except ValueError as exc:  # e.g. an unknown split: datasets names the ones there are
-        raise DatasetError(f"{dataset_id}: {str(exc).splitlines()[0][:400]}") from exc
+        raise DatasetError(f"{dataset_id}: {first_line(exc, 400)}") from exc
     except ConnectionError as exc:
         if os.environ.get("HF_HUB_OFFLINE") or "OfflineModeIsEnabled" in str(exc):
             raise DatasetError(not_cached_message(dataset_id)) from exc
@@ -135,14 +136,7 @@ def _load(dataset_id: str, split: str, config: str | None) -> Any:
 
 
 def _could_not_load(dataset_id: str, split: str, exc: BaseException) -> DatasetError:
-    return DatasetError(
-        f"Could not load {dataset_id!r} (split {split!r}): {type(exc).__name__}: {_first_line(exc)}"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line, short enough for a status line."""
-    return str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+    return DatasetError(f"Could not load {dataset_id!r} (split {split!r}): {short_error(exc, 400)}")
 
 
 def saved_kind(folder: Path) -> str | None:
@@ -166,8 +160,8 @@ def _load_saved(folder: Path, split: str) -> Any:
     except Exception as exc:  # a half-copied folder: missing arrow files, a broken state.json
         raise DatasetError(
             f"The folder {folder} looks like a {kind} saved with `save_to_disk`, but"
-            f" `datasets.load_from_disk` could not read it: {type(exc).__name__}:"
-            f" {_first_line(exc)}. Copy the whole folder again, or save the dataset again"
+            f" `datasets.load_from_disk` could not read it:"
+            f" {short_error(exc, 400)}. Copy the whole folder again, or save the dataset again"
             " with `save_to_disk` (or as a file with `to_json`)."
         ) from exc
     if isinstance(ds, datasets.DatasetDict):

@@ -55,7 +55,6 @@ import json
 import os
 import re
 import tempfile
-import time
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,6 +69,7 @@ from stdnum import luhn as _luhn
 from stdnum.th import pin as _th_pin
 
 from studio import paths
+from studio.util import new_path
 
 # Bump when detection changes, so cached scans made by an older engine are not trusted.
 ENGINE_VERSION = 1
@@ -835,30 +835,18 @@ def unresolved_pii(path: str | os.PathLike[str]) -> int | None:
     return None if report is None else len(report.findings)
 
 
-def _new_path(directory: Path, stem: str, action: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    verb = {"redact": "redacted", "drop": "dropped"}[action]
-    return directory / f"{stem}.{verb}-{stamp}.jsonl"
-
-
-def _place_new(tmp: Path, wanted: Path) -> Path:
-    """Move tmp to wanted, or wanted-1, wanted-2... : an existing file is never replaced."""
-    for n in range(10_000):
-        target = wanted if n == 0 else wanted.with_name(f"{wanted.stem}-{n}{wanted.suffix}")
+def _place(tmp: Path, target: Path) -> None:
+    """Move tmp to target; FileExistsError when target exists (it is never replaced)."""
+    try:
+        os.link(tmp, target)  # fails if target appeared meanwhile: no overwrite
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
         if target.exists():
-            continue
-        try:
-            os.link(tmp, target)  # fails if target appeared meanwhile: no overwrite
-        except FileExistsError:
-            continue
-        except OSError:  # a filesystem without hard links
-            if target.exists():
-                continue
-            os.replace(tmp, target)
-            return target
-        tmp.unlink()
-        return target
-    raise FileExistsError(f"no free file name next to {wanted}")
+            raise FileExistsError(target) from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
 
 
 def write_cleaned(
@@ -870,7 +858,7 @@ def write_cleaned(
 
     action "redact": every finding replaced by its placeholder; "drop": rows with any finding
     left out. The file goes to datasets_dir() as `<stem>.redacted-<YYYYmmdd-HHMMSS>.jsonl` (or
-    `.dropped-`), with `-1`, `-2`... added if the name is taken; the source file is only used
+    `.dropped-`), with `-2`, `-3`... added if the name is taken; the source file is only used
     for its name and never opened. The cleaned file's own scan is cached, so
     `unresolved_pii(result.path)` is 0 right away. rows_written may be 0 (all rows dropped).
     """
@@ -889,7 +877,8 @@ def write_cleaned(
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             for row in cleaned:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        final = _place_new(tmp, _new_path(directory, stem, action))
+        verb = {"redact": "redacted", "drop": "dropped"}[action]
+        final = new_path(directory, f"{stem}.{verb}", ".jsonl", create=lambda p: _place(tmp, p))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -21,6 +21,7 @@ from studio.data.read import store_upload
 from studio.data.split import write_normalized
 from studio.data.table import guess_column_map
 from studio.data.tokens import token_lengths
+from studio.util import new_path
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ def write_mapped(report: data.DatasetReport, original: Path) -> Path:
     """
     from studio import paths
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = paths.datasets_dir() / f"{original.stem}.mapped-{stamp}.jsonl"
+    dest = new_path(paths.datasets_dir(), f"{original.stem}.mapped", ".jsonl")
     return write_normalized(report.rows, dest)
 
 

@@ -35,9 +35,3 @@ class RunSource:
 
 def noop(_msg: str, _frac: float) -> None:
     """A progress callback that reports nowhere."""
-
-
-def short_error(exc: BaseException) -> str:
-    """An exception as one short line for an ExportError message."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:300]}"

@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio import paths
+from studio import gpu, paths
 from studio.data import chat_format
-from studio.export.common import ExportError, Message, Progress, noop, short_error
+from studio.export.common import ExportError, Message, Progress, noop
 from studio.export.merge import (
     SANITY_TOKENS,
     SanityCheck,
     available_ram,
     compare,
-    free_memory,
     greedy_ids,
     teacher_logits,
 )
 from studio.models import loader as models
 from studio.runs import read_json
+from studio.util import short_error
 
 # f16 and q8_0 come straight from llama.cpp's converter; the k-quants (what most Ollama and
 # llama.cpp users run) need llama.cpp's quantizer, which takes the f16 file as input.
@@ -308,7 +308,7 @@ def check_gguf(
     got = greedy_ids(model, tok, prompt_ids, max_new_tokens)
     on_ref = [teacher_logits(model, p, r) for p, r in zip(prompt_ids, expected, strict=True)]
     model = None
-    free_memory()
+    gpu.free_memory()
     title = "GGUF file (loaded back) vs merged folder"
     check = compare(title, convs, tok, expected, got, expected_logits, on_ref)
     check.note = (

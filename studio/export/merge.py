@@ -7,17 +7,17 @@ then compares greedy answers and logits of the reloaded merged folder with base+
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from studio import gpu
 from studio.data import chat_format
-from studio.export.common import ExportError, Message, Progress, RunSource, short_error
+from studio.export.common import ExportError, Message, Progress, RunSource
 from studio.models import loader as models
 from studio.runs import read_json
+from studio.util import short_error
 
 SANITY_TOKENS = 32
 # Models below this many parameters keep their merged weights in float32: the merge stays
@@ -322,16 +322,6 @@ def _judge_split(case: SanityCase, ref_row: Any, test_row: Any, want: int, picke
     case.near_tie = margin <= 2 * change
 
 
-def free_memory() -> None:
-    """Give memory back after a model's last reference was dropped."""
-    gc.collect()
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def merge_adapter(
     src: RunSource,
     base: models.ResolvedModel,
@@ -372,7 +362,7 @@ def merge_adapter(
     progress("Merging the adapter into the base weights", 0.25)
     saved = _save_merged(model, tok, out_dir, progress)
     model = None
-    free_memory()
+    gpu.free_memory()
 
     progress("Reloading the merged folder with plain transformers (no peft)", 0.4)
     reloaded = models.load_model(
@@ -383,7 +373,7 @@ def merge_adapter(
     on_ref = [teacher_logits(reloaded, p, r) for p, r in zip(prompt_ids, reference, strict=True)]
     own = [teacher_logits(reloaded, p, g) for p, g in zip(prompt_ids, got, strict=True)]
     reloaded = None
-    free_memory()
+    gpu.free_memory()
     check = compare(
         "merged folder vs base+adapter", prompts, tok, reference, got, ref_logits, on_ref
     )

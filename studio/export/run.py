@@ -36,7 +36,6 @@ export folder; `cli` is the command line.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shlex
@@ -47,6 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from studio import gpu
 from studio.data import chat_format
 from studio.export import merge
 from studio.export.common import (
@@ -55,7 +55,6 @@ from studio.export.common import (
     Progress,
     RunSource,
     noop,
-    short_error,
 )
 from studio.export.gguf import (
     check_gguf,
@@ -80,6 +79,7 @@ from studio.export.ollama import (
 )
 from studio.models import loader as models
 from studio.runs import read_json
+from studio.util import is_disk_full, new_path, short_error
 
 EXPORT_INFO = "export_info.json"
 MODELFILE = "Modelfile"
@@ -305,11 +305,10 @@ def _export_target(run_dir: Path, out: str | Path | None, stamp: str) -> Path:
     target = Path(out).expanduser().resolve() if out else run_dir / "export"
     if not target.exists():
         return target
-    for i in range(1, 1000):
-        cand = target.with_name(f"{target.name}-{stamp}" + ("" if i == 1 else f"-{i}"))
-        if not cand.exists():
-            return cand
-    raise ExportError(f"Too many exports next to {target}; remove some old ones.")
+    try:
+        return new_path(target.parent, target.name, stamp=stamp)
+    except FileExistsError as exc:
+        raise ExportError(f"Too many exports next to {target}; remove some old ones.") from exc
 
 
 def _needed_bytes(base_path: Path, gguf: str) -> int:
@@ -322,16 +321,8 @@ def _needed_bytes(base_path: Path, gguf: str) -> int:
     return int(merged + gguf_bytes + 50_000_000)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    """Disk-full errors arrive as OSError, or wrapped by safetensors/torch as text."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return "No space left" in text or "StorageFull" in text or "os error 28" in text
-
-
 def _disk_error(exc: BaseException, where: Path) -> ExportError:
-    if _is_disk_full(exc):
+    if is_disk_full(exc):
         return ExportError(
             f"The disk holding {where} is full ({short_error(exc)}). Free some space and export"
             " again; nothing was left behind."
@@ -496,7 +487,7 @@ def _run_steps(plan: ExportPlan) -> ExportResult:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, ExportError):
             raise
-        if isinstance(exc, OSError) or _is_disk_full(exc):
+        if isinstance(exc, OSError) or is_disk_full(exc):
             raise _disk_error(exc, target.parent) from exc
         raise ExportError(
             f"Export of {src.name} failed: {short_error(exc)}. Nothing was left behind."
@@ -566,7 +557,7 @@ def _merged_answers(
     got = merge.greedy_ids(model, tok, prompt_ids, max_new_tokens)
     own = [merge.teacher_logits(model, p, g) for p, g in zip(prompt_ids, got, strict=True)]
     del model
-    merge.free_memory()
+    gpu.free_memory()
     return got, own
 
 

@@ -1,2 +1,3 @@
 """Stage 2, the hardware: detection (`detect`), GPU presets (`presets`), the VRAM estimate
-(`vram`), its calibration on a real GPU (`calibrate`) and the environment check (`doctor`)."""
+(`vram`) and the environment check (`doctor`). Its calibration on a real GPU is a tool,
+`studio.tools.calibrate` (`calibrate/` keeps the command `python -m studio.hardware.calibrate`)."""

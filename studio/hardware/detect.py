@@ -428,10 +428,6 @@ def detect(catalog: PresetCatalog | None = None) -> HardwareReport:
 
 # ------------------------------------------------------------------------- several GPUs
 
-# Per rank, DDP adds gradient buckets (a second copy of the trainable gradients, fp32) and
-# NCCL's communication buffers; 256 MiB is a round figure for the latter, not calibrated.
-DDP_NCCL_BYTES = 256 * 2**20
-
 
 def multi_gpu_note(gpus: list[GpuInfo]) -> str:
     """Several cards: one trains by default, or all of them through accelerate (DDP)."""
@@ -452,28 +448,6 @@ def visible_gpu_count() -> int:
         return len(smi)
     picked = [x for x in visible.split(",") if x.strip() and x.strip() != "-1"]
     return min(len(picked), len(smi))
-
-
-def ddp_per_gpu(
-    single_gpu_bytes: int, trainable_params: int, gpus: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The memory each card needs when all of `gpus` train one run with DDP, and the verdict
-    on the smallest card. Each rank holds the whole model, its optimizer and its own batch
-    (the one-card estimate at the same per-device batch), plus DDP's gradient buckets and
-    NCCL buffers; the effective batch grows with the cards, the memory per card does not."""
-    from studio.hardware.vram import verdict_for
-
-    per_gpu = single_gpu_bytes + 4 * trainable_params + DDP_NCCL_BYTES
-    smallest = min(gpus, key=lambda g: g["total_bytes"])
-    free = smallest.get("free_bytes")
-    available = int(free if free is not None else smallest["total_bytes"])
-    return {
-        "gpus": len(gpus),
-        "per_gpu_bytes": int(per_gpu),
-        "smallest": f"GPU {smallest['index']}: {smallest['name']}",
-        "available_bytes": available,
-        "verdict": verdict_for(int(per_gpu), available),
-    }
 
 
 def c_compiler() -> str | None:

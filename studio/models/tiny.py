@@ -5,7 +5,7 @@ project has offline is SmolLM2 (Llama family). These builders make the other fam
 their transformers config classes with a few layers, on the embedded SmolLM2 tokenizer
 (vocabulary 49152) wearing the family's real chat template, so the whole path (tokenize,
 train, chat, merge, GGUF) runs against each architecture's code. The GPU self-test
-(`studio.hardware.selftest`) builds a Qwen2.5-0.5B-shaped one the same way.
+(`studio.tools.selftest`) builds a Qwen2.5-0.5B-shaped one the same way.
 """
 
 from __future__ import annotations

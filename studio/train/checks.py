@@ -187,7 +187,7 @@ def reference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], str] | None
 def answer_format(references: list[str]) -> dict[str, Any] | None:
     """The format the answers share, if any: JSON objects (FORMAT_SHARE of them parse as one)
     or a fixed prefix (every answer starts with the same few words); None otherwise."""
-    from studio.chat.evaluate import parse_json_object
+    from studio.data.scores import parse_json_object
 
     refs = [r for r in references if r.strip()]
     if not refs:
@@ -217,7 +217,7 @@ def in_format(text: str, reference: str, fmt: dict[str, Any], cut_off: bool = Fa
     """Whether an answer is in the dataset's format. For JSON, `json_format_ok` (an object with
     every key of the reference); an answer cut off by the length limit counts when it begins
     with that object (its first key), since the limit, not the model, ended it."""
-    from studio.chat.evaluate import json_format_ok, parse_json_object
+    from studio.data.scores import json_format_ok, parse_json_object
 
     if fmt["kind"] == "prefix":
         return text.strip().startswith(fmt["prefix"].strip())
@@ -285,7 +285,7 @@ def format_rates(samples: list[dict[str, Any]], fmt: dict[str, Any]) -> tuple[fl
 
 def differ_check(samples: list[dict[str, Any]]) -> Check:
     """Base and fine-tune answer differently (greedy, same prompts); one pair is shown."""
-    from studio.chat.evaluate import normalize_text
+    from studio.data.scores import normalize_text
 
     name = "base vs fine-tune differ"
     pairs = [s for s in samples if s.get("base") is not None]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio import paths, runs
+from studio import gpu, paths, runs
 from studio.config import ConfigError, RunConfig
 from studio.train import distributed
 
@@ -279,10 +279,8 @@ class JobManager:
 
         def work() -> None:
             try:
-                from studio.chat.engine import release_for_training
-
                 # the Chat model must not share the GPU with training (OOM on a 12 GB card)
-                freed = release_for_training(prepared.device, prepared.run_dir.name)
+                freed = gpu.release_for_training(prepared.device, prepared.run_dir.name)
                 if freed:
                     self._on_event({"event": "message", "text": freed})
                 result = execute_run(
@@ -514,9 +512,7 @@ def _start_processes(args: list[str], processes: int) -> _Child:
     if distributed.cpu_processes():
         env["CUDA_VISIBLE_DEVICES"] = ""  # the forced CPU run: gloo, no card touched
     else:
-        from studio.chat.engine import release_for_training
-
-        release_for_training("cuda")  # the chat model must not share a card with a rank
+        gpu.release_for_training("cuda")  # the chat model must not share a card with a rank
     cmd = distributed.launch_command([*args, "--data-dir", str(paths.data_dir())], processes)
     return spawn(cmd, env, processes)
 
@@ -703,4 +699,5 @@ def get_manager() -> JobManager:
     with _manager_guard:
         if _manager is None:
             _manager = JobManager()
+            gpu.watch_training(_manager.active_run_dir)  # Chat asks before it loads
         return _manager

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import gc
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import runs
+from studio import gpu, runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, template_hash
 from studio.hardware import vram
@@ -40,8 +39,7 @@ from studio.train.prepare import (
     token_cache_key,
     tokenize_rows,
 )
-
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+from studio.util import exception_chain, short_error, write_errno
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -118,7 +116,7 @@ class _Live:
         if self.callback is not None and self.callback._hook is not None:
             self.callback._hook.remove()
         self.callback = None
-        _free_memory()
+        gpu.free_memory()
 
 
 # --- running ------------------------------------------------------------------------------
@@ -420,7 +418,7 @@ def _explain_failure(live: _Live, exc: BaseException) -> None:
         result.message, result.advice = save_error_advice(exc, run.run_dir)
         live.emit({"event": "traceback", "text": traceback.format_exc()})
     else:
-        result.message = f"Training failed: {_short(exc)}"
+        result.message = f"Training failed: {short_error(exc)}"
         live.emit({"event": "traceback", "text": traceback.format_exc()})
 
 
@@ -460,7 +458,7 @@ def write_end(run_dir: Path, meta: dict[str, Any], result: TrainResult) -> None:
         runs.write_metadata(run_dir, meta)
         runs.atomic_write_text(run_dir / "README.md", checks.model_card(meta))
     except OSError as exc:
-        result.warnings.append(f"could not write the run's metadata: {_short(exc)}")
+        result.warnings.append(f"could not write the run's metadata: {short_error(exc)}")
 
 
 def finished_event(result: TrainResult) -> Event:
@@ -697,38 +695,9 @@ _SAVE_FRAMES = {
 }
 
 
-# Write failures by errno; torch.save and safetensors often wrap them as plain text.
-_WRITE_TEXT = (
-    (errno.ENOSPC, ("no space left", "os error 28")),
-    (errno.EDQUOT, ("disk quota exceeded", "os error 122")),
-    (errno.EROFS, ("read-only file system", "os error 30")),
-    (errno.EACCES, ("permission denied", "os error 13")),
-)
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
-def save_errno(exc: BaseException) -> int | None:
-    """The errno of a failed write anywhere in the exception chain (ENOSPC, EDQUOT, EROFS,
-    EACCES/EPERM), read from the OSError or, where a library wrapped it, from its text."""
-    for seen in _chain(exc):
-        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
-            return errno.EACCES if seen.errno == errno.EPERM else seen.errno
-        text = str(seen).lower()
-        for code, needles in _WRITE_TEXT:
-            if any(n in text for n in needles):
-                return code
-    return None
-
-
 def _in_save(exc: BaseException) -> bool:
     """Raised while a checkpoint or the adapter was being written."""
-    for seen in _chain(exc):
+    for seen in exception_chain(exc):
         tb = seen.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_name in _SAVE_FRAMES:
@@ -740,7 +709,7 @@ def _in_save(exc: BaseException) -> bool:
 def is_save_error(exc: BaseException) -> bool:
     """A failure writing files: a write errno anywhere in the chain, or any error raised while
     a checkpoint or the adapter was being written (its advice then depends on the errno)."""
-    return save_errno(exc) is not None or _in_save(exc)
+    return write_errno(exc) is not None or _in_save(exc)
 
 
 def save_error_advice(exc: BaseException, run_dir: Path) -> tuple[str, list[str]]:
@@ -752,7 +721,7 @@ def save_error_advice(exc: BaseException, run_dir: Path) -> tuple[str, list[str]
         free = f"{shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free on that disk"
     except OSError:
         free = "free space unknown"
-    code = save_errno(exc)
+    code = write_errno(exc)
     fix = {
         errno.ENOSPC: f"The disk holding {run_dir} is full: free disk space, then press Resume.",
         errno.EDQUOT: "Your disk quota there is used up: delete files you own on that disk or"
@@ -762,7 +731,7 @@ def save_error_advice(exc: BaseException, run_dir: Path) -> tuple[str, list[str]
         errno.EACCES: f"Permission denied writing in {run_dir}: give your user write access to"
         " that folder (or use another --data-dir), then press Resume.",
     }.get(code)
-    if fix is None and "write" in _short(exc).lower():
+    if fix is None and "write" in short_error(exc).lower():
         fix = (
             f"A file write failed without saying why: check free space ({free}), your quota"
             f" and the permissions of {run_dir}, then press Resume."
@@ -772,7 +741,7 @@ def save_error_advice(exc: BaseException, run_dir: Path) -> tuple[str, list[str]
             "No write failed (not a disk problem): the traceback is in the run's log.jsonl;"
             " please report it. Resume continues from the last checkpoint."
         )
-    message = f"Saving failed: {_short(exc)} ({free})."
+    message = f"Saving failed: {short_error(exc)} ({free})."
     return message, [fix, f"Earlier checkpoints are kept: {kept}."]
 
 
@@ -820,23 +789,10 @@ def oom_advice(
             "These settings are already the leanest (batch 1, QLoRA, max length <= 256, gradient"
             " checkpointing): pick a smaller base model, or shorten the longest rows."
         )
-    message = f"Out of {where} memory during training ({_short(exc)}). Memory was freed."
+    message = f"Out of {where} memory during training ({short_error(exc)}). Memory was freed."
     if changes:
         message += " Retry changes: " + ", ".join(f"{k} {v}" for k, v in changes.items()) + "."
     return message, advice, retry
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 
 from studio import runs
 from studio.config import ConfigError, RunConfig
+from studio.hardware.vram import HEAD_CHUNK_VALUES
 from studio.models.loader import load_model
 from studio.models.precision import precision
 from studio.train import distributed, tracking
@@ -229,7 +230,6 @@ _SCALED_HEAD_KEYS = (
     "lm_head_multiplier",
     "logits_scaling",
 )
-HEAD_CHUNK_VALUES = 32 * 2**20  # logits per piece of the compact head (128 MiB in fp32)
 
 
 def compact_head_ok(model: Any, device: str) -> bool:

@@ -18,9 +18,9 @@ from typing import Any
 
 import gradio as gr
 
+from studio.config import DEFAULT_MODEL
 from studio.hardware import vram
 from studio.hardware.presets import BAND_LABELS, PresetCatalog, band_for, defaults_for, load_presets
-from studio.models.loader import DEFAULT_MODEL
 from studio.plots import vram_figure
 
 # The Train tab's fields this tab fills and watches (RunConfig names, as "train.<name>").
@@ -190,7 +190,7 @@ def ddp_markdown(est: vram.VramEstimate, report: dict[str, Any] | None) -> str:
     gpus = (report or {}).get("gpus") or []
     if len(gpus) < 2 or est.device != "cuda":
         return ""
-    from studio.hardware.detect import ddp_per_gpu
+    from studio.hardware.vram import ddp_per_gpu
 
     d = ddp_per_gpu(est.total_bytes, est.trainable_params, gpus)
     return (

@@ -21,8 +21,15 @@ from typing import Any
 import gradio as gr
 
 from studio import runs
-from studio.config import DEVICES, METHODS, OPTIMIZERS, TARGETS, ConfigError, RunConfig
-from studio.models.loader import DEFAULT_MODEL
+from studio.config import (
+    DEFAULT_MODEL,
+    DEVICES,
+    METHODS,
+    OPTIMIZERS,
+    TARGETS,
+    ConfigError,
+    RunConfig,
+)
 from studio.train import checks, distributed
 from studio.train.jobs import JobBusyError, JobSnapshot, get_manager
 from studio.train.plan import PLAN_FIELDS, RunPlan, plan_run

@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio import chat
+from studio import chat, gpu
 
 LABEL_A = "A · base"
 LABEL_B = "B · fine-tuned"
@@ -151,10 +151,6 @@ def wire_conversation(ui: dict[str, Any], engine: chat.ChatEngine) -> None:
     ui["blind"].change(on_blind, [ui["blind"], ui["loaded"]], [*reset_outputs(ui), ui["vote_row"]])
 
 
-def _panels(hist: dict[str, list], assign: dict[str, str]) -> tuple[list, list]:
-    return list(hist[assign["A"]]), list(hist[assign["B"]])
-
-
 def _stats_line(engine: chat.ChatEngine, assign: dict[str, str]) -> str:
     parts = []
     for panel in ("A", "B"):
@@ -177,7 +173,7 @@ def _send_problem(
     engine: chat.ChatEngine, mine: dict[str, Any] | None, blind_on: bool, gen: tuple[Any, ...]
 ) -> tuple[Any, str | None]:
     """The generation settings, or why nothing can be sent now."""
-    problem = chat.training_blocker()
+    problem = gpu.training_blocker()
     if not problem and mine is not None and not mine["has_adapter"] and blind_on:
         problem = "Blind mode needs a fine-tune to hide: pick a run and press Load."
     settings = None

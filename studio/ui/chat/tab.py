@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from studio import chat
-from studio.models.loader import DEFAULT_MODEL
+from studio.config import DEFAULT_MODEL
 from studio.ui.chat.batch import build_batch, wire_batch
 from studio.ui.chat.blind import build_votes, wire_votes
 from studio.ui.chat.conversation import build_conversation, fresh, reset_outputs, wire_conversation

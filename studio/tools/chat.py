@@ -10,6 +10,7 @@ drift on a shared machine hits both, and report the median and spread of the rat
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -37,6 +38,7 @@ from studio.chat.engine import (
 )
 from studio.data import chat_format
 from studio.models import loader as models
+from studio.tools.common import load_averages, machine, write_results
 
 
 def _base_alone(adapter: str, base: str | None, precision: str, prompt: str) -> tuple[Any, int]:
@@ -92,7 +94,6 @@ def _measure_load(kind: str, adapter: str, base: str | None, precision: str, pro
 
 def _in_child(kind: str, adapter: str, base: str | None, precision: str, prompt: str):
     """Each memory figure in a fresh process, so freed memory cannot blur the comparison."""
-    import os
     import subprocess
     import sys
 
@@ -100,7 +101,7 @@ def _in_child(kind: str, adapter: str, base: str | None, precision: str, prompt:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     env[paths.ENV_VAR] = str(paths.data_dir())
     code = (
-        "import sys, json; from studio.chat.measure import _measure_load;"
+        "import sys, json; from studio.tools.chat import _measure_load;"
         " _measure_load(*json.loads(sys.argv[1]))"
     )
     args = json.dumps([kind, adapter, base, precision, prompt])
@@ -213,7 +214,7 @@ def batching_ratios(
     natural = GenerationSettings(max_new_tokens=ab_tokens)
     bc = GenerationSettings(max_new_tokens=batch_tokens)
     items = [evaluate.BatchItem([{"role": "user", "content": p}]) for p in batch_prompts]
-    load_before = _load()
+    load_before = load_averages()
     _ab_turn(engine, ab_prompts[0], GenerationSettings(max_new_tokens=4), True)  # warm-up
     series = {k: {"batched": [], "sequential": [], "ratio": []} for k in ("fixed", "natural")}
     rate: dict[str, list[float]] = {"batched": [], "one_at_a_time": [], "ratio": []}
@@ -237,7 +238,7 @@ def batching_ratios(
             **_spread(rate, "prompts/s"),
         },
         "repetitions": max(1, reps),
-        "load_average": {"before": load_before, "after": _load()},
+        "load_average": {"before": load_before, "after": load_averages()},
     }
 
 
@@ -285,14 +286,6 @@ def _spread(series: dict[str, list[float]], unit: str) -> dict[str, Any]:
     out["ratio_median"] = round(statistics.median(ratios), 3)
     out["ratio_spread"] = [round(min(ratios), 3), round(max(ratios), 3)]
     return out
-
-
-def _load() -> list[float] | None:
-    """The 1/5/15-minute load average (None where the OS has none)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _side_speeds(
@@ -366,3 +359,47 @@ def batching_lines(b: dict[str, Any]) -> list[str]:
         f"{b['repetitions']} interleaved repetitions; load average before"
         f" {b['load_average']['before']}, after {b['load_average']['after']} (shared machine)",
     ]
+
+
+# --------------------------------------------------------------------------- the command
+
+HELP = "chat memory (both sides vs base alone) and speed"
+_CHAT_PROMPTS = [
+    "My parcel has not arrived after two weeks. What should I do?",
+    "Tôi bị trừ tiền hai lần cho cùng một đơn hàng, làm sao để được hoàn tiền?",
+    "How do I reset my password if the email never arrives?",
+]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Memory with both chat sides ready vs the base alone, and per-side speed."""
+    result = bench_chat(
+        args.model,
+        args.run_dir or newest_run(),
+        _CHAT_PROMPTS,
+        max_new_tokens=args.tokens,
+        ab_tokens=args.ab_tokens,
+        batch_tokens=args.batch_tokens,
+        reps=args.reps,
+        memory=not args.no_memory,
+    )
+    result["machine"] = machine()
+    for key, value in result.items():
+        if key != "batching":
+            print(f"{key}: {value}")
+    print("\n".join(batching_lines(result["batching"])))
+    write_results(args, "chat", result)
+    return 0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "run_dir", nargs="?", help="a run or adapter folder (default: the newest run with one)"
+    )
+    p.add_argument("--model", help="base model (default: the run's own)")
+    p.add_argument("--tokens", type=int, default=64, help="max new tokens per answer (64)")
+    p.add_argument("--ab-tokens", type=int, default=128, help="new tokens per A/B turn (128)")
+    p.add_argument("--batch-tokens", type=int, default=32, help="batch compare tokens (32)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (3)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory figures")
+    p.add_argument("--json", help="also write the results to this JSON file")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import shutil
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from studio import gpu
 from studio.config import RunConfig
 from studio.hardware import vram
 
@@ -173,15 +173,6 @@ def _word_tokenizer(vocab_size: int):
     )
 
 
-def _free(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def _rows(vocab: int, seq: int, n: int, batch: int = 1) -> list[list[int]]:
     """Rows of `seq` tokens, the last of each batch one shorter: the worst case the estimate
     describes (every token of the batch real, and a padding mask)."""
@@ -274,7 +265,7 @@ def run_case(
     _train_and_measure(trainer, result, device, before, steps)
     result.seconds = time.time() - started
     del trainer
-    _free(device)
+    gpu.free_memory()
     return result
 
 
@@ -294,7 +285,7 @@ def _random_weights_model(root: Path, model: str, num_layers: int | None, device
             net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         net.save_pretrained(str(folder))
         del net
-        _free(device)
+        gpu.free_memory()
     return folder
 
 
@@ -329,7 +320,7 @@ def _load_and_build(
     from studio.train import recipe
 
     cuda = device == "cuda"
-    _free(device)
+    gpu.free_memory()
     before = 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -604,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                     f" {exc}"
                 )
                 misses += 1
-                _free(device)
+                gpu.free_memory()
                 continue
             err, ok = report(result, shape)
             errors.append(abs(err))
