@@ -184,3 +184,22 @@ def test_mfu_counts_a_4bit_model_at_its_real_size(embedded_model) -> None:
     packed = sum(p.numel() for p in nf4.parameters())
     assert packed < 0.75 * logical_params(full)  # what the old count saw
     assert logical_params(nf4) == logical_params(full)
+
+
+def test_qlora_on_the_second_card_passes_accelerates_4bit_device_check(two_gpus, tmp_path) -> None:
+    """accelerate refuses a 4-bit model that sits on another card than its own device; the
+    Trainer's Accelerator must mean cuda:1 when the run trains there (issue 25, item 2)."""
+    from accelerate import Accelerator
+
+    recipe.build_training_args(RunConfig(gpu_index=1), tmp_path, "cuda", False, False)
+    accelerator = Accelerator()  # as Trainer builds it, after the arguments
+    assert accelerator.device == torch.device("cuda", 1)
+    model = torch.nn.Linear(2, 2)
+    model.is_loaded_in_4bit = True  # what a bitsandbytes load marks, on the card it chose
+    model.hf_device_map = {"": 1}
+    try:
+        accelerator.prepare_model(model, device_placement=False)  # raised ValueError before
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # no faked card for others

@@ -215,8 +215,13 @@ def pin_to_one_gpu(args: Any, index: int) -> None:
 
     args._n_gpu = 1  # what Trainer itself sets for a model it must not replicate
     if index:
-        torch.cuda.set_device(index)  # accelerate's "cuda" is the thread's current card
+        torch.cuda.set_device(index)  # for kernels that use the thread's current card
         args.__dict__["_setup_devices"] = torch.device("cuda", index)  # args.device, cached
+        # accelerate's device is "cuda" with no index, and its check on a 4-bit model
+        # (Accelerator.prepare_model) then refuses one that sits on cuda:N: name the card.
+        from accelerate import PartialState
+
+        PartialState(cpu=False).device = torch.device("cuda", index)
 
 
 # --- the compact CPU loss head --------------------------------------------------------------
