@@ -7,6 +7,7 @@ transformers/TRL code it feeds (TrainingArguments' device setup).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,12 +110,74 @@ def test_a_small_gguf_is_still_checked_exactly_on_the_cpu() -> None:
 # --- defect 7: CUDA without Triton ----------------------------------------------------------
 
 
-def test_triton_readiness_needs_the_package_and_on_linux_a_compiler() -> None:
-    assert detect.triton_ready(available=False).value is False
-    assert detect.triton_ready(True, "Linux", compiler=None).value is False
-    assert "install gcc" in detect.triton_ready(True, "Linux", compiler=None).reason
-    assert detect.triton_ready(True, "Linux", compiler="/usr/bin/gcc").value is True
-    assert detect.triton_ready(True, "Windows", compiler=None).value is True
+# A stand-in for the probe's child: what Triton prints on a Python built without its headers.
+_NO_HEADERS = (
+    "import sys; sys.stderr.write('/tmp/x/main.c:5:10: fatal error: Python.h: No such file or"
+    " directory\\nsubprocess.CalledProcessError: gcc returned 1\\n'); sys.exit(1)"
+)
+
+
+@pytest.fixture
+def triton_installed(monkeypatch, tmp_path) -> list:
+    """Triton 3.5 installed with a C compiler on PATH; the probe's child is a stand-in that
+    records each start. Tests set `probe_code` to what the child does."""
+    from studio.hardware import triton_probe
+
+    starts: list = []
+    monkeypatch.setattr(triton_probe, "triton_version", lambda: "3.5.0")
+    monkeypatch.setattr(triton_probe, "_memory", {})
+    monkeypatch.setattr(triton_probe, "_cache_path", lambda: tmp_path / triton_probe.CACHE_FILE)
+    monkeypatch.setattr(detect, "c_compiler", lambda: "/usr/bin/gcc")
+    monkeypatch.setattr("transformers.utils.is_triton_available", lambda: True)
+    code = {"probe_code": _NO_HEADERS}
+
+    def command() -> list[str]:
+        starts.append(1)
+        return [sys.executable, "-c", code["probe_code"]]
+
+    monkeypatch.setattr(triton_probe, "probe_command", command)
+    starts.append(code)
+    return starts
+
+
+def test_triton_that_cannot_compile_is_not_ready_and_the_verdict_is_kept(triton_installed):
+    """Issue 25, item 1: a C compiler is not enough; without Python.h the kernel build fails."""
+    from studio.hardware import triton_probe
+
+    code = triton_installed.pop(0)
+    ready = detect.triton_ready()
+    assert ready.value is False
+    assert "Python.h" in ready.reason and "compact loss head" in ready.reason
+    assert "-dev" in ready.reason  # what to install
+    assert len(triton_installed) == 1
+    code["probe_code"] = "print('ok')"  # the next app start: memory empty, cache on disk
+    triton_probe._memory.clear()
+    assert detect.triton_ready().value is False and len(triton_installed) == 1
+    assert detect.triton_ready(fresh=True).value is True  # the doctor probes afresh
+    assert len(triton_installed) == 2 and detect.triton_ready().value is True
+
+
+def test_a_crashing_triton_probe_leaves_the_app_running(triton_installed) -> None:
+    triton_installed[0]["probe_code"] = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    ready = detect.triton_ready()
+    assert ready.value is False and "crashed" in ready.reason
+
+
+def test_without_triton_or_a_compiler_the_answer_is_fast_and_probes_nothing(monkeypatch):
+    from studio.hardware import triton_probe
+
+    monkeypatch.setattr(triton_probe, "probe_command", lambda: pytest.fail("probed"))
+    monkeypatch.setattr(triton_probe, "triton_version", lambda: None)
+    assert "no Triton" in detect.triton_ready().reason
+    monkeypatch.setattr(triton_probe, "triton_version", lambda: "3.5.0")
+    monkeypatch.setattr(detect, "c_compiler", lambda: None)
+    if sys.platform.startswith("linux"):
+        assert "install gcc" in detect.triton_ready().reason
+
+
+def test_cuda_falls_back_to_the_compact_head_when_the_probe_fails(triton_installed) -> None:
+    model = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=None))
+    assert recipe.compact_head_ok(model, "cuda") is True
 
 
 @pytest.mark.parametrize(("triton", "compact"), [(False, True), (True, False)])
@@ -145,9 +208,17 @@ def test_the_estimate_counts_the_compact_head_on_cuda() -> None:
 def test_doctor_triton_check_without_gpu_and_without_triton(monkeypatch) -> None:
     assert doctor.check_triton().status == doctor.OK  # no GPU here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(detect, "triton_ready", lambda: detect.Choice(False, "no Triton"))
+    monkeypatch.setattr(detect, "triton_ready", lambda fresh: detect.Choice(False, "no Triton"))
     found = doctor.check_triton()
     assert found.status == doctor.WARNING and found.detail == "no Triton"
+
+
+def test_the_doctor_reports_the_probes_result(monkeypatch, triton_installed) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    found = doctor.check_triton()
+    assert found.status == doctor.WARNING
+    assert "Python.h" in found.detail and "compact loss head" in found.detail
+    assert "python3-dev" in found.fix
 
 
 # --- defect 9: estimate vs measured ---------------------------------------------------------

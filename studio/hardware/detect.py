@@ -484,34 +484,31 @@ def c_compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
-def triton_ready(
-    available: bool | None = None, system: str | None = None, compiler: str | None = ""
-) -> Choice:
-    """Whether TRL's Triton loss head can run on a GPU here, and why (faked in tests).
+def triton_ready(fresh: bool = False) -> Choice:
+    """Whether TRL's Triton loss head can run on a GPU here, and why.
 
-    TRL takes the Triton path when the package imports; on Linux its kernels then need a C
-    compiler at the first step. Without either, the studio's compact head is used on CUDA
-    (`studio.train.recipe.compact_head_ok`): TRL's torch fallback scores every position in
-    fp32 tiles of 256-512 MiB and is slow. Windows wheels of Triton bundle their compiler.
+    TRL takes the Triton path whenever the package imports; its kernels are then built at the
+    first step, which fails on a Linux without a C compiler or without `Python.h`. So the
+    answer is the probe's (`triton_probe.verdict`: one tiny kernel compiled in a child, once
+    per Python and Triton version). Where it says no, the studio's compact head is used on
+    CUDA (`studio.train.recipe.compact_head_ok`): TRL's torch fallback scores every position
+    in fp32 tiles of 256-512 MiB and is slow.
     """
     import platform
 
-    if available is None:
-        from transformers.utils import is_triton_available
+    from studio.hardware import triton_probe
 
-        available = bool(is_triton_available())
-    system = system or platform.system()
-    if not available:
-        return Choice(False, "no Triton: training uses the studio's compact loss head")
-    if system == "Linux":
-        compiler = c_compiler() if compiler == "" else compiler
-        if not compiler:
-            return Choice(
-                False,
-                "Triton is installed but no C compiler (cc/gcc/clang) is: it cannot build"
-                " kernels, so training uses the studio's compact loss head (install gcc)",
-            )
-    return Choice(True, "Triton available: TRL's fused loss head")
+    version = triton_probe.triton_version()
+    if version is None:
+        return Choice(False, "no Triton installed: training uses the studio's compact loss head")
+    if platform.system() == "Linux" and not c_compiler():
+        return Choice(
+            False,
+            f"Triton {version} is installed but no C compiler (cc/gcc/clang) is: it cannot"
+            " build kernels, so training uses the studio's compact loss head (install gcc)",
+        )
+    found = triton_probe.verdict(fresh=fresh)
+    return Choice(found.ok, found.reason)
 
 
 def estimate_kernel(device: str) -> str:
