@@ -274,3 +274,47 @@ def test_qlora_on_the_second_card_passes_accelerates_4bit_device_check(two_gpus,
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)  # no faked card for others
+
+
+# --- issue 25, item 3: export while a GPU run trains -----------------------------------------
+
+
+@pytest.fixture
+def gpu_run_training(monkeypatch, studio_home: Path):
+    """A 40 GiB-free card, and a run folder held by a live training process on it."""
+    from studio import runs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * GIB, 48 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    run = runs.new_run_dir("export-guard")
+    meta = {"status": "running", "base_model": {"name": "x"}, "device": {"used": "cuda"}}
+    runs.write_metadata(run, meta)
+    runs.mark_live(run)
+    yield run
+    runs.mark_done(run)
+    runs.write_metadata(run, {**meta, "status": "failed"})
+
+
+def test_export_merges_on_the_cpu_while_a_gpu_run_trains(gpu_run_training, tmp_path) -> None:
+    from studio import runs
+    from studio.export import merge
+
+    (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}', encoding="utf-8")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 2 * 10**6)  # 1M parameters
+    device, dtype, reason = merge.choose_precision(tmp_path)
+    assert (device, dtype) == ("cpu", "float32")
+    assert "a training run is using the GPU" in reason  # says which, and why
+    runs.mark_done(gpu_run_training)
+    runs.write_metadata(gpu_run_training, {"status": "completed", "device": {"used": "cuda"}})
+    assert merge.choose_precision(tmp_path)[0] == "cuda"  # the card is free again
+
+
+def test_the_gguf_check_stays_off_the_gpu_while_a_gpu_run_trains(
+    gpu_run_training, monkeypatch
+) -> None:
+    from studio.export import gguf
+
+    monkeypatch.setattr(gguf, "gguf_params", lambda _file: 135 * 10**6)
+    plan = gguf.verify_plan(Path("model.gguf"))
+    assert plan.device == "cpu" and "a training run is using the GPU" in plan.reason

@@ -140,19 +140,39 @@ def choose_precision(base_path: Path) -> tuple[str, str, str]:
     import torch
 
     params = param_count(base_path)
-    if torch.cuda.is_available():
+    busy = gpu_taken()
+    if torch.cuda.is_available() and busy is None:
         free, _total = torch.cuda.mem_get_info()
         if free > params * 4 * 1.3:
             return "cuda", "float32", f"on the GPU in float32 ({free / 2**30:.1f} GiB free)"
     avail = available_ram()
     if avail is None or avail > params * 4 * 1.5:
-        return "cpu", "float32", "on the CPU in float32 (exact)"
+        return "cpu", "float32", f"on the CPU in float32 (exact){busy_note(busy)}"
     return (
         "cpu",
         "bfloat16",
         "on the CPU in bfloat16, which may round part of the adapter away: float32 would need"
-        f" {params * 4 / 2**30:.1f} GiB of RAM, {avail / 2**30:.1f} GiB are free",
+        f" {params * 4 / 2**30:.1f} GiB of RAM, {avail / 2**30:.1f} GiB are free{busy_note(busy)}",
     )
+
+
+def gpu_taken() -> str | None:
+    """Why export must not use the GPU now (a training run holds it), or None.
+
+    Sizing by free VRAM alone let a merge or a GGUF check load next to a running GPU run,
+    which then died of out-of-memory. Export waits for nothing: it works on the CPU and
+    says so. The check is the same hand-over rule Chat follows (fails closed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from studio.chat.engine import training_blocker
+
+    return "a training run is using the GPU" if training_blocker() else None
+
+
+def busy_note(busy: str | None) -> str:
+    return f": not on the GPU, {busy}" if busy else ""
 
 
 def _largest_weight(tensors: Mapping[str, Any]) -> tuple[str, float]:
