@@ -7,6 +7,7 @@ transformers/TRL code it feeds (TrainingArguments' device setup).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -318,3 +319,31 @@ def test_the_gguf_check_stays_off_the_gpu_while_a_gpu_run_trains(
     monkeypatch.setattr(gguf, "gguf_params", lambda _file: 135 * 10**6)
     plan = gguf.verify_plan(Path("model.gguf"))
     assert plan.device == "cpu" and "a training run is using the GPU" in plan.reason
+
+
+# --- issue 25, item 4: a multi-GPU start that must download -----------------------------------
+
+
+def test_a_launched_run_fetches_its_base_before_any_process_starts(
+    studio_home, monkeypatch, tmp_path
+) -> None:
+    """Rank 0 used to download while the other ranks waited under NCCL's 10-minute timeout;
+    the app now fetches first, and a model it cannot fetch is refused with no process started."""
+    from studio.train import distributed, jobs
+
+    started: list = []
+    monkeypatch.setenv(distributed.CPU_PROCESSES_ENV, "2")
+    monkeypatch.setattr(distributed, "launch_command", lambda args, n: started.append(args))
+    data = tmp_path / "rows.jsonl"
+    row = {
+        "messages": [
+            {"role": "user", "content": "xin chào"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    data.write_text("\n".join([json.dumps(row, ensure_ascii=False)] * 8), encoding="utf-8")
+    cfg = RunConfig(base_model="nobody/no-such-model-xyz", dataset_path=str(data), device="cpu")
+    with pytest.raises(ConfigError, match="could not fetch 'nobody/no-such-model-xyz'"):
+        jobs.JobManager().start(cfg, processes=2)
+    assert started == []  # refused before `accelerate launch`
+    assert distributed.PREPARE_WAIT_S > 10 * 60  # the ranks wait longer than NCCL's default
