@@ -347,3 +347,56 @@ def test_a_launched_run_fetches_its_base_before_any_process_starts(
         jobs.JobManager().start(cfg, processes=2)
     assert started == []  # refused before `accelerate launch`
     assert distributed.PREPARE_WAIT_S > 10 * 60  # the ranks wait longer than NCCL's default
+
+
+# --- issue 25, item 5: pre-quantized bases in export ------------------------------------------
+
+_BNB = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+
+
+def _prequantized_run(root: Path, base_name: str) -> Path:
+    """A finished run whose base, recorded on disk, is stored in 4-bit (its config.json)."""
+    base = root / "base-4bit"
+    base.mkdir(parents=True)
+    config = {"model_type": "llama", "quantization_config": _BNB}
+    (base / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    run = root / "prequant-20250101-000000"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    meta = {
+        "status": "completed",
+        "base_model": {"name": base_name, "path": str(base)},
+        "settings": {"method": "qlora"},
+    }
+    (run / "training_metadata.json").write_text(json.dumps(meta), encoding="utf-8")
+    return run
+
+
+def test_export_of_a_bnb_4bit_base_refuses_before_any_work_when_the_original_is_missing(
+    tmp_path, studio_home
+) -> None:
+    from studio.export import run as export
+
+    run = _prequantized_run(tmp_path, "unsloth/Nothing-7B-Instruct-bnb-4bit")
+    with pytest.raises(export.ExportError, match="16-bit original unsloth/Nothing-7B-Instruct"):
+        export.export_run(run, gguf="none")
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "training_metadata.json"]
+    run2 = _prequantized_run(tmp_path / "b", str(tmp_path / "my-own-4bit"))
+    with pytest.raises(export.ExportError, match="Train on the 16-bit original"):
+        export.export_run(run2, gguf="none")
+
+
+def test_export_merges_a_bnb_4bit_run_onto_its_16_bit_original(tmp_path, embedded_model) -> None:
+    from studio.export import prequant
+    from studio.export.run import inspect_run, resolve_base
+
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct-bnb-4bit"
+    src = inspect_run(_prequantized_run(tmp_path, name))
+    base = prequant.merge_base(src, resolve_base(src))
+    assert base.path == embedded_model.path  # the original, here the embedded copy
+    assert prequant.notes(src, base) == [
+        f"{name} is stored quantized: the adapter was merged into {embedded_model.name}"
+    ]
+    assert prequant.quantization_of(embedded_model.path) is None
+    assert prequant.merge_base(src, embedded_model) is embedded_model  # plain weights: as is
