@@ -8,6 +8,7 @@ transformers/TRL code it feeds (TrainingArguments' device setup).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -400,3 +401,25 @@ def test_export_merges_a_bnb_4bit_run_onto_its_16_bit_original(tmp_path, embedde
     ]
     assert prequant.quantization_of(embedded_model.path) is None
     assert prequant.merge_base(src, embedded_model) is embedded_model  # plain weights: as is
+
+
+# --- issue 25, item 11: smaller points ---------------------------------------------------------
+
+_BROKEN_SMI = """#!/bin/sh
+echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure\
+ that the latest NVIDIA driver is installed and running."
+exit 9
+"""
+
+
+def test_the_doctor_says_nvidia_smi_failed_and_why_when_it_exists(tmp_path, monkeypatch):
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text(_BROKEN_SMI, encoding="utf-8")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = doctor.check_driver()
+    assert found.status == doctor.PROBLEM
+    assert found.detail.startswith("nvidia-smi failed: NVIDIA-SMI has failed because")
+    assert "missing" not in found.detail
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert detect.nvidia_smi_problem() == "nvidia-smi missing"

@@ -108,9 +108,23 @@ def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
 
 def nvidia_smi() -> list[dict[str, Any]] | None:
     """The driver's own view of the GPUs (works with a CPU-only torch); None without a driver."""
+    done, _why = _query_smi()
+    return parse_nvidia_smi(done.stdout) if done is not None else None
+
+
+def nvidia_smi_problem() -> str:
+    """Why `nvidia_smi` gave None, in words: "nvidia-smi missing", or "nvidia-smi failed: <its
+    own message>" when it is installed but cannot reach the driver (a driver/kernel mismatch
+    after an update, a container without the GPU)."""
+    done, why = _query_smi()
+    return "nvidia-smi answered" if done is not None else why
+
+
+def _query_smi() -> tuple[subprocess.CompletedProcess | None, str]:
+    """nvidia-smi's GPU query, and why it gave nothing when it did."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
+        return None, "nvidia-smi missing"
     try:
         done = subprocess.run(
             [
@@ -123,9 +137,12 @@ def nvidia_smi() -> list[dict[str, Any]] | None:
             timeout=_SMI_TIMEOUT_S,
             check=False,
         )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_nvidia_smi(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"nvidia-smi failed: {type(exc).__name__}: {exc}"
+    if done.returncode != 0:
+        said = " ".join((done.stdout + " " + done.stderr).split())[:300]
+        return None, f"nvidia-smi failed: {said or f'exit status {done.returncode}'}"
+    return done, ""
 
 
 def driver_cuda_version() -> str | None:

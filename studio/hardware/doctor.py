@@ -91,11 +91,20 @@ def check_driver() -> Check:
     """Driver and CUDA versions: the driver must support torch's CUDA runtime."""
     smi = hardware.nvidia_smi()
     if smi is None:
+        why = hardware.nvidia_smi_problem()
+        if why.startswith("nvidia-smi failed"):  # installed, so a driver is meant to be there
+            return Check(
+                "NVIDIA driver",
+                PROBLEM,
+                why,
+                "reboot after a driver update; if it persists, reinstall the NVIDIA driver"
+                " (its kernel module and nvidia-smi must be the same version)",
+            )
         if hardware.nvidia_pci_devices() > 0:
             return Check(
                 "NVIDIA driver",
                 PROBLEM,
-                "an NVIDIA card is on the PCI bus but no driver answers (nvidia-smi missing)",
+                f"an NVIDIA card is on the PCI bus but no driver answers ({why})",
                 "install the NVIDIA driver for your card (Linux: your distribution's"
                 " nvidia-driver package), then reboot",
             )
