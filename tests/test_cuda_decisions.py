@@ -423,3 +423,21 @@ def test_the_doctor_says_nvidia_smi_failed_and_why_when_it_exists(tmp_path, monk
     assert "missing" not in found.detail
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert detect.nvidia_smi_problem() == "nvidia-smi missing"
+
+
+def test_run_metadata_describes_the_card_that_trains(two_gpus, monkeypatch) -> None:
+    from studio.train.prepare import hardware_info
+
+    cards = {0: ("RTX 3060", 12, (8, 6)), 1: ("RTX 2080 Ti", 11, (7, 5))}
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: SimpleNamespace(
+            name=cards[i][0], total_memory=cards[i][1] * GIB, major=cards[i][2][0],
+            minor=cards[i][2][1],
+        ),
+    )  # fmt: skip
+    info = hardware_info("cuda", gpu_index=1)
+    assert (info["gpu"], info["gpu_index"], info["gpu_memory_gib"]) == ("RTX 2080 Ti", 1, 11.0)
+    assert info["native_bf16"] is False  # Turing: the card's own answer, not GPU 0's
+    assert hardware_info("cuda", gpu_index=0)["gpu"] == "RTX 3060"

@@ -243,6 +243,23 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
     return gpus, f"{len(gpus)} CUDA device(s)"
 
 
+def card_info(index: int) -> dict[str, Any]:
+    """The card a run trains on (`gpu_index`), for its metadata: not GPU 0 when another
+    card trains."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    capability = (int(props.major), int(props.minor))
+    return {
+        "gpu_index": index,
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "compute_capability": f"{capability[0]}.{capability[1]}",
+        "cuda": torch.version.cuda,
+        "native_bf16": native_bf16(capability),
+    }
+
+
 def _smi_uuid(uuid: Any) -> str:
     """torch prints a device's UUID bare; nvidia-smi prefixes it with "GPU-"."""
     text = str(uuid or "")
