@@ -441,3 +441,22 @@ def test_run_metadata_describes_the_card_that_trains(two_gpus, monkeypatch) -> N
     assert (info["gpu"], info["gpu_index"], info["gpu_memory_gib"]) == ("RTX 2080 Ti", 1, 11.0)
     assert info["native_bf16"] is False  # Turing: the card's own answer, not GPU 0's
     assert hardware_info("cuda", gpu_index=0)["gpu"] == "RTX 3060"
+
+
+# --- issue 25, item 9: the self-test trains in the presets' recipe -----------------------------
+
+
+def test_the_selftest_trains_with_the_presets_optimizer_and_checkpointing(monkeypatch):
+    from studio.hardware import selftest
+    from studio.hardware.presets import load_presets
+
+    gpu_band = load_presets().get("rtx3060-12gb").bands["up_to_1b"]
+    cfg = selftest.selftest_config(Path("/tmp/m"), "qlora", "cuda", 3)
+    assert cfg.optimizer == gpu_band.optimizer == "paged_adamw_8bit"
+    assert cfg.gradient_checkpointing is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert selftest.selftest_config(Path("/tmp/m"), "lora", "auto", 3).optimizer == (
+        "paged_adamw_8bit"
+    )
+    cpu = selftest.selftest_config(Path("/tmp/m"), "lora", "cpu", 3)
+    assert cpu.optimizer == "adamw_torch" and cpu.gradient_checkpointing is True
