@@ -18,7 +18,7 @@ from studio import runs
 from studio.config import ConfigError, RunConfig
 from studio.models.loader import load_model
 from studio.models.precision import precision
-from studio.train import distributed, tracking
+from studio.train import distributed, fused_loss, tracking
 
 KEEP_CHECKPOINTS = 2
 
@@ -333,6 +333,8 @@ def trainer_class():
             eval_loss_only = (
                 return_outputs and not model.training and self.args.prediction_loss_only
             )
+            if not self.compact_head and not return_outputs and fused_loss.applies(self):
+                return fused_loss.loss_without_syncs(self, model, inputs, num_items_in_batch)
             if (
                 not self.compact_head
                 or (return_outputs and not eval_loss_only)
