@@ -460,3 +460,97 @@ def test_the_selftest_trains_with_the_presets_optimizer_and_checkpointing(monkey
     )
     cpu = selftest.selftest_config(Path("/tmp/m"), "lora", "cpu", 3)
     assert cpu.optimizer == "adamw_torch" and cpu.gradient_checkpointing is True
+
+
+# --- issue 25, item 8: memory given back, and a fatal CUDA error ---------------------------------
+
+
+def test_paged_optimizer_buffers_do_not_outlive_their_run() -> None:
+    """bitsandbytes keeps every paged optimizer buffer in a process-wide list; after a run
+    the studio empties it, so the buffers (GPU-mapped memory on a card) can be freed."""
+    import gc
+    import weakref
+
+    from bitsandbytes.functional import GlobalPageManager
+
+    from studio.train import memory
+
+    buffer = torch.zeros(16)
+    GlobalPageManager.get_instance().paged_tensors.append(buffer)  # as a paged optimizer does
+    gone = weakref.ref(buffer)
+    del buffer
+    gc.collect()
+    assert gone() is not None  # the run is over, yet the manager still holds it
+    record = memory.after_run("cpu", None)
+    assert gone() is None and record["paged_buffers_released"] >= 1
+    assert {"app_gpu_before_run", "app_gpu_after_run"} <= set(record)
+
+
+def test_a_fatal_cuda_error_says_restart_and_blocks_the_next_gpu_use(
+    monkeypatch, tmp_path, studio_home
+) -> None:
+    from studio import runs
+    from studio.chat import engine as chat
+    from studio.train import loop, memory
+    from studio.train.prepare import prepare_run
+
+    monkeypatch.setattr(memory, "_fatal", None)
+
+    def kernel_fault(*_args, **_kwargs):  # what torch raises after a bad kernel
+        raise RuntimeError(
+            "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be"
+            " asynchronously reported at some other API call"
+        )
+
+    monkeypatch.setattr(loop.recipe, "load_base_model", kernel_fault)
+    data = tmp_path / "rows.jsonl"
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}
+    data.write_text("\n".join([json.dumps(row)] * 8), encoding="utf-8")
+    run = prepare_run(RunConfig(dataset_path=str(data), device="cpu", max_steps=1))
+    result = loop.execute_run(run)
+    assert result.status == "failed" and "restart the studio" in result.message
+    assert any("restart the studio" in line for line in result.advice)
+    meta = runs.read_metadata(run.run_dir)
+    assert "app_gpu_after_run" in meta["memory"]  # both figures recorded, whatever the end
+    with pytest.raises(ConfigError, match="restart the studio"):
+        memory.refuse_if_broken("cuda")
+    memory.refuse_if_broken("cpu")  # the CPU is not affected
+    key = SimpleNamespace(device="cuda", path=Path("x"), four_bit=False)
+    with pytest.raises(chat.ChatError, match="restart the studio"):
+        chat.ChatEngine()._load_fresh_base(key, "x", lambda *_: None)
+
+
+# --- issue 25, item 7: fp16 only when the activations fit too ------------------------------------
+
+
+def test_a_merged_model_whose_activations_overflow_fp16_is_saved_in_bf16() -> None:
+    """Weights within float16's range, activations beyond it (as Gemma's): bfloat16 is kept,
+    and the reason says so. A model over 1B is faked by its parameter count only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from studio.export import merge
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    prompts = [[1, 5, 9, 13, 40], [2, 60, 61]]
+    calm = merge.save_dtype_for(model, prompts, params=2 * 10**9)
+    assert calm.dtype == "float16" and "within float16's range" in calm.reason
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.weight.mul_(4000.0 / proj.weight.abs().max())  # every |w| <= 4000
+    assert max(float(p.abs().max()) for p in model.parameters()) <= merge.FP16_SAFE_MAX
+    half = LlamaForCausalLM(config).eval()
+    half.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        logits = half.half()(input_ids=torch.tensor([prompts[0]])).logits
+    assert not torch.isfinite(logits).all()  # the premise: fp16 really breaks this model
+    hot = merge.save_dtype_for(model, prompts, params=2 * 10**9)
+    assert hot.dtype == "bfloat16", hot
+    assert "activation" in hot.reason and "beyond float16's limit" in hot.reason
+    small = merge.save_dtype_for(model, prompts)  # under 1B: float32, nothing to check
+    assert small.dtype == "float32"
