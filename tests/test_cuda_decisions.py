@@ -554,3 +554,26 @@ def test_a_merged_model_whose_activations_overflow_fp16_is_saved_in_bf16() -> No
     assert "activation" in hot.reason and "beyond float16's limit" in hot.reason
     small = merge.save_dtype_for(model, prompts)  # under 1B: float32, nothing to check
     assert small.dtype == "float32"
+
+
+def test_the_hardware_estimate_measures_the_card_picked_to_train() -> None:
+    """GPU 1 (a busy 24 GB card) trains: its free memory and its preset set the estimate,
+    not GPU 0's."""
+    from studio.hardware.presets import load_presets
+    from studio.ui.hardware_tab import _memory_target, estimate_view
+
+    gpus = [
+        GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, (8, 6), free_bytes=11 * GIB),
+        GpuInfo(1, "NVIDIA GeForce RTX 4090", 24 * GIB, (8, 9), free_bytes=4 * GIB),
+    ]
+    report = detect.HardwareReport(
+        detect.Choice("cuda", ""), detect.Choice("bf16", ""),
+        detect.Choice("rtx3060-12gb", ""), gpus, 0, 0, 1, 12 * GIB, 0,
+    ).to_dict()  # fmt: skip
+    catalog = load_presets()
+    picked = detect.closest_preset(catalog, gpus[1].name, gpus[1].total_bytes).value
+    capacity, in_use, how, _ = _memory_target(picked, catalog, report, gpu_index=1)
+    assert (capacity, in_use, how) == (24 * GIB, 20 * GIB, "measured on your card")
+    settings = {"method": "lora", "batch_size": 1, "max_seq_len": 512, "gpu_index": 1}
+    text, _fig = estimate_view(picked, "HuggingFaceTB/SmolLM2-135M-Instruct", settings, report)
+    assert "measured on your card" in text
