@@ -344,7 +344,8 @@ class HardwareWiring:
     def inputs(self) -> set[Any]:
         """What every handler reads: pickers, detection report, settings, Train fields."""
         ui = self.ui
-        mine = {ui["preset"], ui["model"], ui["settings"], ui["report"], ui["gpu"]}
+        mine = {ui["preset"], ui["model"], ui["settings"], ui["report"]}
+        mine |= {ui["gpu"]} if "gpu" in ui else set()
         return mine | set(self.train.values()) | ({self.edited} - {None})
 
     def typed(self, values: dict[Any, Any]) -> list[str]:
@@ -360,7 +361,7 @@ class HardwareWiring:
         for key, comp in self.train.items():
             if values.get(comp) is not None:
                 settings[key] = values[comp]
-        if values.get(ui["gpu"]) is not None:  # the card that trains: the estimate's card
+        if values.get(ui.get("gpu")) is not None:  # the card that trains: the estimate's
             settings["gpu_index"] = int(values[ui["gpu"]])
         return values.get(ui["preset"]), values.get(ui["model"]), settings, values.get(ui["report"])
 
