@@ -159,6 +159,15 @@ def test_triton_that_cannot_compile_is_not_ready_and_the_verdict_is_kept(triton_
     assert len(triton_installed) == 2 and detect.triton_ready().value is True
 
 
+def test_the_hardware_tab_never_waits_for_a_triton_compile(triton_installed) -> None:
+    triton_installed[0]["probe_code"] = "print('ok')"
+    unprobed = detect.triton_ready(probe=False)
+    assert unprobed.value is False and "not probed yet" in unprobed.reason
+    assert len(triton_installed) == 1  # no child started
+    assert detect.triton_ready().value is True  # a run probes; then the tab reads the verdict
+    assert detect.triton_ready(probe=False).value is True and len(triton_installed) == 2
+
+
 def test_a_crashing_triton_probe_leaves_the_app_running(triton_installed) -> None:
     triton_installed[0]["probe_code"] = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
     ready = detect.triton_ready()

@@ -518,7 +518,7 @@ def c_compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
-def triton_ready(fresh: bool = False) -> Choice:
+def triton_ready(fresh: bool = False, probe: bool = True) -> Choice:
     """Whether TRL's Triton loss head can run on a GPU here, and why.
 
     TRL takes the Triton path whenever the package imports; its kernels are then built at the
@@ -541,7 +541,7 @@ def triton_ready(fresh: bool = False) -> Choice:
             f"Triton {version} is installed but no C compiler (cc/gcc/clang) is: it cannot"
             " build kernels, so training uses the studio's compact loss head (install gcc)",
         )
-    found = triton_probe.verdict(fresh=fresh)
+    found = triton_probe.verdict(fresh=fresh, probe=probe)
     return Choice(found.ok, found.reason)
 
 

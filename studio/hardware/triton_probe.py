@@ -52,9 +52,11 @@ def probe_command() -> list[str]:
     return [sys.executable, str(Path(__file__).resolve())]
 
 
-def verdict(fresh: bool = False) -> Verdict:
+def verdict(fresh: bool = False, probe: bool = True) -> Verdict:
     """Whether Triton builds and runs a kernel here; probes once per Python and Triton version
-    (`fresh` probes again, as the doctor does, and stores the new answer)."""
+    (`fresh` probes again, as the doctor does, and stores the new answer). With `probe` off
+    (the Hardware tab's estimate, which must not wait for a compile) an unprobed Triton is
+    counted as not ready: the compact head's estimate is the larger one."""
     version = triton_version()
     if version is None:
         return Verdict(False, "no Triton installed: training uses the studio's compact loss head")
@@ -64,6 +66,8 @@ def verdict(fresh: bool = False) -> Verdict:
         if known is not None:
             _memory[key] = known
             return known
+        if not probe:
+            return Verdict(False, f"Triton {version} not probed yet: the first run probes it")
     found = _probe(version)
     _memory[key] = found
     _write_cache(key, found)

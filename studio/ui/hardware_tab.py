@@ -143,7 +143,7 @@ def _triton_ready() -> bool:
     """Whether this machine's runs use TRL's Triton head (else the compact one is estimated)."""
     from studio.hardware.detect import triton_ready
 
-    return bool(triton_ready().value)
+    return bool(triton_ready(probe=False).value)  # a cached verdict: no compile here
 
 
 def model_markdown(model: str) -> str:
