@@ -167,7 +167,10 @@ def gpu_taken() -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    from studio.chat.engine import training_blocker
+    try:  # helper H-A moves the GPU hand-over to studio/gpu.py; this tree has it in chat
+        from studio.gpu import training_blocker  # type: ignore[import-not-found]
+    except ImportError:
+        from studio.chat.engine import training_blocker
 
     return "a training run is using the GPU" if training_blocker() else None
 
