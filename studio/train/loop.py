@@ -141,7 +141,8 @@ def execute_run(
         TrainResult(run.run_dir, "failed", ""),
         writes=writes,
     )
-    gpu_before = memory.gpu_bytes(run.device)  # the app's own, given back at the end
+    card = recipe.card(run.cfg, run.device)  # "cuda:N": the card the run trains on
+    gpu_before = memory.gpu_bytes(card)  # the app's own there, given back at the end
     try:
         memory.refuse_if_broken(run.device)
         _train(live, list(extra_callbacks))
@@ -156,7 +157,7 @@ def execute_run(
             raise
     finally:
         live.release()
-        run.meta.setdefault("memory", {}).update(memory.after_run(run.device, gpu_before))
+        run.meta.setdefault("memory", {}).update(memory.after_run(card, gpu_before))
     _finish(live)
     return live.result
 

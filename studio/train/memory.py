@@ -22,6 +22,7 @@ GPU use with the same words (`gpu_blocker`), instead of failing obscurely.
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 # Words of the CUDA errors that poison the context (torch's RuntimeError/AcceleratorError).
@@ -55,11 +56,10 @@ def release_paged_buffers() -> int:
     """Drop bitsandbytes' process-wide references to paged optimizer buffers; how many.
 
     Called when no run is training (one run at a time in the app), so none is in use."""
-    try:
-        from bitsandbytes.functional import GlobalPageManager
-    except Exception:  # not installed, or its CUDA setup failed: it holds nothing then
+    functional = sys.modules.get("bitsandbytes.functional")
+    if functional is None:  # never imported by this process: it holds nothing
         return 0
-    pages = GlobalPageManager.get_instance().paged_tensors
+    pages = functional.GlobalPageManager.get_instance().paged_tensors
     count = len(pages)
     pages.clear()
     return count
