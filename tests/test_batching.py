@@ -111,3 +111,31 @@ def test_once_the_fine_tuned_rows_end_the_base_rows_go_on_without_lora() -> None
     assert out[0, 6:].tolist() == base_alone
     assert out[1, 6 : 6 + stop + 1].tolist() == tuned_alone[: stop + 1]
     assert _alone(model, ids)[1].equal(_alone(_tiny_peft(), ids)[1])  # LoRA back on
+
+
+@pytest.mark.parametrize("family", ["Qwen2MoeConfig", "Qwen3MoeConfig", "MixtralConfig"])
+def test_a_mixture_of_experts_model_answers_one_side_after_the_other(family: str) -> None:
+    """Issue 25, item 6: expert layers see the rows' tokens flattened, so neither per-row
+    scaling nor PEFT's sub-batches switch the adapter per row there; the stats line says why."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from studio.chat.engine import _sequential_mode
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16}
+    config = getattr(transformers, family)(
+        vocab_size=97,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **sizes,
+        **({"num_experts": 4} if "Qwen" in family else {"num_local_experts": 4}),
+    )
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    problem = batching.mixed_batch_problem(model)
+    assert problem is not None and "mixture-of-experts" in problem and "experts=4" in problem
+    assert "mixture-of-experts" in _sequential_mode(2, problem)  # what the stats line shows
+    assert batching.mixed_batch_problem(_tiny_peft()) is None  # a dense model still batches

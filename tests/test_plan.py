@@ -235,3 +235,37 @@ def test_time_estimate_uses_the_last_completed_run_of_the_model(own_data_dir: Pa
     assert planner.measured_tokens_per_s("my/model-a", "cpu") == pytest.approx(100.0)
     assert planner.measured_tokens_per_s("my/model-a", "cuda") is None
     assert planner.measured_tokens_per_s("my/model-c", "cpu") is None
+
+
+def test_the_time_estimate_skips_short_runs_and_the_start_up(own_data_dir: Path) -> None:
+    """Issue 25, item 11: after two 1-step runs (all start-up) the estimate took their rate;
+    a 20-step run's steady rate counts, timed from its first logged step to its last."""
+    import json
+
+    from studio import runs
+
+    def finished(steps: int, train_s: float, created: str, log: list[dict]) -> None:
+        run_dir = runs.new_run_dir("rate")
+        runs.write_metadata(
+            run_dir,
+            {
+                "status": "completed", "created": created,
+                "base_model": {"name": "my/model-r"}, "device": {"used": "cpu"},
+                "dataset": {"train_tokens": 1000}, "plan": {"steps_per_epoch": 10},
+                "total_steps": steps, "timings": {"train_s": train_s},
+                "final_metrics": {"train_loss": 1.0},
+            },
+        )  # fmt: skip
+        lines = [json.dumps(e) for e in log]
+        (run_dir / runs.LOG).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # 30 s of start-up, then 2 s per step of 100 tokens: 50 tokens/s once running
+    steady = [
+        {"kind": "train", "step": s, "elapsed_s": 30.0 + 2.0 * (s - 1), "loss": 1.0}
+        for s in range(1, 21)
+    ]
+    finished(20, 68.0, "2026-01-01T00:00:01", steady)
+    one = [{"kind": "train", "step": 1, "elapsed_s": 59.0, "loss": 1.0}]
+    finished(1, 60.0, "2026-01-01T00:00:02", one)
+    finished(1, 60.0, "2026-01-01T00:00:03", one)
+    assert planner.measured_tokens_per_s("my/model-r", "cpu") == pytest.approx(50.0)

@@ -98,11 +98,13 @@ def test_a_run_goes_one_way_through_the_train_package() -> None:
     allowed = {
         "tracking": set(),  # a leaf: where the curves go (TensorBoard, W&B)
         "distributed": set(),  # a leaf: ranks, the stop file, the accelerate command
+        "fused_loss": set(),  # a leaf: TRL's fused-head loss without host syncs
+        "memory": set(),  # a leaf: GPU memory given back, a fatal CUDA error remembered
         "prepare": {"distributed"},  # rank 0 alone writes the token cache
-        "recipe": {"tracking", "distributed"},
+        "recipe": {"tracking", "distributed", "fused_loss"},
         "checks": set(),
         "plan": {"prepare", "recipe"},  # the Train tab's pre-flight, before any run starts
-        "loop": {"prepare", "recipe", "checks", "tracking", "distributed"},
+        "loop": {"prepare", "recipe", "checks", "tracking", "distributed", "memory"},
         "jobs": {"prepare", "loop", "distributed"},
         "cli": {"prepare", "loop", "distributed"},
     }

@@ -226,3 +226,47 @@ def test_an_eval_interval_the_user_set_wins() -> None:
     assert (
         plan_steps(RunConfig(max_steps=21, batch_size=4, grad_accum=1), 100, 30)["eval_steps"] == 21
     )
+
+
+@pytest.mark.slow
+def test_trls_fused_head_loss_without_its_host_syncs(tmp_path, monkeypatch, embedded_model) -> None:
+    """Issue 25, item 10: TRL reads entropy, token accuracy and a token count back to the host
+    after each micro-batch (`.item()`); the studio's training step takes TRL's fused-head loss
+    without them. Same loss and gradients as TRL's own compute_loss, and no `.item()`."""
+    from trl import SFTTrainer
+
+    from studio.models import tiny
+    from studio.models.loader import load_tokenizer
+
+    monkeypatch.setenv("LORA_STUDIO_CPU_FP32", "1")
+    model_dir = tiny.build_model("llama", tmp_path / "tiny", dtype="float32")
+    cfg = RunConfig(base_model=str(model_dir), max_seq_len=64, batch_size=2, max_steps=1,
+                    target_modules="qv", lora_dropout=0.0, device="cpu")  # fmt: skip
+    tok = load_tokenizer(model_dir)
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Xin chào", "Chào bạn, tôi giúp gì được?"), ("สวัสดี", "ยินดีครับ")]
+    ]
+    tokenized, _ = tokenize_rows(tok, rows, cfg)
+    model = recipe.load_base_model(cfg, model_dir, "cpu")
+    args = recipe.build_training_args(cfg, tmp_path / "run", "cpu", False, False)
+    trainer = recipe.build_trainer(cfg, model, tok, args, "cpu", tokenized)
+    trainer.compact_head = False  # TRL's fused head, as on a GPU with Triton
+    trainer.model.train()
+    batch = trainer._prepare_inputs(trainer.data_collator(tokenized))
+    lora = [p for p in trainer.model.parameters() if p.requires_grad]
+    reads: list[int] = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+
+    def loss_and_grads(compute) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        reads.clear()
+        loss = compute(trainer, trainer.model, dict(batch))
+        return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, lora)], len(reads)
+
+    trl_loss, trl_grads, trl_reads = loss_and_grads(SFTTrainer.compute_loss)
+    loss, grads, own_reads = loss_and_grads(type(trainer).compute_loss)
+    assert trl_reads >= 3 and own_reads == 0
+    assert torch.allclose(loss, trl_loss, rtol=1e-5), (loss, trl_loss)
+    for g, want in zip(grads, trl_grads, strict=True):
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-7)

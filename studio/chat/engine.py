@@ -595,6 +595,10 @@ class ChatEngine:
         self, key: BaseKey, name: str, progress: Callable[[str, float], None]
     ) -> None:
         """Free whatever is loaded, then load the base as `key` says (the slow part)."""
+        from studio.train.memory import gpu_blocker
+
+        if str(key.device).startswith("cuda") and gpu_blocker():  # a fatal CUDA error
+            raise ChatError(gpu_blocker() or "")
         self._drop("replaced by another model")
         progress(f"Loading {name} ({'4-bit' if key.four_bit else '16-bit'})", 0.2)
         try:

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ from studio.export.merge import (
     SANITY_TOKENS,
     SanityCheck,
     available_ram,
+    busy_note,
     compare,
+    gpu_taken,
     greedy_ids,
     teacher_logits,
 )
@@ -270,12 +272,14 @@ def verify_plan(gguf_file: Path) -> VerifyPlan:
     import torch
 
     gpu_free = gpu_dtype = None
-    if torch.cuda.is_available():
+    busy = gpu_taken()  # a GPU training run: the check must not take its memory
+    if torch.cuda.is_available() and busy is None:
         from studio.models.precision import precision
 
         gpu_free = int(torch.cuda.mem_get_info()[0])
         gpu_dtype = str(precision("cuda").torch_dtype).removeprefix("torch.")
-    return plan_verify(gguf_params(gguf_file), gpu_free, gpu_dtype, available_ram())
+    plan = plan_verify(gguf_params(gguf_file), gpu_free, gpu_dtype, available_ram())
+    return replace(plan, reason=plan.reason + busy_note(busy)) if busy else plan
 
 
 def check_gguf(

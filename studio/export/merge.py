@@ -7,6 +7,7 @@ then compares greedy answers and logits of the reloaded merged folder with base+
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,19 +141,37 @@ def choose_precision(base_path: Path) -> tuple[str, str, str]:
     import torch
 
     params = param_count(base_path)
-    if torch.cuda.is_available():
+    busy = gpu_taken()
+    if torch.cuda.is_available() and busy is None:
         free, _total = torch.cuda.mem_get_info()
         if free > params * 4 * 1.3:
             return "cuda", "float32", f"on the GPU in float32 ({free / 2**30:.1f} GiB free)"
     avail = available_ram()
     if avail is None or avail > params * 4 * 1.5:
-        return "cpu", "float32", "on the CPU in float32 (exact)"
+        return "cpu", "float32", f"on the CPU in float32 (exact){busy_note(busy)}"
     return (
         "cpu",
         "bfloat16",
         "on the CPU in bfloat16, which may round part of the adapter away: float32 would need"
-        f" {params * 4 / 2**30:.1f} GiB of RAM, {avail / 2**30:.1f} GiB are free",
+        f" {params * 4 / 2**30:.1f} GiB of RAM, {avail / 2**30:.1f} GiB are free{busy_note(busy)}",
     )
+
+
+def gpu_taken() -> str | None:
+    """Why export must not use the GPU now (a training run holds it), or None.
+
+    Sizing by free VRAM alone let a merge or a GGUF check load next to a running GPU run,
+    which then died of out-of-memory. Export waits for nothing: it works on the CPU and
+    says so. The check is the same hand-over rule Chat follows (fails closed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return "a training run is using the GPU" if gpu.training_blocker() else None
+
+
+def busy_note(busy: str | None) -> str:
+    return f": not on the GPU, {busy}" if busy else ""
 
 
 def _largest_weight(tensors: Mapping[str, Any]) -> tuple[str, float]:
@@ -360,7 +379,7 @@ def merge_adapter(
     reference, ref_logits, effect = _reference(model, tok, prompt_ids, max_new_tokens)
 
     progress("Merging the adapter into the base weights", 0.25)
-    saved = _save_merged(model, tok, out_dir, progress)
+    saved = _save_merged(model, tok, out_dir, progress, prompt_ids)
     model = None
     gpu.free_memory()
 
@@ -405,10 +424,72 @@ def _reference(
     return reference, ref_logits, effect
 
 
-def _save_merged(model: Any, tok: Any, out_dir: Path, progress: Progress) -> SavedDtype:
+def save_dtype_for(
+    model: Any, prompt_ids: list[list[int]], params: int | None = None
+) -> SavedDtype:
+    """`choose_save_dtype`, and where it picks float16, a look at the activations too.
+
+    The weights' range is not enough: families trained in bf16 (Gemma is the known case)
+    carry activations past float16's limit although every weight fits, and the fp16 model
+    then answers inf/NaN. So the merged model runs the validation prompts, and bfloat16 is
+    kept, with the reason, when any module's output would overflow float16."""
+    saved = choose_save_dtype(model.state_dict(), params or model.num_parameters())
+    if saved.dtype != "float16" or not prompt_ids:
+        return saved
+    peak, where = activation_peak(model, prompt_ids)
+    shown = f"{peak:,.0f}" if math.isfinite(peak) else str(peak)
+    if math.isfinite(peak) and peak <= FP16_MAX:
+        saved.reason += (
+            f"; on the validation prompts its activations peak at {shown} (in {where}),"
+            " within float16's range"
+        )
+        return saved
+    saved.dtype = "bfloat16"
+    saved.reason = (
+        f"every weight fits float16, but on the validation prompts an activation reaches"
+        f" {shown} (in {where}), beyond float16's limit {FP16_MAX:g}: the float16 model would"
+        " answer inf/NaN, so bfloat16 (float32's range) is kept"
+    )
+    return saved
+
+
+def activation_peak(model: Any, prompt_ids: list[list[int]]) -> tuple[float, str]:
+    """The largest |output| of any module over the prompts, and the module's name."""
+    import torch
+
+    peaks: dict[str, Any] = {}
+
+    def hook(name: str):
+        def record(_module: Any, _inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(out) and out.is_floating_point() and out.numel():
+                top = out.detach().abs().amax().float()
+                peaks[name] = torch.maximum(peaks[name], top) if name in peaks else top
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            for ids in prompt_ids:
+                model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not peaks:
+        return 0.0, ""
+    values = {n: float(v) for n, v in peaks.items()}  # one host read per module, at the end
+    bad = [n for n, v in values.items() if not math.isfinite(v)]
+    name = bad[0] if bad else max(values, key=values.__getitem__)
+    return values[name], name
+
+
+def _save_merged(
+    model: Any, tok: Any, out_dir: Path, progress: Progress, prompt_ids: list[list[int]]
+) -> SavedDtype:
     """Fold the adapter in and save the result (safetensors, tokenizer, chat template)."""
     merged = model.merge_and_unload()
-    saved = choose_save_dtype(merged.state_dict(), merged.num_parameters())
+    saved = save_dtype_for(merged, prompt_ids)
     save_dt = saved.dtype
     merged = merged.to(torch_dtype(save_dt))
     if getattr(merged.config, "quantization_config", None) is not None:

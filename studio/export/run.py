@@ -48,7 +48,7 @@ from typing import Any
 
 from studio import gpu
 from studio.data import chat_format
-from studio.export import merge
+from studio.export import merge, prequant
 from studio.export.common import (
     ExportError,
     Message,
@@ -416,6 +416,7 @@ def export_run(
     progress("Checking the run", 0.01)
     src = inspect_run(run_dir)
     base = resolve_base(src, lambda m, f: progress(f"[base model] {m}", 0.02 + 0.03 * f))
+    base = prequant.merge_base(src, base, lambda m, f: progress(f"[16-bit base] {m}", 0.05))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if not _export_lock.acquire(blocking=False):
         raise ExportError("Another export is running; wait for it to finish.")
@@ -577,6 +578,7 @@ def _export_into(plan: ExportPlan) -> ExportResult:
         notes.append("The run's dataset was not readable; the sanity check used default prompts.")
     if src.method == "qlora":
         notes.append(QLORA_NOTE)
+    notes += prequant.notes(src, base)  # merged onto the 16-bit original
 
     _record(partial, current="merge")
     merged_dir = partial / MERGED

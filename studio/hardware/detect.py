@@ -108,9 +108,23 @@ def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
 
 def nvidia_smi() -> list[dict[str, Any]] | None:
     """The driver's own view of the GPUs (works with a CPU-only torch); None without a driver."""
+    done, _why = _query_smi()
+    return parse_nvidia_smi(done.stdout) if done is not None else None
+
+
+def nvidia_smi_problem() -> str:
+    """Why `nvidia_smi` gave None, in words: "nvidia-smi missing", or "nvidia-smi failed: <its
+    own message>" when it is installed but cannot reach the driver (a driver/kernel mismatch
+    after an update, a container without the GPU)."""
+    done, why = _query_smi()
+    return "nvidia-smi answered" if done is not None else why
+
+
+def _query_smi() -> tuple[subprocess.CompletedProcess | None, str]:
+    """nvidia-smi's GPU query, and why it gave nothing when it did."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
+        return None, "nvidia-smi missing"
     try:
         done = subprocess.run(
             [
@@ -123,9 +137,12 @@ def nvidia_smi() -> list[dict[str, Any]] | None:
             timeout=_SMI_TIMEOUT_S,
             check=False,
         )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_nvidia_smi(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"nvidia-smi failed: {type(exc).__name__}: {exc}"
+    if done.returncode != 0:
+        said = " ".join((done.stdout + " " + done.stderr).split())[:300]
+        return None, f"nvidia-smi failed: {said or f'exit status {done.returncode}'}"
+    return done, ""
 
 
 def driver_cuda_version() -> str | None:
@@ -224,6 +241,23 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
         if gpu.free_bytes is not None:
             gpu.own_bytes = own_cuda_bytes(gpu)
     return gpus, f"{len(gpus)} CUDA device(s)"
+
+
+def card_info(index: int) -> dict[str, Any]:
+    """The card a run trains on (`gpu_index`), for its metadata: not GPU 0 when another
+    card trains."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    capability = (int(props.major), int(props.minor))
+    return {
+        "gpu_index": index,
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "compute_capability": f"{capability[0]}.{capability[1]}",
+        "cuda": torch.version.cuda,
+        "native_bf16": native_bf16(capability),
+    }
 
 
 def _smi_uuid(uuid: Any) -> str:
@@ -458,34 +492,31 @@ def c_compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
-def triton_ready(
-    available: bool | None = None, system: str | None = None, compiler: str | None = ""
-) -> Choice:
-    """Whether TRL's Triton loss head can run on a GPU here, and why (faked in tests).
+def triton_ready(fresh: bool = False, probe: bool = True) -> Choice:
+    """Whether TRL's Triton loss head can run on a GPU here, and why.
 
-    TRL takes the Triton path when the package imports; on Linux its kernels then need a C
-    compiler at the first step. Without either, the studio's compact head is used on CUDA
-    (`studio.train.recipe.compact_head_ok`): TRL's torch fallback scores every position in
-    fp32 tiles of 256-512 MiB and is slow. Windows wheels of Triton bundle their compiler.
+    TRL takes the Triton path whenever the package imports; its kernels are then built at the
+    first step, which fails on a Linux without a C compiler or without `Python.h`. So the
+    answer is the probe's (`triton_probe.verdict`: one tiny kernel compiled in a child, once
+    per Python and Triton version). Where it says no, the studio's compact head is used on
+    CUDA (`studio.train.recipe.compact_head_ok`): TRL's torch fallback scores every position
+    in fp32 tiles of 256-512 MiB and is slow.
     """
     import platform
 
-    if available is None:
-        from transformers.utils import is_triton_available
+    from studio.hardware import triton_probe
 
-        available = bool(is_triton_available())
-    system = system or platform.system()
-    if not available:
-        return Choice(False, "no Triton: training uses the studio's compact loss head")
-    if system == "Linux":
-        compiler = c_compiler() if compiler == "" else compiler
-        if not compiler:
-            return Choice(
-                False,
-                "Triton is installed but no C compiler (cc/gcc/clang) is: it cannot build"
-                " kernels, so training uses the studio's compact loss head (install gcc)",
-            )
-    return Choice(True, "Triton available: TRL's fused loss head")
+    version = triton_probe.triton_version()
+    if version is None:
+        return Choice(False, "no Triton installed: training uses the studio's compact loss head")
+    if platform.system() == "Linux" and not c_compiler():
+        return Choice(
+            False,
+            f"Triton {version} is installed but no C compiler (cc/gcc/clang) is: it cannot"
+            " build kernels, so training uses the studio's compact loss head (install gcc)",
+        )
+    found = triton_probe.verdict(fresh=fresh, probe=probe)
+    return Choice(found.ok, found.reason)
 
 
 def estimate_kernel(device: str) -> str:

@@ -76,8 +76,34 @@ def mixed_batch_problem(
         return "PEFT cannot mix a DoRA adapter with the base in one batch"
     if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
         return "the adapter is merged into the weights"
+    experts = moe_experts(model)
+    if experts:
+        return (
+            f"a mixture-of-experts model ({experts}): its expert layers see the rows' tokens"
+            " flattened together, so the adapter cannot be switched per row"
+        )
     if repetition_penalty != 1.0 and lengths and len(set(lengths)) > 1:
         return "a repetition penalty would count the padding of the shorter prompt"
+    return None
+
+
+# Config keys that mark a mixture-of-experts model: Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE count
+# their experts, DeepSeek its routed ones, Qwen2-MoE sizes its shared expert.
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts")
+_MOE_SHARED_KEYS = ("shared_expert_intermediate_size",)
+
+
+def moe_experts(model: Any) -> str | None:
+    """ "num_experts=60"-like words when `model` (PEFT-wrapped or not) routes its tokens
+    through experts, else None. Per-row LoRA scaling multiplies a [rows, T, H] output by a
+    [rows, 1, 1] mask; an expert's LoRA layer sees [tokens, H] gathered across rows, so the
+    mask would broadcast wrongly, and PEFT's per-row sub-batches would be silently wrong."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _MOE_KEYS + _MOE_SHARED_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > (1 if key in _MOE_KEYS else 0):
+            return f"{key}={value}"
     return None
 
 

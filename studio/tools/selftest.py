@@ -41,11 +41,29 @@ def write_dataset(folder: Path, rows: int = 12) -> Path:
     return path
 
 
+def presets_recipe(device: str) -> dict[str, Any]:
+    """What the presets train with on this device (`device` "auto" asks torch): their
+    optimizer (paged 8-bit AdamW on every GPU preset), and gradient checkpointing, which
+    every band from 1B up turns on. The dtype follows the card (`precision`) as in a run.
+    A self-test on another recipe would pass on a card where the users' runs fail."""
+    from studio.hardware.presets import load_presets
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    preset = next(p for p in load_presets().presets.values() if p.kind == kind)
+    return {"optimizer": preset.bands["up_to_1b"].optimizer, "gradient_checkpointing": True}
+
+
 def selftest_config(model_dir: Path, method: str, device: str, steps: int) -> Any:
-    """A short run on a small written dataset: few steps, short rows, every check kept."""
+    """A short run on a small written dataset in the presets' recipe: few steps, short rows,
+    every check kept."""
     from studio.config import RunConfig
 
     return RunConfig(
+        **presets_recipe(device),
         run_name=f"selftest-{method}",
         base_model=str(model_dir),
         dataset_path=str(write_dataset(Path(model_dir).parent)),
@@ -97,6 +115,9 @@ def run_case(
         train_message=result.message,
         device=(meta.get("device") or {}).get("used"),
         loss_head=(meta.get("recipe") or {}).get("loss_head"),
+        optimizer=(meta.get("settings") or {}).get("optimizer"),
+        gradient_checkpointing=(meta.get("settings") or {}).get("gradient_checkpointing"),
+        precision=(meta.get("recipe") or {}).get("precision"),
         memory=meta.get("memory") or {},
         train_s=round(time.time() - t0, 1),
     )

@@ -81,15 +81,38 @@ def effective_batch(batch_size: int, grad_accum: int, processes: int) -> int:
 # --- the process group ------------------------------------------------------------------------
 
 
+# How long the other ranks wait for rank 0 to prepare the run (read and tokenize the data),
+# and the app for its first line. NCCL's own default (10 min) was shorter than the app's wait;
+# the base model is fetched before the launch (`fetch_base_before_launch`), so this covers
+# preparation only.
+PREPARE_WAIT_S = 30 * 60
+
+
 def init_group(cpu: bool) -> str:
     """Join the launched processes (accelerate's PartialState); returns the backend's name.
 
     The Trainer later builds its own state on the same group (PartialState is shared)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
     from accelerate import PartialState
 
-    PartialState(cpu=cpu)
+    PartialState(cpu=cpu, timeout=timedelta(seconds=PREPARE_WAIT_S))
     return str(dist.get_backend())
+
+
+def fetch_base_before_launch(base_model: str) -> None:
+    """Download (or convert) the base model in the app, before any rank starts: under the
+    launch, rank 0 did it while the other ranks waited in the process group, and a large
+    download outlasted both their timeout and the app's. A model that cannot be fetched is
+    refused here, before processes start."""
+    from studio.config import ConfigError
+    from studio.models.loader import resolve_model
+
+    try:
+        resolve_model(base_model)
+    except Exception as exc:
+        raise ConfigError("base_model", f"could not fetch {base_model!r}: {exc}") from exc
 
 
 def share(obj: Any) -> Any:

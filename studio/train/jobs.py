@@ -320,6 +320,8 @@ class JobManager:
         child: _Child | None = None
         try:
             args, history, offset = _process_args(cfg, run_dir)
+            base = (cfg or RunConfig.load(Path(run_dir or "") / runs.RUN_YAML)).base_model
+            distributed.fetch_base_before_launch(base)
             child = _start_processes(args, processes)
             self._children.append(child)  # from here on, the app's exit stops it
             found = _await_run_folder(child)
@@ -552,7 +554,7 @@ def _announced_folder(output: list[str]) -> Path | None:
     return None
 
 
-def _await_run_folder(child: _Child, timeout: float = 900) -> Path:
+def _await_run_folder(child: _Child, timeout: float = distributed.PREPARE_WAIT_S) -> Path:
     """The run folder rank 0 announces, or why the processes ended before it (ConfigError)."""
     proc, output = child.proc, child.output
     deadline = time.time() + timeout
@@ -568,7 +570,9 @@ def _await_run_folder(child: _Child, timeout: float = 900) -> Path:
             text = refused[-1] if refused else " ".join(output[-5:])
             raise ConfigError("run", f"the training processes did not start: {text}")
         time.sleep(0.2)
-    raise ConfigError("run", "the training processes did not start within 15 minutes")
+    raise ConfigError(
+        "run", f"the training processes did not start within {timeout / 60:.0f} minutes"
+    )
 
 
 # --- how a launched run ended, and the app's exit ---------------------------------------------

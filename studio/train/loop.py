@@ -30,7 +30,7 @@ from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, template_hash
 from studio.hardware import vram
 from studio.models.precision import precision
-from studio.train import checks, distributed, recipe, tracking
+from studio.train import checks, distributed, memory, recipe, tracking
 from studio.train.prepare import (
     PreparedRun,
     load_token_cache,
@@ -139,7 +139,10 @@ def execute_run(
         TrainResult(run.run_dir, "failed", ""),
         writes=writes,
     )
+    card = recipe.card(run.cfg, run.device)  # "cuda:N": the card the run trains on
+    gpu_before = memory.gpu_bytes(card)  # the app's own there, given back at the end
     try:
+        memory.refuse_if_broken(run.device)
         _train(live, list(extra_callbacks))
     except _StopBeforeTraining:
         live.result.status = "stopped"
@@ -152,6 +155,7 @@ def execute_run(
             raise
     finally:
         live.release()
+        run.meta.setdefault("memory", {}).update(memory.after_run(card, gpu_before))
     _finish(live)
     return live.result
 
@@ -412,6 +416,9 @@ def _explain_failure(live: _Live, exc: BaseException) -> None:
         result.message = f"Invalid setting or data: {exc}"
     elif not isinstance(exc, Exception):
         result.message = f"Aborted ({type(exc).__name__}); Resume continues from a checkpoint."
+    elif memory.is_fatal_cuda_error(exc):
+        result.message, result.advice = memory.mark_fatal(exc)
+        live.emit({"event": "traceback", "text": traceback.format_exc()})
     elif is_out_of_memory(exc):
         result.message, result.advice, result.retry_config = oom_advice(run.cfg, run.device, exc)
     elif is_save_error(exc):

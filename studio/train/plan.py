@@ -213,10 +213,17 @@ def suggested_max_len(lengths: list[int], multiple: int = 64) -> int:
     return max(multiple, math.ceil(p99 / multiple) * multiple)
 
 
-def measured_tokens_per_s(base_model: str, device: str) -> float | None:
-    """Tokens per second of the newest completed run of this model on this device, or None.
+# A run shorter than this is mostly start-up (loading, the first step's warm-up, the step-0
+# eval): after two 1-step runs, their rate put a 6-minute run at "about 23 min".
+MIN_RATE_STEPS = 10
 
-    Counted over the whole training phase (evaluations included), so it estimates wall time.
+
+def measured_tokens_per_s(base_model: str, device: str) -> float | None:
+    """Tokens per second of the newest completed run of this model on this device that ran
+    at least MIN_RATE_STEPS steps, or None.
+
+    Timed from its first logged step to its last (`steady_step_s`), so the start-up is left
+    out while the evals and checkpoints between steps stay in: it estimates wall time.
     """
     from studio import runs
 
@@ -235,9 +242,19 @@ def measured_tokens_per_s(base_model: str, device: str) -> float | None:
         per_epoch = (meta.get("plan") or {}).get("steps_per_epoch")
         seconds = (meta.get("timings") or {}).get("train_s")
         steps = meta.get("total_steps")
-        if tokens and per_epoch and seconds and steps:
-            return tokens * (steps / per_epoch) / seconds
+        if not (tokens and per_epoch and seconds and steps) or steps < MIN_RATE_STEPS:
+            continue
+        step_s = steady_step_s(runs.load_log(info.path)) or seconds / steps
+        return tokens / per_epoch / step_s
     return None
+
+
+def steady_step_s(log: list[dict[str, Any]]) -> float | None:
+    """Seconds per step between a run's first and last logged training step, or None."""
+    train = [e for e in log if e.get("kind") == "train" and e.get("elapsed_s") is not None]
+    if len(train) < 2 or train[-1]["step"] <= train[0]["step"]:
+        return None
+    return (train[-1]["elapsed_s"] - train[0]["elapsed_s"]) / (train[-1]["step"] - train[0]["step"])
 
 
 def preflight(

@@ -23,7 +23,6 @@ from studio import __version__, runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, tokenize_conversation
 from studio.data.load import SAMPLE_DATASET
-from studio.models.precision import precision
 from studio.train import distributed
 
 
@@ -306,8 +305,8 @@ def board_power(cfg: RunConfig, device: str) -> tuple[float, str]:
     return 0.0, "0 W: pick a hardware preset to estimate electricity"
 
 
-def hardware_info(device: str) -> dict[str, Any]:
-    """The machine a run trained on, for its metadata."""
+def hardware_info(device: str, gpu_index: int = 0) -> dict[str, Any]:
+    """The machine a run trained on, for its metadata: the card it trains on."""
     import psutil
     import torch
 
@@ -321,13 +320,9 @@ def hardware_info(device: str) -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(
-            gpu=props.name,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-            native_bf16=precision("cuda").name == "bf16",
-        )
+        from studio.hardware.detect import card_info
+
+        info.update(card_info(gpu_index if device == "cuda" else 0))
     return info
 
 
@@ -393,7 +388,7 @@ def _new_run_meta(
         "settings": cfg.to_dict(),
         "seed": cfg.seed,
         "versions": package_versions(),
-        "hardware": hardware_info(device),
+        "hardware": hardware_info(device, cfg.gpu_index),
         "device": {"used": device, "reason": reason, "expected": expected_device(cfg)},
         "adapter_dir": runs.ADAPTER,
         "error": None,

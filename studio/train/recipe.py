@@ -19,7 +19,7 @@ from studio.config import ConfigError, RunConfig
 from studio.hardware.vram import HEAD_CHUNK_VALUES
 from studio.models.loader import load_model
 from studio.models.precision import precision
-from studio.train import distributed, tracking
+from studio.train import distributed, fused_loss, tracking
 
 KEEP_CHECKPOINTS = 2
 
@@ -216,8 +216,13 @@ def pin_to_one_gpu(args: Any, index: int) -> None:
 
     args._n_gpu = 1  # what Trainer itself sets for a model it must not replicate
     if index:
-        torch.cuda.set_device(index)  # accelerate's "cuda" is the thread's current card
+        torch.cuda.set_device(index)  # for kernels that use the thread's current card
         args.__dict__["_setup_devices"] = torch.device("cuda", index)  # args.device, cached
+        # accelerate's device is "cuda" with no index, and its check on a 4-bit model
+        # (Accelerator.prepare_model) then refuses one that sits on cuda:N: name the card.
+        from accelerate import PartialState
+
+        PartialState(cpu=False).device = torch.device("cuda", index)
 
 
 # --- the compact CPU loss head --------------------------------------------------------------
@@ -328,6 +333,8 @@ def trainer_class():
             eval_loss_only = (
                 return_outputs and not model.training and self.args.prediction_loss_only
             )
+            if not self.compact_head and not return_outputs and fused_loss.applies(self):
+                return fused_loss.loss_without_syncs(self, model, inputs, num_items_in_batch)
             if (
                 not self.compact_head
                 or (return_outputs and not eval_loss_only)

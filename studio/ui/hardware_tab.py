@@ -108,19 +108,22 @@ def _verdict_markdown(est: vram.VramEstimate, in_use_note: str) -> str:
 
 
 def _memory_target(
-    preset_name: str, catalog: PresetCatalog, report: dict[str, Any] | None
+    preset_name: str, catalog: PresetCatalog, report: dict[str, Any] | None, gpu_index: int = 0
 ) -> tuple[int, int, str, str]:
-    """(capacity, in use, how 'in use' was found, device) for the estimate."""
+    """(capacity, in use, how 'in use' was found, device) for the estimate, on the card
+    picked to train (`gpu_index`), not always GPU 0."""
     preset = catalog.get(preset_name)
     if preset.kind == "cpu":
         from studio.hardware.detect import estimate_kernel, ram_used_by_others, system_ram
 
         how = "RAM used by other programs, measured"
         return system_ram()[0], ram_used_by_others(), how, estimate_kernel("cpu")
+    from studio.hardware.detect import closest_preset
+
     gpus = (report or {}).get("gpus") or []
-    detected = (report or {}).get("preset", {}).get("value")
-    if gpus and detected == preset.name and gpus[0].get("free_bytes") is not None:
-        gpu = gpus[0]
+    gpu = next((g for g in gpus if g.get("index") == gpu_index), gpus[0] if gpus else None)
+    detected = gpu and closest_preset(catalog, gpu.get("name"), gpu.get("total_bytes")).value
+    if gpu and detected == preset.name and gpu.get("free_bytes") is not None:
         used = gpu.get("used_bytes")  # other programs' use: the app's own context not counted
         return (
             int(gpu["total_bytes"]),
@@ -140,7 +143,7 @@ def _triton_ready() -> bool:
     """Whether this machine's runs use TRL's Triton head (else the compact one is estimated)."""
     from studio.hardware.detect import triton_ready
 
-    return bool(triton_ready().value)
+    return bool(triton_ready(probe=False).value)  # a cached verdict: no compile here
 
 
 def model_markdown(model: str) -> str:
@@ -168,7 +171,8 @@ def estimate_view(
     try:
         catalog = _catalog()
         shape = vram.model_shape(model or DEFAULT_MODEL)
-        capacity, in_use, how, device = _memory_target(preset_name, catalog, report)
+        gpu_index = int(settings.get("gpu_index") or 0)
+        capacity, in_use, how, device = _memory_target(preset_name, catalog, report, gpu_index)
         est = vram.estimate(
             shape,
             settings,
@@ -341,6 +345,7 @@ class HardwareWiring:
         """What every handler reads: pickers, detection report, settings, Train fields."""
         ui = self.ui
         mine = {ui["preset"], ui["model"], ui["settings"], ui["report"]}
+        mine |= {ui["gpu"]} if "gpu" in ui else set()
         return mine | set(self.train.values()) | ({self.edited} - {None})
 
     def typed(self, values: dict[Any, Any]) -> list[str]:
@@ -356,6 +361,8 @@ class HardwareWiring:
         for key, comp in self.train.items():
             if values.get(comp) is not None:
                 settings[key] = values[comp]
+        if values.get(ui.get("gpu")) is not None:  # the card that trains: the estimate's
+            settings["gpu_index"] = int(values[ui["gpu"]])
         return values.get(ui["preset"]), values.get(ui["model"]), settings, values.get(ui["report"])
 
     def view(self, p: str | None, m: str | None, settings: dict, report: Any) -> dict[Any, Any]:
@@ -411,6 +418,9 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     # settings raced the fill and flashed a wrong verdict ("Won't fit" for an 8B model on its
     # own QLoRA band).
     ui["model"].change(partial(on_pick, w), inputs=inputs, outputs=fill_outputs, **picks)
+    # The card picked to train: the estimate measures that card (free memory, its preset).
+    estimate_out = [ui["settings"], ui["verdict"], ui["chart"]]
+    ui["gpu"].input(partial(on_settings_change, w), inputs=inputs, outputs=estimate_out, **quiet)
     if train:
         # The user's edits only: a fill writes every field and has estimated already; one
         # estimate per filled field read half-updated fields and flashed wrong verdicts.
@@ -525,7 +535,8 @@ def on_autofit(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
     p, m, current, report = w.read(values)
     try:
         shape = vram.model_shape(m or DEFAULT_MODEL)
-        capacity, in_use, _how, device = _memory_target(p or "", _catalog(), report)
+        gpu_index = int(current.get("gpu_index") or 0)
+        capacity, in_use, _how, device = _memory_target(p or "", _catalog(), report, gpu_index)
         result = vram.auto_fit(
             shape, current, capacity_bytes=capacity, in_use_bytes=in_use, device=device
         )

@@ -1,0 +1,95 @@
+"""Pre-quantized bases (`*-bnb-4bit`): export merges onto the 16-bit original, or refuses first.
+
+The most downloaded QLoRA bases are stored in 4-bit already. They train and chat, but a merge
+into them fails deep inside transformers ("You cannot cast a bitsandbytes model in a new
+dtype"), after minutes of work; and a 4-bit merge would round the adapter away anyway. The
+adapter was trained against the dequantized weights of the 16-bit original, so export merges
+onto that original (what Unsloth's own save does), or says before any work what to do.
+
+The name rule is a stand-in for the model catalogue's `original_of` (helper H-F's
+`studio.models.catalog`), used first when it is there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from studio.export.common import ExportError, Progress, RunSource
+from studio.models import loader as models
+
+BNB_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
+
+
+def quantization_of(folder: Path) -> dict[str, Any] | None:
+    """The folder's `quantization_config` (config.json), or None for plain weights."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return quant if isinstance(quant, dict) and quant else None
+
+
+def original_by_name(model_id: str) -> str | None:
+    """The 16-bit id a pre-quantized hub id was made from, by its name: the same owner
+    without the suffix ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit" -> ".../Llama-3.2-1B-Instruct").
+    None for a local folder or a name without such a suffix."""
+    name = (model_id or "").strip()
+    if name.count("/") != 1 or Path(name).expanduser().exists():
+        return None
+    for suffix in BNB_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def original_of(model_id: str) -> str | None:
+    """The catalogue's answer where it exists, else the name rule."""
+    try:
+        from studio.models import catalog  # type: ignore[attr-defined]
+
+        found = catalog.original_of(model_id)
+        if found:
+            return str(found)
+    except (ImportError, AttributeError):
+        pass
+    return original_by_name(model_id)
+
+
+def merge_base(
+    src: RunSource, base: models.ResolvedModel, progress: Progress | None = None
+) -> models.ResolvedModel:
+    """The model the adapter is merged into: `base` itself when its weights are plain, its
+    16-bit original when `base` is stored quantized. ExportError, before any work, when that
+    original is unknown or cannot be fetched, saying what to do."""
+    quant = quantization_of(base.path)
+    if quant is None:
+        return base
+    kind = str(quant.get("quant_method") or "quantized")
+    original = original_of(src.base_model)
+    if original is None:
+        raise ExportError(
+            f"The base model of {src.name}, {src.base_model}, is stored {kind}-quantized, and a"
+            " merge needs 16-bit weights; the studio does not know which model it was made"
+            " from. Train on the 16-bit original (QLoRA quantizes it while loading), or use"
+            " the adapter as it is (Chat, or Ollama's ADAPTER line)."
+        )
+    try:
+        found = models.resolve_model(original, progress)
+    except Exception as exc:
+        raise ExportError(
+            f"The base model of {src.name}, {src.base_model}, is stored {kind}-quantized, so"
+            f" the adapter is merged into its 16-bit original {original}, which could not be"
+            f" fetched: {exc}\nConnect to the internet once (or put {original} in a local"
+            " folder and name it in the run's settings), then export again."
+        ) from exc
+    return models.ResolvedModel(original, found.path, found.source, found.revision)
+
+
+def notes(src: RunSource, base: models.ResolvedModel) -> list[str]:
+    """The line an export shows when `merge_base` went to the original."""
+    if base.name == src.base_model:
+        return []
+    return [f"{src.base_model} is stored quantized: the adapter was merged into {base.name}"]
