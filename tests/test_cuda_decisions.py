@@ -456,7 +456,7 @@ def test_run_metadata_describes_the_card_that_trains(two_gpus, monkeypatch) -> N
 
 
 def test_the_selftest_trains_with_the_presets_optimizer_and_checkpointing(monkeypatch):
-    from studio.hardware import selftest
+    from studio.tools import selftest
     from studio.hardware.presets import load_presets
 
     gpu_band = load_presets().get("rtx3060-12gb").bands["up_to_1b"]
