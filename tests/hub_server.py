@@ -209,10 +209,13 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, body: bytes) -> None:
             piece = 64 * 1024
-            for i in range(0, len(body), piece):
-                self.wfile.write(body[i : i + piece])
-                if hub.rate_bps:
-                    time.sleep(piece / hub.rate_bps)
+            try:
+                for i in range(0, len(body), piece):
+                    self.wfile.write(body[i : i + piece])
+                    if hub.rate_bps:
+                        time.sleep(piece / hub.rate_bps)
+            except (BrokenPipeError, ConnectionResetError):  # the client cancelled
+                self.close_connection = True
 
     return Handler
 

@@ -99,7 +99,7 @@ def mb(n: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     if seconds >= 60:
@@ -172,9 +172,9 @@ def _classify_one(exc: BaseException, repo_id: str) -> HubError | None:
         )
     if isinstance(exc, errors.RevisionNotFoundError | errors.EntryNotFoundError):
         return HubError("not_found", f"{repo_id}: {_first_line(exc)}")
-    if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
-        if exc.response.status_code in (401, 403):
-            return HubError("gated", gated_steps(repo_id))
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, errors.HfHubHTTPError) and status in (401, 403):
+        return HubError("gated", gated_steps(repo_id))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return HubError(
             "disk_full",
@@ -264,8 +264,6 @@ class _Meter:
         now = time.monotonic()
         with self.lock:
             self.done += int(n)
-            if n > CHUNK_BYTES:  # a resumed file's bytes, counted at once: not speed
-                self.samples.clear()
             self.samples.append((now, self.done))
             while self.samples and now - self.samples[0][0] > _SPEED_WINDOW_S:
                 self.samples.pop(0)
@@ -292,34 +290,29 @@ def cancelled_message(repo_id: str) -> str:
 
 
 def _bar_class(meter: _Meter, cancel: threading.Event | None) -> type:
-    """A tqdm class for snapshot_download: its byte bar feeds the meter and checks Cancel.
+    """A progress-bar class for huggingface_hub's `http_get`: it feeds the meter and checks
+    Cancel (raising from `update` stops the transfer between two chunks)."""
 
-    huggingface_hub 2.x aggregates every file's bytes (resumed bytes included) into one
-    "Reconstructing" bar made from this class; raising from `update` stops the download and
-    leaves the `.incomplete` file for a resume.
-    """
-    from tqdm.std import tqdm
+    class _Bar:
+        def __init__(self, *_args: Any, **kwargs: Any) -> None:
+            self.n = 0
+            self.total = kwargs.get("total")  # a resumed file's bytes: in the meter's start
 
-    class _Silent:
-        def write(self, _text: str) -> None:
+        def __enter__(self) -> _Bar:
+            return self
+
+        def __exit__(self, *_exc: object) -> None:
             pass
 
-        def flush(self) -> None:
+        def update(self, n: float | None = 1) -> None:
+            self.n += int(n or 0)
+            meter.add(int(n or 0), cancel)
+
+        def close(self) -> None:
             pass
 
-    class _Bar(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.pop("name", None)
-            kwargs.update(file=_Silent(), disable=False, mininterval=3600)
-            self._counts = str(kwargs.get("desc", "")).startswith("Reconstructing")
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if self._counts:
-                meter.add(int(n or 0), cancel)
-            elif cancel is not None and cancel.is_set():
-                raise HubError("cancelled", cancelled_message(meter.repo_id))
-            return super().update(n)
+        def refresh(self) -> None:
+            pass
 
     return _Bar
 
@@ -343,15 +336,14 @@ def download(
     plan = plan_download(repo_id, token=token)
     check_disk(plan)
     meter = _Meter(repo_id, plan.total_bytes, report)
+    meter.done = min(plan.partial_bytes, plan.total_bytes)  # where an interrupted one stopped
     report(meter.snapshot())
     try:
+        for name in sorted(plan.files, key=lambda n: plan.files[n]):  # config first
+            _fetch_blob(plan, name, token, _bar_class(meter, cancel))
+        # Every file is in the cache's blobs now: this only links the snapshot folder.
         folder = snapshot_download(
-            repo_id,
-            revision=plan.commit or None,
-            allow_patterns=MODEL_FILES,
-            token=token,
-            tqdm_class=_bar_class(meter, cancel),
-            max_workers=4,
+            repo_id, revision=plan.commit or None, allow_patterns=MODEL_FILES, token=token
         )
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
@@ -359,6 +351,42 @@ def download(
         raise _classify(exc, repo_id) from exc
     report(meter.snapshot(finished=True))
     return Path(folder)
+
+
+def _fetch_blob(plan: DownloadPlan, name: str, token: str | None, bar: type) -> None:
+    """One file into the cache's `blobs/<etag>`, through `<etag>.incomplete`, which is kept
+    when the transfer stops and continued (an HTTP Range request) by the next call.
+
+    huggingface_hub 2.4 writes each download to a process-unique temporary file and deletes
+    it on failure, so on its own it resumes only within one call, not after a Cancel, a
+    crash or a closed app; this keeps the partial file under its legacy name instead."""
+    import os
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get, repo_folder_name
+    from huggingface_hub.utils import build_hf_headers
+
+    url = hf_hub_url(plan.repo_id, name, revision=plan.commit or None)
+    meta = get_hf_file_metadata(url, token=token)
+    folder = plan.cache_dir / repo_folder_name(repo_id=plan.repo_id, repo_type="model")
+    blob = folder / "blobs" / str(meta.etag)
+    if blob.exists():
+        return
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    partial = blob.with_name(blob.name + ".incomplete")
+    with partial.open("ab") as fh:
+        done = fh.tell()
+        if meta.size is None or done < meta.size:
+            headers = build_hf_headers(token=token, library_name="lora-studio")
+            http_get(
+                meta.location,
+                fh,
+                resume_size=done,
+                headers=headers,
+                expected_size=meta.size,
+                tqdm_class=bar,
+            )
+    os.replace(partial, blob)
 
 
 # --------------------------------------------------------------------------- token
