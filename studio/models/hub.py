@@ -389,6 +389,22 @@ def _fetch_blob(plan: DownloadPlan, name: str, token: str | None, bar: type) -> 
     os.replace(partial, blob)
 
 
+def fetch_config_files(repo_id: str, *, token: str | None = None) -> Path:
+    """The repo's config, tokenizer and chat template without its weights (a few MB), for a
+    pre-flight that needs the tokenizer: picking a 16 GB model must not start downloading it."""
+    from huggingface_hub import snapshot_download
+
+    kwargs: dict[str, Any] = {"allow_patterns": MODEL_FILES, "ignore_patterns": ["*.safetensors"]}
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
+    except Exception:
+        pass  # not cached yet
+    try:
+        return Path(snapshot_download(repo_id, token=token, **kwargs))
+    except Exception as exc:
+        raise _classify(exc, repo_id) from exc
+
+
 # --------------------------------------------------------------------------- token
 
 

@@ -132,6 +132,24 @@ def resolve_model(
     )
 
 
+def tokenizer_folder(name: str) -> Path:
+    """A folder holding the model's tokenizer and config: the model's own folder once it is on
+    disk, else (a hub id) just those files, a few MB. A pre-flight or preview must not start a
+    many-GB download that nobody asked for and nobody sees."""
+    from studio.models.hub import HubError, fetch_config_files
+
+    name = (name or DEFAULT_MODEL).strip()
+    local = Path(name).expanduser()
+    if is_model_dir(local):
+        return local
+    if name.count("/") == 1 and not local.exists() and name.lower() != DEFAULT_MODEL.lower():
+        try:
+            return fetch_config_files(name)
+        except HubError as exc:
+            raise ModelNotFoundError(str(exc)) from exc
+    return resolve_model(name).path
+
+
 def _advice(hub_cause: str) -> str:
     """The closing advice; none where the hub's own message already says what to do."""
     if hub_cause in ("gated", "disk_full", "not_found"):
@@ -187,10 +205,15 @@ def _resolve_hub(
         pass
     progress(f"Checking the hub for {repo_id}", 0.05)
 
+    said = [-1]
+
     def report(p: Any) -> None:
         if download_progress is not None:
             download_progress(p)
-        progress(f"Downloading {repo_id}: {p.line()}", 0.05 + 0.9 * p.fraction)
+        percent = int(p.fraction * 100)
+        if percent != said[0] or p.finished:  # a run's log gets a line per percent at most
+            said[0] = percent
+            progress(f"Downloading {repo_id}: {p.line()}", 0.05 + 0.9 * p.fraction)
 
     folder = hub.download(repo_id, progress=report, cancel=cancel)
     if not is_model_dir(Path(folder)):

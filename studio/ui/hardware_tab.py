@@ -637,7 +637,7 @@ def _wire_download(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     )
     timer = ui["download_timer"]
     ui["download"].click(on_download, ui["model"], [ui["download_md"], timer])
-    ui["cancel"].click(on_cancel, None, ui["download_md"])
+    ui["cancel"].click(on_cancel, None, [ui["download_md"], timer])
     timer.tick(on_download_tick, None, [ui["download_md"], timer], show_progress="hidden")
     ui["token_save"].click(on_token_save, ui["token"], [ui["token"], ui["token_md"]])
 
@@ -661,11 +661,13 @@ def on_download(model: str | None) -> tuple[str, Any]:
     return f"Checking **{name}** on the hub{extra}…", gr.Timer(active=True)
 
 
-def on_cancel() -> str:
+def on_cancel() -> tuple[str, Any]:
+    """Cancel takes effect at the next chunk; the timer (on again, in case a tick just turned
+    it off) then shows how the download ended."""
     from studio.models.hub import get_download_job
 
     get_download_job().cancel()
-    return "Cancelling… the part already downloaded is kept."
+    return "Cancelling… the part already downloaded is kept.", gr.Timer(active=True)
 
 
 def download_markdown(state: dict[str, Any]) -> str:
