@@ -202,3 +202,38 @@ def test_served_weights_are_a_real_safetensors_file():
     tensors = load(files["model.safetensors"])
     assert tensors["model.embed_tokens.weight"].shape[1] == 64
     assert hashlib.sha256(files["model.safetensors"]).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_stored_token_never_reaches_a_run_folder(embedded_model, studio_home, tmp_path):
+    """A real two-step run with a token stored (token file) and in HF_TOKEN: no file of the
+    run folder (run.yaml, metadata, logs, adapter card) holds it."""
+    import json
+
+    from studio.config import RunConfig
+
+    rows = tmp_path / "rows.jsonl"
+    with rows.open("w", encoding="utf-8") as fh:
+        for i in range(8):
+            turn = [
+                {"role": "user", "content": f"Câu hỏi {i}?"},
+                {"role": "assistant", "content": "OK"},
+            ]
+            fh.write(json.dumps({"messages": turn}, ensure_ascii=False) + "\n")
+    cfg = RunConfig(run_name="token-leak", dataset_path=str(rows), max_steps=2, batch_size=2)
+    cfg = cfg.replace(max_seq_len=64, val_fraction=0.0, save_steps=2, allow_pii=True)
+    yaml_path = cfg.save(tmp_path / "run.yaml")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "token").write_text(VALID_TOKEN, encoding="utf-8")
+    # No hub here: the endpoint refuses at once and the embedded model is used.
+    env = _env(None, tmp_path / "hf", endpoint="http://127.0.0.1:9")
+    env["HF_TOKEN"] = VALID_TOKEN
+    cmd = [sys.executable, "-m", "studio.train", str(yaml_path), "--data-dir", str(studio_home)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = Path(re.search(r"Run folder: (.+)", done.stdout).group(1).strip())
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "run.yaml" for p in files) and len(files) > 3
+    leaked = [str(p) for p in files if VALID_TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
+    assert VALID_TOKEN not in done.stdout + done.stderr
