@@ -185,6 +185,23 @@ def test_cli_names_not_found_and_offline(tmp_path):
     assert offline.returncode == 1 and "Cannot reach the hub" in offline.stderr, offline.stderr
 
 
+def test_picking_a_model_fetches_its_tokenizer_files_not_its_weights(tmp_path):
+    """The Train tab's pre-flight needs the tokenizer of the picked model: that must not start
+    a many-GB download of the weights that nobody sees (it did: "Checking the hub" and then
+    the whole snapshot)."""
+    code = f"from studio.models.loader import tokenizer_folder; print(tokenizer_folder({TINY!r}))"
+    with HubServer(standard_repos(weight_bytes=2**20)) as hub:
+        env = _env(hub, tmp_path / "hf")
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        weights = [r for r in hub.requests if r["path"].endswith(".safetensors")]
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert (folder / "config.json").is_file() and not (folder / "model.safetensors").exists()
+    assert [r for r in weights if r["method"] == "GET"] == []
+
+
 def test_a_pre_quantized_twin_is_named_so(tmp_path):
     """A `*-bnb-4bit` download says it is QLoRA-only and names its 16-bit original."""
     twin = "unsloth/Qwen2.5-0.5B-Instruct-bnb-4bit"
