@@ -44,6 +44,8 @@ def test_catalog_loads_and_knows_every_model_shape_and_twin():
         assert catalog.original_of(entry.id) is None
     # Unsloth's other naming of the same twin, and an unknown one
     assert catalog.original_of("unsloth/Qwen3-4B-unsloth-bnb-4bit") == "Qwen/Qwen3-4B"
+    meta = "unsloth/Meta-Llama-3.1-8B-Instruct-unsloth-bnb-4bit"  # "Meta-" before Unsloth's name
+    assert catalog.original_of(meta) == "meta-llama/Llama-3.1-8B-Instruct"
     assert catalog.original_of("someone/unheard-of-7b-bnb-4bit") is None
     assert models["Qwen/Qwen2.5-0.5B-Instruct"].download_gb == pytest.approx(0.99, abs=0.02)
     assert models["meta-llama/Llama-3.1-8B-Instruct"].gated
