@@ -85,6 +85,9 @@ def test_picker_shows_fit_and_size_and_a_download_moves_cancels_and_resumes(
         while "is on this machine" not in seen[-1]:
             page.wait_for_timeout(400)
             seen.append(progress_text(page))
+        page.wait_for_function(  # the model's info now comes from its downloaded config.json
+            "() => /config\\.json at/.test(document.querySelector('#hw-model-info').innerText)"
+        )
         percents = [int(m.group(1)) for t in seen if (m := PERCENT.search(t))]
         assert percents and percents[0] > 0, seen  # continued, not started over
         assert f"bytes={kept}-" in [r["range"] for r in hub.requests]

@@ -638,7 +638,12 @@ def _wire_download(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     timer = ui["download_timer"]
     ui["download"].click(on_download, ui["model"], [ui["download_md"], timer])
     ui["cancel"].click(on_cancel, None, [ui["download_md"], timer])
-    timer.tick(on_download_tick, None, [ui["download_md"], timer], show_progress="hidden")
+    timer.tick(
+        on_download_tick,
+        ui["model"],
+        [ui["download_md"], timer, ui["model_info"]],
+        show_progress="hidden",
+    )
     ui["token_save"].click(on_token_save, ui["token"], [ui["token"], ui["token_md"]])
 
 
@@ -683,12 +688,16 @@ def download_markdown(state: dict[str, Any]) -> str:
     return state.get("line", "") or ""
 
 
-def on_download_tick() -> tuple[str, Any]:
+def on_download_tick(model: str | None) -> tuple[str, Any, Any]:
+    """The download's line; once the picked model is in, its info (now read from its own
+    config.json) is shown again."""
     from studio.models.hub import get_download_job
 
     state = get_download_job().snapshot()
     running = state.get("status") in ("checking", "downloading")
-    return download_markdown(state), gr.Timer(active=running)
+    arrived = state.get("status") == "done" and state.get("repo_id") == (model or "").strip()
+    info = model_markdown(model or DEFAULT_MODEL) if arrived else gr.skip()
+    return download_markdown(state), gr.Timer(active=running), info
 
 
 def on_token_save(token: str | None) -> tuple[str, str]:
