@@ -1,9 +1,10 @@
 """Downloading a model from the Hugging Face hub: bytes, speed and ETA, Cancel, resume.
 
-`huggingface_hub` does the transfer (its cache, its resumable `.incomplete` files, its token);
+`huggingface_hub` does the transfer (its HTTP GET with retries, its cache layout, its token);
 this module adds what a user watching a 16 GB download needs: a disk-space check with the
 size from the hub's metadata before the first byte, progress in bytes (the library's own
-progress counts files), Cancel, and failures that name their cause and the next step.
+progress counts files), Cancel, a partial file kept for the next try (huggingface_hub 2.4
+deletes its own), and failures that name their cause and the next step.
 The UI (Hardware tab) and `python -m studio.models NAME` both call `download`.
 
 The hub is whatever `HF_ENDPOINT` names when huggingface_hub is first imported (the tests
