@@ -400,6 +400,7 @@ def test_export_of_a_bnb_4bit_base_refuses_before_any_work_when_the_original_is_
 def test_export_merges_a_bnb_4bit_run_onto_its_16_bit_original(tmp_path, embedded_model) -> None:
     from studio.export import prequant
     from studio.export.run import inspect_run, resolve_base
+    from studio.models import catalog
 
     name = "HuggingFaceTB/SmolLM2-135M-Instruct-bnb-4bit"
     src = inspect_run(_prequantized_run(tmp_path, name))
@@ -408,7 +409,7 @@ def test_export_merges_a_bnb_4bit_run_onto_its_16_bit_original(tmp_path, embedde
     assert prequant.notes(src, base) == [
         f"{name} is stored quantized: the adapter was merged into {embedded_model.name}"
     ]
-    assert prequant.quantization_of(embedded_model.path) is None
+    assert catalog.quantization_of(embedded_model.path) is None
     assert prequant.merge_base(src, embedded_model) is embedded_model  # plain weights: as is
 
 
@@ -456,8 +457,8 @@ def test_run_metadata_describes_the_card_that_trains(two_gpus, monkeypatch) -> N
 
 
 def test_the_selftest_trains_with_the_presets_optimizer_and_checkpointing(monkeypatch):
-    from studio.tools import selftest
     from studio.hardware.presets import load_presets
+    from studio.tools import selftest
 
     gpu_band = load_presets().get("rtx3060-12gb").bands["up_to_1b"]
     cfg = selftest.selftest_config(Path("/tmp/m"), "qlora", "cuda", 3)

@@ -85,10 +85,10 @@ def cached_tokenizer(model_name: str | None) -> tuple[Any, str]:
     try:
         with _TOKENIZER_LOCK:
             if name not in _TOKENIZERS:
-                resolved = models.resolve_model(name)
-                key = str(resolved.path)
+                folder = models.tokenizer_folder(name)  # no weights: no silent download
+                key = str(folder)
                 if key not in _TOKENIZERS:
-                    _TOKENIZERS[key] = models.load_tokenizer(resolved.path)
+                    _TOKENIZERS[key] = models.load_tokenizer(folder)
                 _TOKENIZERS[name] = _TOKENIZERS[key]
             return _TOKENIZERS[name], name
     except Exception as exc:

@@ -6,56 +6,15 @@ dtype"), after minutes of work; and a 4-bit merge would round the adapter away a
 adapter was trained against the dequantized weights of the 16-bit original, so export merges
 onto that original (what Unsloth's own save does), or says before any work what to do.
 
-The name rule is a stand-in for the model catalogue's `original_of` (helper H-F's
-`studio.models.catalog`), used first when it is there.
+The model catalogue (`studio.models.catalog.original_of`) knows each 4-bit twin's original;
+for an id it does not list, the same owner's id without the suffix.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 from studio.export.common import ExportError, Progress, RunSource
+from studio.models import catalog
 from studio.models import loader as models
-
-BNB_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
-
-
-def quantization_of(folder: Path) -> dict[str, Any] | None:
-    """The folder's `quantization_config` (config.json), or None for plain weights."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
-    return quant if isinstance(quant, dict) and quant else None
-
-
-def original_by_name(model_id: str) -> str | None:
-    """The 16-bit id a pre-quantized hub id was made from, by its name: the same owner
-    without the suffix ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit" -> ".../Llama-3.2-1B-Instruct").
-    None for a local folder or a name without such a suffix."""
-    name = (model_id or "").strip()
-    if name.count("/") != 1 or Path(name).expanduser().exists():
-        return None
-    for suffix in BNB_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def original_of(model_id: str) -> str | None:
-    """The catalogue's answer where it exists, else the name rule."""
-    try:
-        from studio.models import catalog  # type: ignore[attr-defined]
-
-        found = catalog.original_of(model_id)
-        if found:
-            return str(found)
-    except (ImportError, AttributeError):
-        pass
-    return original_by_name(model_id)
 
 
 def merge_base(
@@ -64,11 +23,11 @@ def merge_base(
     """The model the adapter is merged into: `base` itself when its weights are plain, its
     16-bit original when `base` is stored quantized. ExportError, before any work, when that
     original is unknown or cannot be fetched, saying what to do."""
-    quant = quantization_of(base.path)
+    quant = catalog.quantization_of(base.path)
     if quant is None:
         return base
     kind = str(quant.get("quant_method") or "quantized")
-    original = original_of(src.base_model)
+    original = catalog.original_of(src.base_model)
     if original is None:
         raise ExportError(
             f"The base model of {src.name}, {src.base_model}, is stored {kind}-quantized, and a"

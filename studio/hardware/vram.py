@@ -311,7 +311,11 @@ def shape_from_config(config: Mapping[str, Any], name: str = "", source: str = "
 
 
 def _reference_key(name: str) -> str | None:
-    """Match a hub id or bare model name to a reference config, ignoring case and -Instruct."""
+    """Match a hub id or bare model name to a reference config, ignoring case and -Instruct;
+    a pre-quantized 4-bit copy (`*-bnb-4bit`) has its original's shape."""
+    from studio.models.catalog import original_of
+
+    name = original_of(name) or name
 
     def norm(text: str) -> str:
         base = text.strip().lower().rsplit("/", 1)[-1]

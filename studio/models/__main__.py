@@ -1,5 +1,5 @@
-"""`python -m studio.models`: see `studio.models.loader`."""
+"""`python -m studio.models`: see `studio.models.cli`."""
 
-from studio.models.loader import main
+from studio.models.cli import main
 
 raise SystemExit(main())

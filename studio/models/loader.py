@@ -35,8 +35,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
 # Marker written last, so a half-finished conversion is never mistaken for a model.
 _DONE_MARKER = "studio_source.json"
-# Hub lookups must not stall the UI on a machine with no network.
-_HUB_TIMEOUT_S = 10
 
 Progress = Callable[[str, float], None]
 _convert_lock = threading.Lock()
@@ -76,17 +74,27 @@ def embedded_ready() -> bool:
 
 
 def resolve_model(
-    name: str = DEFAULT_MODEL, progress: Progress | None = None, *, allow_hub: bool = True
+    name: str = DEFAULT_MODEL,
+    progress: Progress | None = None,
+    *,
+    allow_hub: bool = True,
+    download_progress: Callable[[Any], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> ResolvedModel:
-    """Return a loadable folder for `name`, trying local folder, hub, then embedded copy."""
+    """Return a loadable folder for `name`, trying local folder, hub, then embedded copy.
+
+    A hub download reports bytes to `download_progress` (studio.models.hub.DownloadProgress)
+    and stops when `cancel` is set; a gated, missing or too-large model ends the hub route
+    with the hub's cause (studio.models.hub.HubError) in the final message."""
     progress = progress or _noop
     name = (name or DEFAULT_MODEL).strip()
     tried: list[str] = []
+    hub_cause = ""
 
     local = Path(name).expanduser()
     if local.exists() or name.startswith((".", "/", "~")) or "\\" in name:
         if is_model_dir(local):
-            return ResolvedModel(name, local.resolve(), "local", folder_hash(local))
+            return _local(name, local)
         if not local.exists():
             tried.append(f"local folder {local}: does not exist")
         else:
@@ -96,8 +104,15 @@ def resolve_model(
 
     if name.count("/") == 1 and not local.exists():
         if allow_hub:
+            from studio.models.hub import HubError
+
             try:
-                return _resolve_hub(name, progress)
+                return _resolve_hub(name, progress, download_progress, cancel)
+            except HubError as exc:
+                if exc.cause == "cancelled":
+                    raise
+                hub_cause = exc.cause
+                tried.append(f"hub id {name}: {exc}")
             except Exception as exc:
                 tried.append(f"hub id {name}: {short_error(exc)}")
         else:
@@ -114,31 +129,92 @@ def resolve_model(
     raise ModelNotFoundError(
         f"Could not find model '{name}'. Routes tried:\n- "
         + "\n- ".join(tried)
-        + "\nName a local model folder (with config.json), connect to the internet for a hub id,"
+        + _advice(hub_cause)
+    )
+
+
+def tokenizer_folder(name: str) -> Path:
+    """A folder holding the model's tokenizer and config: the model's own folder once it is on
+    disk, else (a hub id) just those files, a few MB. A pre-flight or preview must not start a
+    many-GB download that nobody asked for and nobody sees."""
+    from studio.models.hub import HubError, fetch_config_files
+
+    name = (name or DEFAULT_MODEL).strip()
+    local = Path(name).expanduser()
+    if is_model_dir(local):
+        return local
+    if name.count("/") == 1 and not local.exists() and name.lower() != DEFAULT_MODEL.lower():
+        try:
+            return fetch_config_files(name)
+        except HubError as exc:
+            raise ModelNotFoundError(str(exc)) from exc
+    return resolve_model(name).path
+
+
+def _advice(hub_cause: str) -> str:
+    """The closing advice; none where the hub's own message already says what to do."""
+    if hub_cause in ("gated", "disk_full", "not_found"):
+        return ""
+    return (
+        "\nName a local model folder (with config.json), connect to the internet for a hub id,"
         f" or use the default {DEFAULT_MODEL}."
     )
 
 
-def _resolve_hub(repo_id: str, progress: Progress) -> ResolvedModel:
-    """A hub model from the local cache first, then the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
+def _local(name: str, folder: Path) -> ResolvedModel:
+    from studio.models.catalog import is_prequantized
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    notes = []
+    if is_prequantized(str(folder)):
+        notes.append("pre-quantized 4-bit base (bitsandbytes): QLoRA only")
+    return ResolvedModel(name, folder.resolve(), "local", folder_hash(folder), notes)
+
+
+def _hub_notes(repo_id: str) -> list[str]:
+    """What the catalogue knows that a later stage must: a pre-quantized base and its original."""
+    from studio.models.catalog import is_prequantized, original_of
+
+    if not is_prequantized(repo_id):
+        return []
+    original = original_of(repo_id)
+    note = "pre-quantized 4-bit base (bitsandbytes): QLoRA only"
+    return [note + (f"; its 16-bit original is {original}" if original else "")]
+
+
+def _resolve_hub(
+    repo_id: str,
+    progress: Progress,
+    download_progress: Callable[[Any], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> ResolvedModel:
+    """A hub model from the local cache first, then a download (bytes, disk check, cancel)."""
+    from huggingface_hub import snapshot_download
+
+    from studio.models import hub
+
+    notes = _hub_notes(repo_id)
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        folder = snapshot_download(repo_id, allow_patterns=hub.MODEL_FILES, local_files_only=True)
         if is_model_dir(Path(folder)):
-            return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name)
+            return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name, notes)
     except Exception:
         pass
     progress(f"Checking the hub for {repo_id}", 0.05)
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=_HUB_TIMEOUT_S)
-    except HfHubHTTPError as exc:
-        raise RuntimeError(f"hub answered {exc}") from exc
+
+    said = [-1]
+
+    def report(p: Any) -> None:
+        if download_progress is not None:
+            download_progress(p)
+        percent = int(p.fraction * 100)
+        if percent != said[0] or p.finished:  # a run's log gets a line per percent at most
+            said[0] = percent
+            progress(f"Downloading {repo_id}: {p.line()}", 0.05 + 0.9 * p.fraction)
+
+    folder = hub.download(repo_id, progress=report, cancel=cancel)
     if not is_model_dir(Path(folder)):
         raise RuntimeError("downloaded, but the repository has no config.json")
-    return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name)
+    return ResolvedModel(repo_id, Path(folder), "hub", Path(folder).name, notes)
 
 
 def _find_wheel(progress: Progress) -> Path:
@@ -340,26 +416,3 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> st
             pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m studio.models [NAME]`: resolve a model and print where it lives."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("name", nargs="?", default=DEFAULT_MODEL)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--ask", help="also load it and answer this prompt greedily")
-    args = parser.parse_args(argv)
-    if args.data_dir:
-        paths.set_data_dir(args.data_dir)
-    try:
-        resolved = resolve_model(args.name, lambda m, f: print(f"[{f:4.0%}] {m}", flush=True))
-    except ModelNotFoundError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(f"{resolved.name}: {resolved.path} ({resolved.source}, {resolved.revision})")
-    if args.ask:
-        model = load_model_for_inference(resolved.path)
-        print(greedy_answer(model, load_tokenizer(resolved.path), args.ask))
-    return 0

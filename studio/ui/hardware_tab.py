@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -51,14 +52,38 @@ def _preset_choices(catalog: PresetCatalog) -> list[tuple[str, str]]:
     return [(p.label + (" (yours)" if p.user else ""), p.name) for p in ordered]
 
 
-def model_choices() -> list[tuple[str, str]]:
-    """The picker's list: known models with their size; the embedded default first."""
+_FIT_ICON = {"fits": "✅", "tight": "⚠️", "won't fit": "❌"}
+
+
+def model_choices(
+    preset_name: str | None = "cpu", report: dict[str, Any] | None = None
+) -> list[tuple[str, str]]:
+    """The picker's list: every catalogue model (and 4-bit twin) with its size, download and
+    fit on the chosen card for LoRA and QLoRA; the embedded default first."""
+    from studio.hardware.picker import picker_rows
+    from studio.models.catalog import size_text
+
+    catalog = _catalog()
+    try:
+        preset = catalog.get(preset_name or "cpu")
+        capacity, in_use, _how, device = _memory_target(preset.name, catalog, report)
+        rows = picker_rows(preset, capacity_bytes=capacity, in_use_bytes=in_use, device=device)
+    except KeyError:  # no such preset (a user's preset file was removed): sizes only
+        rows = []
+    rows.sort(key=lambda r: r.model_id != DEFAULT_MODEL)  # stable: the rest stay by size
     choices = []
-    for name, shape in vram.known_models():
-        label = f"{name.split('/')[-1]} · {vram.format_params(shape.n_params)}"
-        if name == DEFAULT_MODEL:
+    for r in rows:
+        label = f"{r.model_id.split('/')[-1]} · {vram.format_params(r.n_params)}"
+        label += f" · {size_text(r.download_bytes)}"
+        if r.lora is None:
+            label += f" · 4-bit: QLoRA {_FIT_ICON[r.qlora]}"
+        else:
+            label += f" · LoRA {_FIT_ICON[r.lora]} QLoRA {_FIT_ICON[r.qlora]}"
+        if r.gated:
+            label += " · gated"
+        if r.model_id == DEFAULT_MODEL:
             label += " · default, works offline"
-        choices.append((label, name))
+        choices.append((label, r.model_id))
     return choices
 
 
@@ -152,11 +177,32 @@ def model_markdown(model: str) -> str:
     except vram.ModelShapeError as exc:
         return f"⚠️ {exc}"
     band = BAND_LABELS[band_for(shape.n_params)]
-    return (
+    text = (
         f"**{model}**: {vram.format_params(shape.n_params)} parameters ({band} band),"
         f" {shape.num_layers} layers, hidden {shape.hidden_size}, vocab {shape.vocab_size:,}"
         f" · from the {shape.source}"
     )
+    return text + _catalog_line(model)
+
+
+def _catalog_line(model: str) -> str:
+    """Download size, licence, gating and the 4-bit twin, from the catalogue."""
+    from studio.models.catalog import is_prequantized, lookup, original_of, size_text
+
+    entry = lookup(model)
+    if entry is None:
+        return ""
+    twin = is_prequantized(model)
+    size = (entry.bnb_4bit_gb or 0) * 10**9 if twin else entry.download_bytes
+    parts = [f"download {size_text(size)}", f"licence `{entry.licence}`"]
+    parts.append(f"template {entry.template}")
+    if twin:
+        parts.append(f"pre-quantized 4-bit copy of {original_of(model)}: QLoRA only")
+    elif entry.gated:
+        parts.append(f"gated: accept the licence on [its page]({entry.page}), then add a token")
+    if entry.bnb_4bit and not twin:
+        parts.append(f"4-bit twin for QLoRA: `{entry.bnb_4bit}`")
+    return "\n\n" + " · ".join(parts)
 
 
 def estimate_view(
@@ -273,6 +319,7 @@ def build_hardware_tab(ctx: dict[str, Any]) -> dict[str, Any]:
         interactive=True,
     )
     ui["model_info"] = gr.Markdown(model_markdown(DEFAULT_MODEL), elem_id="hw-model-info")
+    _build_download(ui)
     ui["verdict"] = gr.Markdown("Estimating…", elem_id="hw-verdict")
     ui["chart"] = gr.Plot(label="Estimated peak memory", elem_id="hw-chart")
     with gr.Row():
@@ -294,6 +341,36 @@ def build_hardware_tab(ctx: dict[str, Any]) -> dict[str, Any]:
     ctx["hardware.settings"] = ui["settings"]
     ctx["hardware.gpu"] = ui["gpu"]
     return ui
+
+
+def _build_download(ui: dict[str, Any]) -> None:
+    """Download the picked model now (bytes, speed, ETA, Cancel), and the hub token."""
+    from studio.models.hub import cache_dir
+
+    with gr.Row():
+        ui["download"] = gr.Button("Download model", elem_id="hw-download", scale=0)
+        ui["cancel"] = gr.Button("Cancel download", elem_id="hw-cancel", scale=0)
+        ui["download_md"] = gr.Markdown(
+            f"Hub models download into `{cache_dir()}` (huggingface_hub's cache); a stopped"
+            " download continues where it stopped.",
+            elem_id="hw-download-progress",
+        )
+    ui["download_timer"] = gr.Timer(1.0, active=False)
+    with gr.Accordion("Hugging Face token (gated models: Llama, Gemma, Mistral)", open=False):
+        with gr.Row():
+            ui["token"] = gr.Textbox(
+                label="Read token",
+                type="password",
+                placeholder="hf_…",
+                elem_id="hw-token",
+                scale=3,
+            )
+            ui["token_save"] = gr.Button("Save token", elem_id="hw-token-save", scale=0)
+        ui["token_md"] = gr.Markdown(
+            "Stored where huggingface_hub keeps it (as `hf auth login` does), never in the"
+            " studio's runs or logs.",
+            elem_id="hw-token-status",
+        )
 
 
 def gpu_choices(report: dict[str, Any]) -> list[tuple[str, int]]:
@@ -431,6 +508,7 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             outputs=[ui["settings"], ui["verdict"], ui["chart"]],
             **quiet,
         )
+    _wire_download(ctx, ui)
     ui["autofit"].click(
         partial(on_autofit, w),
         inputs=inputs,
@@ -553,3 +631,92 @@ def on_autofit(w: HardwareWiring, values: dict[Any, Any]) -> dict[Any, Any]:
         w.ui["autofit_msg"]: f"{icon} {result.message()}",
         **w.view(p, m, new, report),
     }
+
+
+# --------------------------------------------------------------------------- picker & download
+
+
+def _wire_download(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
+    """The picker's labels follow the card; Download/Cancel drive the background download."""
+    pickers = [ui["model"], *([ctx["train.model"]] if "train.model" in ctx else [])]
+    ui["preset"].change(
+        partial(on_preset_for_picker, len(pickers)),
+        [ui["preset"], ui["report"]],
+        pickers,
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
+    timer = ui["download_timer"]
+    ui["download"].click(on_download, ui["model"], [ui["download_md"], timer])
+    ui["cancel"].click(on_cancel, None, [ui["download_md"], timer])
+    timer.tick(
+        on_download_tick,
+        ui["model"],
+        [ui["download_md"], timer, ui["model_info"]],
+        show_progress="hidden",
+    )
+    ui["token_save"].click(on_token_save, ui["token"], [ui["token"], ui["token_md"]])
+
+
+def on_preset_for_picker(n: int, preset_name: str | None, report: Any) -> list[Any]:
+    """New labels (the fit on this card) for the Hardware and Train pickers; values kept."""
+    choices = model_choices(preset_name, report)
+    return [gr.Dropdown(choices=choices) for _ in range(n)]
+
+
+def on_download(model: str | None) -> tuple[str, Any]:
+    from studio.models.catalog import is_prequantized
+    from studio.models.hub import get_download_job
+
+    name = (model or "").strip()
+    if name.count("/") != 1 or Path(name).expanduser().exists():
+        return "Nothing to download: pick a hub model (owner/name).", gr.Timer(active=False)
+    if not get_download_job().start(name):
+        return "A download is already running: wait for it or cancel it.", gr.Timer(active=True)
+    extra = " (pre-quantized 4-bit: QLoRA only)" if is_prequantized(name) else ""
+    return f"Checking **{name}** on the hub{extra}…", gr.Timer(active=True)
+
+
+def on_cancel() -> tuple[str, Any]:
+    """Cancel takes effect at the next chunk; the timer (on again, in case a tick just turned
+    it off) then shows how the download ended."""
+    from studio.models.hub import get_download_job
+
+    get_download_job().cancel()
+    return "Cancelling… the part already downloaded is kept.", gr.Timer(active=True)
+
+
+def download_markdown(state: dict[str, Any]) -> str:
+    """The download's line: progress, or how it ended and what to do."""
+    status, repo = state.get("status"), state.get("repo_id", "")
+    if status == "downloading":
+        return f"⬇️ **{repo}** {state.get('line', '')}"
+    if status == "done":
+        return f"✅ **{repo}** is on this machine: `{state.get('path', '')}`"
+    if status in ("failed", "cancelled"):
+        icon = "⏹️" if status == "cancelled" else "❌"
+        return f"{icon} " + str(state.get("error", "")).replace("\n", "\n\n")
+    return state.get("line", "") or ""
+
+
+def on_download_tick(model: str | None) -> tuple[str, Any, Any]:
+    """The download's line; once the picked model is in, its info (now read from its own
+    config.json) is shown again."""
+    from studio.models.hub import get_download_job
+
+    state = get_download_job().snapshot()
+    running = state.get("status") in ("checking", "downloading")
+    arrived = state.get("status") == "done" and state.get("repo_id") == (model or "").strip()
+    info = model_markdown(model or DEFAULT_MODEL) if arrived else gr.skip()
+    return download_markdown(state), gr.Timer(active=running), info
+
+
+def on_token_save(token: str | None) -> tuple[str, str]:
+    """Check and store the token; the field is cleared either way (no token stays in the page)."""
+    from studio.models.hub import HubError, save_token
+
+    try:
+        user = save_token(token or "")
+    except HubError as exc:
+        return "", f"❌ {exc}"
+    return "", f"✅ Token stored for **{user}** where huggingface_hub keeps it."

@@ -140,6 +140,7 @@ def build_train_tab(ctx: dict[str, Any]) -> dict[str, Any]:
     for name in FIELDS:
         ctx[f"train.{name}"] = ui[name]
     ctx["train.edited"] = ui["edited"]
+    ctx["train.model"] = ui["model"]
     ctx["train.fill_note"] = ui["fill_note"]
     ctx["runs.refresh"] = gr.State(0)
     return ui
@@ -154,6 +155,7 @@ def _build_settings(ui: dict[str, Any]) -> None:
             ui[name] = _component(name, label, kind, extra, getattr(defaults, name))
 
     gr.Markdown("### Settings\nFilled by the Hardware tab's preset; edit freely.")
+    ui["model"] = _model_picker()
     ui["fill_note"] = gr.Markdown(elem_id="train-fill-note")  # what the last preset fill did
     ui["target"] = gr.Markdown(elem_id="train-target")
     ui["plan"] = gr.Markdown(elem_id="train-plan")
@@ -175,6 +177,23 @@ def _build_settings(ui: dict[str, Any]) -> None:
     with gr.Accordion("Run config (YAML): the same run headless", open=False):
         gr.Markdown("Save it as `run.yaml` and run `python -m studio.train run.yaml`.")
         ui["yaml"] = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
+
+
+def _model_picker() -> Any:
+    """The run's base model: the Hardware tab's list (fit per method on the chosen card, download
+    size), kept in step with that tab's picker; free text takes a hub id or a folder."""
+    from studio.ui.hardware_tab import model_choices
+
+    return gr.Dropdown(
+        choices=model_choices(),
+        value=DEFAULT_MODEL,
+        label="Base model",
+        info="Fit on the Hardware tab's card (LoRA, QLoRA) and download size; or type a hub id"
+        " or a local folder.",
+        allow_custom_value=True,
+        elem_id="train-model",
+        interactive=True,
+    )
 
 
 def _build_run_panel(ui: dict[str, Any]) -> None:
@@ -272,6 +291,11 @@ def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             [ui["pii_group"], ui["pii_md"], ui["allow_pii"]],
         )
     _wire_plan(w, demo)
+    if "model.name" in ctx:  # one model for the run: this picker and the Hardware tab's agree
+        ui["model"].input(lambda m: m, ui["model"], ctx["model.name"], show_progress="hidden")
+        ctx["model.name"].change(
+            lambda m: m, ctx["model.name"], ui["model"], show_progress="hidden"
+        )
     ui["start"].click(
         partial(start, w), {*inputs, ui["all_gpus"]}, [ui["notice"], ui["pii_group"], ui["pii_md"]]
     )
