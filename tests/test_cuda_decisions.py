@@ -388,8 +388,8 @@ def test_export_of_a_bnb_4bit_base_refuses_before_any_work_when_the_original_is_
 ) -> None:
     from studio.export import run as export
 
-    run = _prequantized_run(tmp_path, "unsloth/Nothing-7B-Instruct-bnb-4bit")
-    with pytest.raises(export.ExportError, match="16-bit original unsloth/Nothing-7B-Instruct"):
+    run = _prequantized_run(tmp_path, "unsloth/Nothing-7B-Instruct-bnb-4bit")  # not catalogued
+    with pytest.raises(export.ExportError, match="does not know which model it was made from"):
         export.export_run(run, gguf="none")
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "training_metadata.json"]
     run2 = _prequantized_run(tmp_path / "b", str(tmp_path / "my-own-4bit"))

@@ -7,7 +7,7 @@ adapter was trained against the dequantized weights of the 16-bit original, so e
 onto that original (what Unsloth's own save does), or says before any work what to do.
 
 The model catalogue (`studio.models.catalog.original_of`) knows each 4-bit twin's original;
-for an id it does not list, the same owner's id without the suffix.
+for an id it does not list, export refuses before any work and says what to do.
 """
 
 from __future__ import annotations

@@ -129,8 +129,9 @@ def original_of(model_id: str) -> str | None:
     """The 16-bit model a pre-quantized id is a copy of, or None when unknown (or not one).
 
     Catalogue twins map exactly; other `*-bnb-4bit` ids by name, so that Unsloth's
-    "unsloth/Qwen3-4B-unsloth-bnb-4bit" finds Qwen/Qwen3-4B too; an id the catalogue does not
-    know maps to the same owner's id without the suffix (Unsloth hosts both)."""
+    "unsloth/Qwen3-4B-unsloth-bnb-4bit" finds Qwen/Qwen3-4B too. An id the catalogue does not
+    know stays unknown: a guessed original could be another model, and export then refuses
+    before any work."""
     name = (model_id or "").strip()
     if not is_prequantized(name):
         return None
@@ -144,13 +145,7 @@ def original_of(model_id: str) -> str | None:
         short = entry.id.rsplit("/", 1)[-1].lower()
         if base in (short, "meta-" + short):
             return entry.id
-    if name.count("/") != 1 or Path(name).expanduser().exists():
-        return None  # a local folder: its config says 4-bit, its name says nothing
-    stem = name
-    for suffix in _BNB_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return stem if stem != name else None
+    return None
 
 
 def size_text(n_bytes: int | float | None) -> str:
