@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from studio import compat
 from studio.data.normalize import guess_record_format
 
 # One row longer than this is not a chat example; stop before reading gigabytes as one line.
@@ -304,5 +305,5 @@ def store_upload(src: str | Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
         shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        compat.replace(tmp, dest)
     return dest

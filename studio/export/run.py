@@ -38,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
-import shlex
 import shutil
 import threading
 import time
@@ -47,6 +45,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from studio import compat
 from studio.data import chat_format
 from studio.export import merge
 from studio.export.common import (
@@ -294,7 +293,7 @@ def sanity_prompts(rows: list[dict[str, Any]], n: int = SANITY_PROMPTS) -> list[
 
 
 def _command_path(path: Path) -> str:
-    return f'"{path}"' if os.name == "nt" else shlex.quote(str(path))
+    return compat.shell_quote(path)
 
 
 # --------------------------------------------------------------------------- the export
@@ -488,7 +487,7 @@ def _run_steps(plan: ExportPlan) -> ExportResult:
             _record(partial, run_dir=str(src.run_dir), status="running", steps={})
         result = _export_into(plan)
         if partial != target:
-            partial.rename(target)
+            compat.replace(partial, target)
         return result
     except Exception as exc:
         if _merged_complete(partial):

@@ -950,6 +950,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from studio import compat
+
+    compat.console_safe()
     raise SystemExit(main())
 
 
