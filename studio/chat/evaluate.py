@@ -499,11 +499,13 @@ def _timestamped(out_dir: Path, stem: str, suffix: str) -> Path:
 
 
 def write_csv(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
-    """Save compare rows as a new `compare-<timestamp>.csv` (never overwriting one)."""
+    """Save compare rows as a new `compare-<timestamp>.csv` (never overwriting one). With a
+    UTF-8 BOM: Excel on Windows reads a CSV without one in the ANSI code page, which turns
+    Vietnamese and Thai into mojibake."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = _timestamped(out, "compare", ".csv")
-    with path.open("x", encoding="utf-8", newline="") as fh:
+    with path.open("x", encoding="utf-8-sig", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
