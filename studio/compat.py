@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,7 +152,7 @@ def termination_signals() -> list[signal.Signals]:
 def new_session_kwargs() -> dict[str, Any]:
     """Popen arguments that keep a child out of the console's Ctrl-C, on either platform."""
     if IS_WINDOWS:
-        return {"creationflags": getattr(__import__("subprocess"), "CREATE_NEW_PROCESS_GROUP", 0)}
+        return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
     return {"start_new_session": True}
 
 

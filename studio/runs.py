@@ -277,12 +277,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def mark_live(run_dir: str | Path) -> None:
     """Claim the run for this process until `mark_done`; dies with the process."""
     key = str(Path(run_dir).resolve())
-    fh = (Path(run_dir) / LOCK).open("w", encoding="utf-8")
+    busy = f"run {Path(run_dir).name} is being trained by another process"
+    lock = Path(run_dir) / LOCK
+    if lock.is_file() and compat.lock_held(lock) is None:  # no kernel lock: ask the owner
+        pid, started = _lock_owner(lock)
+        if pid is not None and pid != os.getpid() and compat.process_alive(pid, started):
+            raise RuntimeError(busy)
+    fh = lock.open("w", encoding="utf-8")
     try:
         compat.lock_exclusive(fh)
     except OSError as exc:
         fh.close()
-        raise RuntimeError(f"run {Path(run_dir).name} is being trained by another process") from exc
+        raise RuntimeError(busy) from exc
     started = compat.process_started()
     fh.write(f"{os.getpid()} {started}" if started is not None else str(os.getpid()))
     fh.flush()

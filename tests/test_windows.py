@@ -215,6 +215,11 @@ def test_a_reused_process_id_does_not_keep_a_dead_run_running(
     (run_dir / runs.LOCK).write_text(f"{pid} {started}", encoding="utf-8")  # the trainer itself
     assert runs.is_live(run_dir)
     assert runs.run_info(run_dir).status == "running"
+    with pytest.raises(RuntimeError, match="another process"):
+        runs.mark_live(run_dir)  # Resume must not train it twice
+    (run_dir / runs.LOCK).write_text(f"{pid} {started - 3600}", encoding="utf-8")
+    runs.mark_live(run_dir)  # the dead trainer's run resumes here
+    runs.mark_done(run_dir)
 
 
 # --------------------------------------------------------------------------- POSIX-only calls
@@ -261,10 +266,16 @@ def test_the_studio_runs_without_windows_missing_posix_calls(tmp_path: Path) -> 
 
 
 def _cp1252(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONIOENCODING": "cp1252:strict"}
-    return subprocess.run(
+    """Run a CLI as a redirected Windows console would; it must also open no file of its own
+    without an encoding (conftest sets PYTHONWARNDEFAULTENCODING for child processes)."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252:strict", "PYTHONWARNDEFAULTENCODING": "1"}
+    done = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, timeout=600
     )
+    err = done.stderr.decode("cp1252", errors="replace").splitlines()
+    ours = [line for line in err if "EncodingWarning" in line and str(ROOT / "studio") in line]
+    assert not ours, ours
+    return done
 
 
 def test_the_train_cli_prints_a_vietnamese_run_on_a_cp1252_console(
