@@ -66,7 +66,11 @@ def choose_torch(smi_output: str | None) -> TorchChoice:
     """The torch build for a PC whose `nvidia-smi` printed `smi_output` (None: no such
     command, so no NVIDIA driver)."""
     if smi_output is None:
-        return TorchChoice("cpu", "no NVIDIA driver found (no nvidia-smi): the CPU build")
+        return TorchChoice(
+            "cpu",
+            "no NVIDIA card or driver found (no nvidia-smi): the CPU build; training runs on"
+            " the CPU, slowly (install the NVIDIA driver first if the PC has a card)",
+        )
     version = driver_cuda(smi_output)
     if version is None:
         return TorchChoice("cpu", "nvidia-smi names no CUDA version: the CPU build")
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     choice = choose_torch(read_nvidia_smi())
     print(f"torch: {choice.reason}", flush=True)
     for cmd in pip_commands(choice):
-        print("$ " + " ".join(cmd[1:]), flush=True)
+        print("$ python " + " ".join(cmd[1:]), flush=True)
         if not args.dry_run and subprocess.call(cmd) != 0:
             print("pip failed (its message is above); nothing else was changed.")
             return 1

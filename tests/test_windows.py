@@ -45,7 +45,7 @@ SMI_HEADER = """\
 @pytest.mark.parametrize(
     ("smi", "build", "says"),
     [
-        (None, "cpu", "no NVIDIA driver"),  # no card: no nvidia-smi at all
+        (None, "cpu", "no NVIDIA card"),  # no card: no nvidia-smi at all
         (SMI_HEADER.format(driver="472.12", cuda="11.4"), "cpu", "update the NVIDIA driver"),
         (SMI_HEADER.format(driver="551.86", cuda="12.4"), "cu126", "CUDA 12.4"),
         (SMI_HEADER.format(driver="572.16", cuda="12.8"), "cu126", "CUDA 12.8"),
