@@ -66,23 +66,26 @@ def _patient_localhost_check() -> None:
 
 
 def _close_on_sigterm() -> None:
-    """A SIGTERM or SIGHUP (`kill`, a closed terminal) closes the app as Ctrl-C does: Gradio
-    shuts its server down and the interpreter exits normally, so the exit hooks run (a
-    multi-GPU run's processes are stopped at a step and the run recorded,
+    """A SIGTERM, SIGHUP or SIGBREAK (`kill`, a closed terminal or console) closes the app as
+    Ctrl-C does: Gradio shuts its server down and the interpreter exits normally, so the exit
+    hooks run (a multi-GPU run's processes are stopped at a step and the run recorded,
     `studio.train.jobs.end_children`). Python's default for SIGTERM skips them."""
     import signal
+
+    from studio import compat
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), interrupt)
+    for sig in compat.termination_signals():
+        signal.signal(sig, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from studio import paths
+    from studio import compat, paths
+
+    compat.console_safe()  # a cp1252 console must not crash on a Vietnamese run name
 
     paths.set_data_dir(args.data_dir)
     if args.share:

@@ -14,13 +14,18 @@ from typing import Any
 
 import yaml
 
+from studio import compat
+
 # The embedded SmolLM2 (`studio.models.loader` ships it): a run without a model picked uses it.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit base
 TARGETS = ("qv", "attention", "attention_mlp", "all_linear")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 DEVICES = ("auto", "cuda", "cpu")
-RUN_NAME_MAX = 64  # characters, after NFC
+# Characters, after NFC. Windows opens paths under 260 characters, and the deepest file a run
+# writes (a second export's GGUF, under C:\Users\<user>\.lora-studio\runs\) holds the name
+# twice: with a 24-character user name, 40 leaves about 30 characters to spare.
+RUN_NAME_MAX = 40
 # The folder name is the run name plus "-YYYYmmdd-HHMMSS-N"; most file systems allow 255 bytes.
 _RUN_NAME_MAX_BYTES = 200
 _RUN_NAME_PUNCT = frozenset("._-")
@@ -86,6 +91,12 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad field; return self when all is well."""
         name = clean_run_name(self.run_name)
+        if name is not None and compat.reserved_name(name):
+            raise ConfigError(
+                "run_name",
+                f"Windows reserves {name!r} for a device (con, prn, aux, nul, com1-9, lpt1-9, with"
+                " or without an extension) and cannot create such a folder: pick another name",
+            )
         if name is None:
             raise ConfigError(
                 "run_name",

@@ -6,7 +6,9 @@ reusing one), writes files atomically, reads the log back for curves, and lists 
 
 A run whose metadata still says "running" but that no live process is training (the app or
 CLI was killed) is listed as "interrupted"; liveness is a lock file the training process holds
-(`flock`, released by the kernel when a process dies), so it also works across processes.
+(`flock`, released by the kernel when a process dies), so it also works across processes. Where
+there is no such lock (Windows) the lock file names the process id and its start time, and a
+run is live while that very process runs (a reused id does not count).
 """
 
 from __future__ import annotations
@@ -22,13 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from studio import paths
+from studio import compat, paths
 from studio.util import new_path
-
-try:  # POSIX: a lock the kernel drops when the holder dies, even on SIGKILL
-    import fcntl
-except ImportError:  # Windows: fall back to the pid recorded in the metadata
-    fcntl = None  # type: ignore[assignment]
 
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted")
 METADATA = "training_metadata.json"
@@ -82,7 +79,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        compat.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -187,8 +184,8 @@ def publish_adapter(run_dir: str | Path) -> Path:
     final, tmp, old = adapter_staging(run_dir)
     if final.exists():
         _remove_tree(old)
-        final.rename(old)
-    tmp.rename(final)
+        compat.replace(final, old)
+    compat.replace(tmp, final)
     _remove_tree(old)
     return final
 
@@ -207,7 +204,7 @@ def recover_adapter(run_dir: str | Path) -> bool:
         if final.exists():
             _remove_tree(old)  # the swap had finished; only the clean-up was missed
             return False
-        (tmp if tmp.is_dir() else old).rename(final)
+        compat.replace(tmp if tmp.is_dir() else old, final)
         _remove_tree(old)
     except OSError:
         return False  # a read-only folder: nothing to fix here, and nothing lost
@@ -272,18 +269,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def mark_live(run_dir: str | Path) -> None:
     """Claim the run for this process until `mark_done`; dies with the process."""
     key = str(Path(run_dir).resolve())
-    fh: TextIO | None = None
-    if fcntl is not None:
-        fh = (Path(run_dir) / LOCK).open("w", encoding="utf-8")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            fh.close()
-            raise RuntimeError(
-                f"run {Path(run_dir).name} is being trained by another process"
-            ) from exc
-        fh.write(str(os.getpid()))
-        fh.flush()
+    busy = f"run {Path(run_dir).name} is being trained by another process"
+    lock = Path(run_dir) / LOCK
+    if lock.is_file() and compat.lock_held(lock) is None:  # no kernel lock: ask the owner
+        pid, started = _lock_owner(lock)
+        if pid is not None and pid != os.getpid() and compat.process_alive(pid, started):
+            raise RuntimeError(busy)
+    fh = lock.open("w", encoding="utf-8")
+    try:
+        compat.lock_exclusive(fh)
+    except OSError as exc:
+        fh.close()
+        raise RuntimeError(busy) from exc
+    started = compat.process_started()
+    fh.write(f"{os.getpid()} {started}" if started is not None else str(os.getpid()))
+    fh.flush()
     with _live_guard:
         _live[key] = fh
 
@@ -303,29 +303,23 @@ def is_live(run_dir: str | Path, meta: dict[str, Any] | None = None) -> bool:
     with _live_guard:
         if str(run_dir.resolve()) in _live:
             return True
-    if fcntl is not None:
-        lock = run_dir / LOCK
-        if not lock.is_file():
-            return False
-        try:
-            with lock.open("r", encoding="utf-8") as fh:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except OSError:
-                    return True  # someone holds it
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        except OSError:
-            return False
+    lock = run_dir / LOCK
+    if not lock.is_file():
         return False
-    pid = (meta or read_metadata(run_dir)).get("pid")
-    if not pid or pid == os.getpid():
-        return False
-    try:
-        import psutil
+    held = compat.lock_held(lock)
+    if held is not None:
+        return held
+    pid, started = _lock_owner(lock)
+    return pid is not None and pid != os.getpid() and compat.process_alive(pid, started)
 
-        return psutil.pid_exists(int(pid))
-    except Exception:
-        return False
+
+def _lock_owner(lock: Path) -> tuple[int | None, float | None]:
+    """The process id and start time a lock file names ("1234 1733480000.5")."""
+    try:
+        parts = lock.read_text(encoding="utf-8").split()
+        return int(parts[0]), float(parts[1]) if len(parts) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None, None
 
 
 # --- listing -----------------------------------------------------------------------------

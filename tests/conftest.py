@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,35 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(tempfile.gettempdir()) / "lora-studio-test-models"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
+# The studio's own code, whose every open() must name its encoding (Windows' default is cp1252).
+OWN_SOURCES = (str(ROOT / "studio"), str(ROOT / "app.py"), str(ROOT / "install.py"))
+# Processes the tests start (the CLIs, the app) report a missing encoding too (PEP 597).
+os.environ["PYTHONWARNDEFAULTENCODING"] = "1"
+
+
+def pytest_report_header() -> str:
+    on = "on" if sys.flags.warn_default_encoding else "off (run python -X warn_default_encoding)"
+    return f"encoding guard: {on}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Fail a test whose run reached an open()/read_text()/subprocess(text=True) in the
+    studio's own files without an encoding: on Windows that reads and writes cp1252 and
+    breaks Vietnamese. Needs `python -X warn_default_encoding` (README's test command);
+    torch warns at import too, so a global `-W error::EncodingWarning` cannot be used."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", EncodingWarning)
+        result = yield
+    ours = []
+    for w in seen:
+        if issubclass(w.category, EncodingWarning) and w.filename.startswith(OWN_SOURCES):
+            ours.append(f"{w.filename}:{w.lineno}")
+        else:  # hand every other warning back to pytest's own report
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if ours:
+        pytest.fail("no encoding given (Windows would use cp1252) at: " + ", ".join(ours))
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -627,7 +627,7 @@ def test_batch_compare_on_the_validation_split(engine, run_dir: Path):
     assert first.summary["json_references"] == 2
     assert first.csv_path is not None and first.csv_path.parent == run_dir
     assert first.csv_path.name.startswith("compare-") and first.csv_path.suffix == ".csv"
-    with first.csv_path.open(encoding="utf-8") as fh:
+    with first.csv_path.open(encoding="utf-8-sig") as fh:  # Excel's BOM first
         saved = list(csv.DictReader(fh))
     assert [r["fine_tuned"] for r in saved] == [r["fine_tuned"] for r in first.rows]
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from studio import runs
+from studio import compat, runs
 from studio.config import RunConfig
 from studio.train import distributed
 
@@ -211,7 +211,8 @@ def test_only_rank_zero_writes_the_token_cache_and_the_other_ranks_read_it(
     assert load_token_cache(key) == value
 
 
-def test_the_launch_command_runs_studio_train_on_n_processes():
+def test_the_launch_command_runs_studio_train_on_n_processes(monkeypatch):
+    monkeypatch.setattr(compat, "nccl_available", lambda: True)  # a Linux CUDA torch
     cmd = distributed.launch_command(["run.yaml"], 3)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "3"
@@ -416,6 +417,7 @@ def test_the_train_tab_offers_several_processes_only_when_there_are_two(monkeypa
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     smi = [{"name": "RTX 3090"}, {"name": "RTX 3090"}]
     monkeypatch.setattr(detect, "nvidia_smi", lambda: smi)
+    monkeypatch.setattr(compat, "nccl_available", lambda: True)  # a Linux CUDA torch
     assert distributed.offered_processes() == 2
     assert distributed.offer_label(2) == "Use all 2 GPUs"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -204,14 +205,14 @@ def test_a_crash_between_the_publish_renames_keeps_an_adapter(fresh_home, monkey
         _Saver({"adapter_config.json": "{}", "adapter_model.safetensors": "v1"}), tok, run_dir
     )
 
-    real_rename = Path.rename
+    real_replace = os.replace
 
-    def killed_before_second_rename(self: Path, target):
-        if self.name == ".adapter.tmp":
+    def killed_before_second_rename(src, dst):
+        if Path(src).name == ".adapter.tmp":
             raise SystemExit("killed")  # the process dies between the two renames
-        return real_rename(self, target)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(Path, "rename", killed_before_second_rename)
+    monkeypatch.setattr(os, "replace", killed_before_second_rename)
     v2 = _Saver({"adapter_config.json": "{}", "adapter_model.safetensors": "v2"})
     with pytest.raises(SystemExit):
         save_adapter(v2, tok, run_dir)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from studio import paths
+from studio import compat, paths
 from studio.data.read import DatasetError
 from studio.util import first_line, short_error
 
@@ -226,5 +226,5 @@ def fetch_dataset(
     with tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    tmp.replace(out)  # a half-written file never shadows a good one
+    compat.replace(tmp, out)  # a half-written file never shadows a good one
     return out

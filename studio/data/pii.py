@@ -68,7 +68,7 @@ from stdnum import iban as _iban
 from stdnum import luhn as _luhn
 from stdnum.th import pin as _th_pin
 
-from studio import paths
+from studio import compat, paths
 from studio.util import new_path
 
 # Bump when detection changes, so cached scans made by an older engine are not trusted.
@@ -805,7 +805,7 @@ def save_scan(path: str | os.PathLike[str], report: PIIReport) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, ensure_ascii=False)
-        os.replace(tmp, target)
+        compat.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -844,7 +844,7 @@ def _place(tmp: Path, target: Path) -> None:
     except OSError:  # a filesystem without hard links
         if target.exists():
             raise FileExistsError(target) from None
-        os.replace(tmp, target)
+        compat.replace(tmp, target)
         return
     tmp.unlink()
 

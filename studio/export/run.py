@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shlex
 import shutil
 import threading
 import time
@@ -46,7 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from studio import gpu
+from studio import compat, gpu
 from studio.data import chat_format
 from studio.export import merge, prequant
 from studio.export.common import (
@@ -294,7 +292,7 @@ def sanity_prompts(rows: list[dict[str, Any]], n: int = SANITY_PROMPTS) -> list[
 
 
 def _command_path(path: Path) -> str:
-    return f'"{path}"' if os.name == "nt" else shlex.quote(str(path))
+    return compat.shell_quote(path)
 
 
 # --------------------------------------------------------------------------- the export
@@ -480,7 +478,7 @@ def _run_steps(plan: ExportPlan) -> ExportResult:
             _record(partial, run_dir=str(src.run_dir), status="running", steps={})
         result = _export_into(plan)
         if partial != target:
-            partial.rename(target)
+            compat.replace(partial, target)
         return result
     except Exception as exc:
         if _merged_complete(partial):

@@ -134,6 +134,8 @@ def _query_smi() -> tuple[subprocess.CompletedProcess | None, str]:
             ],
             capture_output=True,
             text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=_SMI_TIMEOUT_S,
             check=False,
         )
@@ -152,7 +154,13 @@ def driver_cuda_version() -> str | None:
         return None
     try:
         done = subprocess.run(
-            [exe], capture_output=True, text=True, timeout=_SMI_TIMEOUT_S, check=False
+            [exe],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=_SMI_TIMEOUT_S,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -172,8 +180,8 @@ def nvidia_pci_devices(root: Path = Path("/sys/bus/pci/devices")) -> int:
         return 0
     for dev in root.iterdir():
         try:
-            vendor = (dev / "vendor").read_text().strip().lower()
-            klass = (dev / "class").read_text().strip().lower()
+            vendor = (dev / "vendor").read_text(encoding="ascii").strip().lower()
+            klass = (dev / "class").read_text(encoding="ascii").strip().lower()
         except OSError:
             continue
         if vendor == "0x10de" and klass.startswith("0x03"):
@@ -300,6 +308,8 @@ def own_cuda_bytes(gpu: GpuInfo) -> int:
                 [exe, query, "--format=csv,noheader,nounits"],
                 capture_output=True,
                 text=True,
+                encoding="utf-8",
+                errors="replace",
                 timeout=_SMI_TIMEOUT_S,
                 check=False,
             )

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from studio import paths
+from studio import compat, paths
 from studio.gpu import default_device
 from studio.hardware import detect as hardware
 from studio.models.precision import precision
@@ -65,9 +65,9 @@ def check_torch() -> Check:
                 PROBLEM,
                 f"torch {build['version']} is a CPU-only build, but this PC has an NVIDIA card:"
                 " training would silently run on the CPU, many times slower",
-                "pip uninstall -y torch, then pip install torch==<the version in"
-                f" requirements.txt> --index-url {TORCH_INDEX} (pick the index for your CUDA"
-                " version on pytorch.org)",
+                "python install.py (it installs the CUDA build of torch that your driver"
+                f" runs), or by hand: pip install torch==<the version in requirements.txt>"
+                f" --index-url {TORCH_INDEX} (the index for your CUDA version on pytorch.org)",
             )
         return Check(
             "PyTorch",
@@ -296,6 +296,31 @@ def check_multi_gpu(
     return Check("Multi-GPU", OK, detail)
 
 
+SYSMEM_FALLBACK_DRIVER = (536, 40)  # the first Windows driver that spills VRAM into RAM
+
+
+def check_sysmem_fallback() -> Check:
+    """Windows: whether the driver may move VRAM overflow into system RAM instead of raising
+    out-of-memory. No API reads the setting, so the check says where to look."""
+    name = "Sysmem fallback"
+    if not compat.sysmem_fallback_possible():
+        return Check(name, OK, "not Windows: a run that does not fit stops with out-of-memory")
+    smi = hardware.nvidia_smi()
+    if not smi:
+        return Check(name, OK, "no NVIDIA GPU: nothing to spill")
+    driver = smi[0]["driver"]
+    if _version(driver)[:2] < SYSMEM_FALLBACK_DRIVER:
+        return Check(name, OK, f"driver {driver} is older than 536.40: it has no fallback")
+    return Check(
+        name,
+        WARNING,
+        f"driver {driver} may move memory that does not fit on the card into system RAM: a"
+        " run that does not fit then goes on 10-50x slower instead of stopping (the setting"
+        " cannot be read from here)",
+        "check " + compat.SYSMEM_FALLBACK_ADVICE,
+    )
+
+
 def _nccl_available() -> bool:
     import torch.distributed as dist
 
@@ -312,6 +337,7 @@ CHECKS: list[Callable[[], Check]] = [
     check_ram,
     check_triton,
     check_multi_gpu,
+    check_sysmem_fallback,
 ]
 
 

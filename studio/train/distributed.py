@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from studio import compat
+
 STOP_FILE = "STOP"  # created in a run folder to stop a multi-process run at the next step
 FSDP_CONFIG = "accelerate_fsdp.yaml"  # written next to every multi-process run
 CPU_PROCESSES_ENV = "LORA_STUDIO_CPU_PROCESSES"  # tests: N CPU processes instead of N GPUs
@@ -279,6 +281,11 @@ def launch_command(train_args: list[str], processes: int) -> list[str]:
 
     `--multi_gpu` starts the processes through torchrun; on a PC without a GPU they train on
     the CPU with gloo (`accelerate launch --cpu` alone would start only one process)."""
+    if processes > 1 and not cpu_processes() and not compat.nccl_available():
+        raise RuntimeError(
+            f"training on {processes} GPUs needs NCCL, which torch has on Linux only: on"
+            " Windows, run the studio inside WSL 2 to use several GPUs, or train on one"
+        )
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -338,10 +345,13 @@ def write_fsdp_config(run_dir: Path, base_model: str, processes: int) -> Path:
 
 def offered_processes() -> int:
     """N of the Train tab's "Use all N GPUs" (offered when N >= 2): the GPUs a run would see,
-    or LORA_STUDIO_CPU_PROCESSES. Asks the driver, not torch (the page is built without it)."""
+    or LORA_STUDIO_CPU_PROCESSES. Asks the driver, not torch (the page is built without it).
+    1 where torch has no NCCL (Windows): the GPUs could not train together there."""
     forced = cpu_processes()
     if forced:
         return forced
+    if not compat.nccl_available():
+        return 1
     from studio.hardware.detect import visible_gpu_count
 
     return visible_gpu_count()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio import gpu, paths, runs
+from studio import compat, gpu, paths, runs
 from studio.config import ConfigError, RunConfig
 from studio.train import distributed
 
@@ -510,7 +510,7 @@ def _start_processes(args: list[str], processes: int) -> _Child:
 
     In a session of its own: a Ctrl-C in the app's terminal reaches the app alone, whose exit
     then stops the run with the stop file first (`end_children`)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = compat.utf8_child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
     if distributed.cpu_processes():
         env["CUDA_VISIBLE_DEVICES"] = ""  # the forced CPU run: gloo, no card touched
     else:
@@ -530,7 +530,7 @@ def spawn(cmd: list[str], env: dict[str, str] | None, processes: int) -> _Child:
         text=True,
         encoding="utf-8",
         errors="replace",
-        start_new_session=os.name == "posix",
+        **compat.new_session_kwargs(),
     )
     child = _Child(proc, processes)
 

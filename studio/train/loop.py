@@ -135,7 +135,7 @@ def execute_run(
         run,
         stop or threading.Event(),
         on_event,
-        runs.open_log(run.run_dir) if writes else open(os.devnull, "a"),  # noqa: SIM115
+        runs.open_log(run.run_dir) if writes else open(os.devnull, "a", encoding="utf-8"),  # noqa: SIM115
         TrainResult(run.run_dir, "failed", ""),
         writes=writes,
     )

@@ -30,6 +30,7 @@ from studio.config import (
     ConfigError,
     RunConfig,
 )
+from studio.hardware import fallback
 from studio.train import checks, distributed
 from studio.train.jobs import JobBusyError, JobSnapshot, get_manager
 from studio.train.plan import PLAN_FIELDS, RunPlan, plan_run
@@ -584,6 +585,8 @@ def progress_markdown(snap: JobSnapshot) -> str:
         lines.append(
             f"electricity ≈ {snap.energy_kwh:.4f} kWh ≈ {snap.energy_cost or 0:.4f} ({note})"
         )
+    if snap.active and (warning := fallback.sysmem_fallback_warning(snap.history)):
+        lines.append(warning)  # Windows: the driver spills VRAM into RAM instead of an OOM
     if snap.active and snap.message and (snap.step == 0 or snap.state == "stopping"):
         # before step 1: what the wait is (loading model, tokenizing N rows, first step)
         lines.append(f"_{snap.message}_")
