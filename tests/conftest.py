@@ -24,7 +24,7 @@ MODEL_CACHE = Path(tempfile.gettempdir()) / "lora-studio-test-models"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 # The studio's own code, whose every open() must name its encoding (Windows' default is cp1252).
-OWN_SOURCES = (str(ROOT / "studio"), str(ROOT / "app.py"), str(ROOT / "install.py"))
+OWN_SOURCES = (str(ROOT / "studio"), str(ROOT / "app.py"))
 # Processes the tests start (the CLIs, the app) report a missing encoding too (PEP 597).
 os.environ["PYTHONWARNDEFAULTENCODING"] = "1"
 

@@ -25,8 +25,7 @@ from studio import compat, paths, runs
 from studio.config import RUN_NAME_MAX, ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # install.py lives at the top, next to app.py
-import install  # noqa: E402
+from studio import install  # noqa: E402  (stdlib only: it runs before anything is installed)
 
 VIETNAMESE = "thử-nghiệm"
 
@@ -62,13 +61,18 @@ def test_the_installer_picks_the_torch_build_the_driver_runs(smi, build, says) -
 
 
 def test_the_installer_installs_torch_from_its_index_then_the_requirements() -> None:
-    torch_cmd, rest = install.pip_commands(install.choose_torch(None))
+    """A CUDA build from PyTorch's index; the CPU build from pip's own index (what a plain
+    `pip install -r requirements.txt` takes: it works where PyTorch's index is out of reach)."""
     pinned = [
         line for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
         if line.startswith("torch==")
     ]  # fmt: skip
-    assert torch_cmd[-3:] == [pinned[0], "--index-url", "https://download.pytorch.org/whl/cpu"]
+    smi = SMI_HEADER.format(driver="560.94", cuda="12.6")
+    torch_cmd, rest = install.pip_commands(install.choose_torch(smi))
+    assert torch_cmd[-3:] == [pinned[0], "--index-url", "https://download.pytorch.org/whl/cu126"]
     assert rest[-2:] == ["-r", str(ROOT / "requirements.txt")]
+    torch_cmd, rest = install.pip_commands(install.choose_torch(None))
+    assert torch_cmd[-1] == pinned[0] and "--index-url" not in torch_cmd
 
 
 # --------------------------------------------------------------------------- run names and paths
@@ -312,7 +316,7 @@ def test_no_open_without_an_encoding_in_the_studio() -> None:
     if ruff is None:
         pytest.skip("ruff is not installed (tests/requirements.txt installs it)")
     done = subprocess.run(
-        [ruff, "check", "--preview", "--select", "PLW1514", "studio", "app.py", "install.py"],
+        [ruff, "check", "--preview", "--select", "PLW1514", "studio", "app.py"],
         cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout

@@ -65,7 +65,7 @@ def check_torch() -> Check:
                 PROBLEM,
                 f"torch {build['version']} is a CPU-only build, but this PC has an NVIDIA card:"
                 " training would silently run on the CPU, many times slower",
-                "python install.py (it installs the CUDA build of torch that your driver"
+                "python -m studio.install (it installs the CUDA build of torch that your driver"
                 f" runs), or by hand: pip install torch==<the version in requirements.txt>"
                 f" --index-url {TORCH_INDEX} (the index for your CUDA version on pytorch.org)",
             )

@@ -1,8 +1,8 @@
 """Install LoRA Studio's packages, with the torch build that this PC's NVIDIA driver can run.
 
-    python install.py             Windows: py -3.11 install.py
-    python install.py --start     install, then start the app
-    python install.py --dry-run   only say what it would install
+    python -m studio.install             Windows: py -3.11 -m studio.install
+    python -m studio.install --start     install, then start the app
+    python -m studio.install --dry-run   only say what it would install
 
 The same on Windows and Linux, and for the same reason: PyPI's torch for Windows is CPU-only,
 and `pip install -r requirements.txt` keeps whatever torch it finds, so a CPU torch on a PC
@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: app.py, requirements.txt
 REQUIREMENTS = ROOT / "requirements.txt"
 TORCH_INDEX = "https://download.pytorch.org/whl/"
 # torch 2.13's CUDA builds on PyTorch's index, newest first (its release matrix: CUDA 12.6
@@ -114,13 +114,16 @@ def torch_requirement(requirements: Path = REQUIREMENTS) -> str:
 
 
 def pip_commands(choice: TorchChoice, requirements: Path = REQUIREMENTS) -> list[list[str]]:
-    """torch from its index first, then the rest; pip keeps the torch it just installed
-    because `torch==2.13.0` is satisfied by 2.13.0+cu126."""
+    """torch first, then the rest; pip keeps the torch it just installed because
+    `torch==2.13.0` is satisfied by 2.13.0+cu126. A CUDA build comes from PyTorch's index
+    (PyPI's torch for Windows is CPU-only); the CPU case takes torch from the package index
+    pip is set up with, as `pip install -r requirements.txt` would (PyPI, or a mirror where
+    PyTorch's own index is out of reach)."""
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
-    return [
-        [*pip, torch_requirement(requirements), "--index-url", choice.index_url],
-        [*pip, "-r", str(requirements)],
-    ]
+    torch = [*pip, torch_requirement(requirements)]
+    if choice.cuda:
+        torch += ["--index-url", choice.index_url]
+    return [torch, [*pip, "-r", str(requirements)]]
 
 
 def check_torch(choice: TorchChoice) -> tuple[bool, str]:
