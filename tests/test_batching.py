@@ -139,3 +139,15 @@ def test_a_mixture_of_experts_model_answers_one_side_after_the_other(family: str
     assert problem is not None and "mixture-of-experts" in problem and "experts=4" in problem
     assert "mixture-of-experts" in _sequential_mode(2, problem)  # what the stats line shows
     assert batching.mixed_batch_problem(_tiny_peft()) is None  # a dense model still batches
+
+
+def test_an_ab_pair_runs_one_after_the_other_only_where_a_batch_is_dear() -> None:
+    """fp32 on a CPU: a 2-row step costs ~1.7 one-row steps, so an A/B pair goes A then B;
+    in bf16, on another device (meta stands for a GPU here) or for many rows, one batch."""
+    import torch
+
+    model = _tiny_peft()
+    assert "fp32 on this CPU" in (batching.batch_cost_problem(model, 2) or "")
+    assert batching.batch_cost_problem(model, 16) is None  # batch compare still batches
+    assert batching.batch_cost_problem(model.to(torch.bfloat16), 2) is None
+    assert batching.batch_cost_problem(model.to("meta"), 2) is None

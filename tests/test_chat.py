@@ -83,6 +83,7 @@ def engine(run_dir: Path):
         eng = chat.ChatEngine()
         eng.load(run_dir)
         assert str(eng.model.dtype) == "torch.float32"
+        eng.batch_sides = True  # batched though fp32 on a CPU would pick A then B by itself
         yield eng
         eng.unload()
 
@@ -663,13 +664,14 @@ def test_bench_batching_ratios_at_a_tiny_size(engine):
     """`python -m studio.bench chat`'s batching figures, at a tiny size (no timing checked)."""
     out = measure.batching_ratios(engine, ["Hello!"], ["Hi", "Thanks!", "Bye"], 4, 4, reps=2)
     lines = measure.batching_lines(out)
-    assert out["repetitions"] == 2 and len(lines) == 4
+    assert out["repetitions"] == 2 and len(lines) == 5
     for key in ("ab_turn", "ab_turn_natural_length", "batch_compare"):
         low, high = out[key]["ratio_spread"]
         assert 0 < low <= out[key]["ratio_median"] <= high
     assert "both sides 4 new tokens" in lines[0] and "natural lengths" in lines[1]
     assert "3 prompts x 2 sides" in lines[2]
-    assert engine.batch_sides  # the bench leaves the engine batching again
+    assert "one after the other (fp32 on this CPU" in lines[3]  # this engine runs fp32
+    assert engine.batch_sides is True  # the bench leaves the engine's choice as it was
     # its fixed-length turn: both sides generate exactly the asked tokens, past an answer's end
     fixed = chat.GenerationSettings(max_new_tokens=40, min_new_tokens=40)
     for _ in engine.compare_stream(

@@ -31,7 +31,13 @@ from studio import gpu
 from studio.chat.streaming import rows_streamer, stop_criteria, streamer_class
 from studio.data import chat_format
 from studio.models import loader as models
-from studio.models.batching import adapter_rows, eos_ids, left_pad, mixed_batch_problem
+from studio.models.batching import (
+    adapter_rows,
+    batch_cost_problem,
+    eos_ids,
+    left_pad,
+    mixed_batch_problem,
+)
 from studio.runs import read_json
 
 SIDE_BASE = "base"
@@ -436,7 +442,9 @@ class ChatEngine:
         self._load_lock = threading.Lock()  # one load / attach / unload at a time
         self._busy: str | None = None  # the batch compare that holds the model
         self._stop_event = threading.Event()
-        self.batch_sides = True  # both sides in one generate call where PEFT allows it
+        # Both sides in one generate call where PEFT allows it: None decides by the device
+        # (`batch_cost_problem`), True batches wherever possible, False never does.
+        self.batch_sides: bool | None = None
         self.last_mode = ""  # how the last turn ran: batched, or one by one and why
         gpu.hold(self)  # training unloads it before a GPU run (`gpu.release_for_training`)
 
@@ -880,7 +888,8 @@ class ChatEngine:
         (`studio.models.batching.adapter_rows`: per-row LoRA scaling, else PEFT's mixed adapter
         batches), so one model and one adapter serve both at once and a turn costs about one
         answer's time, not two. Where the rows cannot share a batch
-        (`mixed_batch_problem`), or `batch_sides` is off, the rows run one after the other;
+        (`mixed_batch_problem`), or where one pass would be slower on this device
+        (`batch_cost_problem`), or `batch_sides` is off, the rows run one after the other;
         `last_mode` says which happened and why, for the stats line. Greedy answers are the
         same either way; a sampled turn is batched too (one seed per turn, both sides share
         one settings), so it repeats under its seed but draws differently from a side alone.
@@ -896,7 +905,7 @@ class ChatEngine:
         problem = None
         if enc is not None:
             problem = mixed_batch_problem(model, settings.repetition_penalty, enc["lengths"])
-            problem = problem or (None if self.batch_sides else "batching is turned off")
+            problem = problem or self._batching_off(model, len(rows))
         if enc is None or problem:
             self.last_mode = _sequential_mode(len(rows), problem)
             yield from self._rows_one_by_one(rows, settings)
@@ -905,6 +914,12 @@ class ChatEngine:
         if len(rows) == 2 and {r[0] for r in rows} == set(SIDES):
             self.last_mode = "A and B in one batched pass"
         yield from self._rows_batched(rows, settings, model, tok, enc, load_id)
+
+    def _batching_off(self, model: Any, n_rows: int) -> str | None:
+        """Why this turn runs one row after the other though it could batch, or None."""
+        if self.batch_sides is None:
+            return batch_cost_problem(model, n_rows)
+        return None if self.batch_sides else "batching is turned off"
 
     def _rows_one_by_one(
         self, rows: list[tuple[str, list[Message], str | None]], settings: GenerationSettings

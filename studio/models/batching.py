@@ -54,6 +54,27 @@ def eos_ids(model: Any) -> set[int]:
     return {int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
 
 
+# Rows up to which one batched pass costs more than the rows one after the other, where a
+# batch is dear: in fp32 on a CPU a 2-row decode step costs about 1.7 one-row steps (a 1-row
+# matmul is a GEMV), so an A/B turn at natural lengths took 1.14x A then B (`bench chat`, a
+# CPU without AVX-512). Batch compare's 16 rows a call still pay there.
+DEAR_BATCH_ROWS = 2
+
+
+def batch_cost_problem(model: Any, n_rows: int) -> str | None:
+    """Why `n_rows` rows would answer slower in one batch than one after the other on the
+    device `model` runs on, or None where batching pays (a GPU; a CPU in bf16, where a 2-row
+    step costs what a 1-row step does: 0.73x at natural lengths)."""
+    device = getattr(getattr(model, "device", None), "type", "cpu")
+    dtype = str(getattr(model, "dtype", ""))
+    if device != "cpu" or dtype != "torch.float32" or n_rows > DEAR_BATCH_ROWS:
+        return None
+    return (
+        "fp32 on this CPU, where a batch of two costs about 1.7 answers:"
+        " one after the other is faster"
+    )
+
+
 def mixed_batch_problem(
     model: Any, repetition_penalty: float = 1.0, lengths: list[int] | None = None
 ) -> str | None:

@@ -38,6 +38,7 @@ from studio.chat.engine import (
 )
 from studio.data import chat_format
 from studio.models import loader as models
+from studio.models.batching import batch_cost_problem
 from studio.tools.common import load_averages, machine, write_results
 
 
@@ -213,6 +214,7 @@ def batching_ratios(
     fixed = GenerationSettings(max_new_tokens=ab_tokens, min_new_tokens=ab_tokens)
     natural = GenerationSettings(max_new_tokens=ab_tokens)
     bc = GenerationSettings(max_new_tokens=batch_tokens)
+    chosen = engine.batch_sides  # each way is forced below; the engine's choice comes back
     items = [evaluate.BatchItem([{"role": "user", "content": p}]) for p in batch_prompts]
     load_before = load_averages()
     _ab_turn(engine, ab_prompts[0], GenerationSettings(max_new_tokens=4), True)  # warm-up
@@ -227,8 +229,10 @@ def batching_ratios(
                 _add_ratio(series[key], t[True], t[False], ("batched", "sequential"))
             r = {mode: _batch_rate(engine, items, bc, mode, tmp) for mode in (first, not first)}
             _add_ratio(rate, r[True], r[False], ("batched", "one_at_a_time"))
-    engine.batch_sides = True
+    engine.batch_sides = chosen
+    why_not = batch_cost_problem(engine.model, 2)
     return {
+        "ab_turn_choice": f"one after the other ({why_not})" if why_not else "one batched pass",
         "ab_turn": {"max_new_tokens": ab_tokens, **_spread(series["fixed"], "s")},
         "ab_turn_natural_length": {"max_new_tokens": ab_tokens, **_spread(series["natural"], "s")},
         "batch_compare": {
@@ -356,6 +360,7 @@ def batching_lines(b: dict[str, Any]) -> list[str]:
         f" {r['batched_prompts/s']:.3f} prompts/s ({r['prompts_per_call']} per call) vs"
         f" {r['one_at_a_time_prompts/s']:.3f} one at a time -> {r['ratio_median']:.2f}x median"
         f" (spread {r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}; goal >= 3x)",
+        f"the studio's own choice for an A/B turn here: {b.get('ab_turn_choice', '?')}",
         f"{b['repetitions']} interleaved repetitions; load average before"
         f" {b['load_average']['before']}, after {b['load_average']['after']} (shared machine)",
     ]
