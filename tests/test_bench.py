@@ -107,3 +107,27 @@ def test_firstrun_bench_runs_the_default_path_and_reports_the_verdicts(
     assert val["val_rows"] == 2 and val["format"] == "a JSON object"  # the sample's answers
     for key in ("base_format_rate", "tuned_format_rate", "base_rouge_l", "tuned_rouge_l"):
         assert 0.0 <= val[key] <= 1.0
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_every_section_on_cpu_with_tiny(embedded_model, tmp_path: Path) -> None:
+    """`bench gpu --tiny`: the script a lent GPU runs keeps working (CPU, tiny shapes)."""
+    out = _bench("gpu", "--tiny", "--json", str(tmp_path / "gpu.json"))
+    report = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
+    for section in ("doctor", "selftest", "train", "long_context", "chat"):
+        assert "error" not in report[section], report[section]
+        assert section in out
+    assert report["selftest"]["passed"]
+    assert report["long_context"]["measured_longest"] is None  # needs CUDA, and says so
+    assert "needs CUDA" in report["long_context"]["note"]
+    assert all(report["chat"][m]["same_as_alone"] for m in ("lora", "qlora"))
+
+
+def test_the_longest_length_search_finds_the_edge() -> None:
+    from studio.tools.gpu import _longest
+
+    for edge in (1024, 1300, 8192, 21_848, 40_000):
+        found = _longest(lambda n, e=edge: n <= e)
+        assert found is not None and found <= edge < found + 256, (edge, found)
+    assert _longest(lambda n: False) is None
+    assert _longest(lambda n: True) == 65_536

@@ -82,11 +82,13 @@ def build_model(
     layers: int = 2,
     dtype: str = "bfloat16",
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
     """Save a random-weight `family` model with its tokenizer into `out_dir`; return it.
 
-    `shape` overrides the tiny sizes (hidden 64, 2 layers); the vocabulary is always the
-    tokenizer's, so every token id the studio writes has an embedding.
+    `shape` overrides the tiny sizes (hidden 64, 2 layers); the vocabulary is the tokenizer's,
+    so every token id the studio writes has an embedding, or `vocab_size` where that is larger
+    (a real model's, so that its embeddings and LM head weigh what they do: the GPU benchmark).
     """
     import torch
     import transformers
@@ -96,7 +98,7 @@ def build_model(
     sizes = {**TINY, **TINY_HEADS, **dict(fam.extra), **(shape or {}), "num_hidden_layers": layers}
     config = getattr(transformers, fam.config_class)(
         **sizes,
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), vocab_size or 0),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

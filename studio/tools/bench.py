@@ -35,6 +35,12 @@ Run `python -m studio.bench <command>`; commands:
       the CPU preset's defaults, no edits. Prints minutes to finish, the did-it-learn
       verdicts, and on the validation split the format rate and ROUGE-L, base vs fine-tune.
 
+  gpu [--tiny] [--steps 6] [--json FILE] [--work-dir DIR]
+      On one CUDA card, under 8 minutes: the doctor, the self-test with the presets' recipe,
+      training speed and memory of the studio against the tutorial on the embedded model and
+      random-weight Qwen2.5-1.5B / Llama-3.1-8B shapes, the longest Llama-3.1-8B QLoRA
+      sequence in 12 GiB, and the A/B turn; one JSON report. `--tiny`: the same on CPU.
+
 Each command is a module of `studio.tools` with `HELP`, `add_args(parser)` and `run(args)`,
 named in COMMANDS; a new benchmark is a new module and one line there.
 """
@@ -44,7 +50,7 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from studio.tools import app, chat, data, firstrun, train, uipath
+from studio.tools import app, chat, data, firstrun, gpu, train, uipath
 
 COMMANDS: dict[str, ModuleType] = {
     "data": data,
@@ -53,6 +59,7 @@ COMMANDS: dict[str, ModuleType] = {
     "app": app,
     "chat": chat,
     "firstrun": firstrun,
+    "gpu": gpu,
 }
 
 
