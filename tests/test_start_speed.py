@@ -49,7 +49,7 @@ def test_the_step0_eval_comes_after_step_1_and_is_the_base_models(
     monkeypatch.setattr(load, "load_dataset_file", counted)
     manager = JobManager()
     run_dir = manager.start(cfg)  # the Train tab's Start
-    snap = manager.wait(600)
+    snap = manager.wait(3600)  # a guard against a hang only: a loaded machine is slow
     monkeypatch.setattr(load, "load_dataset_file", real_load)
     assert snap.state == "completed", snap.message
     assert reads == [data], f"one Start read the dataset {len(reads)} times: {reads}"

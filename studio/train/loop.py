@@ -126,9 +126,10 @@ class _Live:
 def recording(
     run: PreparedRun, *, stop: threading.Event | None = None, on_event: OnEvent | None = None
 ) -> Iterator[_Live]:
-    """The run's record around the stages after `prepare_run`: whatever break inside (a
-    failure is not raised on: the run ends with status failed), how it ended is written.
+    """The run's record around the stages after `prepare_run`: every event into log.jsonl and
+    `on_event`, and however the run ends, its metadata, model card and final event.
 
+    A failure inside is not raised on (the run ends with status failed, its advice said);
     Ctrl-C twice or SystemExit are recorded, then raised on."""
     writes = distributed.is_main()  # under `accelerate launch`, rank 0 alone writes the run
     live = _Live(
