@@ -501,7 +501,7 @@ def test_a_fatal_cuda_error_says_restart_and_blocks_the_next_gpu_use(
 ) -> None:
     from studio import runs
     from studio.chat import engine as chat
-    from studio.train import loop, memory
+    from studio.train import jobs, loop, memory
     from studio.train.prepare import prepare_run
 
     monkeypatch.setattr(memory, "_fatal", None)
@@ -517,7 +517,7 @@ def test_a_fatal_cuda_error_says_restart_and_blocks_the_next_gpu_use(
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}
     data.write_text("\n".join([json.dumps(row)] * 8), encoding="utf-8")
     run = prepare_run(RunConfig(dataset_path=str(data), device="cpu", max_steps=1))
-    result = loop.execute_run(run)
+    result = jobs.execute_run(run)
     assert result.status == "failed" and "restart the studio" in result.message
     assert any("restart the studio" in line for line in result.advice)
     meta = runs.read_metadata(run.run_dir)

@@ -1,6 +1,7 @@
 """Start -> first step: the step-0 eval no longer holds back the first step, and the figure
 it is replaced by (the base model's eval loss, taken at the first scheduled eval with the
-adapter switched off) is the one an eval before training gives."""
+adapter switched off) is the one an eval before training gives. One Start reads the dataset
+file once, PII gate included (the pipe: prepare -> recipe.build -> loop)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from studio.config import RunConfig
 
 @pytest.mark.slow
 def test_the_step0_eval_comes_after_step_1_and_is_the_base_models(
-    embedded_model, tokenizer, tmp_path: Path
+    embedded_model, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from studio.data import load, pii
     from studio.train import recipe
-    from studio.train.jobs import run_training
+    from studio.train.jobs import JobManager
     from studio.train.prepare import load_training_rows, split_rows, tokenize_rows
 
     data = tmp_path / "rows.jsonl"
@@ -32,11 +34,27 @@ def test_the_step0_eval_comes_after_step_1_and_is_the_base_models(
     cfg = RunConfig(
         run_name="step0", dataset_path=str(data), max_seq_len=48, batch_size=2, max_steps=2,
         val_fraction=0.2, eval_steps=2, save_steps=2, learning_rate=1e-2, warmup_ratio=0.0,
-        lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules="qv", allow_pii=True, seed=0,
+        lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules="qv", allow_pii=False, seed=0,
     )  # fmt: skip
-    result = run_training(cfg)
-    assert result.status == "completed", result.message
-    log = runs.load_log(result.run_dir)
+    # Every parse of a dataset file goes through `load_dataset_file`: count them (the real
+    # function still reads). The file was never scanned, so the PII gate scans it too.
+    assert pii.unresolved_pii(data) is None
+    reads: list[Path] = []
+    real_load = load.load_dataset_file
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "load_dataset_file", counted)
+    manager = JobManager()
+    run_dir = manager.start(cfg)  # the Train tab's Start
+    snap = manager.wait(3600)  # a guard against a hang only: a loaded machine is slow
+    monkeypatch.setattr(load, "load_dataset_file", real_load)
+    assert snap.state == "completed", snap.message
+    assert reads == [data], f"one Start read the dataset {len(reads)} times: {reads}"
+    assert pii.unresolved_pii(data) == 0  # the gate scanned those rows and cached the scan
+    log = runs.load_log(run_dir)
     kinds = [(e["kind"], e["step"]) for e in log if e.get("kind")]
     # step 1 is shown first; the step-0 eval comes with the first scheduled one (step 2)
     assert kinds[0] == ("train", 1), kinds

@@ -8,6 +8,7 @@ on /dev/full (ENOSPC), a SIGKILL of the CLI process.
 
 from __future__ import annotations
 
+import ast
 import gc
 import hashlib
 import json
@@ -89,12 +90,28 @@ def manager():
     return get_manager()
 
 
-def test_a_run_goes_one_way_through_the_train_package() -> None:
-    """ui -> jobs -> prepare -> recipe -> loop, with no way back: prepare and recipe import
-    nothing of the package, loop builds on them (and ends with checks), and only jobs and the
-    CLI start a run (prepare, then loop)."""
-    import ast
+def _runtime_imports(tree: ast.Module) -> set[str]:
+    """The studio.train modules a module imports, left out those under `if TYPE_CHECKING:`
+    (the shape of a stage's input is not a call back into that stage)."""
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    return {
+        alias.name if node.module == "studio.train" else node.module.rsplit(".", 1)[-1]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("studio.train")
+        if id(node) not in typing_only
+        for alias in node.names
+    }
 
+
+def test_a_run_goes_one_way_through_the_train_package() -> None:
+    """ui -> jobs -> prepare -> recipe.build -> loop, a pipe with no way back: prepare and
+    recipe import nothing of the package, the loop never imports prepare and uses of the
+    recipe its one `build` call (and ends with checks); only jobs and the CLI start a run."""
     allowed = {
         "tracking": set(),  # a leaf: where the curves go (TensorBoard, W&B)
         "distributed": set(),  # a leaf: ranks, the stop file, the accelerate command
@@ -104,19 +121,22 @@ def test_a_run_goes_one_way_through_the_train_package() -> None:
         "recipe": {"tracking", "distributed", "fused_loss"},
         "checks": set(),
         "plan": {"prepare", "recipe"},  # the Train tab's pre-flight, before any run starts
-        "loop": {"prepare", "recipe", "checks", "tracking", "distributed", "memory"},
+        "loop": {"recipe", "checks", "tracking", "distributed", "memory"},
         "jobs": {"prepare", "loop", "distributed"},
-        "cli": {"prepare", "loop", "distributed"},
+        "cli": {"prepare", "jobs", "loop", "distributed"},
     }
     for name, may_import in allowed.items():
         tree = ast.parse((ROOT / "studio" / "train" / f"{name}.py").read_text(encoding="utf-8"))
-        imported = {
-            alias.name if node.module == "studio.train" else node.module.rsplit(".", 1)[-1]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("studio.train")
-            for alias in node.names
-        }
+        imported = _runtime_imports(tree)
         assert imported <= may_import, f"studio.train.{name} imports {imported - may_import}"
+    loop = ast.parse((ROOT / "studio" / "train" / "loop.py").read_text(encoding="utf-8"))
+    used = [
+        node
+        for node in ast.walk(loop)
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "recipe"
+    ]
+    assert {n.attr for n in used} <= {"build", "Built"}, "the loop reaches into the recipe"
+    assert [n.attr for n in used].count("build") == 1, "the loop calls recipe.build once"
 
 
 def test_invalid_settings_are_refused_before_any_model_loads(studio_home, tiny_rows, tmp_path):

@@ -210,7 +210,7 @@ def test_a_real_run_reports_every_check_and_an_untrained_adapter_is_red(
     from studio import runs
     from studio.config import RunConfig
     from studio.models.loader import load_model_for_inference
-    from studio.train.loop import execute_run
+    from studio.train.jobs import execute_run
     from studio.train.prepare import prepare_run
 
     cfg = RunConfig(

@@ -135,12 +135,14 @@ class PIICheckError(RuntimeError):
     """The PII scan could not run; a check that did not run must never count as clean."""
 
 
-def file_pii_count(path: Path, fmt: str = "auto") -> int:
+def file_pii_count(path: Path, fmt: str = "auto", report: data.DatasetReport | None = None) -> int:
     """Unresolved PII findings in the file at `path`: its cached scan, else a fresh scan.
 
     The training gate calls this, so a file nobody scanned in the Dataset tab (a run.yaml on
     the command line, a resume, a file edited since) is scanned before it trains, and the
-    result is cached for the next time. Raises PIICheckError when the scan cannot run.
+    result is cached for the next time. `report`: the file as the caller already read it
+    (a run's one read), scanned instead of reading it again. Raises PIICheckError when the
+    scan cannot run.
     """
     try:
         from studio.data import pii
@@ -150,7 +152,8 @@ def file_pii_count(path: Path, fmt: str = "auto") -> int:
         cached = pii.unresolved_pii(path)
         if cached is not None:
             return cached
-        report = data.load_dataset_file(path, fmt=fmt)
+        if report is None:
+            report = data.load_dataset_file(path, fmt=fmt)
         scan = pii.scan_rows(report.rows, report.row_numbers)
     except data.DatasetError:
         raise  # an unusable file: the loader's own message, with line numbers

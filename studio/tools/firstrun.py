@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     """The default click-through, headless: sample (redacted), CPU preset, Start, no edits."""
     from studio import paths
     from studio.train import checks
-    from studio.train.loop import execute_run
+    from studio.train.jobs import execute_run
     from studio.train.prepare import prepare_run
 
     if args.data_dir:

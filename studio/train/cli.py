@@ -5,8 +5,9 @@
     accelerate launch -m studio.train RUN.yaml            # the same run on every visible GPU
 
 
-It runs the very same stages as the Train tab, in this process: `studio.train.prepare`, then
-`studio.train.loop.execute_run`, with a progress bar instead of the UI's plot. Ctrl-C asks
+It runs the very same pipe as the Train tab, in this process: `studio.train.prepare`, then
+`studio.train.jobs.execute_run` (prepare's tokens -> `recipe.build` -> the loop), with a
+progress bar instead of the UI's plot. Ctrl-C asks
 the run to stop at the next step (its adapter is saved); a second Ctrl-C aborts.
 Under `accelerate launch` (or torchrun) with several processes, `studio.train.distributed`
 runs it: rank 0 prepares and writes, every rank trains; a STOP file in the run folder stops
@@ -25,7 +26,8 @@ from typing import Any
 from studio import paths
 from studio.config import ConfigError, RunConfig
 from studio.train import distributed
-from studio.train.loop import Event, OnEvent, TrainResult, execute_run
+from studio.train.jobs import execute_run
+from studio.train.loop import Event, OnEvent, TrainResult
 from studio.train.prepare import PreparedRun, prepare_resume, prepare_run
 
 

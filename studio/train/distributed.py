@@ -5,14 +5,15 @@
     accelerate launch --multi_gpu --num_processes 2 -m studio.train RUN.yaml   # 2 CPU processes
                                                             # (gloo) on a PC without a GPU
 
-Each process (rank) runs the same stages as a one-process run (`studio.train.loop`), with
-these differences, which all live here or are switched on from here:
+Each process (rank) runs the same pipe as a one-process run (`studio.train.jobs.execute_run`:
+prepare's tokens -> `recipe.build` -> the loop), with these differences, which all live here
+or are switched on from here:
 
 - Rank 0 alone prepares the run (checks, PII gate, the run folder) and hands the prepared
   run to the others (`share`), so every rank trains in the same folder on the same rows.
-- Rank 0 alone writes the run folder: log.jsonl, metadata, adapter, model card (the loop
-  asks `is_main`); the Trainer itself saves checkpoints from rank 0 only (each rank adds
-  its own RNG state).
+- Rank 0 alone writes the run folder: log.jsonl, metadata, chat template, token cache,
+  adapter, model card (prepare and the loop ask `is_main`); the Trainer itself saves
+  checkpoints from rank 0 only (each rank adds its own RNG state).
 - Each rank trains on its own card: `gpu_index = LOCAL_RANK`, so a QLoRA base is loaded
   with `device_map={"": local_rank}` by the one loader.
 - Stop: the job (or Ctrl-C) asks for it with a stop file in the run folder; the ranks agree
@@ -23,7 +24,7 @@ these differences, which all live here or are switched on from here:
 
 The process count and backend come from the launcher's environment (RANK, LOCAL_RANK,
 WORLD_SIZE); nccl on GPUs, gloo on CPU (accelerate's PartialState chooses). This module is
-a leaf of the train package (the loop, the recipe and the job ask it about ranks); the
+a leaf of the train package (prepare, the recipe, the loop and the job ask it about ranks); the
 command that runs a launched run, rank by rank, is `studio.train.cli`.
 """
 

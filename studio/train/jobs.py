@@ -1,9 +1,13 @@
 """Starting a run: in the calling thread, or as the process's one background job.
 
-`run_training(cfg)` and `resume_training(run_dir)` run prepare -> loop in the calling thread
-(scripts and tests). `get_manager()` returns the process-wide JobManager, which the Train tab
-uses: it prepares the run at once (a bad setting comes back as ConfigError), runs
-`studio.train.loop.execute_run` in a thread, keeps the progress log the UI polls, and turns
+A run is one pipe, `prepare -> recipe.build -> loop`: `prepare_run(cfg)` (checks, the
+dataset read once, PII gate, run folder) returns at once; then `execute_run(prepared)`
+tokenizes (prepare's second call) and hands the tokens to `loop.train`, which builds
+everything with one `recipe.build` call and trains, all inside the run's record
+(`loop.recording`). `run_training(cfg)` and `resume_training(run_dir)` do it in the calling
+thread (scripts and tests). `get_manager()` returns the process-wide JobManager, which the
+Train tab uses: it prepares the run at once (a bad setting comes back as ConfigError), runs
+`execute_run` in a thread, keeps the progress log the UI polls, and turns
 Stop into `control.should_training_stop` through the run's TrainerCallback. Because the state
 lives in the process and not in a browser session, closing or reloading the page changes
 nothing, and two tabs see the same run; a second Start while one runs is refused with
@@ -41,10 +45,29 @@ from studio.train import distributed
 
 if TYPE_CHECKING:
     from studio.train.loop import TrainResult
+    from studio.train.prepare import PreparedRun
 
 MAX_LOG_LINES = 400
 STOP_GRACE_S = 15.0  # the app is closing: time for the ranks to stop at a step (checkpoint)
 KILL_GRACE_S = 5.0  # then SIGTERM to the launcher and every rank; SIGKILL what is left after
+
+
+def execute_run(
+    prepared: PreparedRun,
+    *,
+    stop: threading.Event | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    extra_callbacks: Iterable[Any] = (),
+) -> TrainResult:
+    """A prepared run to its end, one stage after the other inside its record: prepare's
+    tokens, then the loop (one `recipe.build`, the steps, the adapter, the checks).
+
+    Never raises for a failure of the run: it comes back as status failed."""
+    from studio.train import loop, prepare
+
+    with loop.recording(prepared, stop=stop, on_event=on_event) as live:
+        loop.train(live, prepare.tokenize_run(prepared, live.say), extra_callbacks)
+    return live.result
 
 
 def run_training(
@@ -57,7 +80,6 @@ def run_training(
     """A new run from a config, in the calling thread.
 
     ConfigError comes back before any model loads."""
-    from studio.train.loop import execute_run
     from studio.train.prepare import prepare_run
 
     return execute_run(
@@ -73,7 +95,6 @@ def resume_training(
     extra_callbacks: Iterable[Any] = (),
 ) -> TrainResult:
     """Continue a stopped, failed or interrupted run from its last checkpoint to the end."""
-    from studio.train.loop import execute_run
     from studio.train.prepare import prepare_resume
 
     return execute_run(
@@ -256,8 +277,6 @@ class JobManager:
             )
 
     def _launch(self, prepared: Any, history: list[dict[str, Any]], extra_callbacks) -> None:
-        from studio.train.loop import execute_run
-
         self._stop = threading.Event()
         self._done.clear()
         cfg = prepared.cfg

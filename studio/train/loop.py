@@ -1,12 +1,15 @@
-"""Executing a prepared run: load, train, save, check, and record how it ended.
+"""Executing a prepared run: build, train, save, check, and record how it ended.
 
-`execute_run(prepared)` is what the Train tab's background job and the CLI both call after
-`studio.train.prepare`. It reads as the steps of a run: resolve the base model and its
-tokenizer, tokenize the rows, load the model, build the trainer (`studio.train.recipe`),
-train, save the adapter, check that it learned (`studio.train.checks`). Progress flows from
-a TrainerCallback into log.jsonl and the `on_event` callable; Stop sets an Event that the
-callback turns into `control.should_training_stop`. Failures (out of memory, NaN loss, a
-full disk) end the run as "failed" with concrete advice instead of taking the app down.
+The last stage of the pipe `prepare -> recipe.build -> loop`. The run's record,
+`recording(prepared)`, surrounds the stages after Start's checks: every event goes into
+log.jsonl and the `on_event` callable, and however the run ends (completed, stopped, failed,
+aborted) its metadata, model card and final event are written. Inside it, `train(live,
+tokens)` takes prepare's tokenized rows, calls `recipe.build` once (model, LoRA, args,
+trainer, step plan), trains, saves the adapter and checks that it learned
+(`studio.train.checks`). It never calls back into `prepare`. Progress flows from a
+TrainerCallback into the record; Stop sets an Event that the callback turns into
+`control.should_training_stop`. Failures (out of memory, NaN loss, a full disk) end the run
+as "failed" with concrete advice instead of taking the app down.
 """
 
 from __future__ import annotations
@@ -23,23 +26,18 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio import gpu, runs
 from studio.config import ConfigError, RunConfig
-from studio.data.chat_format import TemplateError, template_hash
+from studio.data.chat_format import TemplateError
 from studio.hardware import vram
 from studio.models.precision import precision
 from studio.train import checks, distributed, memory, recipe, tracking
-from studio.train.prepare import (
-    PreparedRun,
-    load_token_cache,
-    now_iso,
-    save_token_cache,
-    token_cache_key,
-    tokenize_rows,
-)
 from studio.util import exception_chain, short_error, write_errno
+
+if TYPE_CHECKING:  # the shapes this stage receives; nothing of prepare runs here
+    from studio.train.prepare import PreparedRun, Tokens
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -122,14 +120,15 @@ class _Live:
 # --- running ------------------------------------------------------------------------------
 
 
-def execute_run(
-    run: PreparedRun,
-    *,
-    stop: threading.Event | None = None,
-    on_event: OnEvent | None = None,
-    extra_callbacks: Iterable[Any] = (),
-) -> TrainResult:
-    """Load, train, save, check. Never raises for a training failure: returns status failed."""
+@contextlib.contextmanager
+def recording(
+    run: PreparedRun, *, stop: threading.Event | None = None, on_event: OnEvent | None = None
+) -> Iterator[_Live]:
+    """The run's record around the stages after `prepare_run`: every event into log.jsonl and
+    `on_event`, and however the run ends, its metadata, model card and final event.
+
+    A failure inside is not raised on (the run ends with status failed, its advice said);
+    Ctrl-C twice or SystemExit are recorded, then raised on."""
     writes = distributed.is_main()  # under `accelerate launch`, rank 0 alone writes the run
     live = _Live(
         run,
@@ -143,12 +142,16 @@ def execute_run(
     gpu_before = memory.gpu_bytes(card)  # the app's own there, given back at the end
     try:
         memory.refuse_if_broken(run.device)
-        _train(live, list(extra_callbacks))
+        _announce(live)
+        yield live
     except _StopBeforeTraining:
         live.result.status = "stopped"
         live.result.message = "Stopped before training began; no adapter saved."
     except BaseException as exc:  # a run must end with a status, whatever broke
         _explain_failure(live, exc)
+        # The traceback holds the failed stages' frames, and with them the model and the
+        # trainer: cleared, the memory comes back now rather than at some later collection.
+        traceback.clear_frames(exc.__traceback__)
         if not isinstance(exc, Exception):  # Ctrl-C twice, SystemExit: record, then re-raise
             live.release()
             _finish(live)
@@ -157,25 +160,24 @@ def execute_run(
         live.release()
         run.meta.setdefault("memory", {}).update(memory.after_run(card, gpu_before))
     _finish(live)
-    return live.result
 
 
-def _train(live: _Live, extra_callbacks: list[Any]) -> None:
-    """The steps of a run, in order; the model and trainer live only in this frame."""
+def train(live: _Live, tokens: Tokens, extra_callbacks: Iterable[Any] = ()) -> None:
+    """The run from prepare's tokens, in order: one `recipe.build`, train, save, check.
+    The model and trainer live only in this frame."""
     run = live.run
-    _announce(live)
-    resolved = _resolve_base_model(live)
-    tok = _load_tokenizer(live, resolved.path)
-    train_tok, val_tok = _tokenize(live, tok)
     live.check_stop()
-
-    live.say(f"Loading model {resolved.name} ({run.cfg.method}) from {resolved.path}")
-    with live.timed("model_load_s"):
-        model = recipe.load_base_model(run.cfg, resolved.path, run.device)
+    base = tokens.base
+    live.say(f"Loading model {base.name} ({run.cfg.method}) from {base.path}")
+    live.callback = progress_callback(run, live.emit, live.stop)
+    built = recipe.build(
+        run.cfg, base.path, tokens.tokenizer, run.device, run.run_dir, tokens.train, tokens.val,
+        resume=run.resume_from is not None, callbacks=[live.callback, *extra_callbacks],
+    )  # fmt: skip
+    live.timings["model_load_s"] = built.load_s
     live.check_stop()
-
-    trainer = _build_trainer(live, model, tok, train_tok, val_tok, extra_callbacks)
-    live.check_stop()
+    trainer = built.trainer
+    _before_first_step(live, built)
 
     if not _already_trained(live, trainer):
         with live.timed("train_s"):
@@ -188,8 +190,8 @@ def _train(live: _Live, extra_callbacks: list[Any]) -> None:
         return
     live.say("Saving the adapter")
     with live.timed("save_s"):
-        save_adapter(trainer.model, tok, run.run_dir)
-    _record_success(live, trainer, tok)
+        save_adapter(trainer.model, tokens.tokenizer, run.run_dir)
+    _record_success(live, trainer, tokens.tokenizer)
 
 
 def _already_trained(live: _Live, trainer: Any) -> bool:
@@ -234,107 +236,19 @@ def _announce(live: _Live) -> None:
         )
 
 
-def _resolve_base_model(live: _Live) -> Any:
-    """The base model on disk (fetched or converted if needed), recorded in the metadata."""
-    from studio.models.loader import resolve_model
-
-    run, meta = live.run, live.run.meta
-    resolved = resolve_model(run.cfg.base_model, lambda m, f: live.say(f"[model {f:.0%}] {m}"))
-    before = (meta.get("base_model") or {}).get("revision")
-    if run.resume_from and before and before != resolved.revision:
-        live.say(
-            f"WARNING: the base model changed since the run began ({before} -> {resolved.revision})"
-        )
-    meta["base_model"] = {
-        "name": resolved.name,
-        "path": str(resolved.path),
-        "source": resolved.source,
-        "revision": resolved.revision,
-    }
-    return resolved
-
-
-def _load_tokenizer(live: _Live, path: Path) -> Any:
-    """The base model's tokenizer; its chat template is recorded beside the adapter."""
-    from studio.models.loader import load_tokenizer
-
-    tok = load_tokenizer(path)
-    live.run.meta["chat_template"] = tok.chat_template
-    live.run.meta["template_hash"] = template_hash(tok)
-    if live.writes:
-        runs.atomic_write_text(live.run.run_dir / "chat_template.jinja", tok.chat_template or "")
-    return tok
-
-
-def _tokenize(live: _Live, tok: Any) -> tuple[list[dict], list[dict]]:
-    """Tokenize the train and validation rows; record what was kept, cut and dropped."""
-    run = live.run
-    n_rows = len(run.train_rows) + len(run.val_rows)
-    with live.timed("tokenize_s"):
-        key = token_cache_key(tok, run)
-        cached = load_token_cache(key)
-        if cached is None:
-            live.say(f"Tokenizing {n_rows} rows")
-            train_tok, train_stats = tokenize_rows(tok, run.train_rows, run.cfg)
-            runs.kill_point("tokenize")
-            val_tok, val_stats = tokenize_rows(tok, run.val_rows, run.cfg, required=False)
-            save_token_cache(key, (train_tok, train_stats, val_tok, val_stats))
-        else:
-            live.say(f"Tokenized {n_rows} rows before (same data and settings): reusing them")
-            runs.kill_point("tokenize")
-            train_tok, train_stats, val_tok, val_stats = cached
-    run.meta["dataset"].update(
-        train_examples=len(train_tok),
-        val_examples=len(val_tok),
-        dropped_rows=train_stats["dropped"] + val_stats["dropped"],
-        truncated_rows=train_stats["truncated"] + val_stats["truncated"],
-        train_tokens=train_stats["tokens"],
-        trained_tokens=train_stats["trained_tokens"],
-    )
-    live.say(
-        f"Tokenized {len(train_tok)} train / {len(val_tok)} validation conversations "
-        f"({train_stats['trained_tokens']} trained tokens; "
-        f"{train_stats['truncated']} truncated, {train_stats['dropped']} dropped)"
-    )
-    return train_tok, val_tok
-
-
-def _build_trainer(
-    live: _Live,
-    model: Any,
-    tok: Any,
-    train_tok: list[dict],
-    val_tok: list[dict],
-    extra_callbacks: list[Any],
-) -> Any:
-    """The recipe's trainer with the progress callback and the step plan; metadata updated."""
-    from transformers import PrinterCallback
-
-    run, cfg = live.run, live.run.cfg
-    args = recipe.build_training_args(
-        cfg,
-        run.run_dir,
-        run.device,
-        bool(val_tok),
-        run.resume_from is not None,
-        padding_free=recipe.padding_free_ok(model),
-    )
-    live.callback = progress_callback(run, live.emit, live.stop)
-    trainer = recipe.build_trainer(
-        cfg, model, tok, args, run.device, train_tok, val_tok, [live.callback, *extra_callbacks]
-    )
-    if args.eval_on_start:  # the step-0 eval must not hold back the first step: see base_eval
-        args.eval_on_start = False
+def _before_first_step(live: _Live, built: recipe.Built) -> None:
+    """The step-0 eval deferred, the plan and recipe in the metadata, and the run's plan said."""
+    run, cfg, trainer, plan = live.run, live.run.cfg, built.trainer, built.plan
+    if built.args.eval_on_start:  # the step-0 eval must not hold back the first step
+        built.args.eval_on_start = False
         live.callback.base_eval = functools.partial(base_eval, trainer)
-    trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
-    plan = recipe.apply_step_plan(trainer, cfg)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     run.meta.update(total_steps=plan["total_steps"], plan=plan)
     run.meta["parameters"] = {"trainable": trainable, "total": total}
     run.meta["peft"] = {
         "target_modules": _jsonable(trainer.model.peft_config["default"].target_modules)
     }
-    run.meta["recipe"] = recipe.recipe_summary(cfg, run.device, trainer)
+    run.meta["recipe"] = built.summary
     run.meta["memory"] = vram.run_estimate(
         run.meta["base_model"]["path"], cfg, run.device, trainer.compact_head
     )
@@ -347,7 +261,6 @@ def _build_trainer(
     )
     live.emit({"event": "status", "status": "training", "total_steps": plan["total_steps"]})
     live.say(f"First step (of {plan['total_steps']})")
-    return trainer
 
 
 def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
@@ -449,10 +362,11 @@ def write_end(run_dir: Path, meta: dict[str, Any], result: TrainResult) -> None:
     written by the run's own process, or by the job that launched its ranks (`record_end`)."""
     if result.status in ("failed", "interrupted") and not result.final_metrics:
         result.final_metrics = checks.final_metrics(runs.load_log(run_dir), None)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")  # as prepare's `now_iso`
     meta.update(
         status=result.status,
-        updated=now_iso(),
-        ended=now_iso(),
+        updated=now,
+        ended=now,
         final_metrics=result.final_metrics,
         checks=result.checks,
         warnings=result.warnings,

@@ -1,12 +1,17 @@
-"""Preparing a run: a RunConfig becomes a PreparedRun before any model loads.
+"""Preparing a run: a RunConfig becomes a PreparedRun, then the run's tokenized rows.
 
-Everything that can refuse a run cheaply happens here, so a bad setting comes back to the
-Train tab at once instead of minutes later: validation, the device choice, the PII gate, the
-dataset read through `studio.data` (the Dataset tab's own loader) and its seeded split, and
-the run folder with its run.yaml and metadata. `tokenize_rows` (chat rows -> input_ids and
-labels) lives here too; the loop calls it once the run's tokenizer is loaded.
+The first stage of the pipe `prepare -> recipe.build -> loop`, in two calls:
 
-Next stage: `studio.train.loop.execute_run(prepared)`.
+- `prepare_run(cfg)` / `prepare_resume(run_dir)`: everything that can refuse a run cheaply,
+  so a bad setting comes back to the Train tab at once instead of minutes later: validation,
+  the device choice, the dataset read ONCE through `studio.data` (the Dataset tab's own
+  loader), the PII gate on those rows, the seeded split, and the run folder with its run.yaml
+  and metadata.
+- `tokenize_run(prepared, say)`: the base model resolved, its tokenizer loaded, the rows
+  tokenized (or the cached tokens of an unchanged Start reused). It runs in the job's thread
+  (a hub model may download for minutes), inside the run's record (`loop.recording`).
+
+Next stage: `studio.train.loop.train(live, tokens)`, which calls `recipe.build` once.
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ import contextlib
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio import __version__, runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, tokenize_conversation
 from studio.data.load import SAMPLE_DATASET
 from studio.train import distributed
+
+if TYPE_CHECKING:
+    from studio.data.load import DatasetReport
+    from studio.models.loader import ResolvedModel
 
 
 @dataclass
@@ -42,6 +52,16 @@ class PreparedRun:
     power_w: float = 0.0  # board power while training, for the electricity estimate
 
 
+@dataclass
+class Tokens:
+    """What the loop trains on, as the model reads it: prepare's last product."""
+
+    base: ResolvedModel  # the base model's folder (fetched or converted if needed)
+    tokenizer: Any
+    train: list[dict[str, list[int]]]  # input_ids + labels per row
+    val: list[dict[str, list[int]]]
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -54,9 +74,10 @@ def dataset_file(cfg: RunConfig) -> Path:
     return Path(cfg.dataset_path).expanduser().resolve() if cfg.dataset_path else SAMPLE_DATASET
 
 
-def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Rows as {"messages": [...]} dicts, through the Dataset tab's own loader (every format,
-    errors with line numbers), so training sees exactly what the Dataset tab validated."""
+def read_dataset(cfg: RunConfig) -> DatasetReport:
+    """The run's one read of its dataset file, through the Dataset tab's own loader (every
+    format, errors with line numbers), so training sees exactly what the Dataset tab
+    validated. The PII gate scans these rows too, rather than reading the file again."""
     from studio.data import load as data
 
     path = dataset_file(cfg)
@@ -69,7 +90,17 @@ def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
     if not report.rows:
         first = str(report.errors[0]) if report.errors else "no usable conversations"
         raise ConfigError("dataset_path", f"{path.name}: no usable rows ({first})")
+    return report
+
+
+def training_rows(report: DatasetReport) -> list[dict[str, Any]]:
+    """The rows a run trains on, as {"messages": [...]} dicts."""
     return [{"messages": row["messages"]} for row in report.rows]
+
+
+def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The rows of the configured dataset (the Train tab's plan, Chat's validation prompts)."""
+    return training_rows(read_dataset(cfg))
 
 
 def split_rows(
@@ -88,12 +119,13 @@ def file_sha256(path: Path) -> str:
     return sha256_of(path)
 
 
-def check_pii(cfg: RunConfig) -> int | None:
+def check_pii(cfg: RunConfig, report: DatasetReport | None = None) -> int | None:
     """The PII gate of every run (Train tab, CLI, resume): refuse unresolved findings unless
     the user confirmed (allow_pii).
 
     A file with no scan for its current content is scanned here, so a dataset the Dataset tab
     never saw is checked too; a scan that cannot run refuses the run rather than passing it.
+    `report`: the file as the run read it, scanned instead of reading it again.
     Returns the number of findings, or None when allow_pii made the scan unnecessary.
     """
     from studio.data.read import DatasetError
@@ -105,7 +137,7 @@ def check_pii(cfg: RunConfig) -> int | None:
     if not path.is_file():
         raise ConfigError("dataset_path", f"no such file: {path}")
     try:
-        count = file_pii_count(path, cfg.dataset_format)
+        count = file_pii_count(path, cfg.dataset_format, report)
     except DatasetError as exc:
         raise ConfigError("dataset_path", str(exc)) from exc
     except PIICheckError as exc:
@@ -121,17 +153,27 @@ def check_pii(cfg: RunConfig) -> int | None:
     return count
 
 
-def check_settings(cfg: RunConfig) -> tuple[str, str]:
+def check_settings(cfg: RunConfig, report: DatasetReport | None = None) -> tuple[str, str]:
     """Every check a run passes before it starts or resumes: one path for both.
 
-    Validation, the device (with its reason), optimizers that need a GPU, and the PII gate.
+    Validation, the device (with its reason), optimizers that need a GPU, and the PII gate
+    (on `report`, the rows the run read, when given).
     """
     cfg.validate()
     device, reason = resolve_device(cfg)
     if device != "cuda" and cfg.optimizer != "adamw_torch":
         raise ConfigError("optimizer", f"{cfg.optimizer} needs a CUDA GPU; use adamw_torch on CPU")
-    check_pii(cfg)
+    check_pii(cfg, report)
     return device, reason
+
+
+def _checked_rows(cfg: RunConfig) -> tuple[str, str, DatasetReport]:
+    """`check_settings` on the dataset's one read: the settings first (a bad field costs no
+    read), then the file, whose rows the PII gate scans and the run trains on."""
+    cfg.validate()
+    report = read_dataset(cfg)
+    device, reason = check_settings(cfg, report)
+    return device, reason, report
 
 
 def tokenize_rows(
@@ -247,6 +289,87 @@ def save_token_cache(key: str, value: tuple) -> bool:
     return False
 
 
+# --- the run's tokens: in the job's thread, inside the run's record ------------------------
+
+
+def tokenize_run(run: PreparedRun, say: Callable[[str], None]) -> Tokens:
+    """The base model resolved, its tokenizer loaded, the rows tokenized once (or the cached
+    tokens of an unchanged Start reused); what was kept, cut and dropped goes into the
+    metadata. `say` is the run's message line (log.jsonl and the Train tab)."""
+    base = _resolve_base_model(run, say)
+    tok = _load_tokenizer(run, base.path)
+    t0 = time.time()
+    train, val = _tokenize(run, tok, say)
+    run.meta.setdefault("timings", {})["tokenize_s"] = round(time.time() - t0, 2)
+    return Tokens(base, tok, train, val)
+
+
+def _resolve_base_model(run: PreparedRun, say: Callable[[str], None]) -> ResolvedModel:
+    """The base model on disk (fetched or converted if needed), recorded in the metadata."""
+    from studio.models.loader import resolve_model
+
+    meta = run.meta
+    resolved = resolve_model(run.cfg.base_model, lambda m, f: say(f"[model {f:.0%}] {m}"))
+    before = (meta.get("base_model") or {}).get("revision")
+    if run.resume_from and before and before != resolved.revision:
+        say(
+            f"WARNING: the base model changed since the run began ({before} -> {resolved.revision})"
+        )
+    meta["base_model"] = {
+        "name": resolved.name,
+        "path": str(resolved.path),
+        "source": resolved.source,
+        "revision": resolved.revision,
+    }
+    return resolved
+
+
+def _load_tokenizer(run: PreparedRun, path: Path) -> Any:
+    """The base model's tokenizer; its chat template is recorded beside the adapter."""
+    from studio.data.chat_format import template_hash
+    from studio.models.loader import load_tokenizer
+
+    tok = load_tokenizer(path)
+    run.meta["chat_template"] = tok.chat_template
+    run.meta["template_hash"] = template_hash(tok)
+    if distributed.is_main():  # under `accelerate launch`, rank 0 alone writes the run
+        runs.atomic_write_text(run.run_dir / "chat_template.jinja", tok.chat_template or "")
+    return tok
+
+
+def _tokenize(
+    run: PreparedRun, tok: Any, say: Callable[[str], None]
+) -> tuple[list[dict], list[dict]]:
+    """Tokenize the train and validation rows, or reuse the cached tokens of the same rows."""
+    n_rows = len(run.train_rows) + len(run.val_rows)
+    key = token_cache_key(tok, run)
+    cached = load_token_cache(key)
+    if cached is None:
+        say(f"Tokenizing {n_rows} rows")
+        train_tok, train_stats = tokenize_rows(tok, run.train_rows, run.cfg)
+        runs.kill_point("tokenize")
+        val_tok, val_stats = tokenize_rows(tok, run.val_rows, run.cfg, required=False)
+        save_token_cache(key, (train_tok, train_stats, val_tok, val_stats))
+    else:
+        say(f"Tokenized {n_rows} rows before (same data and settings): reusing them")
+        runs.kill_point("tokenize")
+        train_tok, train_stats, val_tok, val_stats = cached
+    run.meta["dataset"].update(
+        train_examples=len(train_tok),
+        val_examples=len(val_tok),
+        dropped_rows=train_stats["dropped"] + val_stats["dropped"],
+        truncated_rows=train_stats["truncated"] + val_stats["truncated"],
+        train_tokens=train_stats["tokens"],
+        trained_tokens=train_stats["trained_tokens"],
+    )
+    say(
+        f"Tokenized {len(train_tok)} train / {len(val_tok)} validation conversations "
+        f"({train_stats['trained_tokens']} trained tokens; "
+        f"{train_stats['truncated']} truncated, {train_stats['dropped']} dropped)"
+    )
+    return train_tok, val_tok
+
+
 # --- hardware -----------------------------------------------------------------------------
 
 
@@ -347,13 +470,13 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     cfg = cfg.replace(
         dataset_path=str(Path(cfg.dataset_path).expanduser().resolve()) if cfg.dataset_path else ""
     )
-    device, reason = check_settings(cfg)
-    rows = load_training_rows(cfg)
+    device, reason, report = _checked_rows(cfg)
+    rows = training_rows(report)
     train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.seed)
     meta = _new_run_meta(cfg, device, reason, len(rows), len(train_rows), len(val_rows))
     run_dir = runs.new_run_dir(cfg.run_name)
     meta["run_dir"] = str(run_dir)
-    runs.mark_live(run_dir)  # released by execute_run, which must follow
+    runs.mark_live(run_dir)  # released by the run's record (`loop.recording`), which must follow
     try:
         runs.atomic_write_text(run_dir / runs.RUN_YAML, cfg.to_yaml())
         runs.write_metadata(run_dir, meta)
@@ -400,9 +523,9 @@ def prepare_resume(run_dir: str | Path) -> PreparedRun:
     run_dir = Path(run_dir).resolve()
     meta, checkpoint = _resumable(run_dir)
     cfg = RunConfig.load(run_dir / runs.RUN_YAML)
-    device, reason = check_settings(cfg)
+    device, reason, report = _checked_rows(cfg)
     path = dataset_file(cfg)
-    rows = load_training_rows(cfg)
+    rows = training_rows(report)
     recorded = (meta.get("dataset") or {}).get("sha256")
     if recorded and recorded != file_sha256(path):
         raise ConfigError(
@@ -413,7 +536,7 @@ def prepare_resume(run_dir: str | Path) -> PreparedRun:
     meta.update(status="running", updated=now_iso(), pid=os.getpid(), error=None, advice=None)
     meta.setdefault("resumes", []).append({"at": now_iso(), "from_step": step})
     meta["device"] = {**(meta.get("device") or {}), "used": device, "reason": reason}
-    runs.mark_live(run_dir)  # released by execute_run, which must follow
+    runs.mark_live(run_dir)  # released by the run's record (`loop.recording`), which must follow
     try:
         runs.write_metadata(run_dir, meta)
         with contextlib.closing(runs.open_log(run_dir)) as fh:

@@ -2,15 +2,18 @@
 
 It reads top to bottom, in small `build_*` helpers and no trainer hierarchy: the frozen base
 model (16-bit, or NF4 4-bit for QLoRA, through `studio.models.loader`), the LoRA config, the
-SFTConfig, and the studio's SFTTrainer with its compact CPU loss head. The run
-(`studio.train.loop`), the benchmark (`studio.bench`), the tests and the VRAM calibration
-(`studio.hardware.calibrate`) all train through `build_trainer`, so they measure one recipe.
+SFTConfig, and the studio's SFTTrainer with its compact CPU loss head. A run's loop gets all
+of it from one call, `build(...)`, which returns the trainer with its step plan set. The
+benchmark (`studio.bench`), the tests and the VRAM calibration (`studio.hardware.calibrate`)
+train through the same `build_trainer`, so they measure one recipe.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +397,53 @@ def build_trainer(
             if p.requires_grad:
                 p.data = p.data.float()
     return trainer
+
+
+@dataclass
+class Built:
+    """Everything a run's loop trains with: the trainer (model and args inside), its step
+    plan, and how it computes, in words for the metadata."""
+
+    trainer: Any
+    plan: dict[str, int]
+    summary: dict[str, str]
+    load_s: float  # seconds spent loading the base model
+
+    @property
+    def model(self) -> Any:
+        return self.trainer.model
+
+    @property
+    def args(self) -> Any:
+        return self.trainer.args
+
+
+def build(
+    cfg: RunConfig,
+    model_path: Path,
+    tok: Any,
+    device: str,
+    run_dir: Path,
+    train_tok: list[dict[str, list[int]]],
+    val_tok: list[dict[str, list[int]]],
+    *,
+    resume: bool = False,
+    callbacks: Iterable[Any] = (),
+) -> Built:
+    """The run's recipe in one call: the frozen base, the SFTConfig (padding-free only where
+    it pays), the trainer with LoRA and the run's callbacks, and the step plan set on it."""
+    from transformers import PrinterCallback
+
+    t0 = time.time()
+    model = load_base_model(cfg, model_path, device)
+    load_s = round(time.time() - t0, 2)
+    args = build_training_args(
+        cfg, run_dir, device, bool(val_tok), resume, padding_free=padding_free_ok(model)
+    )
+    trainer = build_trainer(cfg, model, tok, args, device, train_tok, val_tok, callbacks)
+    trainer.remove_callback(PrinterCallback)  # the run's callback logs; no raw dicts on stdout
+    plan = apply_step_plan(trainer, cfg)
+    return Built(trainer, plan, recipe_summary(cfg, device, trainer), load_s)
 
 
 def adapters_need_fp32(cfg: RunConfig, args: Any) -> bool:
