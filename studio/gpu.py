@@ -29,6 +29,11 @@ def default_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def card(gpu_index: int, device: str) -> str:
+    """The torch device string of a run: "cuda:N" for the chosen card, else `device`."""
+    return f"cuda:{gpu_index}" if device == "cuda" else device
+
+
 def free_memory() -> None:
     """Give memory back after a model's last reference was dropped (RAM, and the GPU's cache)."""
     gc.collect()

@@ -18,6 +18,7 @@ import torch
 import trl  # noqa: F401  (imported before torch.cuda is faked: its import checks the machine)
 from trl import SFTConfig  # noqa: F401
 
+from studio import gpu
 from studio.config import ConfigError, RunConfig
 from studio.export.gguf import plan_verify
 from studio.hardware import detect, doctor, vram
@@ -52,7 +53,7 @@ def test_a_run_on_a_two_gpu_pc_uses_one_card_the_chosen_one(two_gpus, tmp_path, 
     assert args.n_gpu == 1
     assert str(args.parallel_mode) == "ParallelMode.NOT_PARALLEL"
     assert args.device == torch.device("cuda", index)
-    assert recipe.card(cfg, "cuda") == f"cuda:{index}"
+    assert gpu.card(cfg.gpu_index, "cuda") == f"cuda:{index}"
     if index:
         assert two_gpus[-1] == index  # the thread's current card, which accelerate's "cuda" means
 

@@ -138,7 +138,7 @@ def recording(
         TrainResult(run.run_dir, "failed", ""),
         writes=writes,
     )
-    card = recipe.card(run.cfg, run.device)  # "cuda:N": the card the run trains on
+    card = gpu.card(run.cfg.gpu_index, run.device)  # "cuda:N": the card it trains on
     gpu_before = memory.gpu_bytes(card)  # the app's own there, given back at the end
     try:
         memory.refuse_if_broken(run.device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio import runs
+from studio import gpu, runs
 from studio.config import ConfigError, RunConfig
 from studio.hardware.vram import HEAD_CHUNK_VALUES
 from studio.models.loader import load_model
@@ -34,7 +34,7 @@ def load_base_model(cfg: RunConfig, model_path: Path, device: str):
     """The frozen base: 16-bit (the device's precision) for LoRA, NF4 4-bit for QLoRA."""
     import torch
 
-    device = card(cfg, device)
+    device = gpu.card(cfg.gpu_index, device)
     dtype = precision(device).torch_dtype
     model = load_model(
         model_path,
@@ -152,7 +152,7 @@ def build_training_args(
     import torch
     from trl import SFTConfig
 
-    dtype = precision(card(cfg, device)).torch_dtype
+    dtype = precision(gpu.card(cfg.gpu_index, device)).torch_dtype
     args = SFTConfig(
         output_dir=str(run_dir / runs.CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
@@ -203,11 +203,6 @@ def build_training_args(
     if device == "cuda" and not distributed.launched():  # DDP: accelerate gives each rank its card
         pin_to_one_gpu(args, cfg.gpu_index)
     return args
-
-
-def card(cfg: RunConfig, device: str) -> str:
-    """The torch device string of the run: "cuda:N" for the chosen card, else `device`."""
-    return f"cuda:{cfg.gpu_index}" if device == "cuda" else device
 
 
 def pin_to_one_gpu(args: Any, index: int) -> None:
