@@ -345,7 +345,9 @@ def resolve_run_base(
         return resolve_model(name, progress)
     except ModelNotFoundError as exc:
         gone = f" (recorded at {saved}, now gone)" if saved and name == run.base_model else ""
-        raise ModelNotFoundError(f"The base model of {run.name}, {name}{gone}: {exc}") from exc
+        raise ModelNotFoundError(
+            f"The base model of {run.name}, {name}{gone}, is not reachable.\n{exc}"
+        ) from exc
 
 
 def load_run_tokenizer(adapter_dir: Path, base_path: Path, chat_template: str | None = None):
