@@ -341,8 +341,7 @@ def _active_run_on_disk() -> tuple[str, str] | None:
     found = None
     for info in runs_mod.list_runs():
         if info.status == "running":
-            meta = runs_mod.read_metadata(info.path)
-            device = str((meta.get("device") or {}).get("used") or "").lower()
+            device = str((info.metadata.get("device") or {}).get("used") or "").lower()
             if device.startswith("cuda"):
                 return info.name, device
             found = found or (info.name, device)

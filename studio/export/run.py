@@ -665,7 +665,7 @@ def _merge_warnings(
             " split where the top tokens were not tied, or its logits moved more than rounding"
             " explains. Do not use this export; report the run."
         )
-    recorded = src.metadata.get("template_hash")
+    recorded = src.template_hash
     if recorded and recorded != chat_format.template_hash(tok):
         warnings.append(
             "The tokenizer/chat template differs from the one the run was trained with"
