@@ -39,8 +39,7 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
 TOKENIZER_CONFIG = "tokenizer_config.json"  # training saves its tokenizer beside the adapter
-CHAT_TEMPLATE = "chat_template.jinja"
-README = "README.md"
+EXPORT = "export"  # export/, then export-<time>/: never overwritten
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Runs being trained by this process (their lock files are held open here).

@@ -79,7 +79,7 @@ from studio.export.ollama import (
 )
 from studio.models import loader as models
 from studio.models.generate import greedy_each
-from studio.runs import ADAPTER_CONFIG, Run, RunError, is_adapter_dir, open_run, read_json
+from studio.runs import ADAPTER_CONFIG, EXPORT, Run, RunError, is_adapter_dir, open_run, read_json
 
 EXPORT_INFO = "export_info.json"
 MODELFILE = "Modelfile"
@@ -178,7 +178,7 @@ def past_exports(run: Run) -> list[str]:
     """The names of a run's complete exports (export/, export-<time>/), for the run picker."""
     return sorted(
         p.name
-        for p in run.path.glob("export*")
+        for p in run.path.glob(f"{EXPORT}*")
         if read_json(p / EXPORT_INFO).get("status", "complete") == "complete"
     )
 
@@ -232,7 +232,7 @@ def _command_path(path: Path) -> str:
 
 def _export_target(run_dir: Path, out: str | Path | None, stamp: str) -> Path:
     """Where the finished export goes: export/ unless it exists, then export-<stamp>/."""
-    target = Path(out).expanduser().resolve() if out else run_dir / "export"
+    target = Path(out).expanduser().resolve() if out else run_dir / EXPORT
     if not target.exists():
         return target
     for i in range(1, 1000):
