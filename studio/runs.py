@@ -2,7 +2,9 @@
 
 A run folder holds `run.yaml`, `training_metadata.json`, `log.jsonl`, `adapter/`, `README.md`,
 `chat_template.jinja` and `checkpoints/checkpoint-N/`. This module creates folders (never
-reusing one), writes files atomically, reads the log back for curves, and lists past runs.
+reusing one), writes files atomically, reads the log back for curves, and is the one reader
+of a run folder (`open_run`, `list_runs`): the Train, Chat and Export tabs, the export and
+the training plan all read a run's base model, method and adapter through it.
 
 A run whose metadata still says "running" but that no live process is training (the app or
 CLI was killed) is listed as "interrupted"; liveness is a lock file the training process holds
