@@ -199,6 +199,7 @@ def test_chat_export_and_checks_serve_the_runs_tokenizer_and_stop_at_the_marker(
     """Chat used the base folder's tokenizer and stopped at the generation EOS only; Export
     used the run's saved tokenizer and stopped likewise; the checks stopped at the marker.
     Now all three render with the run's tokenizer and stop at the same token."""
+    from studio.export import ollama
     from studio.export.merge import merge_adapter
     from studio.models import loader as models
     from studio.models.generate import stop_ids
@@ -236,3 +237,5 @@ def test_chat_export_and_checks_serve_the_runs_tokenizer_and_stop_at_the_marker(
     )
     assert f"You are {RUN_WHO}." in tok.decode(prompt_ids[0])
     assert answers == [[0]] and check.passed  # one token: the marker, as in Chat and the checks
+    fmt = ollama.derive_chat_format(tok)
+    assert ollama.stop_tokens(fmt, tok, [2]) == ["<|endoftext|>", "<|im_end|>"]  # the Modelfile

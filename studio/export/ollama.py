@@ -212,16 +212,18 @@ def ollama_template(fmt: ChatFormat) -> str:
     return out
 
 
-def stop_tokens(fmt: ChatFormat, tok: Any) -> list[str]:
-    """Strings that end an assistant turn: the model's end-of-turn marker, then EOS.
+def stop_tokens(fmt: ChatFormat, tok: Any, generation_eos: list[int] | None = None) -> list[str]:
+    """Strings that end an assistant turn: the model's end-of-turn marker, then EOS, then the
+    generation config's EOS tokens (the stop rule of `studio.models.generate.stop_ids`).
 
     The marker is the one training taught the model to emit (chat_format's reading of the
     template, the same the loss mask uses); the text the template writes after a reply is
     the fallback when the template names none.
     """
     marker = chat_format.end_of_turn_marker(tok) or fmt.assistant_end
+    extra = [str(tok.convert_ids_to_tokens(int(i))) for i in generation_eos or []]
     out: list[str] = []
-    for s in (marker.strip(), tok.eos_token or ""):
+    for s in (marker.strip(), tok.eos_token or "", *extra):
         if s and s not in out:
             out.append(s)
     return out

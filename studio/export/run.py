@@ -741,6 +741,12 @@ def _system_prompt(rows: list[dict[str, Any]], default: str | None) -> tuple[str
     return default, note + "."
 
 
+def _generation_eos(merged_dir: Path) -> list[int]:
+    """The merged model's generation-config EOS ids (one id or a list in the file)."""
+    eos = read_json(merged_dir / "generation_config.json").get("eos_token_id")
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+
+
 def _modelfile(
     src: Run,
     base: models.ResolvedModel,
@@ -771,7 +777,7 @@ def _modelfile(
     return system, build_modelfile(
         from_path=f"./{gguf_file.name}" if gguf_file else f"./{MERGED}",
         fmt=fmt,
-        stops=stop_tokens(fmt, tok),
+        stops=stop_tokens(fmt, tok, _generation_eos(merged_dir)),
         system=system,
         system_note=system_note,
         params=params,
