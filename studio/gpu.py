@@ -142,8 +142,7 @@ def _active_run_on_disk() -> tuple[str, str] | None:
     found = None
     for info in runs.list_runs():
         if info.status == "running":
-            meta = runs.read_metadata(info.path)
-            device = str((meta.get("device") or {}).get("used") or "").lower()
+            device = str((info.metadata.get("device") or {}).get("used") or "").lower()
             if device.startswith("cuda"):
                 return info.name, device
             found = found or (info.name, device)

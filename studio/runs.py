@@ -2,7 +2,9 @@
 
 A run folder holds `run.yaml`, `training_metadata.json`, `log.jsonl`, `adapter/`, `README.md`,
 `chat_template.jinja` and `checkpoints/checkpoint-N/`. This module creates folders (never
-reusing one), writes files atomically, reads the log back for curves, and lists past runs.
+reusing one), writes files atomically, reads the log back for curves, and is the one reader
+of a run folder (`open_run`, `list_runs`): the Train, Chat and Export tabs, the export and
+the training plan all read a run's base model, method and adapter through it.
 
 A run whose metadata still says "running" but that no live process is training (the app or
 CLI was killed) is listed as "interrupted"; liveness is a lock file the training process holds
@@ -20,7 +22,7 @@ import re
 import tempfile
 import threading
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,6 +36,9 @@ RUN_YAML = "run.yaml"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
+TOKENIZER_CONFIG = "tokenizer_config.json"  # training saves its tokenizer beside the adapter
+EXPORT = "export"  # export/, then export-<time>/: never overwritten
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Runs being trained by this process (their lock files are held open here).
@@ -41,30 +46,73 @@ _live: dict[str, TextIO | None] = {}
 _live_guard = threading.Lock()
 
 
+class RunError(ValueError):
+    """A folder is not a run (or not one that can be read back); the message says what to pick."""
+
+
 @dataclass
-class RunInfo:
-    """One past or present run as the Train, Chat and Export tabs list it."""
+class Run:
+    """One run folder read back: the one view the Train, Chat and Export tabs, the training
+    plan and the benchmarks share, so they agree on its base model, method and adapter.
+
+    Built by `open_run` (one folder) and `list_runs` (all of them); plain data, no model.
+    """
 
     path: Path
     name: str  # the folder name, e.g. "support-20250101-120000"
     status: str  # running, completed, stopped, failed, interrupted
-    base_model: str
-    method: str
+    base_model: str  # the name training resolved (what the user picked)
+    base_model_path: str | None  # the folder training loaded it from, when recorded
+    method: str  # lora or qlora
     train_loss: float | None  # last logged training loss
     eval_loss: float | None  # last evaluation loss
     created: str  # ISO time the run started
     steps: int  # optimizer steps done
     total_steps: int | None
     error: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's RunConfig as a dict
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
 
     @property
     def has_adapter(self) -> bool:
-        return (self.path / ADAPTER / "adapter_config.json").is_file()
+        """A final adapter with its weights (what Export needs and Chat loads by default)."""
+        return is_adapter_dir(self.adapter_dir) and any(self.adapter_dir.glob("adapter_model.*"))
+
+    @property
+    def adapter_checkpoints(self) -> list[Path]:
+        return adapter_checkpoints(self.path)
 
     @property
     def label(self) -> str:
         loss = f"{self.train_loss:.3f}" if self.train_loss is not None else "-"
         return f"{self.name} · {self.status} · loss {loss}"
+
+    @property
+    def template_hash(self) -> str | None:
+        """The hash of the chat template training used (`chat_format.template_hash`)."""
+        return self.metadata.get("template_hash")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("chat_template")
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.settings.get("trust_remote_code", False))
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """Where the rows came from: path, format, sha256 (the data file hash training recorded)."""
+        ds = self.metadata.get("dataset")
+        ds = dict(ds) if isinstance(ds, dict) else {}
+        ds.setdefault("path", self.settings.get("dataset_path") or "")
+        if not ds.get("format"):
+            ds["format"] = self.settings.get("dataset_format") or "auto"
+        return ds
 
 
 # --- files -------------------------------------------------------------------------------
@@ -325,49 +373,132 @@ def _lock_owner(lock: Path) -> tuple[int | None, float | None]:
 # --- listing -----------------------------------------------------------------------------
 
 
-def run_info(run_dir: str | Path) -> RunInfo | None:
-    """Summarize one run folder, or None when it is not a run folder."""
-    run_dir = Path(run_dir)
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def adapter_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints that hold an adapter to chat with, oldest first."""
+    return [p for p in checkpoints(run_dir) if is_adapter_dir(p)]
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model PEFT recorded in an adapter's config (a bare adapter's only clue)."""
+    return read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path") or None
+
+
+def find_run_dir(path: str | Path, up: int = 3) -> Path | None:
+    """The run folder holding `path` (itself, or an adapter/checkpoint inside it), or None."""
+    path = Path(path)
+    for folder in [path, *list(path.parents)[:up]]:
+        if (folder / METADATA).is_file() or (folder / RUN_YAML).is_file():
+            return folder
+    return None
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """Read one run folder back; RunError when it is not one (says what to pick instead)."""
+    raw = str(run_dir or "").strip()
+    if not raw:
+        raise RunError("Pick a run first.")
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise RunError(f"{path}: no such run folder.")
+    run = _read_run(path.resolve())
+    if run is None:
+        raise RunError(
+            f"{path}: not a run folder (no {METADATA} or {RUN_YAML}); pick one under"
+            f" {paths.runs_dir()}."
+        )
+    return run
+
+
+def _read_run(run_dir: Path) -> Run | None:
+    """The Run of a folder, or None when it is not a run folder."""
     meta = read_metadata(run_dir)
     if not meta and not (run_dir / RUN_YAML).is_file():
         return None
-    if not is_live(run_dir, meta):
-        recover_adapter(run_dir)  # a crash mid-publish: put adapter/ back before listing it
-    settings = meta.get("settings") or {}
+    live = is_live(run_dir, meta)
+    if not live:
+        recover_adapter(run_dir)  # a crash mid-publish: put adapter/ back before reading it
+    settings = _settings(run_dir, meta)
     status = meta.get("status") or "interrupted"
-    if status == "running" and not is_live(run_dir, meta):
+    if status == "running" and not live:
         status = "interrupted"
-    final = meta.get("final_metrics") or {}
-    train_loss, eval_loss, steps = (
-        final.get("train_loss"),
-        final.get("eval_loss"),
-        final.get("step"),
-    )
-    if status in ("running", "interrupted") or train_loss is None:
-        curves = loss_curves(load_log(run_dir))
-        if curves["train"]:
-            steps, train_loss = curves["train"][-1]
-        if curves["eval"]:
-            eval_loss = curves["eval"][-1][1]
-    return RunInfo(
+    train_loss, eval_loss, steps = _last_losses(run_dir, meta, status)
+    base_name, base_path = _base_model(run_dir, meta, settings)
+    return Run(
         path=run_dir,
         name=run_dir.name,
         status=status,
-        base_model=str(
-            (meta.get("base_model") or {}).get("name") or settings.get("base_model", "")
-        ),
-        method=str(settings.get("method", "")),
+        base_model=base_name,
+        base_model_path=base_path,
+        method=str(settings.get("method") or meta.get("method") or "lora"),
         train_loss=train_loss,
         eval_loss=eval_loss,
         created=str(meta.get("created") or ""),
         steps=int(steps or 0),
         total_steps=meta.get("total_steps"),
         error=meta.get("error"),
+        metadata=meta,
+        settings=settings,
     )
 
 
-def list_runs(root: Path | None = None) -> list[RunInfo]:
-    """All runs in the runs folder, newest first."""
+def _settings(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings: as recorded in the metadata, else read from its run.yaml."""
+    settings = meta.get("settings")
+    if isinstance(settings, dict) and settings:
+        return settings
+    if (run_dir / RUN_YAML).is_file():
+        with contextlib.suppress(Exception):  # a broken run.yaml: the run is still listed
+            from studio.config import RunConfig
+
+            return RunConfig.load(run_dir / RUN_YAML).to_dict()
+    return {}
+
+
+def _base_model(
+    run_dir: Path, meta: dict[str, Any], settings: dict[str, Any]
+) -> tuple[str, str | None]:
+    """(name, recorded folder) of the base: what training resolved, else what it was asked
+    for, else what the adapter's config names; the folder when training recorded one."""
+    base = meta.get("base_model")
+    name = base.get("name") if isinstance(base, dict) else base
+    path = (base.get("path") if isinstance(base, dict) else None) or meta.get("base_model_path")
+    name = name or settings.get("base_model") or adapter_base(run_dir / ADAPTER)
+    return str(name or path or ""), (str(path) if path else None)
+
+
+def _last_losses(
+    run_dir: Path, meta: dict[str, Any], status: str
+) -> tuple[float | None, float | None, int | None]:
+    """(train loss, eval loss, step): the final figures, else the log's last entries."""
+    final = meta.get("final_metrics") or {}
+    train_loss, eval_loss, steps = (final.get(k) for k in ("train_loss", "eval_loss", "step"))
+    if status in ("running", "interrupted") or train_loss is None:
+        curves = loss_curves(load_log(run_dir))
+        if curves["train"]:
+            steps, train_loss = curves["train"][-1]
+        if curves["eval"]:
+            eval_loss = curves["eval"][-1][1]
+    return train_loss, eval_loss, steps
+
+
+def list_runs(
+    root: Path | None = None, *, with_adapter: bool = False, chattable: bool = False
+) -> list[Run]:
+    """Runs in the runs folder, newest first.
+
+    `with_adapter`: only runs with a final adapter (what Export takes). `chattable`: only
+    runs with an adapter to chat with, the final one or a checkpoint (Chat's picker).
+    """
     root = root or paths.runs_dir()
-    infos = [info for d in root.iterdir() if d.is_dir() and (info := run_info(d))]
-    return sorted(infos, key=lambda r: (r.created, r.name), reverse=True)
+    if not root.is_dir():
+        return []
+    found = [run for d in root.iterdir() if d.is_dir() and (run := _read_run(d))]
+    if with_adapter:
+        found = [r for r in found if r.has_adapter]
+    if chattable:
+        found = [r for r in found if is_adapter_dir(r.adapter_dir) or r.adapter_checkpoints]
+    return sorted(found, key=lambda r: (r.created, r.name), reverse=True)

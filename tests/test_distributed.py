@@ -95,7 +95,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(
     found = sorted((studio_home / "runs").glob("ddp2-*"))
     assert len(found) == 1, found  # one run folder, not one per rank
     run_dir = found[0]
-    assert runs.run_info(run_dir).status == "interrupted"
+    assert runs.open_run(run_dir).status == "interrupted"
     assert runs.latest_checkpoint(run_dir).name == "checkpoint-2"
     assert (run_dir / distributed.FSDP_CONFIG).is_file()
 
@@ -104,7 +104,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(
     assert "COMPLETED" in done.stdout
     assert done.stdout.count("COMPLETED") == 1  # rank 0 alone reports
     assert sorted((studio_home / "runs").glob("ddp2-*")) == [run_dir]
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert (info.status, info.steps) == ("completed", 4)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     log = runs.load_log(run_dir)
@@ -151,7 +151,7 @@ def test_the_job_runs_qlora_on_two_processes_follows_the_log_and_stops_every_ran
     assert manager.stop()
     snap = manager.wait(timeout=600)
     assert snap.state == "stopped", (snap.message, snap.log_lines[-8:])
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert info.status == "stopped"
     assert 1 <= info.steps < 40
     assert runs.latest_checkpoint(run_dir).name == f"checkpoint-{info.steps}"
@@ -277,7 +277,7 @@ def test_the_apps_exit_stops_a_launched_run_and_records_it_interrupted(studio_ho
     try:
         assert (run_dir / distributed.STOP_FILE).is_file()  # asked to stop first
         assert all(_gone(pid) for pid in pids), pids
-        info = runs.run_info(run_dir)
+        info = runs.open_run(run_dir)
         assert info.status == "interrupted"
         meta = runs.read_metadata(run_dir)
         assert meta["status"] == "interrupted" and "app closed" in meta["message"]
@@ -334,7 +334,7 @@ def test_a_failed_rank_fails_the_run_with_its_own_error_and_advice(studio_home, 
     meta = runs.read_metadata(run_dir)
     assert (meta["status"], meta["error"]) == ("failed", snap.message)
     assert meta["advice"] == snap.advice
-    assert runs.run_info(run_dir).status == "failed"
+    assert runs.open_run(run_dir).status == "failed"
 
 
 # --- the app's side: hardware, doctor, the Train tab's offer ---------------------------------
@@ -471,7 +471,7 @@ def test_the_train_tab_starts_follows_and_stops_a_two_process_run(start_app, pag
     page.locator("#train-stop").click()
     expect(progress).to_contain_text("Stopped", timeout=600_000)
     run_dir = page.locator("#train-run-dir textarea").input_value()
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert (info.name, info.status) == (run_name, "stopped")
     assert 1 <= info.steps < 60
     assert runs.latest_checkpoint(run_dir).name == f"checkpoint-{info.steps}"

@@ -75,7 +75,7 @@ def _journey(app, page) -> None:
     assert chart_traces.count() > 0, progress.inner_text()
     progress.get_by_text("Completed").wait_for(timeout=900_000)
     run_dir = Path(page.locator("#train-run-dir textarea").input_value())
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert info.status == "completed"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -109,7 +109,7 @@ def test_a_run_killed_anywhere_is_interrupted_and_resumes_to_the_end(
     done = train(["--resume", str(run_dir)], studio_home)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "COMPLETED" in done.stdout
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert (info.status, info.steps) == ("completed", STEPS)
     log = runs.load_log(run_dir)
     assert [e["from_step"] for e in log if e.get("event") == "resumed"] == [resume_step]

@@ -122,7 +122,7 @@ def test_resume_passes_the_same_checks_as_a_new_run(fresh_home, pii_file, tmp_pa
     with pytest.raises(ConfigError) as info:
         prepare_resume(run_dir)
     assert info.value.field == "optimizer"
-    assert runs.run_info(run_dir).status == "stopped"  # untouched, still resumable later
+    assert runs.open_run(run_dir).status == "stopped"  # untouched, still resumable later
 
 
 # --------------------------------------------------------------------------- the job lock
@@ -219,7 +219,7 @@ def test_a_crash_between_the_publish_renames_keeps_an_adapter(fresh_home, monkey
     monkeypatch.undo()
     assert not (run_dir / runs.ADAPTER).exists()  # the crash window itself
 
-    assert runs.run_info(run_dir).has_adapter  # listing the run puts it back
+    assert runs.open_run(run_dir).has_adapter  # listing the run puts it back
     weights = run_dir / runs.ADAPTER / "adapter_model.safetensors"
     assert weights.read_text(encoding="utf-8") == "v2"  # the newer, complete one
     assert not (run_dir / ".adapter.old").exists() and not (run_dir / ".adapter.tmp").exists()

@@ -190,7 +190,7 @@ def test_lora_run_learns_and_leaves_a_complete_run_folder(embedded_model, tiny_r
     cfg = tiny_cfg(tiny_rows, run_name="lora-learns", max_steps=8, eval_steps=8, save_steps=3)
 
     run_dir = manager().start(cfg)
-    assert runs.run_info(run_dir).status == "running"  # listed live while it trains
+    assert runs.open_run(run_dir).status == "running"  # listed live while it trains
     snap = manager().wait(timeout=600)
     assert snap.state == "completed", snap.message + "\n" + "\n".join(snap.log_lines[-30:])
 
@@ -231,7 +231,7 @@ def test_lora_run_learns_and_leaves_a_complete_run_folder(embedded_model, tiny_r
     assert last["tokens_per_s"] > 0 and last["peak_memory_mb"] > 100
     assert [e["step"] for e in entries if e.get("kind") == "eval"] == [0, 8]
     assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-6", "checkpoint-8"]
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert (info.status, info.steps, info.train_loss) == ("completed", 8, losses[-1])
 
     # Base weights untouched, on disk and through the adapter; the adapter changes answers.
@@ -304,7 +304,7 @@ def test_stop_keeps_a_loadable_adapter_and_resume_finishes(embedded_model, tiny_
     assert snap.state == "stopped", snap.message
     stopped_at = snap.step
     assert 2 <= stopped_at < 6
-    assert runs.run_info(run_dir).status == "stopped"
+    assert runs.open_run(run_dir).status == "stopped"
     PeftModel.from_pretrained(
         load_model_for_inference(embedded_model.path), str(run_dir / "adapter")
     )
@@ -417,7 +417,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
                 break
             time.sleep(0.5)
         assert run_dir is not None, (tmp_path / "cli.log").read_text(encoding="utf-8")
-        assert runs.run_info(run_dir).status == "running"  # the CLI process holds it
+        assert runs.open_run(run_dir).status == "running"  # the CLI process holds it
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -426,7 +426,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
         log.close()
     output = (tmp_path / "cli.log").read_text(encoding="utf-8")
     assert "Run folder:" in output
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert info.status == "interrupted"
     killed_at = int(runs.latest_checkpoint(run_dir).name.split("-")[1])
     assert killed_at in (2, 4)
@@ -441,7 +441,7 @@ def test_cli_run_from_yaml_survives_sigkill_and_resumes(studio_home, tiny_rows, 
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "COMPLETED" in done.stdout
-    info = runs.run_info(run_dir)
+    info = runs.open_run(run_dir)
     assert (info.status, info.steps) == ("completed", 6)
     steps = [e["step"] for e in runs.load_log(run_dir) if e.get("kind") == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]

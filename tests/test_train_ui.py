@@ -129,14 +129,14 @@ def test_a_run_started_from_the_train_tab_updates_the_chart_and_finishes(start_a
 
     progress.get_by_text("Completed").wait_for(timeout=400_000)
     run_dir = page.locator("#train-run-dir textarea").input_value()
-    assert run_dir and runs.run_info(run_dir).status == "completed"
-    assert (runs.run_info(run_dir).path / "adapter" / "adapter_model.safetensors").is_file()
+    assert run_dir and runs.open_run(run_dir).status == "completed"
+    assert (runs.open_run(run_dir).path / "adapter" / "adapter_model.safetensors").is_file()
     expect(page.locator("#train-result")).to_contain_text("Did it learn?")
     steps = [e["step"] for e in runs.load_log(run_dir) if e.get("kind") == "train"]
     assert steps == [1, 2, 3, 4]
     assert chart_traces.count() >= 1
     table = page.locator("#train-runs")
-    expect(table).to_contain_text(runs.run_info(run_dir).name, timeout=30_000)
+    expect(table).to_contain_text(runs.open_run(run_dir).name, timeout=30_000)
     expect(table).to_contain_text("completed")
 
 

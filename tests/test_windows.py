@@ -216,10 +216,10 @@ def test_a_reused_process_id_does_not_keep_a_dead_run_running(
     runs.write_metadata(run_dir, {"status": "running", "pid": pid, "created": "x"})
     (run_dir / runs.LOCK).write_text(f"{pid} {started - 3600}", encoding="utf-8")
     assert not runs.is_live(run_dir)
-    assert runs.run_info(run_dir).status == "interrupted"
+    assert runs.open_run(run_dir).status == "interrupted"
     (run_dir / runs.LOCK).write_text(f"{pid} {started}", encoding="utf-8")  # the trainer itself
     assert runs.is_live(run_dir)
-    assert runs.run_info(run_dir).status == "running"
+    assert runs.open_run(run_dir).status == "running"
     with pytest.raises(RuntimeError, match="another process"):
         runs.mark_live(run_dir)  # Resume must not train it twice
     (run_dir / runs.LOCK).write_text(f"{pid} {started - 3600}", encoding="utf-8")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,18 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio import gpu
+from studio import gpu, runs
 from studio.chat.streaming import rows_streamer, stop_criteria, streamer_class
 from studio.data import chat_format
 from studio.models import loader as models
 from studio.models.batching import (
     adapter_rows,
     batch_cost_problem,
-    eos_ids,
     left_pad,
     mixed_batch_problem,
 )
-from studio.runs import read_json
+from studio.models.generate import stop_ids
 
 SIDE_BASE = "base"
 SIDE_TUNED = "tuned"
@@ -49,9 +47,6 @@ PRECISION_AUTO = "as trained"
 PRECISION_16 = "16-bit"
 PRECISION_4 = "4-bit"
 PRECISIONS = (PRECISION_AUTO, PRECISION_16, PRECISION_4)
-
-METADATA_FILE = "training_metadata.json"
-ADAPTER_CONFIG = "adapter_config.json"
 
 Message = dict[str, str]
 
@@ -93,13 +88,16 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
-        """Arguments for `model.generate` (all sampling knobs explicit: no hidden defaults)."""
+    def generate_kwargs(self, tokenizer: Any, stops: list[int] | None = None) -> dict[str, Any]:
+        """Arguments for `model.generate` (all sampling knobs explicit: no hidden defaults);
+        `stops`: the ids that end an answer (`studio.models.generate.stop_ids`)."""
         kw: dict[str, Any] = {
             "max_new_tokens": int(self.max_new_tokens),
             "repetition_penalty": float(self.repetition_penalty),
             "pad_token_id": tokenizer.pad_token_id,
         }
+        if stops:
+            kw["eos_token_id"] = list(stops)
         if self.min_new_tokens:
             kw["min_new_tokens"] = int(self.min_new_tokens)
         if self.greedy:
@@ -113,95 +111,38 @@ class GenerationSettings:
 # --------------------------------------------------------------------------- runs, adapters
 
 
-@dataclass
-class AdapterSource:
-    """Where an adapter lives and what its run says about how it was trained."""
+@dataclass(frozen=True)
+class ChatSource:
+    """Which adapter Chat serves and the run it belongs to (None: a bare adapter folder).
+
+    What the run says about itself (its base, method, template) is read by
+    `studio.runs.open_run`, the one reader of a run folder; this only adds the choice of
+    adapter (the final one or a checkpoint) and its label.
+    """
 
     adapter_dir: Path
-    run_dir: Path | None  # None: a bare adapter folder outside any run
-    metadata: dict[str, Any]
+    run: runs.Run | None
     label: str
 
     @property
     def base_model(self) -> str | None:
-        base = self.metadata.get("base_model")
-        if isinstance(base, dict):
-            base = base.get("name")
-        return str(base) if base else self._adapter_base()
-
-    @property
-    def base_model_path(self) -> str | None:
-        base = self.metadata.get("base_model")
-        if isinstance(base, dict) and base.get("path"):
-            return str(base["path"])
-        return self.metadata.get("base_model_path")
+        return self.run.base_model if self.run else runs.adapter_base(self.adapter_dir)
 
     @property
     def method(self) -> str:
-        settings = self.metadata.get("settings") or {}
-        return str(settings.get("method") or self.metadata.get("method") or "lora")
+        return self.run.method if self.run else "lora"
 
     @property
-    def template_hash(self) -> str | None:
-        return self.metadata.get("template_hash")
+    def run_dir(self) -> Path | None:
+        return self.run.path if self.run else None
 
     @property
     def out_dir(self) -> Path:
         """Where votes and comparisons go: the run folder, else the adapter folder."""
         return self.run_dir or self.adapter_dir
 
-    def _adapter_base(self) -> str | None:
-        try:
-            cfg = json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return cfg.get("base_model_name_or_path")
 
-
-@dataclass
-class ChatRun:
-    """A run that has an adapter to chat with (for the run picker)."""
-
-    path: Path
-    name: str
-    status: str
-    base_model: str
-    method: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} · {self.method} · {self.status}"
-
-
-def _is_adapter_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Intermediate adapters saved during a run, oldest first (complete ones only)."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        return []
-    from studio import runs as runs_mod  # knows where checkpoints go and which are complete
-
-    return [p for p in runs_mod.checkpoints(run) if _is_adapter_dir(p)]
-
-
-def list_chat_runs() -> list[ChatRun]:
-    """Runs that have an adapter (final or a checkpoint) to chat with, newest first."""
-    from studio import runs as runs_mod
-
-    out: list[ChatRun] = []
-    for info in runs_mod.list_runs():
-        path = Path(info.path)
-        if _is_adapter_dir(path / "adapter") or list_checkpoints(path):
-            out.append(
-                ChatRun(path, info.name, info.status, info.base_model, info.method or "lora")
-            )
-    return out
-
-
-def resolve_adapter(path: str | Path) -> AdapterSource:
+def resolve_adapter(path: str | Path) -> ChatSource:
     """Accept a run folder, one of its checkpoints, or any PEFT adapter folder."""
     raw = str(path or "").strip()
     if not raw:
@@ -211,31 +152,28 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
         raise ChatError(f"{p}: no such folder. Pick a run from the list or paste an adapter path.")
     if p.is_file():
         p = p.parent
-    if _is_adapter_dir(p / "adapter"):
-        adapter = p / "adapter"
-    elif _is_adapter_dir(p):
+    if runs.is_adapter_dir(p / runs.ADAPTER):
+        adapter = p / runs.ADAPTER
+    elif runs.is_adapter_dir(p):
         adapter = p
     else:
-        ckpts = list_checkpoints(p)
+        ckpts = runs.adapter_checkpoints(p)
         if not ckpts:
             raise ChatError(
                 f"{p}: no adapter here (no adapter_config.json, no adapter/ folder, no"
                 " checkpoints). A run that is still starting has none yet."
             )
         adapter = ckpts[-1]
-    run_dir = None
-    for parent in [adapter, *list(adapter.parents)[:3]]:
-        if (parent / METADATA_FILE).is_file():
-            run_dir = parent
-            break
-    meta = read_json(run_dir / METADATA_FILE) if run_dir else {}
-    if run_dir is None:
+    adapter = adapter.resolve()
+    run_dir = runs.find_run_dir(adapter)
+    run = runs.open_run(run_dir) if run_dir else None
+    if run is None:
         label = adapter.name
-    elif adapter == run_dir / "adapter":
-        label = run_dir.name
+    elif adapter == run.adapter_dir:
+        label = run.name
     else:
-        label = f"{run_dir.name}/{adapter.relative_to(run_dir).as_posix()}"
-    return AdapterSource(adapter.resolve(), run_dir.resolve() if run_dir else None, meta, label)
+        label = f"{run.name}/{adapter.relative_to(run.path).as_posix()}"
+    return ChatSource(adapter, run, label)
 
 
 # --------------------------------------------------------------------------- engine
@@ -354,25 +292,24 @@ def load_base(path: str | Path, four_bit: bool, device: str | None = None) -> An
     return models.load_model(path, device=device, four_bit=True).eval()
 
 
-def resolve_base(name: str, source: AdapterSource, progress: Any = None) -> models.ResolvedModel:
-    """The base model to load: the exact folder the run trained on when the user kept the
-    run's base, else the name resolved like everywhere else (local, cache or embedded)."""
-    saved = source.base_model_path
-    if saved and name == source.base_model and models.is_model_dir(Path(saved)):
-        return models.ResolvedModel(name, Path(saved), "local")
+def resolve_base(name: str, source: ChatSource, progress: Any = None) -> models.ResolvedModel:
+    """The base model to load: the run's own rule (`models.resolve_run_base`: the folder it
+    trained on when the user kept its base), else the name resolved like everywhere else."""
     try:
+        if source.run is not None:
+            return models.resolve_run_base(source.run, name, progress)
         return models.resolve_model(name, progress)
     except models.ModelNotFoundError as exc:
         raise ChatError(str(exc)) from exc
 
 
 def _load_warnings(
-    source: AdapterSource, base_model: str | None, name: str, base_path: Path, four_bit: bool
+    source: ChatSource, base_model: str | None, name: str, base_path: Path, four_bit: bool
 ) -> list[str]:
     """What the user should know before trusting the answers: another base, or QLoRA in 16-bit."""
     warnings: list[str] = []
     if source.base_model and (base_model or "").strip() not in ("", source.base_model):
-        trained_on = source.base_model_path or source.base_model
+        trained_on = (source.run and source.run.base_model_path) or source.base_model
         if Path(trained_on).resolve() != base_path.resolve():
             warnings.append(
                 f"This adapter was trained on {source.base_model}, not {name}: its answers"
@@ -431,7 +368,7 @@ class ChatEngine:
         self.model: Any = None
         self.tokenizer: Any = None
         self.info: LoadInfo | None = None
-        self.source: AdapterSource | None = None
+        self.source: ChatSource | None = None
         self.last_stats: dict[str, GenerationStats] = {}
         self.base_loads = 0  # bases loaded from disk by this engine (attach reuses one)
         self.load_id = 0  # bumps on every load, attach and unload: tabs compare it
@@ -633,7 +570,7 @@ class ChatEngine:
                 self.model, self.source = self._base, None
             return self._base
 
-    def _attach(self, source: AdapterSource, name: str) -> Any:
+    def _attach(self, source: ChatSource, name: str) -> Any:
         """The base in memory with the run's adapter attached by peft, in eval mode.
 
         When the adapter does not fit, the clean base stays loaded alone (A only); a base
@@ -668,7 +605,7 @@ class ChatEngine:
         key: BaseKey | None,
         model: Any,
         started: float,
-        source: AdapterSource | None,
+        source: ChatSource | None,
         warnings: list[str],
     ) -> LoadInfo:
         key = key or BaseKey("", False, "cpu")
@@ -687,7 +624,7 @@ class ChatEngine:
             warnings=warnings,
         )
 
-    def _publish(self, model: Any, tok: Any, source: AdapterSource | None, info: LoadInfo) -> None:
+    def _publish(self, model: Any, tok: Any, source: ChatSource | None, info: LoadInfo) -> None:
         with self._lock:
             self.model, self.tokenizer, self.source, self.info = model, tok, source, info
             self.last_stats = {}
@@ -724,29 +661,19 @@ class ChatEngine:
             self._drop(reason)
             return label or "base model"
 
-    def _tokenizer_for(self, base_path: Path, source: AdapterSource, warnings: list[str]) -> Any:
-        """The base model's tokenizer; the run's copy when only that one matches training."""
-        tok = models.load_tokenizer(base_path)
-        want = source.template_hash
-        if not want:
-            return tok
+    def _tokenizer_for(self, base_path: Path, source: ChatSource, warnings: list[str]) -> Any:
+        """The run's tokenizer (`models.load_run_tokenizer`: the copy saved with the adapter,
+        as the export uses); a warning when its template is not the one training recorded."""
+        run = source.run
+        tok = models.load_run_tokenizer(source.adapter_dir, base_path, run and run.chat_template)
+        want = run.template_hash if run else None
         have = chat_format.template_hash(tok)
-        if have == want:
-            return tok
-        saved = None
-        if (source.adapter_dir / "tokenizer_config.json").is_file():
-            with contextlib.suppress(Exception):
-                saved = models.load_tokenizer(source.adapter_dir)
-        if saved is not None and chat_format.template_hash(saved) == want:
+        if want and have != want:
             warnings.append(
-                "The base model's chat template differs from the one this run was trained with;"
-                " using the run's saved template so prompts match training."
+                f"Chat template mismatch: the run was trained with template {want}, this"
+                f" tokenizer has {have}. Answers may be off; pick the base model the run was"
+                " trained on."
             )
-            return saved
-        warnings.append(
-            f"Chat template mismatch: the run was trained with template {want}, this base has"
-            f" {have}. Answers may be off; pick the base model the run was trained on."
-        )
         return tok
 
     def tensor_bytes(self) -> int:
@@ -814,7 +741,7 @@ class ChatEngine:
             **enc,
             streamer=streamer,
             stopping_criteria=stop_criteria(stop_event),
-            **settings.generate_kwargs(tok),
+            **settings.generate_kwargs(tok, stop_ids(tok, model)),
         )
         started = time.perf_counter()
         streamer.started = started
@@ -942,15 +869,17 @@ class ChatEngine:
     ) -> Iterator[tuple[int, str]]:
         """All rows in one `generate` on a thread; each row streams and ends on its own."""
         lengths = enc.pop("lengths")
-        streamer = rows_streamer(tok, len(rows), eos_ids(model))
+        stops = stop_ids(tok, model)
+        streamer = rows_streamer(tok, len(rows), set(stops))
         stop_event, errors = self._stop_event, []
         kwargs = dict(
             **enc,
             streamer=streamer,
             stopping_criteria=stop_criteria(stop_event),
-            **settings.generate_kwargs(tok),
+            **settings.generate_kwargs(tok, stops),
         )
-        switch = functools.partial(adapter_rows, model, [r[0] != SIDE_BASE for r in rows])
+        tuned = [r[0] != SIDE_BASE for r in rows]
+        switch = functools.partial(adapter_rows, model, tuned, stops)
         args = (load_id, model, switch, settings.seed, kwargs, errors)
         started = time.perf_counter()
         try:

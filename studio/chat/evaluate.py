@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from studio import runs
 from studio.chat.engine import (
-    METADATA_FILE,
     SIDE_BASE,
     SIDE_TUNED,
     SIDES,
@@ -32,10 +32,9 @@ from studio.chat.engine import (
     Message,
 )
 from studio.data import load as data_load
-from studio.data.normalize import ROLES, SHAREGPT_ROLES
+from studio.data.normalize import guess_record_format, normalize_record
 from studio.data.scores import score
 from studio.data.table import write_csv as write_table_csv
-from studio.runs import read_json
 from studio.util import new_path
 
 VOTES = ("A", "B", "tie")
@@ -196,40 +195,23 @@ _PROMPT_FILE_HINT = (
 
 
 def item_from_record(rec: Any, where: str) -> BatchItem:
-    """A BatchItem from one JSON record: chat messages, ShareGPT, Alpaca or prompt/reference."""
+    """A BatchItem from one JSON record: chat messages, ShareGPT or Alpaca (read by the
+    dataset's own `normalize_record`, the last assistant turn being the reference), or
+    prompt/reference fields."""
     if isinstance(rec, str):
         return BatchItem([{"role": "user", "content": rec}])
     if not isinstance(rec, dict):
         raise ChatError(f"{where}: expected a JSON object or string, got {type(rec).__name__}")
-    convo = rec.get("messages") or rec.get("conversations")
-    if isinstance(convo, list):
-        msgs: list[Message] = []
-        for m in convo:
-            if not isinstance(m, dict):
-                raise ChatError(f"{where}: each message must be an object with role and content")
-            sender = m.get("from")  # a list or object here would not be hashable
-            role = m.get("role") or (
-                SHAREGPT_ROLES.get(sender) if isinstance(sender, str) else None
-            )
-            content = m.get("content", m.get("value"))
-            if role not in ROLES or not isinstance(content, str):
-                raise ChatError(f"{where}: a message lacks a role (system/user/assistant) or text")
-            msgs.append({"role": role, "content": content})
-        reference = None
-        if msgs and msgs[-1]["role"] == "assistant":
-            reference = msgs.pop()["content"]
-        if not any(m["role"] == "user" for m in msgs):
-            raise ChatError(f"{where}: the conversation has no user message to answer")
+    fmt = guess_record_format(rec)
+    if fmt == "alpaca" and "instruction" not in rec:
+        fmt = None  # {"prompt", "output"}: a prompt with its reference, not an Alpaca row
+    if fmt is not None:
+        msgs, problems = normalize_record(rec, fmt, answer_required=False)
+        if msgs is None:
+            field, reason = problems[0]
+            raise ChatError(f"{where}: {f'{field}: ' if field else ''}{reason}")
+        reference = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" else None
         return BatchItem(msgs, reference)
-    if "instruction" in rec:
-        prompt = str(rec.get("instruction") or "")
-        if rec.get("input"):
-            prompt = f"{prompt}\n\n{rec['input']}"
-        msgs = [{"role": "user", "content": prompt}]
-        if rec.get("system"):
-            msgs.insert(0, {"role": "system", "content": str(rec["system"])})
-        out = rec.get("output")
-        return BatchItem(msgs, str(out) if out is not None else None)
     key = next((k for k in _PROMPT_KEYS if isinstance(rec.get(k), str)), None)
     if key is None:
         raise ChatError(
@@ -341,35 +323,17 @@ def _cell_text(value: Any) -> str:
 
 
 def validation_items(run_dir: str | Path, limit: int | None = None) -> list[BatchItem]:
-    """The run's held-out validation rows: the same seeded split training made.
+    """The run's held-out validation rows: the same seeded split training made
+    (`studio.data.split.run_split`, which refuses a dataset changed since training)."""
+    from studio.data.split import ChangedDataError, run_split
 
-    Training records the dataset's hash; if the file changed since, the split would not be
-    the one the run held out, so that is refused.
-    """
-    run = Path(run_dir)
-    meta = read_json(run / METADATA_FILE)
     try:
-        from studio.config import RunConfig
-        from studio.train import prepare as train
-    except ImportError as exc:
-        raise ChatError(f"the training module is not available: {exc}") from exc
-    yaml_path = run / "run.yaml"
-    if not yaml_path.is_file():
-        raise ChatError(f"{run.name}: no run.yaml, so its validation split is unknown")
-    try:
-        cfg = RunConfig.load(yaml_path)
-        data = train.dataset_file(cfg)
-        recorded = (meta.get("dataset") or {}).get("sha256")
-        if recorded and data.is_file() and train.file_sha256(data) != recorded:
-            raise ChatError(
-                f"{data} changed since {run.name} was trained, so its validation split cannot"
-                " be rebuilt; use a prompt file instead."
-            )
-        _, val_rows = train.split_rows(train.load_training_rows(cfg), cfg.val_fraction, cfg.seed)
-    except ChatError:
-        raise
-    except Exception as exc:
-        raise ChatError(f"{run.name}: could not rebuild its validation split: {exc}") from exc
+        run = runs.open_run(run_dir)
+        _, val_rows = run_split(run)
+    except runs.RunError as exc:
+        raise ChatError(str(exc)) from exc
+    except ChangedDataError as exc:
+        raise ChatError(f"{exc}; use a prompt file instead.") from exc
     if not val_rows:
         raise ChatError(
             f"{run.name} held out no validation rows (val_fraction 0); use a prompt file."

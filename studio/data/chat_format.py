@@ -97,20 +97,35 @@ def _cut_to_piece(text: str) -> str:
     return text[:cut]
 
 
-def _common_prefix(a: str, b: str) -> str:
-    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return a[:n]
+def common_prefix(texts: list[str]) -> str:
+    """The longest prefix all texts share ("" for none)."""
+    if not texts:
+        return ""
+    first, last = min(texts), max(texts)  # the lexical extremes differ first, if any differ
+    n = next((i for i, (x, y) in enumerate(zip(first, last, strict=False)) if x != y), None)
+    return first[: min(len(first), len(last)) if n is None else n]
+
+
+def probe_conversation(roles: str) -> list[Message]:
+    """Probe messages for a role sequence such as "user assistant user": each message's text
+    is a fixed phrase, the second user turn its own, so a render shows where each one went.
+    The chat template is probed only with these (here and by the export's Ollama template)."""
+    texts = {"system": _PROBE_SYSTEM, "user": _PROBE_USER, "assistant": _PROBE_REPLY}
+    msgs: list[Message] = []
+    for role in roles.split():
+        seen_user = any(m["role"] == "user" for m in msgs)
+        text = _PROBE_USER2 if role == "user" and seen_user else texts[role]
+        msgs.append({"role": role, "content": text})
+    return msgs
 
 
 def _derive_marker(tokenizer: Any) -> str | None:
     """The end-of-turn text: what the template writes after a reply both when the chat ends
     there and when another user turn follows (what differs belongs to the end or the next turn).
     """
-    user = {"role": "user", "content": _PROBE_USER}
-    reply = {"role": "assistant", "content": _PROBE_REPLY}
     try:
-        final = _apply(tokenizer, [user, reply], False)
-        longer = _apply(tokenizer, [user, reply, {"role": "user", "content": _PROBE_USER2}], False)
+        final = _apply(tokenizer, probe_conversation("user assistant"), False)
+        longer = _apply(tokenizer, probe_conversation("user assistant user"), False)
     except TemplateError:
         return None
     if _PROBE_REPLY not in final or _PROBE_REPLY not in longer or _PROBE_USER2 not in longer:
@@ -118,7 +133,7 @@ def _derive_marker(tokenizer: Any) -> str | None:
     after_final = final[final.index(_PROBE_REPLY) + len(_PROBE_REPLY) :]
     start = longer.index(_PROBE_REPLY) + len(_PROBE_REPLY)
     after_mid = longer[start : longer.index(_PROBE_USER2, start)]
-    common = _common_prefix(after_final, after_mid)
+    common = common_prefix([after_final, after_mid])
     if common not in (after_final, after_mid):  # both go on, differently: cut at a piece end
         common = _cut_to_piece(common)  # Phi-3.5: "<|end|>\n" + EOS vs "<|end|>\n<|user|>"
     return common.strip() or None
@@ -127,19 +142,17 @@ def _derive_marker(tokenizer: Any) -> str | None:
 def _system_support(tokenizer: Any) -> tuple[bool, bool]:
     """(folds, drops): whether the template refuses a system role, and whether it leaves the
     system text out of a conversation that ends with a reply (Mistral Nemo does)."""
-    user = {"role": "user", "content": _PROBE_USER}
-    system = {"role": "system", "content": _PROBE_SYSTEM}
-    reply = {"role": "assistant", "content": _PROBE_REPLY}
     try:
-        _apply(tokenizer, [user], True)
+        _apply(tokenizer, probe_conversation("user"), True)
     except TemplateError:
         return False, False
     try:
-        _apply(tokenizer, [system, user], True)
+        _apply(tokenizer, probe_conversation("system user"), True)
     except TemplateError:
         return True, False
     try:
-        return False, _PROBE_SYSTEM not in _apply(tokenizer, [system, user, reply], False)
+        written = _apply(tokenizer, probe_conversation("system user assistant"), False)
+        return False, _PROBE_SYSTEM not in written
     except TemplateError:
         return False, False
 

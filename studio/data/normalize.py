@@ -86,12 +86,17 @@ def dropped_keys(rec: Any, fmt: str) -> set[str]:
     return {k for t in turns for k in DROPPED_TURN_KEYS if t.get(k) is not None}
 
 
-def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems]:
-    """One record as chat messages, or the (field, reason) problems that make it unusable."""
+def normalize_record(
+    rec: Any, fmt: str, *, answer_required: bool = True
+) -> tuple[list[Message] | None, Problems]:
+    """One record as chat messages, or the (field, reason) problems that make it unusable.
+
+    `answer_required=False` reads a prompt (Chat's batch compare): no assistant turn needed.
+    """
     if not isinstance(rec, dict):
         return None, [("", f"expected a JSON object, got {json_type(rec)}")]
     if fmt == "alpaca":
-        return _normalize_alpaca(rec)
+        return _normalize_alpaca(rec, answer_required)
     key = "messages" if fmt == "messages" else "conversations"
     allowed = {key} | META_KEYS | {k for k in _TOOL_ROW_KEYS if not rec.get(k)}  # "tools": []
     problems: Problems = [
@@ -109,7 +114,7 @@ def normalize_record(rec: Any, fmt: str) -> tuple[list[Message] | None, Problems
             messages.append(message)
     if problems:
         return None, problems
-    return _check_turns(messages, key)
+    return _check_turns(messages, key, answer_required)
 
 
 def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Message | None:
@@ -160,8 +165,11 @@ def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Mess
     return {"role": role, "content": content}
 
 
-def _normalize_alpaca(rec: dict[str, Any]) -> tuple[list[Message] | None, Problems]:
+def _normalize_alpaca(
+    rec: dict[str, Any], answer_required: bool = True
+) -> tuple[list[Message] | None, Problems]:
     problems: Problems = []
+    required = ("instruction", "output") if answer_required else ("instruction",)
     allowed = set(ALPACA_FIELDS) | META_KEYS
     problems += [
         (k, f"unknown key '{k}' (an Alpaca row holds instruction, input, output, system)")
@@ -171,7 +179,7 @@ def _normalize_alpaca(rec: dict[str, Any]) -> tuple[list[Message] | None, Proble
     values: dict[str, str] = {}
     for fld in ALPACA_FIELDS:
         value = rec.get(fld)
-        if fld in ("instruction", "output") and fld not in rec:
+        if fld in required and fld not in rec:
             problems.append((fld, f"missing key '{fld}'{_format_hint(rec)}"))
             continue
         if value is None:
@@ -179,7 +187,7 @@ def _normalize_alpaca(rec: dict[str, Any]) -> tuple[list[Message] | None, Proble
         if not isinstance(value, str):
             problems.append((fld, f"must be text, got {json_type(value)}"))
             continue
-        if fld in ("instruction", "output") and not value.strip():
+        if fld in required and not value.strip():
             problems.append((fld, f"empty content in '{fld}'"))
             continue
         values[fld] = value
@@ -192,16 +200,19 @@ def _normalize_alpaca(rec: dict[str, Any]) -> tuple[list[Message] | None, Proble
     if values.get("input", "").strip():
         user = f"{user}\n\n{values['input']}"
     messages.append({"role": "user", "content": user})
-    messages.append({"role": "assistant", "content": values["output"]})
+    if values.get("output", "").strip():
+        messages.append({"role": "assistant", "content": values["output"]})
     return messages, []
 
 
-def _check_turns(messages: list[Message], key: str) -> tuple[list[Message] | None, Problems]:
+def _check_turns(
+    messages: list[Message], key: str, answer_required: bool = True
+) -> tuple[list[Message] | None, Problems]:
     roles = {m["role"] for m in messages}
     problems = []
     if "user" not in roles:
         problems.append((key, "no user turn"))
-    if "assistant" not in roles:
+    if answer_required and "assistant" not in roles:
         problems.append((key, "no assistant turn (nothing to train on)"))
     elif all(m.get(WEIGHT_KEY) == 0 for m in messages if m["role"] == "assistant"):
         problems.append((key, "every assistant turn has weight 0 (nothing to train on)"))

@@ -30,10 +30,10 @@ from studio.export.merge import (
     busy_note,
     compare,
     gpu_taken,
-    greedy_ids,
     teacher_logits,
 )
 from studio.models import loader as models
+from studio.models.generate import greedy_each
 from studio.runs import read_json
 from studio.util import short_error
 
@@ -312,7 +312,7 @@ def check_gguf(
     model = models.load_model(folder, device=plan.device or "cpu", dtype=dtype, gguf_file=name)
     model.eval()
     expected, expected_logits = merged_out
-    got = greedy_ids(model, tok, prompt_ids, max_new_tokens)
+    got = greedy_each(model, tok, prompt_ids, max_new_tokens)
     on_ref = [teacher_logits(model, p, r) for p, r in zip(prompt_ids, expected, strict=True)]
     model = None
     gpu.free_memory()

@@ -15,9 +15,10 @@ from typing import Any
 
 from studio import gpu
 from studio.data import chat_format
-from studio.export.common import ExportError, Message, Progress, RunSource
+from studio.export.common import ExportError, Message, Progress
 from studio.models import loader as models
-from studio.runs import read_json
+from studio.models.generate import greedy_each
+from studio.runs import Run, read_json
 from studio.util import short_error
 
 SANITY_TOKENS = 32
@@ -240,43 +241,10 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def run_tokenizer(src: RunSource, base_path: Path):
-    """The run's own tokenizer (saved with the adapter), else the base's."""
-    folder = src.adapter_dir if (src.adapter_dir / "tokenizer_config.json").is_file() else base_path
-    tok = models.load_tokenizer(folder)
-    if not getattr(tok, "chat_template", None) and src.metadata.get("chat_template"):
-        tok.chat_template = src.metadata["chat_template"]
-    return tok
-
-
 def encode_prompt(tok: Any, conv: list[Message]) -> list[int]:
     """A conversation as the token ids the model answers from (template applied once)."""
     text = chat_format.render(tok, conv, add_generation_prompt=True)
     return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def greedy_ids(
-    model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
-) -> list[list[int]]:
-    """Greedy continuations, one prompt at a time (no padding, so nothing shifts)."""
-    import torch
-
-    outs: list[list[int]] = []
-    for ids in prompts:
-        x = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            y = model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-            )
-        outs.append(y[0, len(ids) :].tolist())
-    return outs
 
 
 def teacher_logits(model: Any, prompt: list[int], continuation: list[int]):
@@ -342,7 +310,7 @@ def _judge_split(case: SanityCase, ref_row: Any, test_row: Any, want: int, picke
 
 
 def merge_adapter(
-    src: RunSource,
+    src: Run,
     base: models.ResolvedModel,
     out_dir: Path,
     prompts: list[list[Message]],
@@ -357,7 +325,7 @@ def merge_adapter(
     from peft import PeftModel
 
     device, merge_dt, reason = choose_precision(base.path)
-    tok = run_tokenizer(src, base.path)
+    tok = models.load_run_tokenizer(src.adapter_dir, base.path, src.chat_template)
     prompt_ids = [encode_prompt(tok, c) for c in prompts]
 
     progress(f"Loading the base {base.name} ({merge_dt}, {device})", 0.08)
@@ -388,7 +356,7 @@ def merge_adapter(
         out_dir, device=device, dtype=torch_dtype(merge_dt), trust_remote_code=src.trust_remote_code
     )
     reloaded.eval()
-    got = greedy_ids(reloaded, tok, prompt_ids, max_new_tokens)
+    got = greedy_each(reloaded, tok, prompt_ids, max_new_tokens)
     on_ref = [teacher_logits(reloaded, p, r) for p, r in zip(prompt_ids, reference, strict=True)]
     own = [teacher_logits(reloaded, p, g) for p, g in zip(prompt_ids, got, strict=True)]
     reloaded = None
@@ -407,7 +375,7 @@ def _reference(
     model: Any, tok: Any, prompt_ids: list[list[int]], max_new_tokens: int
 ) -> tuple[list[list[int]], list[Any], float]:
     """base+adapter's greedy answers, their logits, and how far the adapter moves logits."""
-    reference = greedy_ids(model, tok, prompt_ids, max_new_tokens)
+    reference = greedy_each(model, tok, prompt_ids, max_new_tokens)
     ref_logits = [teacher_logits(model, p, r) for p, r in zip(prompt_ids, reference, strict=True)]
     with model.disable_adapter():
         base_logits = [

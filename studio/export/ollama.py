@@ -48,9 +48,6 @@ class ChatFormat:
 # --------------------------------------------------------------------------- chat template
 
 
-_PROBE = {"S": "SYSPROBE7", "U1": "USERPROBE1", "A1": "ASSTPROBE1", "U2": "USERPROBE2"}
-
-
 def _family(template: str) -> str:
     if "<|im_start|>" in template:
         return "chatml"
@@ -61,31 +58,26 @@ def _family(template: str) -> str:
     return "other"
 
 
-def _common_prefix(a: str, b: str) -> str:
-    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return a[:n]
-
-
 def derive_chat_format(tok: Any) -> ChatFormat:
-    """Cut the model's chat template into turn pieces by rendering probe conversations."""
+    """Cut the model's chat template into turn pieces: the renders of chat_format's probe
+    conversations (the same probes its end-of-turn reading uses), compared piece by piece."""
     template = getattr(tok, "chat_template", None) or ""
     family = _family(template)
     # Only a BOS the template itself writes is stripped (SmolLM2's BOS is <|im_start|>, which
     # its template writes as part of every turn, not as a BOS).
     bos = (tok.bos_token or "") if "bos_token" in template else ""
-    S, U1, A1, U2 = _PROBE["S"], _PROBE["U1"], _PROBE["A1"], _PROBE["U2"]
+    probe = chat_format.probe_conversation("system user assistant user")
+    S, U1, A1, U2 = (m["content"] for m in probe)
 
-    def render(msgs: list[Message], gen: bool) -> str:
+    def render(roles: str, gen: bool) -> str:
+        msgs = chat_format.probe_conversation(roles)
         text = chat_format.render(tok, msgs, add_generation_prompt=gen)
         return text[len(bos) :] if bos and text.startswith(bos) else text
 
-    def m(role: str, content: str) -> Message:
-        return {"role": role, "content": content}
-
-    t_user = render([m("user", U1)], True)
-    t_user_nogen = render([m("user", U1)], False)
-    t_pair = render([m("user", U1), m("assistant", A1)], False)
-    t_three = render([m("user", U1), m("assistant", A1), m("user", U2)], True)
+    t_user = render("user", True)
+    t_user_nogen = render("user", False)
+    t_pair = render("user assistant", False)
+    t_three = render("user assistant user", True)
 
     if U1 not in t_user or U1 not in t_user_nogen or A1 not in t_pair:
         # The template hides the probes themselves: nothing to cut; a plain approximation.
@@ -101,7 +93,7 @@ def derive_chat_format(tok: Any) -> ChatFormat:
         between = assistant_end + pre_user
         problems.append("the template drops earlier assistant turns; Ollama keeps them")
     if not between.startswith(assistant_end):  # e.g. a template that adds EOS only at the end
-        assistant_end = _common_prefix(assistant_end, between)
+        assistant_end = chat_format.common_prefix([assistant_end, between])
     user_start = between[len(assistant_end) :]
     user_end = t_user_nogen[t_user_nogen.index(U1) + len(U1) :]
     after_user = t_user[t_user.index(U1) + len(U1) :]
@@ -116,7 +108,7 @@ def derive_chat_format(tok: Any) -> ChatFormat:
     )
 
     try:
-        t_sys = render([m("system", S), m("user", U1)], True)
+        t_sys = render("system user", True)
     except chat_format.TemplateError:
         t_sys = ""
     if S in t_sys and U1 in t_sys and t_sys.index(S) < t_sys.index(U1):
@@ -220,16 +212,18 @@ def ollama_template(fmt: ChatFormat) -> str:
     return out
 
 
-def stop_tokens(fmt: ChatFormat, tok: Any) -> list[str]:
-    """Strings that end an assistant turn: the model's end-of-turn marker, then EOS.
+def stop_tokens(fmt: ChatFormat, tok: Any, generation_eos: list[int] | None = None) -> list[str]:
+    """Strings that end an assistant turn: the model's end-of-turn marker, then EOS, then the
+    generation config's EOS tokens (the stop rule of `studio.models.generate.stop_ids`).
 
     The marker is the one training taught the model to emit (chat_format's reading of the
     template, the same the loss mask uses); the text the template writes after a reply is
     the fallback when the template names none.
     """
     marker = chat_format.end_of_turn_marker(tok) or fmt.assistant_end
+    extra = [str(tok.convert_ids_to_tokens(int(i))) for i in generation_eos or []]
     out: list[str] = []
-    for s in (marker.strip(), tok.eos_token or ""):
+    for s in (marker.strip(), tok.eos_token or "", *extra):
         if s and s not in out:
             out.append(s)
     return out

@@ -12,13 +12,14 @@ for an id it does not list, export refuses before any work and says what to do.
 
 from __future__ import annotations
 
-from studio.export.common import ExportError, Progress, RunSource
+from studio.export.common import ExportError, Progress
+from studio.runs import Run
 from studio.models import catalog
 from studio.models import loader as models
 
 
 def merge_base(
-    src: RunSource, base: models.ResolvedModel, progress: Progress | None = None
+    src: Run, base: models.ResolvedModel, progress: Progress | None = None
 ) -> models.ResolvedModel:
     """The model the adapter is merged into: `base` itself when its weights are plain, its
     16-bit original when `base` is stored quantized. ExportError, before any work, when that
@@ -47,7 +48,7 @@ def merge_base(
     return models.ResolvedModel(original, found.path, found.source, found.revision)
 
 
-def notes(src: RunSource, base: models.ResolvedModel) -> list[str]:
+def notes(src: Run, base: models.ResolvedModel) -> list[str]:
     """The line an export shows when `merge_base` went to the original."""
     if base.name == src.base_model:
         return []

@@ -51,7 +51,6 @@ from studio.export.common import (
     ExportError,
     Message,
     Progress,
-    RunSource,
     noop,
 )
 from studio.export.gguf import (
@@ -76,7 +75,8 @@ from studio.export.ollama import (
     stop_tokens,
 )
 from studio.models import loader as models
-from studio.runs import read_json
+from studio.models.generate import greedy_each
+from studio.runs import ADAPTER_CONFIG, EXPORT, Run, RunError, is_adapter_dir, open_run, read_json
 from studio.util import is_disk_full, new_path, short_error
 
 EXPORT_INFO = "export_info.json"
@@ -137,130 +137,60 @@ class ExportResult:
 # --------------------------------------------------------------------------- the run
 
 
-def inspect_run(run_dir: str | Path) -> RunSource:
-    """Check a run folder holds what an export needs; ExportError says what is missing."""
-    run = Path(str(run_dir or "").strip()).expanduser()
-    if not str(run_dir or "").strip():
-        raise ExportError("Pick a run to export first.")
-    if not run.is_dir():
-        raise ExportError(f"{run}: no such run folder.")
-    from studio.runs import is_live, recover_adapter
-
-    if not is_live(run):
-        recover_adapter(run)  # a crash between the renames that publish adapter/
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+def inspect_run(run_dir: str | Path) -> Run:
+    """The run (`runs.open_run`, the one reader of a run folder), checked to hold what an
+    export needs; ExportError says what is missing."""
+    try:
+        run = open_run(run_dir)
+    except RunError as exc:
+        raise ExportError(str(exc)) from exc
+    adapter = run.adapter_dir
+    if not is_adapter_dir(adapter):
         raise ExportError(
-            f"{run.name}: no trained adapter (expected {adapter}/adapter_config.json). The run"
+            f"{run.name}: no trained adapter (expected {adapter}/{ADAPTER_CONFIG}). The run"
             " may still be training, or it failed before saving; pick a finished run."
         )
-    if not any(adapter.glob("adapter_model.*")):
+    if not run.has_adapter:
         raise ExportError(
             f"{run.name}: the adapter folder has no weights (adapter_model.safetensors is"
             " missing). Re-run the training or pick another run."
         )
-    meta = read_json(run / "training_metadata.json")
-    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
-    if not settings and (run / "run.yaml").is_file():
-        with contextlib.suppress(Exception):
-            from studio.config import RunConfig
-
-            settings = RunConfig.load(run / "run.yaml").to_dict()
-    base = meta.get("base_model")
-    base_name = base.get("name") if isinstance(base, dict) else base
-    base_path = base.get("path") if isinstance(base, dict) else None
-    base_path = base_path or meta.get("base_model_path")
-    adapter_cfg = read_json(adapter / "adapter_config.json")
-    base_name = (
-        base_name or settings.get("base_model") or adapter_cfg.get("base_model_name_or_path")
-    )
-    if not base_name and not base_path:
+    if not run.base_model:
         raise ExportError(
             f"{run.name}: cannot tell which base model this run used (no training_metadata.json"
             " or run.yaml naming it)."
         )
-    method = str(meta.get("method") or settings.get("method") or "lora")
-    return RunSource(
-        run_dir=run.resolve(),
-        adapter_dir=adapter.resolve(),
-        name=run.name,
-        metadata=meta,
-        settings=settings,
-        base_model=str(base_name or base_path),
-        base_model_path=str(base_path) if base_path else None,
-        method=method,
-        trust_remote_code=bool(settings.get("trust_remote_code", False)),
+    return run
+
+
+def resolve_base(src: Run, progress: Progress | None = None) -> models.ResolvedModel:
+    """The run's base model on disk (`models.resolve_run_base`: its recorded folder, else
+    resolved by name)."""
+    try:
+        return models.resolve_run_base(src, None, progress)
+    except models.ModelNotFoundError as exc:
+        raise ExportError(f"{exc}\nThe adapter cannot be merged without it.") from exc
+
+
+def past_exports(run: Run) -> list[str]:
+    """The names of a run's complete exports (export/, export-<time>/), for the run picker."""
+    return sorted(
+        p.name
+        for p in run.path.glob(f"{EXPORT}*")
+        if read_json(p / EXPORT_INFO).get("status", "complete") == "complete"
     )
 
 
-def resolve_base(src: RunSource, progress: Progress | None = None) -> models.ResolvedModel:
-    """The run's base model on disk: its recorded folder, else resolved by name."""
-    if src.base_model_path and models.is_model_dir(Path(src.base_model_path)):
-        p = Path(src.base_model_path)
-        return models.ResolvedModel(src.base_model, p, "local", None)
+def _training_rows(src: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """The run's (all rows, held-out rows, why they are missing): `run_split`, which refuses
+    a dataset changed since training (then the export says so and uses default prompts)."""
+    from studio.data.split import ChangedDataError, run_split
+
     try:
-        return models.resolve_model(src.base_model, progress)
-    except models.ModelNotFoundError as exc:
-        recorded = f" (recorded at {src.base_model_path}, now gone)" if src.base_model_path else ""
-        raise ExportError(
-            f"The base model of {src.name}, {src.base_model}{recorded}, is not reachable, so the"
-            f" adapter cannot be merged.\n{exc}"
-        ) from exc
-
-
-def list_exportable_runs() -> list[dict[str, Any]]:
-    """Runs that have a final adapter, newest first, as plain dicts for the run picker."""
-    out: list[dict[str, Any]] = []
-    try:
-        from studio import runs as runs_mod
-
-        infos = runs_mod.list_runs()
-    except Exception:
-        infos = []
-    for info in infos:
-        path = Path(info.path)
-        if not (path / "adapter" / "adapter_config.json").is_file():
-            continue
-        exports = sorted(
-            p.name
-            for p in path.glob("export*")
-            if read_json(p / EXPORT_INFO).get("status", "complete") == "complete"
-        )
-        out.append(
-            {
-                "path": str(path),
-                "name": info.name,
-                "status": info.status,
-                "method": info.method or "lora",
-                "base_model": info.base_model,
-                "exports": exports,
-                "label": f"{info.name} · {info.method or 'lora'} · {info.status}"
-                + (f" · exported ×{len(exports)}" if exports else ""),
-            }
-        )
-    return out
-
-
-def _training_rows(src: RunSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The run's (all rows, held-out rows); empty lists when the data is gone."""
-    ds = src.metadata.get("dataset") if isinstance(src.metadata.get("dataset"), dict) else {}
-    path = ds.get("path") or src.settings.get("dataset_path") or ""
-    fmt = ds.get("format") or src.settings.get("dataset_format") or "auto"
-    try:
-        from studio.data import load as data
-
-        file = Path(path) if path else data.SAMPLE_DATASET
-        rows = [r for r in data.load_dataset_file(file, fmt=fmt).rows if r.get("messages")]
-    except Exception:
-        return [], []
-    val: list[dict[str, Any]] = []
-    with contextlib.suppress(Exception):
-        from studio.train import prepare as train
-
-        _, val = train.split_rows(
-            rows, float(src.settings.get("val_fraction", 0.1)), int(src.settings.get("seed", 42))
-        )
-    return rows, val
+        train, val = run_split(src)
+    except ChangedDataError as exc:
+        return [], [], f"{exc}; the sanity check used default prompts and no training rows."
+    return train + val, val, None
 
 
 def shared_system_prompt(rows: list[dict[str, Any]]) -> tuple[str | None, int, str | None]:
@@ -300,7 +230,7 @@ def _command_path(path: Path) -> str:
 
 def _export_target(run_dir: Path, out: str | Path | None, stamp: str) -> Path:
     """Where the finished export goes: export/ unless it exists, then export-<stamp>/."""
-    target = Path(out).expanduser().resolve() if out else run_dir / "export"
+    target = Path(out).expanduser().resolve() if out else run_dir / EXPORT
     if not target.exists():
         return target
     try:
@@ -355,13 +285,13 @@ def _merged_complete(folder: Path) -> bool:
     )
 
 
-def _resume_dir(resume: str | Path, src: RunSource) -> Path:
+def _resume_dir(resume: str | Path, src: Run) -> Path:
     """An earlier export of this run whose merged model is complete, to finish in place."""
     folder = Path(resume).expanduser().resolve()
     if not (folder / EXPORT_INFO).is_file():
         raise ExportError(f"{folder}: not an export folder (no {EXPORT_INFO}).")
     recorded = read_json(folder / EXPORT_INFO).get("run_dir")
-    if recorded and Path(recorded).resolve() != src.run_dir:
+    if recorded and Path(recorded).resolve() != src.path:
         raise ExportError(f"{folder} is an export of {Path(recorded).name}, not of {src.name}.")
     if not _merged_complete(folder):
         raise ExportError(
@@ -371,13 +301,13 @@ def _resume_dir(resume: str | Path, src: RunSource) -> Path:
     return folder
 
 
-def _kept_error(exc: BaseException, src: RunSource, partial: Path, gguf: str) -> ExportError:
+def _kept_error(exc: BaseException, src: Run, partial: Path, gguf: str) -> ExportError:
     """Record the failed step in export_info.json, and say how to retry just that step."""
     info = read_json(partial / EXPORT_INFO)
     step = info.get("current") or "?"
     _record(partial, status="failed", failed_step=step, error=short_error(exc))
     cmd = (
-        f"python -m studio.export {_command_path(src.run_dir)} --gguf {gguf}"
+        f"python -m studio.export {_command_path(src.path)} --gguf {gguf}"
         f" --resume {_command_path(partial)}"
     )
     built = "the checked merged model" + (
@@ -423,9 +353,9 @@ def export_run(
             partial = _resume_dir(resume, src)
             target = partial  # a finished export gets its missing step in place
             if ".partial-" in partial.name:
-                target = _export_target(src.run_dir, out, stamp)
+                target = _export_target(src.path, out, stamp)
         else:
-            target = _export_target(src.run_dir, out, stamp)
+            target = _export_target(src.path, out, stamp)
             partial = target.with_name(f"{target.name}.partial-{stamp}")
             _check_space(target, base.path, gguf)
         plan = ExportPlan(
@@ -475,7 +405,7 @@ def _run_steps(plan: ExportPlan) -> ExportResult:
     try:
         if not partial.exists():
             partial.mkdir(parents=True)
-            _record(partial, run_dir=str(src.run_dir), status="running", steps={})
+            _record(partial, run_dir=str(src.path), status="running", steps={})
         result = _export_into(plan)
         if partial != target:
             compat.replace(partial, target)
@@ -514,7 +444,7 @@ def _sanity_check(data: dict[str, Any] | None) -> SanityCheck | None:
 
 
 def _merge_step(
-    src: RunSource,
+    src: Run,
     base: models.ResolvedModel,
     partial: Path,
     convs: list[list[Message]],
@@ -527,7 +457,7 @@ def _merge_step(
     if _merged_complete(partial):
         progress("Reusing the merged model the earlier export completed", 0.4)
         done = steps["merge"]
-        tok = merge.run_tokenizer(src, base.path)
+        tok = models.load_run_tokenizer(src.adapter_dir, base.path, src.chat_template)
         prompt_ids = [merge.encode_prompt(tok, c) for c in convs]
         check = _sanity_check(done["check"])
         return check, SavedDtype(**done["saved"]), tok, prompt_ids, None
@@ -542,7 +472,7 @@ def _merge_step(
 
 
 def _merged_answers(
-    src: RunSource, merged_dir: Path, tok: Any, prompt_ids: list[list[int]], max_new_tokens: int
+    src: Run, merged_dir: Path, tok: Any, prompt_ids: list[list[int]], max_new_tokens: int
 ) -> tuple[list[list[int]], list[Any]]:
     """The merged model's greedy answers and logits (what the GGUF is compared with), for a
     resumed export whose merge ran in an earlier process."""
@@ -553,7 +483,7 @@ def _merged_answers(
         dtype=merge.torch_dtype(dtype),
         trust_remote_code=src.trust_remote_code,
     ).eval()
-    got = merge.greedy_ids(model, tok, prompt_ids, max_new_tokens)
+    got = greedy_each(model, tok, prompt_ids, max_new_tokens)
     own = [merge.teacher_logits(model, p, g) for p, g in zip(prompt_ids, got, strict=True)]
     del model
     gpu.free_memory()
@@ -570,10 +500,10 @@ def _export_into(plan: ExportPlan) -> ExportResult:
     progress, max_new_tokens = plan.progress, plan.max_new_tokens
     warnings: list[str] = []
     notes: list[str] = []
-    rows, val = _training_rows(src)
+    rows, val, missing = _training_rows(src)
     convs = sanity_prompts(val or rows, plan.n_prompts)
-    if not rows:
-        notes.append("The run's dataset was not readable; the sanity check used default prompts.")
+    if missing:
+        notes.append(missing)
     if src.method == "qlora":
         notes.append(QLORA_NOTE)
     notes += prequant.notes(src, base)  # merged onto the 16-bit original
@@ -614,7 +544,7 @@ def _export_into(plan: ExportPlan) -> ExportResult:
     )
     modelfile = target / MODELFILE
     return ExportResult(
-        run_dir=str(src.run_dir),
+        run_dir=str(src.path),
         export_dir=str(target),
         merged_dir=str(target / MERGED),
         gguf_path=str(target / gguf_file.name) if gguf_file else None,
@@ -654,7 +584,7 @@ class ExportPlan:
     """One export as `export_run` settled it: the run, its base, the folder written into
     (`partial`, renamed to `target` when done) and the user's choices."""
 
-    src: RunSource
+    src: Run
     base: models.ResolvedModel
     partial: Path
     target: Path
@@ -710,7 +640,7 @@ def _gguf_resumable(job: GgufJob) -> tuple[Path | None, SanityCheck | None]:
 
 
 def _merge_warnings(
-    src: RunSource, saved: SavedDtype, check: SanityCheck, tok: Any, gguf: str
+    src: Run, saved: SavedDtype, check: SanityCheck, tok: Any, gguf: str
 ) -> list[str]:
     """What the merge step found that the user must know before using the export."""
     warnings: list[str] = []
@@ -726,7 +656,7 @@ def _merge_warnings(
             " split where the top tokens were not tied, or its logits moved more than rounding"
             " explains. Do not use this export; report the run."
         )
-    recorded = src.metadata.get("template_hash")
+    recorded = src.template_hash
     if recorded and recorded != chat_format.template_hash(tok):
         warnings.append(
             "The tokenizer/chat template differs from the one the run was trained with"
@@ -802,8 +732,14 @@ def _system_prompt(rows: list[dict[str, Any]], default: str | None) -> tuple[str
     return default, note + "."
 
 
+def _generation_eos(merged_dir: Path) -> list[int]:
+    """The merged model's generation-config EOS ids (one id or a list in the file)."""
+    eos = read_json(merged_dir / "generation_config.json").get("eos_token_id")
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+
+
 def _modelfile(
-    src: RunSource,
+    src: Run,
     base: models.ResolvedModel,
     merged_dir: Path,
     saved: SavedDtype,
@@ -832,7 +768,7 @@ def _modelfile(
     return system, build_modelfile(
         from_path=f"./{gguf_file.name}" if gguf_file else f"./{MERGED}",
         fmt=fmt,
-        stops=stop_tokens(fmt, tok),
+        stops=stop_tokens(fmt, tok, _generation_eos(merged_dir)),
         system=system,
         system_note=system_note,
         params=params,

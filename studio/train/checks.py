@@ -196,18 +196,19 @@ def answer_format(references: list[str]) -> dict[str, Any] | None:
     share = sum(o is not None for o in objects) / len(refs)
     if share >= FORMAT_SHARE:
         return {"kind": "json", "share": round(share, 3), "label": "a JSON object"}
-    prefix = _common_prefix([r.strip() for r in refs])
+    prefix = _word_prefix([r.strip() for r in refs])
     if len(prefix.strip()) >= 4:
         return {"kind": "prefix", "prefix": prefix, "share": 1.0, "label": f"'{prefix.strip()}'"}
     return None
 
 
-def _common_prefix(texts: list[str]) -> str:
+def _word_prefix(texts: list[str]) -> str:
     """The longest prefix of all texts, cut back to a word or punctuation boundary."""
-    first, last = min(texts), max(texts)
-    n = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), None)
-    prefix = first[: n if n is not None else min(len(first), len(last))]
-    if n is not None and prefix and prefix[-1].isalnum():
+    from studio.data.chat_format import common_prefix
+
+    prefix = common_prefix(texts)
+    whole = any(t == prefix for t in texts)  # one text is the prefix: no word was cut
+    if not whole and prefix and prefix[-1].isalnum():
         cut = max(prefix.rfind(c) for c in " :,.;-\n")
         prefix = prefix[: cut + 1] if cut >= 0 else ""
     return prefix
@@ -350,54 +351,6 @@ def pick_samples(
     return chosen, limit
 
 
-def stop_token_ids(tok: Any, model: Any) -> list[int]:
-    """Token ids that end a turn: the template's end-of-turn marker (when it is one token),
-    the tokenizer's EOS and the model's own generation EOS."""
-    from studio.data.chat_format import end_of_turn_token
-
-    ids: set[int] = set()
-    marker = end_of_turn_token(tok)
-    if marker:
-        piece = tok(marker.strip() or marker, add_special_tokens=False)["input_ids"]
-        if len(piece) == 1:
-            ids.add(int(piece[0]))
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    from studio.models.batching import eos_ids
-
-    return sorted(ids | eos_ids(model))
-
-
-def generate_batch(
-    model: Any, tok: Any, prompts: list[str], limit: int, stop_ids: list[int]
-) -> list[tuple[str, bool]]:
-    """Greedy answers of a left-padded batch: (text up to the end-of-turn, stopped?)."""
-    import torch
-
-    from studio.models.batching import left_pad, pad_id
-
-    enc = left_pad(tok, prompts, model.device)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            max_new_tokens=limit,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id(tok),
-            use_cache=True,
-        )
-    answers = []
-    for row in out[:, enc["input_ids"].shape[1] :].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        text = tok.decode(row[: len(row) if cut is None else cut], skip_special_tokens=True)
-        answers.append((text.strip(), cut is not None))
-    return answers
-
-
 def sample_answers(
     model: Any, tok: Any, items: list[dict[str, Any]], limit: int, base: bool = True
 ) -> list[dict[str, Any]]:
@@ -413,15 +366,15 @@ def sample_answers(
     import contextlib
 
     from studio.data.chat_format import render
+    from studio.models.generate import greedy_texts
 
     model.eval()
-    stop_ids = stop_token_ids(tok, model)
     prompts = [render(tok, it["messages"], add_generation_prompt=True) for it in items]
-    tuned = generate_batch(model, tok, prompts, limit, stop_ids)
+    tuned = greedy_texts(model, tok, prompts, limit)
     plain: list[tuple[str | None, bool | None]] = [(None, None)] * len(items)
     if base and hasattr(model, "disable_adapter"):
         with model.disable_adapter() or contextlib.nullcontext():
-            plain = list(generate_batch(model, tok, prompts, limit, stop_ids))
+            plain = list(greedy_texts(model, tok, prompts, limit))
     samples = []
     for it, (t_text, t_stop), (b_text, b_stop) in zip(items, tuned, plain, strict=True):
         users = [m["content"] for m in it["messages"] if m.get("role") == "user"]

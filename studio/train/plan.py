@@ -234,7 +234,7 @@ def measured_tokens_per_s(base_model: str, device: str) -> float | None:
     for info in infos:
         if info.status != "completed":
             continue
-        meta = runs.read_metadata(info.path)
+        meta = info.metadata
         same = (meta.get("base_model") or {}).get("name") == base_model
         if not same or (meta.get("device") or {}).get("used") != device:
             continue

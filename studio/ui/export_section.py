@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio import runs
 from studio.export import run as export
 from studio.export.merge import case_verdict
 
@@ -49,9 +50,16 @@ KQUANT_MD = (
 
 def _run_choices() -> list[tuple[str, str]]:
     try:
-        return [(r["label"], r["path"]) for r in export.list_exportable_runs()]
+        return [(_run_label(r), str(r.path)) for r in runs.list_runs(with_adapter=True)]
     except Exception:  # a broken runs folder must not break the page
         return []
+
+
+def _run_label(run: runs.Run) -> str:
+    done = export.past_exports(run)
+    return f"{run.name} · {run.method} · {run.status}" + (
+        f" · exported ×{len(done)}" if done else ""
+    )
 
 
 def _run_details(run_path: str | None) -> str:
@@ -61,9 +69,8 @@ def _run_details(run_path: str | None) -> str:
         src = export.inspect_run(run_path)
     except export.ExportError as exc:
         return f"⚠️ {exc}"
-    done = [r for r in export.list_exportable_runs() if r["path"] == run_path]
-    earlier = done[0]["exports"] if done else []
-    text = f"Base **{src.base_model}** · method **{src.method}** · folder `{src.run_dir}`"
+    earlier = export.past_exports(src)
+    text = f"Base **{src.base_model}** · method **{src.method}** · folder `{src.path}`"
     if earlier:
         text += f"\n\nEarlier exports (kept): {', '.join(f'`{e}`' for e in earlier)}"
     if src.method == "qlora":

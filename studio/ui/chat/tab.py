@@ -8,12 +8,13 @@ until the user votes (`blind`); batch compare scores a whole prompt set on both 
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
 import gradio as gr
 
-from studio import chat
+from studio import chat, runs
 from studio.config import DEFAULT_MODEL
 from studio.ui.chat.batch import build_batch, wire_batch
 from studio.ui.chat.blind import build_votes, wire_votes
@@ -24,7 +25,8 @@ FINAL_ADAPTER = "final adapter"
 
 def _run_choices() -> list[tuple[str, str]]:
     try:
-        return [(r.label, str(r.path)) for r in chat.list_chat_runs()]
+        chattable = runs.list_runs(chattable=True)
+        return [(f"{r.name} · {r.method} · {r.status}", str(r.path)) for r in chattable]
     except Exception:
         return []
 
@@ -32,7 +34,7 @@ def _run_choices() -> list[tuple[str, str]]:
 def _checkpoint_choices(run_path: str | None) -> list[tuple[str, str]]:
     choices = [(FINAL_ADAPTER, "")]
     if run_path:
-        for ckpt in chat.list_checkpoints(run_path):
+        for ckpt in runs.adapter_checkpoints(run_path):
             choices.append((ckpt.relative_to(run_path).as_posix(), str(ckpt)))
     return choices
 
@@ -135,9 +137,8 @@ def refresh_runs(current: str | None) -> Any:
 def _on_run(run_path: str | None) -> tuple[Any, Any]:
     """A run was picked: its checkpoints, and its own base model."""
     base = ""
-    for r in chat.list_chat_runs() if run_path else []:
-        if str(r.path) == run_path:
-            base = r.base_model
+    with contextlib.suppress(runs.RunError):
+        base = runs.open_run(run_path).base_model if run_path else ""
     return gr.update(choices=_checkpoint_choices(run_path), value=""), gr.update(value=base)
 
 
