@@ -324,8 +324,8 @@ def _cell_text(value: Any) -> str:
 
 def validation_items(run_dir: str | Path, limit: int | None = None) -> list[BatchItem]:
     """The run's held-out validation rows: the same seeded split training made
-    (`studio.data.split.run_split`, which refuses a dataset changed since training)."""
-    from studio.data.split import ChangedDataError, run_split
+    (`studio.data.load.run_split`, which refuses a dataset changed since training)."""
+    from studio.data.load import ChangedDataError, run_split
 
     try:
         run = runs.open_run(run_dir)

@@ -45,8 +45,9 @@ from studio.data.read import (
     read_json,
     read_jsonl,
 )
-from studio.data.split import DEFAULT_SEED, split_sizes
+from studio.data.split import DEFAULT_SEED, DEFAULT_VAL_FRACTION, split_rows, split_sizes
 from studio.data.table import read_table, table_records
+from studio.runs import Run
 
 # The API the stages use; DatasetError and Record come from read.py with the records.
 __all__ = [
@@ -345,3 +346,35 @@ def check_json_replies(rows: list[Row], row_numbers: list[int] | None = None) ->
         "failed_rows": failed,
         "examples": examples,
     }
+
+
+class ChangedDataError(ValueError):
+    """A run's split cannot be rebuilt (its data file changed, went missing or is unreadable)."""
+
+
+def run_split(run: Run) -> tuple[list[Row], list[Row]]:
+    """A finished run's (train, validation) rows: the seeded split training made, rebuilt.
+
+    Rebuilt from the file and settings the run recorded, through the loader training used.
+    Training recorded the file's hash; when the file changed since, the split would not be
+    the one the run held out, so ChangedDataError says so rather than return other rows.
+    """
+    from studio.data.pii import file_sha256
+
+    ds = run.dataset
+    path = Path(ds["path"]).expanduser() if ds.get("path") else SAMPLE_DATASET
+    if not path.is_file():
+        raise ChangedDataError(f"{path}: the dataset {run.name} was trained on is gone")
+    recorded = ds.get("sha256")
+    if recorded and file_sha256(path) != recorded:
+        raise ChangedDataError(
+            f"{path} changed since {run.name} was trained, so its validation split cannot be"
+            " rebuilt"
+        )
+    try:
+        report = load_dataset_file(path, fmt=ds.get("format") or "auto")
+    except DatasetError as exc:
+        raise ChangedDataError(f"{path}: {exc}") from exc
+    rows = [{"messages": row["messages"]} for row in report.rows]
+    val_fraction = float(run.settings.get("val_fraction", DEFAULT_VAL_FRACTION))
+    return split_rows(rows, val_fraction, int(run.settings.get("seed", DEFAULT_SEED)))

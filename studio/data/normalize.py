@@ -214,7 +214,9 @@ def _check_turns(
         problems.append((key, "no user turn"))
     if answer_required and "assistant" not in roles:
         problems.append((key, "no assistant turn (nothing to train on)"))
-    elif all(m.get(WEIGHT_KEY) == 0 for m in messages if m["role"] == "assistant"):
+    elif answer_required and all(
+        m.get(WEIGHT_KEY) == 0 for m in messages if m["role"] == "assistant"
+    ):
         problems.append((key, "every assistant turn has weight 0 (nothing to train on)"))
     return (None, problems) if problems else (messages, [])
 

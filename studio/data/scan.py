@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,6 @@ from studio.data.tokens import token_lengths
 from studio.util import new_path
 
 log = logging.getLogger(__name__)
-
-_TOKENIZERS: dict[str, Any] = {}
-_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -68,32 +64,6 @@ def resolve_user_path(text: str) -> Path:
     if not os.access(path, os.R_OK):
         raise data.DatasetError(f"{path} cannot be read (permission denied).")
     return path
-
-
-def cached_tokenizer(model_name: str | None) -> tuple[Any, str]:
-    """The base model's tokenizer (cached per model folder) and its name, or None and why not.
-
-    Cached because every reload, preview and max-length change needs it, and loading it takes
-    a second or more.
-    """
-    from studio import heavy
-
-    heavy.ready()  # one thread imports torch/transformers at a time
-    from studio.models import loader as models
-
-    name = (model_name or "").strip() or models.DEFAULT_MODEL
-    try:
-        with _TOKENIZER_LOCK:
-            if name not in _TOKENIZERS:
-                folder = models.tokenizer_folder(name)  # no weights: no silent download
-                key = str(folder)
-                if key not in _TOKENIZERS:
-                    _TOKENIZERS[key] = models.load_tokenizer(folder)
-                _TOKENIZERS[name] = _TOKENIZERS[key]
-            return _TOKENIZERS[name], name
-    except Exception as exc:
-        log.warning("tokenizer for %s unavailable: %s", name, exc)
-        return None, " ".join(str(exc).split()) or f"{name}: {type(exc).__name__}"
 
 
 def edited_map(report: data.DatasetReport, column_map: dict[str, str | None] | None) -> bool:

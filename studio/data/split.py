@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from studio.data.normalize import Row
-from studio.runs import Run
 
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SEED = 42
@@ -48,36 +47,3 @@ def write_normalized(rows: list[Row], dest: str | Path) -> Path:
             f.write(json.dumps({"messages": row["messages"]}, ensure_ascii=False))
             f.write("\n")
     return dest
-
-
-class ChangedDataError(ValueError):
-    """A run's split cannot be rebuilt (its data file changed, went missing or is unreadable)."""
-
-
-def run_split(run: Run) -> tuple[list[Row], list[Row]]:
-    """A finished run's (train, validation) rows: the seeded split training made, rebuilt.
-
-    Rebuilt from the file and settings the run recorded, through the loader training used.
-    Training recorded the file's hash; when the file changed since, the split would not be
-    the one the run held out, so ChangedDataError says so rather than return other rows.
-    """
-    from studio.data import load as data
-    from studio.data.pii import file_sha256
-
-    ds = run.dataset
-    path = Path(ds["path"]).expanduser() if ds.get("path") else data.SAMPLE_DATASET
-    if not path.is_file():
-        raise ChangedDataError(f"{path}: the dataset {run.name} was trained on is gone")
-    recorded = ds.get("sha256")
-    if recorded and file_sha256(path) != recorded:
-        raise ChangedDataError(
-            f"{path} changed since {run.name} was trained, so its validation split cannot be"
-            " rebuilt"
-        )
-    try:
-        report = data.load_dataset_file(path, fmt=ds.get("format") or "auto")
-    except data.DatasetError as exc:
-        raise ChangedDataError(f"{path}: {exc}") from exc
-    rows = [{"messages": row["messages"]} for row in report.rows]
-    val_fraction = float(run.settings.get("val_fraction", DEFAULT_VAL_FRACTION))
-    return split_rows(rows, val_fraction, int(run.settings.get("seed", DEFAULT_SEED)))

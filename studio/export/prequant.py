@@ -13,9 +13,9 @@ for an id it does not list, export refuses before any work and says what to do.
 from __future__ import annotations
 
 from studio.export.common import ExportError, Progress
-from studio.runs import Run
 from studio.models import catalog
 from studio.models import loader as models
+from studio.runs import Run
 
 
 def merge_base(

@@ -184,7 +184,7 @@ def past_exports(run: Run) -> list[str]:
 def _training_rows(src: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
     """The run's (all rows, held-out rows, why they are missing): `run_split`, which refuses
     a dataset changed since training (then the export says so and uses default prompts)."""
-    from studio.data.split import ChangedDataError, run_split
+    from studio.data.load import ChangedDataError, run_split
 
     try:
         train, val = run_split(src)

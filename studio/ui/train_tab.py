@@ -354,7 +354,7 @@ def plan_update(w: TrainWiring, values: dict[Any, Any]) -> dict[Any, Any]:
         cfg = config_from_ui(settings, extras)
     except ConfigError as exc:
         return {w.ui["plan"]: f"Pre-flight waits for a valid setting: `{exc.field}`."}
-    from studio.data.scan import cached_tokenizer
+    from studio.models.loader import cached_tokenizer
 
     tok, why = cached_tokenizer(cfg.base_model)
     planned = plan_run(cfg, tok, edited)
