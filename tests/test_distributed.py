@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Relative tolerance between the 2-process and the 1-process loss curves. Both runs compute
 # the same sums in another order (a gloo all-reduce of two half-batch gradients vs gradient
 # accumulation of the same two half-batches in one process: accelerate shards the batches of
-# one sampler, so each step sees the same rows): only rounding can differ. Measured here (bf16
-# autocast CPU): the curves were identical to the last bit. A wrong effective batch (one
+# one sampler, so each step sees the same rows): only rounding can differ. Both run in fp32
+# (FP32 below): under bf16 autocast the rounding depends on the CPU's kernels (identical curves
+# on an AVX512-BF16 EPYC, 1.2e-3 apart at step 3 on an AMX Xeon). A wrong effective batch (one
 # process, batch 2, no accumulation) moved the losses by 0.7-1.1% at steps 1-3, so 0.1% leaves
-# room for reduction-order rounding on other CPUs and still catches that.
+# room for reduction-order rounding and still catches that.
 LOSS_RTOL = 1e-3
+FP32 = {"LORA_STUDIO_CPU_FP32": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(
 ):
     """2 ranks x batch 2 == 1 process x batch 2 x accumulation 2; killed at step 3, resumed."""
     yaml_path = small_cfg(rows, run_name="ddp2").save(tmp_path / "run.yaml")
-    killed = launch([str(yaml_path)], studio_home, LORA_STUDIO_TEST_KILL_AT="step3")
+    killed = launch([str(yaml_path)], studio_home, LORA_STUDIO_TEST_KILL_AT="step3", **FP32)
     assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
     found = sorted((studio_home / "runs").glob("ddp2-*"))
     assert len(found) == 1, found  # one run folder, not one per rank
@@ -99,7 +101,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(
     assert runs.latest_checkpoint(run_dir).name == "checkpoint-2"
     assert (run_dir / distributed.FSDP_CONFIG).is_file()
 
-    done = launch(["--resume", str(run_dir)], studio_home)
+    done = launch(["--resume", str(run_dir)], studio_home, **FP32)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "COMPLETED" in done.stdout
     assert done.stdout.count("COMPLETED") == 1  # rank 0 alone reports
@@ -119,8 +121,11 @@ def test_two_processes_match_one_and_resume_after_a_kill(
 
     from studio.train.jobs import run_training
 
-    single = run_training(small_cfg(rows, run_name="one", grad_accum=2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(*next(iter(FP32.items())))
+        single = run_training(small_cfg(rows, run_name="one", grad_accum=2))
     assert single.status == "completed", single.message
+    assert "fp32" in runs.read_metadata(single.run_dir)["recipe"]["precision"]
     ddp, one = train_losses(run_dir), train_losses(single.run_dir)
     assert sorted(one) == [1, 2, 3, 4]
     for step in one:
