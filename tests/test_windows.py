@@ -91,7 +91,7 @@ def test_names_that_only_look_reserved_are_kept(name: str) -> None:
 
 @pytest.mark.slow
 def test_the_longest_path_fits_windows_and_the_export_cli_prints_on_cp1252(
-    studio_home: Path, embedded_model, monkeypatch
+    studio_home: Path, embedded_model, monkeypatch, tmp_path: Path
 ) -> None:
     """A run with the longest name allowed, checkpoints, and two exports (the second goes to
     export-<stamp>/ with its GGUF): every path it wrote, under C:\\Users\\<24 letters>\\, stays
@@ -109,9 +109,14 @@ def test_the_longest_path_fits_windows_and_the_export_cli_prints_on_cp1252(
         return real_replace(src, dst)
 
     monkeypatch.setattr(compat, "replace", watching)
+    from studio.models import tiny
+
+    # A one-layer random Llama: the paths are the run's and the export's, not the model's,
+    # and the 135M model's two GGUF exports took most of this test's minutes.
+    base = tiny.build_model("llama", tmp_path / "tiny-llama", layers=1)
     cfg = RunConfig(
         run_name="ệ" + "x" * (RUN_NAME_MAX - 1), max_steps=2, save_steps=1, max_seq_len=64,
-        batch_size=2, val_fraction=0.0, device="cpu", allow_pii=True,
+        batch_size=2, val_fraction=0.0, device="cpu", allow_pii=True, base_model=str(base),
     )  # fmt: skip
     result = run_training(cfg)
     assert result.status == "completed", result.message
