@@ -110,7 +110,9 @@ def _in_child(kind: str, adapter: str, base: str | None, precision: str, prompt:
         [sys.executable, "-c", code, args],
         capture_output=True,
         text=True,
-        env=env,
+        encoding="utf-8",
+        errors="replace",
+        env={**env, "PYTHONIOENCODING": "utf-8"},
         timeout=1800,
         check=False,
     )
