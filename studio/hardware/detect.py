@@ -122,16 +122,18 @@ def nvidia_smi_problem() -> str:
 
 def _query_smi() -> tuple[subprocess.CompletedProcess | None, str]:
     """nvidia-smi's GPU query, and why it gave nothing when it did."""
+    return _run_smi(["--query-gpu=name,memory.total,driver_version",
+                     "--format=csv,noheader,nounits"])  # fmt: skip
+
+
+def _run_smi(args: list[str]) -> tuple[subprocess.CompletedProcess | None, str]:
+    """nvidia-smi with `args` (its output as UTF-8 text), or None and why it gave nothing."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None, "nvidia-smi missing"
     try:
         done = subprocess.run(
-            [
-                exe,
-                "--query-gpu=name,memory.total,driver_version",
-                "--format=csv,noheader,nounits",
-            ],
+            [exe, *args],
             capture_output=True,
             text=True,
             encoding="utf-8",
@@ -149,22 +151,8 @@ def _query_smi() -> tuple[subprocess.CompletedProcess | None, str]:
 
 def driver_cuda_version() -> str | None:
     """Highest CUDA version the installed driver supports ("12.4"), from nvidia-smi's header."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        done = subprocess.run(
-            [exe],
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            timeout=_SMI_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_driver_cuda_version(done.stdout)
+    done, _ = _run_smi([])
+    return None if done is None else parse_driver_cuda_version(done.stdout)
 
 
 def parse_driver_cuda_version(text: str) -> str | None:
