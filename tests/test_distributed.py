@@ -88,9 +88,10 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_a_kill(
-    studio_home, embedded_model, rows, tmp_path
+    studio_home, embedded_model, rows, tmp_path, monkeypatch
 ):
     """2 ranks x batch 2 == 1 process x batch 2 x accumulation 2; killed at step 3, resumed."""
+    monkeypatch.setenv(distributed.CPU_PROCESSES_ENV, "2")  # CPU processes stand in for 2 GPUs
     yaml_path = small_cfg(rows, run_name="ddp2").save(tmp_path / "run.yaml")
     killed = launch([str(yaml_path)], studio_home, LORA_STUDIO_TEST_KILL_AT="step3", **FP32)
     assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
