@@ -354,8 +354,10 @@ def two_cards(monkeypatch):
     would report them; detection runs its real code on these answers."""
     import torch
 
+    from studio import heavy
     from studio.hardware import detect
 
+    heavy.ready()  # peft's import probes CUDA streams: import it before CUDA is faked
     cards = [("NVIDIA GeForce RTX 3090", 24, 20), ("NVIDIA GeForce RTX 3060", 12, 11)]
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -398,10 +400,23 @@ def test_the_ddp_estimate_holds_the_whole_model_on_each_card_and_judges_the_smal
     # every rank: the one-card estimate at the same per-device batch, plus DDP's buckets
     assert d["per_gpu_bytes"] > est.total_bytes
     assert d["per_gpu_bytes"] - est.total_bytes == 4 * est.trainable_params + vram.DDP_NCCL_BYTES
-    assert d["smallest"] == "GPU 1: NVIDIA GeForce RTX 3060"
+    assert d["tightest"] == "GPU 1: NVIDIA GeForce RTX 3060"
     assert d["available_bytes"] == 11 * GIB
     assert "With all 2 GPUs (DDP)" in ddp_markdown(est, report)
     assert ddp_markdown(est, {"gpus": report["gpus"][:1]}) == ""  # one card: nothing to add
+
+
+def test_the_ddp_estimate_judges_the_card_with_least_free_memory_not_the_smallest(two_cards):
+    """The app's own CUDA context and chat model stay on GPU 0 while the ranks (other
+    processes) train: with 8 of its 24 GiB free, the 3090 binds, not the 3060's 11 free."""
+    from studio.hardware import detect, vram
+
+    two_cards[0] = ("NVIDIA GeForce RTX 3090", 24, 8)
+    report = detect.detect().to_dict()
+    d = vram.ddp_per_gpu(10 * GIB, 1_000_000, report["gpus"])
+    assert d["tightest"] == "GPU 0: NVIDIA GeForce RTX 3090"
+    assert d["available_bytes"] == 8 * GIB
+    assert d["verdict"] == vram.verdict_for(d["per_gpu_bytes"], 8 * GIB)
 
 
 def test_doctor_reports_nccl_and_that_windows_needs_linux_or_wsl_for_several_gpus():

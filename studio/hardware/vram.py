@@ -478,17 +478,26 @@ def ddp_per_gpu(
     single_gpu_bytes: int, trainable_params: int, gpus: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The memory each card needs when all of `gpus` train one run with DDP, and the verdict
-    on the smallest card. Each rank holds the whole model, its optimizer and its own batch
-    (the one-card estimate at the same per-device batch), plus DDP's gradient buckets and
-    NCCL buffers; the effective batch grows with the cards, the memory per card does not."""
+    on the card with the least free memory. Each rank holds the whole model, its optimizer and
+    its own batch (the one-card estimate at the same per-device batch), plus DDP's gradient
+    buckets and NCCL buffers; the effective batch grows with the cards, the memory per card
+    does not.
+
+    The card judged is the one with the least free memory, not the smallest: the ranks are
+    other processes, so what this app holds on a card (its CUDA context, a chat model) stays
+    in use there while they train."""
     per_gpu = single_gpu_bytes + 4 * trainable_params + DDP_NCCL_BYTES
-    smallest = min(gpus, key=lambda g: g["total_bytes"])
-    free = smallest.get("free_bytes")
-    available = int(free if free is not None else smallest["total_bytes"])
+
+    def free_on(gpu: dict[str, Any]) -> int:
+        free = gpu.get("free_bytes")
+        return int(free if free is not None else gpu["total_bytes"])
+
+    tightest = min(gpus, key=free_on)
+    available = free_on(tightest)
     return {
         "gpus": len(gpus),
         "per_gpu_bytes": int(per_gpu),
-        "smallest": f"GPU {smallest['index']}: {smallest['name']}",
+        "tightest": f"GPU {tightest['index']}: {tightest['name']}",
         "available_bytes": available,
         "verdict": verdict_for(int(per_gpu), available),
     }

@@ -245,9 +245,10 @@ def ddp_markdown(est: vram.VramEstimate, report: dict[str, Any] | None) -> str:
     d = ddp_per_gpu(est.total_bytes, est.trainable_params, gpus)
     return (
         f"\n\n**With all {d['gpus']} GPUs (DDP):** {d['per_gpu_bytes'] / GIB:.2f} GiB on each"
-        f" card ({d['verdict']} on the smallest, {d['smallest']}, {d['available_bytes'] / GIB:.1f}"
-        " GiB free): every card holds the whole model and its own batch, plus DDP's gradient"
-        " buckets and NCCL buffers; the effective batch is multiplied by the cards."
+        f" card ({d['verdict']} on the card with the least free memory, {d['tightest']},"
+        f" {d['available_bytes'] / GIB:.1f} GiB free): every card holds the whole model and"
+        " its own batch, plus DDP's gradient buckets and NCCL buffers; the effective batch is"
+        " multiplied by the cards."
     )
 
 
