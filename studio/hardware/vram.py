@@ -1063,10 +1063,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_estimate(model_path: str, cfg: Any, device: str, compact_head: bool) -> dict[str, Any]:
+def run_estimate(
+    model_path: str, cfg: Any, device: str, compact_head: bool, options: Options = Options()
+) -> dict[str, Any]:
     """The estimate for a run as it was built, for its metadata (None figures if unknown).
 
     `device` is the run's ("cuda" or "cpu"); the context is counted once, by the estimate.
+    `options`: the long-context options the run trains with (`studio.hardware.longctx`).
     """
     from studio.hardware.detect import estimate_kernel
 
@@ -1077,10 +1080,16 @@ def run_estimate(model_path: str, cfg: Any, device: str, compact_head: bool) -> 
             cfg,
             device=estimate_kernel(device),
             compact_head=device.startswith("cuda") and compact_head,
+            offload_activations=options.offload,
+            liger_kernels=options.liger,
         )
     except (ModelShapeError, ValueError, KeyError) as exc:
         return {"estimate_bytes": None, "estimate_allocated_bytes": None, "why": str(exc)}
-    return {"estimate_bytes": est.total_bytes, "estimate_allocated_bytes": est.allocated_bytes}
+    return {
+        "estimate_bytes": est.total_bytes,
+        "estimate_allocated_bytes": est.allocated_bytes,
+        "estimate_host_bytes": est.host_bytes,
+    }
 
 
 def measured_peak(device: str) -> dict[str, Any]:
