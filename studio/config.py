@@ -22,6 +22,9 @@ METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit b
 TARGETS = ("qv", "attention", "attention_mlp", "all_linear")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 DEVICES = ("auto", "cuda", "cpu")
+# Long-context options (studio/hardware/longctx.py): auto turns one on when the fit check
+# says "tight" or "won't fit" and this machine can run it; on and off override.
+SWITCHES = ("auto", "on", "off")
 # Characters, after NFC. Windows opens paths under 260 characters, and the deepest file a run
 # writes (a second export's GGUF, under C:\Users\<user>\.lora-studio\runs\) holds the name
 # twice: with a 24-character user name, 40 leaves about 30 characters to spare.
@@ -72,6 +75,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
+    # TRL's activation offloading: checkpointed layer inputs wait in host RAM (CUDA only)
+    activation_offloading: str = "auto"
+    # Liger's Triton kernels for RMSNorm/SwiGLU/RoPE (`use_liger_kernel`; CUDA with Triton)
+    liger_kernels: str = "auto"
     assistant_only_loss: bool = True  # loss on assistant turns (with their end token) only
     packing: bool = False  # False: padding-free batches of whole rows
 
@@ -114,6 +121,8 @@ class RunConfig:
         _check(self.target_modules in TARGETS, "target_modules", f"use one of {', '.join(TARGETS)}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
         _check(self.device in DEVICES, "device", f"use one of {', '.join(DEVICES)}")
+        for name in ("activation_offloading", "liger_kernels"):
+            _check(getattr(self, name) in SWITCHES, name, f"use one of {', '.join(SWITCHES)}")
         _check(self.gpu_index >= 0, "gpu_index", "use 0 for the first GPU, 1 for the second...")
         _check(0.0 <= self.val_fraction < 0.5, "val_fraction", "use 0 to 0.5 (0.1 is usual)")
         _check(1 <= self.lora_r <= 1024, "lora_r", "use 1 to 1024 (8-64 is usual)")

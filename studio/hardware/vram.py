@@ -149,6 +149,19 @@ HEAD_CHUNK_VALUES = 32 * 2**20
 # NCCL's communication buffers; 256 MiB is a round figure for the latter, not calibrated.
 DDP_NCCL_BYTES = 256 * 2**20
 
+# --- Long context: what TRL's activation offloading and Liger's kernels change.
+# TRL's `OffloadActivations` (trl/models/activation_offloading.py) copies every tensor autograd
+# saves outside a checkpointed layer, i.e. each layer's input, to pinned host RAM on a side
+# stream. On the GPU stay: the forward's stash (the last 5 saved tensors, about two layers'
+# inputs since rope's cos/sin are saved with each) and, in backward, the layer being
+# recomputed and the next one, fetched ahead. Two layers' worth, counted here.
+OFFLOAD_GPU_LAYERS = 2
+# Each offloaded byte crosses PCIe twice per step (out in forward, back in backward). TRL
+# overlaps the copies with compute; if they were not hidden, this is what a step would wait.
+PCIE_BYTES_PER_S = 16e9  # PCIe 4.0 x16 pinned copies, about half the link's 32 GB/s peak
+# Share of the RAM available now that the pinned copies may take: past it the OS swaps.
+HOST_RAM_SHARE = 0.8
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -175,6 +188,14 @@ CPU = Kernels("cpu", 4, 4, 4, 4, False, None, 8, CPU_PROCESS, 0, 0.0)
 # hand, to check the formulas' structure (not CUDA's kernels).
 CPU_BF16 = Kernels("cpu-bf16", 2, 2, 4, 2, True, None, 8, CPU_PROCESS, 0, 0.0)
 KERNELS = {k.name: k for k in (CUDA, CPU, CPU_BF16)}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The long-context options a run trains with (`studio.hardware.longctx` chooses them)."""
+
+    offload: bool = False  # TRL's activation offloading: saved layer inputs in host RAM
+    liger: bool = False  # Liger's RMSNorm/SwiGLU/RoPE kernels (`use_liger_kernel`)
 
 
 class ModelShapeError(ValueError):
@@ -417,6 +438,10 @@ class VramEstimate:
     trainable_params: int
     tokens_per_step: int
     notes: list[str] = field(default_factory=list)
+    # Long context: the options the estimate assumed, and the host RAM offloading pins.
+    activation_offloading: bool = False
+    liger_kernels: bool = False
+    host_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -461,6 +486,9 @@ class VramEstimate:
             "trainable_params": self.trainable_params,
             "tokens_per_step": self.tokens_per_step,
             "notes": list(self.notes),
+            "activation_offloading": self.activation_offloading,
+            "liger_kernels": self.liger_kernels,
+            "host_bytes": self.host_bytes,
         }
 
 
@@ -585,27 +613,36 @@ def _lora_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adap
     return total
 
 
-def layer_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int) -> float:
+def layer_saved_per_token(
+    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, liger: bool = False
+) -> float:
     """Bytes per token that one decoder layer keeps for backward (without checkpointing).
 
     Frozen base linears keep nothing (autograd saves a matmul input only when the weight
     needs a gradient; bitsandbytes' 4-bit matmul saves no input either). RMSNorm keeps an
     fp32 copy of its input; attention (SDPA flash / memory-efficient) keeps q, k, v, its output
-    and the log-sum-exp; the SwiGLU MLP keeps gate, silu(gate) and up.
+    and the log-sum-exp; the SwiGLU MLP keeps gate, silu(gate) and up. Liger's kernels
+    (`liger`) keep less: its RMSNorm the input as it is plus one fp32 rstd per row, its
+    SiLU-mul only gate and up (silu is recomputed in its backward).
     """
     c, h, i = k.compute, shape.hidden_size, shape.intermediate_size
     # With a mask (several rows), transformers repeats k/v to all heads for SDPA.
     repeat = s["batch_size"] > 1 and shape.num_kv_heads < shape.num_heads
     kv_dim = shape.q_dim if repeat else shape.kv_dim
-    norms = 2 * 4 * h
+    norms = 2 * (c * h + 4) if liger else 2 * 4 * h
     attention = c * (2 * shape.q_dim + 2 * kv_dim) + 4 * shape.num_heads
-    mlp = 3 * c * i
+    mlp = (2 if liger else 3) * c * i
     return norms + attention + mlp + _lora_saved_per_token(shape, s, k, adapter)
 
 
-def _backward_transient_per_token(shape: ModelShape, k: Kernels) -> float:
-    """Gradient buffers alive while one layer runs backward: the MLP's, plus fp32 norm grads."""
-    return 3 * k.compute * shape.intermediate_size + 3 * 4 * shape.hidden_size
+def _backward_transient_per_token(shape: ModelShape, k: Kernels, liger: bool = False) -> float:
+    """Gradient buffers alive while one layer runs backward: the MLP's, plus fp32 norm grads.
+
+    The MLP's peak is its SiLU-mul backward: the incoming gradient and the new gradients of
+    silu(gate) and up (3 x intermediate). Liger's SiLU-mul writes its gradients into the saved
+    gate and up, so the peak is earlier: down_proj's input gradient from the base and from
+    LoRA, summed (2 x intermediate)."""
+    return (2 if liger else 3) * k.compute * shape.intermediate_size + 3 * 4 * shape.hidden_size
 
 
 def estimate(
@@ -617,6 +654,8 @@ def estimate(
     device: str = "cuda",
     fused_lm_head: bool = True,
     compact_head: bool = False,
+    offload_activations: bool = False,
+    liger_kernels: bool = False,
 ) -> VramEstimate:
     """Peak memory of training `shape` with `settings` (RunConfig field names), in parts.
 
@@ -624,7 +663,9 @@ def estimate(
     for a CPU with native bf16 (`studio.models.precision.cpu_bf16`), which is also the calibration
     script's CPU stand-in for the CUDA recipe. `compact_head`: the recipe's compact loss head
     on CUDA, which the recipe uses where TRL's Triton path is not (`detect.triton_ready`):
-    the caller that knows the machine asks there (the estimate itself probes nothing)."""
+    the caller that knows the machine asks there (the estimate itself probes nothing).
+    `offload_activations` and `liger_kernels`: the long-context options, on CUDA only (TRL's
+    offloading needs an accelerator, Liger needs Triton); elsewhere they change nothing."""
     s = run_settings(settings)
     if device not in KERNELS:
         raise ValueError(f"device must be one of {', '.join(KERNELS)}, not {device!r}")
@@ -636,7 +677,8 @@ def estimate(
 
     base, base_detail = _base_weights(shape, qlora, k)
     lora, lora_detail = _lora_weights(shape, s, adapter, n_lora)
-    act, layer_transient, act_detail = _activations(shape, s, k, adapter, n_lora)
+    opts = Options(offload_activations and k is CUDA, liger_kernels and k is CUDA)
+    act, layer_transient, host, act_detail = _activations(shape, s, k, adapter, n_lora, opts)
     if compact_head and k is CUDA:
         logits, logits_detail = _compact_head(shape, k, tokens, layer_transient)
     else:
@@ -668,7 +710,10 @@ def estimate(
         allocated_bytes=int(allocated),
         trainable_params=n_lora,
         tokens_per_step=tokens,
-        notes=_notes(s, k),
+        notes=_notes(s, k) + _option_notes(opts, host, shape),
+        activation_offloading=opts.offload,
+        liger_kernels=opts.liger,
+        host_bytes=int(host),
     )
 
 
@@ -716,40 +761,56 @@ def _attention_masks(s: dict[str, Any], c: int) -> tuple[int, int]:
 
 
 def _activations(
-    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, n_lora: int
-) -> tuple[float, float, str]:
-    """(saved activations, one layer's backward transients, detail) for one step.
+    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, n_lora: int, opts: Options
+) -> tuple[float, float, float, str]:
+    """(saved activations, one layer's backward transients, host bytes, detail) for one step.
 
     The transients are returned so the LM head can count only what exceeds them: backward
-    runs the head first, then the layers.
+    runs the head first, then the layers. With offloading, what each layer saves outside the
+    recomputed one (its input with checkpointing, all of it without) goes to host RAM, and
+    OFFLOAD_GPU_LAYERS layers' worth stays on the GPU.
     """
     c, h, L = k.compute, shape.hidden_size, shape.num_layers
     T = s["batch_size"] * s["max_seq_len"]
-    layer = layer_saved_per_token(shape, s, k, adapter)
-    transient = _backward_transient_per_token(shape, k)
+    layer = layer_saved_per_token(shape, s, k, adapter, opts.liger)
+    transient = _backward_transient_per_token(shape, k, opts.liger)
     per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
     mask, layer_mask = _attention_masks(s, c)
     gc = s["gradient_checkpointing"]
+    kept = L if not opts.offload else min(L, OFFLOAD_GPU_LAYERS)
     if gc:
         # Each layer keeps only its input; backward recomputes one layer at a time.
-        act = T * (L * c * h + layer + transient + per_token_once) + mask + layer_mask
+        act = T * (kept * c * h + layer + transient + per_token_once) + mask + layer_mask
+        host = T * L * c * h if opts.offload else 0
         detail = (
-            f"{T} tokens x ({L} layer inputs x {c * h} B + one recomputed layer"
+            f"{T} tokens x ({kept} layer inputs x {c * h} B + one recomputed layer"
             f" {layer / 1024:.0f} KiB + backward buffers {transient / 1024:.0f} KiB)"
         )
     else:
-        act = T * (L * layer + transient + per_token_once) + mask + L * layer_mask
+        act = T * (kept * layer + transient + per_token_once) + mask + kept * layer_mask
+        host = (T * L * layer + L * layer_mask) if opts.offload else 0
         detail = (
-            f"{T} tokens x ({L} layers x {layer / 1024:.0f} KiB"
+            f"{T} tokens x ({kept} layers x {layer / 1024:.0f} KiB"
             f" + backward buffers {transient / 1024:.0f} KiB)"
         )
     if layer_mask:
-        detail += f" + attention masks {(mask + layer_mask * (1 if gc else L)) / MIB:.0f} MiB"
+        detail += f" + attention masks {(mask + layer_mask * (1 if gc else kept)) / MIB:.0f} MiB"
+    detail += _options_detail(opts, L, host)
     if k.autocast and adapter != c:  # autocast caches a bf16 copy of each fp32 adapter
         act += n_lora * c
     # With checkpointing, the recomputed layer exists only during the layers' backward.
     layer_transient = T * transient + (T * layer + layer_mask if gc else 0)
-    return act, layer_transient, detail
+    return act, layer_transient, host, detail
+
+
+def _options_detail(opts: Options, layers: int, host: float) -> str:
+    """What the long-context options changed, for the activations row."""
+    words = []
+    if opts.offload:
+        words.append(f"all {layers} inputs copied to {host / GIB:.1f} GiB of pinned host RAM")
+    if opts.liger:
+        words.append("Liger RMSNorm/SwiGLU")
+    return f"; {', '.join(words)}" if words else ""
 
 
 def _lm_head(
@@ -837,6 +898,25 @@ def _notes(s: dict[str, Any], k: Kernels) -> list[str]:
     if k is not CUDA:
         notes.append(
             "CPU run: the memory is system RAM" + (" and compute is fp32" if k.compute == 4 else "")
+        )
+    return notes
+
+
+def _option_notes(opts: Options, host: float, shape: ModelShape) -> list[str]:
+    """What the long-context options cost, in words: host RAM, PCIe traffic, what they need."""
+    notes = []
+    if opts.offload:
+        wait = 2 * host / PCIE_BYTES_PER_S
+        notes.append(
+            f"activation offloading (TRL): each step copies {host / GIB:.1f} GiB of layer inputs"
+            f" to pinned host RAM and back, up to {wait:.1f} s of PCIe per step at"
+            f" {PCIE_BYTES_PER_S / 1e9:.0f} GB/s; TRL overlaps it with compute on a side stream,"
+            " so the cost is usually a few percent to 20% of the step"
+        )
+    if opts.liger:
+        notes.append(
+            "Liger kernels: RMSNorm and SwiGLU keep less for backward and are usually faster;"
+            " the loss stays on TRL's fused LM head (no full-vocabulary logits either way)"
         )
     return notes
 
@@ -992,10 +1072,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_estimate(model_path: str, cfg: Any, device: str, compact_head: bool) -> dict[str, Any]:
+def run_estimate(
+    model_path: str, cfg: Any, device: str, compact_head: bool, options: Options = Options()
+) -> dict[str, Any]:
     """The estimate for a run as it was built, for its metadata (None figures if unknown).
 
     `device` is the run's ("cuda" or "cpu"); the context is counted once, by the estimate.
+    `options`: the long-context options the run trains with (`studio.hardware.longctx`).
     """
     from studio.hardware.detect import estimate_kernel
 
@@ -1006,10 +1089,16 @@ def run_estimate(model_path: str, cfg: Any, device: str, compact_head: bool) -> 
             cfg,
             device=estimate_kernel(device),
             compact_head=device.startswith("cuda") and compact_head,
+            offload_activations=options.offload,
+            liger_kernels=options.liger,
         )
     except (ModelShapeError, ValueError, KeyError) as exc:
         return {"estimate_bytes": None, "estimate_allocated_bytes": None, "why": str(exc)}
-    return {"estimate_bytes": est.total_bytes, "estimate_allocated_bytes": est.allocated_bytes}
+    return {
+        "estimate_bytes": est.total_bytes,
+        "estimate_allocated_bytes": est.allocated_bytes,
+        "estimate_host_bytes": est.host_bytes,
+    }
 
 
 def measured_peak(device: str) -> dict[str, Any]:

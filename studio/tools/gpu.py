@@ -12,8 +12,8 @@ JSON report (`gpu-<card>.json`) and a table. Each section is a result, never a c
   Qwen2.5-1.5B (LoRA) and Llama-3.1-8B (QLoRA): tokens/s, MFU, the VRAM estimate next to
   the measured peak (random weights measure speed and memory truthfully, with no hub);
 - long_context: the longest sequence that trains for Llama-3.1-8B QLoRA r32 batch 1 within
-  12 GiB (`torch.cuda.set_per_process_memory_fraction` caps a bigger card), and the
-  estimate's answer for the same;
+  12 GiB (`torch.cuda.set_per_process_memory_fraction` caps a bigger card) with TRL's activation
+  offloading and Liger's kernels on, and the estimate's answer with and without them;
 - chat: the A/B turn in one pass against A then B, and the per-row adapter switch on a 4-bit
   base (each side's greedy text the same as alone).
 
@@ -150,19 +150,30 @@ def train_section(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def long_context_section(ctx: dict[str, Any]) -> dict[str, Any]:
-    """The longest sequence that trains in 12 GiB, measured, next to the estimate's."""
+    """The longest sequence that trains in 12 GiB with TRL's activation offloading and
+    Liger's kernels on (where this machine has them), measured, next to the estimate's:
+    with both options, without them, and with LoRA dropout 0 (Unsloth's notebooks' setting;
+    the studio's presets use 0.05)."""
     from studio.hardware import vram
 
-    settings = _long_settings(8192)
     shape = vram.model_shape(LONG_CONTEXT_MODEL)
     cap = CARD_CAP_GIB * vram.GIB
 
-    def estimate_fits(n: int) -> bool:
-        est = vram.estimate(shape, settings | {"max_seq_len": n}, capacity_bytes=cap)
-        return est.verdict != "won't fit"
+    def estimate_longest(options: bool, dropout: float = 0.05) -> int | None:
+        def fits(n: int) -> bool:
+            settings = _long_settings(n) | {"lora_dropout": dropout}
+            est = vram.estimate(shape, settings, capacity_bytes=cap,
+                                offload_activations=options, liger_kernels=options)  # fmt: skip
+            return est.verdict != "won't fit"
 
-    estimated = _longest(estimate_fits)
-    result: dict[str, Any] = {"goal": LONG_CONTEXT_GOAL, "estimate_longest": estimated}
+        return _longest(fits)
+
+    result: dict[str, Any] = {
+        "goal": LONG_CONTEXT_GOAL,
+        "estimate_longest": estimate_longest(True),
+        "estimate_longest_without_options": estimate_longest(False),
+        "estimate_longest_dropout_0": estimate_longest(True, 0.0),
+    }
     if ctx["device"] != "cuda":
         result["measured_longest"] = None
         result["note"] = "needs CUDA: the cap is torch.cuda.set_per_process_memory_fraction"
@@ -297,15 +308,21 @@ def one_long_step(folder: str, seq_len: int, cap_bytes: int) -> bool:
     import torch
 
     from studio.config import RunConfig
+    from studio.hardware.longctx import for_run
     from studio.train import recipe
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total))
     cfg = RunConfig(base_model=folder, max_steps=1, device="cuda", **_long_settings(seq_len))
+    cfg.activation_offloading = cfg.liger_kernels = "on"  # off, with the reason, where missing
     rows = [{"input_ids": list(range(10, 10 + seq_len)), "completion_mask": [1] * seq_len}]
     try:
         model = recipe.load_base_model(cfg, Path(folder), "cuda")
-        args = recipe.build_training_args(cfg, Path(tempfile.mkdtemp()), "cuda", False, False)
+        options = for_run(cfg, folder, "cuda")
+        print("\n".join(options.lines()), flush=True)
+        args = recipe.build_training_args(
+            cfg, Path(tempfile.mkdtemp()), "cuda", False, False, long_context=options
+        )
         args.save_strategy = "no"
         from studio.models.loader import load_tokenizer
 
@@ -361,7 +378,8 @@ def _summary(name: str, s: dict[str, Any]) -> str:
         )  # fmt: skip
     if name == "long_context":
         return (f"measured {s.get('measured_longest')} tokens, estimate"
-                f" {s.get('estimate_longest')}, goal {s['goal']}")  # fmt: skip
+                f" {s.get('estimate_longest')} (without offloading/Liger"
+                f" {s.get('estimate_longest_without_options')}), goal {s['goal']}")  # fmt: skip
     return "; ".join(
         f"{m}: {(v.get('lines') or ['?'])[1] if 'lines' in v else v.get('error')},"
         f" same as alone {v.get('same_as_alone')}"

@@ -249,9 +249,13 @@ def _before_first_step(live: _Live, built: recipe.Built) -> None:
         "target_modules": _jsonable(trainer.model.peft_config["default"].target_modules)
     }
     run.meta["recipe"] = built.summary
+    lc = built.long_context
+    options = vram.Options(lc.offload.on, lc.liger.on) if lc else vram.Options()
     run.meta["memory"] = vram.run_estimate(
-        run.meta["base_model"]["path"], cfg, run.device, trainer.compact_head
+        run.meta["base_model"]["path"], cfg, run.device, trainer.compact_head, options
     )
+    for line in lc.lines() if lc else []:
+        live.say(line)  # the options for long context, on or off, and why
     if live.writes:
         runs.write_metadata(run.run_dir, run.meta)
     live.say(

@@ -19,6 +19,7 @@ from typing import Any
 
 from studio import gpu, runs
 from studio.config import ConfigError, RunConfig
+from studio.hardware.longctx import LongContext, for_run
 from studio.hardware.vram import HEAD_CHUNK_VALUES
 from studio.models.loader import load_model
 from studio.models.precision import precision
@@ -141,6 +142,7 @@ def build_training_args(
     has_eval: bool,
     resume: bool,
     padding_free: bool = False,
+    long_context: LongContext | None = None,
 ):
     """SFTConfig for one run. Step counts are placeholders until the data is prepared
     (see `plan_steps`); TRL defaults that differ from what a hobbyist expects are set here.
@@ -148,7 +150,10 @@ def build_training_args(
     Batches: packing when asked; else padding-free with flash attention (`padding_free_ok`);
     else rows of similar length batched together (length-grouped sampling), padded only to
     the longest row of their batch: a few percent of padding. The sampler puts the longest
-    row in the first batch, so a run that will not fit in memory fails at its first step."""
+    row in the first batch, so a run that will not fit in memory fails at its first step.
+
+    `long_context` (`studio.hardware.longctx`): TRL's activation offloading and Liger's layer
+    kernels, as chosen for the run; None: both off."""
     import torch
     from trl import SFTConfig
 
@@ -199,6 +204,9 @@ def build_training_args(
         # Labels come from chat_format's assistant mask; TRL must not rebuild them.
         assistant_only_loss=False,
         completion_only_loss=False,
+        activation_offloading=bool(long_context and long_context.offload.on),
+        # Layer kernels only: TRL 1.16 keeps its fused LM head and turns Liger's FLCE off.
+        use_liger_kernel=bool(long_context and long_context.liger.on),
     )
     if device == "cuda" and not distributed.launched():  # DDP: accelerate gives each rank its card
         pin_to_one_gpu(args, cfg.gpu_index)
@@ -401,8 +409,9 @@ class Built:
 
     trainer: Any
     plan: dict[str, int]
-    summary: dict[str, str]
+    summary: dict[str, Any]
     load_s: float  # seconds spent loading the base model
+    long_context: LongContext | None = None  # offloading and Liger, with their reasons
 
     @property
     def model(self) -> Any:
@@ -429,16 +438,18 @@ def build(
     it pays), the trainer with LoRA and the run's callbacks, and the step plan set on it."""
     from transformers import PrinterCallback
 
+    long_context = for_run(cfg, str(model_path), gpu.card(cfg.gpu_index, device))  # before the load
     t0 = time.time()
     model = load_base_model(cfg, model_path, device)
     load_s = round(time.time() - t0, 2)
     args = build_training_args(
-        cfg, run_dir, device, bool(val_tok), resume, padding_free=padding_free_ok(model)
+        cfg, run_dir, device, bool(val_tok), resume, padding_free_ok(model), long_context
     )
     trainer = build_trainer(cfg, model, tok, args, device, train_tok, val_tok, callbacks)
     trainer.remove_callback(PrinterCallback)  # the run's callback logs; no raw dicts on stdout
     plan = apply_step_plan(trainer, cfg)
-    return Built(trainer, plan, recipe_summary(cfg, device, trainer), load_s)
+    summary = recipe_summary(cfg, device, trainer) | long_context.to_dict()
+    return Built(trainer, plan, summary, load_s, long_context)
 
 
 def adapters_need_fp32(cfg: RunConfig, args: Any) -> bool:

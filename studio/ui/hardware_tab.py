@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from studio.config import DEFAULT_MODEL
-from studio.hardware import vram
+from studio.hardware import longctx, vram
 from studio.hardware.presets import BAND_LABELS, PresetCatalog, band_for, defaults_for, load_presets
 from studio.plots import vram_figure
 
@@ -219,20 +219,27 @@ def estimate_view(
         shape = vram.model_shape(model or DEFAULT_MODEL)
         gpu_index = int(settings.get("gpu_index") or 0)
         capacity, in_use, how, device = _memory_target(preset_name, catalog, report, gpu_index)
-        est = vram.estimate(
+        options = longctx.choose(
             shape,
             settings,
+            longctx.detect_for(device, probe=False),  # a cached Triton verdict: no compile here
             capacity_bytes=capacity,
             in_use_bytes=in_use,
             device=device,
             compact_head=how == "measured on your card" and not _triton_ready(),
         )
+        est = options.estimate
     except (vram.ModelShapeError, ValueError, KeyError) as exc:
         return f"### ❔ No estimate\n\n{exc}", None
     label = catalog.get(preset_name).label
     fig = vram_figure(est, capacity / GIB)
     fig.update_layout(title={"text": f"{label} · {shape.name.split('/')[-1]}: {est.verdict}"})
-    return _verdict_markdown(est, how) + ddp_markdown(est, report), fig
+    return _verdict_markdown(est, how) + _options_markdown(options) + ddp_markdown(est, report), fig
+
+
+def _options_markdown(options: longctx.LongContext) -> str:
+    """The long-context options the estimate assumed, on or off, and why."""
+    return "\n\n" + "\n\n".join(f"🧩 {line}" for line in options.lines())
 
 
 def ddp_markdown(est: vram.VramEstimate, report: dict[str, Any] | None) -> str:

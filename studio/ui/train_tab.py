@@ -26,6 +26,7 @@ from studio.config import (
     DEVICES,
     METHODS,
     OPTIMIZERS,
+    SWITCHES,
     TARGETS,
     ConfigError,
     RunConfig,
@@ -66,6 +67,18 @@ ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
     ("price_per_kwh", "Electricity price per kWh", "float", {}),
     ("assistant_only_loss", "Loss on assistant replies only", "bool", {}),
     ("packing", "Pack rows into full-length blocks", "bool", {}),
+    (
+        "activation_offloading",
+        "Activation offloading (long context)",
+        SWITCHES,
+        {"info": "auto: on when the fit check says tight or won't fit (GPU only; uses RAM)"},
+    ),
+    (
+        "liger_kernels",
+        "Liger kernels (long context)",
+        SWITCHES,
+        {"info": "auto: on when the fit check says tight or won't fit (GPU with Triton)"},
+    ),
     (
         "wandb",
         "Also log to Weights & Biases",
