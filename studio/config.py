@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from studio import compat, runs
+from studio import compat
 
 # The embedded SmolLM2 (`studio.models.loader` ships it): a run without a model picked uses it.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -127,7 +127,7 @@ class RunConfig:
         _check(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
         _check(self.objective in OBJECTIVES, "objective", "use sft or dpo (preference rows)")
         _check(0.0 < self.dpo_beta <= 10.0, "dpo_beta", "use a small positive value (0.1 is usual)")
-        if self.init_adapter and not (Path(self.init_adapter).expanduser() / runs.ADAPTER).is_dir():
+        if self.init_adapter and not (Path(self.init_adapter).expanduser() / "adapter").is_dir():
             raise ConfigError(
                 "init_adapter",
                 f"{self.init_adapter} holds no adapter/ folder: name a finished run's folder",

@@ -21,7 +21,7 @@ from studio.config import RunConfig
 
 # The RunConfig fields a plan fills where the user has not edited them. The LoRA shape comes
 # from the same band through the Hardware tab (one writer per field).
-PLAN_FIELDS = ("learning_rate", "epochs", "warmup_ratio")
+PLAN_FIELDS = ("learning_rate", "epochs", "warmup_ratio", "dpo_beta")  # dpo_beta: DPO runs
 TARGET_WORDS = {
     "qv": "q/v",
     "attention": "attention",
@@ -63,6 +63,8 @@ def sized_epochs(band: Any, per_epoch: int) -> tuple[float, str]:
         raised = min(float(band.max_epochs), float(math.ceil(band.min_steps / per_epoch)))
         return max(raised, epochs), "floor"
     if per_epoch * epochs > band.step_cap:
+        if getattr(band, "objective", "") == "dpo":  # DPO's cap may end inside the first pass
+            return max(0.01, math.floor(100 * band.step_cap / per_epoch) / 100), "cap"
         lowered = max(1.0, math.floor(10 * band.step_cap / per_epoch) / 10)
         return min(lowered, epochs), "cap"
     return epochs, ""
@@ -95,6 +97,10 @@ def plan_recipe(
         "target_modules": band.target_modules,
         "warmup_ratio": float(band.warmup_ratio),
     }
+    if getattr(band, "objective", "") == "dpo":
+        settings["dpo_beta"] = float(band.dpo_beta)
+        if total * band.warmup_ratio < 1:  # a lone warmup step would train at rate 0
+            settings["warmup_ratio"] = 0.0
     rate = tokens_per_s or getattr(band, "tokens_per_s", 0) or 0
     seconds = None
     if rate > 0 and tokens_per_row:
@@ -146,7 +152,7 @@ def duration_words(seconds: float) -> str:
 
 def planned_fields(plan: Plan, edited: set[str] | frozenset[str]) -> dict[str, Any]:
     """The plan's PLAN_FIELDS values for the fields the user has not edited."""
-    return {k: plan.settings[k] for k in PLAN_FIELDS if k not in edited}
+    return {k: plan.settings[k] for k in PLAN_FIELDS if k not in edited and k in plan.settings}
 
 
 # --- pre-flight: what a run will do, before Start ----------------------------------------------
@@ -375,6 +381,8 @@ def plan_run(cfg: RunConfig, tokenizer: Any, edited: set[str] | frozenset[str] =
             problems.append(f"no pre-flight: {' '.join(str(exc).split())}")
     if band is None or pf is None or pf.kept_rows < 1:
         return RunPlan({}, "", pf, problems)
+    if cfg.objective == "dpo":
+        band = band.for_dpo()
     plan = plan_recipe(band, n_params, pf.kept_rows, cfg.batch_size, cfg.grad_accum)
     planned = planned_fields(plan, edited)
     final = cfg.replace(**planned)
