@@ -254,8 +254,12 @@ def _before_first_step(live: _Live, built: recipe.Built) -> None:
     )
     if live.writes:
         runs.write_metadata(run.run_dir, run.meta)
+    batch = f"batch {cfg.batch_size}"
+    if cfg.objective == "dpo":  # a pair is two sequences (`recipe.pairs_per_batch`)
+        pairs = recipe.pairs_per_batch(cfg.batch_size)
+        batch = f"DPO, {pairs} pair{'s' if pairs > 1 else ''} (chosen + rejected) per batch"
     live.say(
-        f"Training {plan['total_steps']} steps: batch {cfg.batch_size} x accumulation "
+        f"Training {plan['total_steps']} steps: {batch} x accumulation "
         f"{cfg.grad_accum}, {trainable:,} trainable of {total:,} parameters"
         + (f", resuming from {run.resume_from.name}" if run.resume_from else "")
     )

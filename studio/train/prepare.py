@@ -554,6 +554,13 @@ def _start_of(cfg: RunConfig) -> dict[str, Any]:
         return {"kind": "base", "base_model": cfg.base_model}
     folder = Path(cfg.init_adapter).expanduser().resolve()
     earlier = runs.read_metadata(folder) if (folder / runs.METADATA).is_file() else {}
+    base = (earlier.get("base_model") or {}).get("name")
+    if base and base != cfg.base_model:
+        raise ConfigError(
+            "init_adapter",
+            f"{folder.name} trained an adapter of {base}, not of {cfg.base_model}: pick that"
+            " base model, or a run of this one",
+        )
     return {
         "kind": "run",
         "run_dir": str(folder),
