@@ -33,7 +33,7 @@ def _click_through(page, url: str) -> None:
     # Dataset: the preference sample loads clean, and a pair previews both of its answers.
     page.get_by_role("tab", name="Dataset", exact=True).click()
     page.locator("#dataset-sample-pref").click()
-    expect(page.locator("#dataset-status")).to_contain_text("80 rows usable", timeout=120_000)
+    expect(page.locator("#dataset-status")).to_contain_text("60 rows usable", timeout=120_000)
     expect(page.locator("#dataset-summary")).to_contain_text("Preference pairs")
     expect(page.locator("#dataset-pii")).to_contain_text("No PII found", timeout=60_000)
     page.get_by_role("button", name="Show preview", exact=True).click()
@@ -46,7 +46,7 @@ def _click_through(page, url: str) -> None:
     expect(page.locator("#hw-preset input")).to_have_value(re.compile("^CPU"), timeout=60_000)
     page.get_by_role("tab", name="Train", exact=True).click()
     expect(page.locator("#train-objective input")).to_have_value("dpo", timeout=30_000)
-    expect(page.locator("#train-plan")).to_contain_text("~6 steps", timeout=60_000)
+    expect(page.locator("#train-plan")).to_contain_text("~8 steps", timeout=60_000)
     t0 = time.time()
     page.locator("#train-start").click()
     expect(page.locator("#train-notice")).to_contain_text("Started", timeout=60_000)

@@ -120,6 +120,9 @@ def plan_line(plan: Plan) -> str:
         "floor": " (raised so a small dataset gets enough steps)",
         "cap": " (lowered so a large dataset is not over-trained)",
     }.get(plan.limit, "")
+    if "dpo_beta" in s:  # a DPO plan: its cap is the band's DPO step cap
+        why = " (the preset's DPO step cap)" if plan.limit == "cap" else why
+        epochs = f"DPO beta {s['dpo_beta']:g}, {epochs}"
     time = f", {duration_words(plan.seconds)} here" if plan.seconds is not None else ""
     return (
         f"{plan.train_rows} rows, {params_words(plan.n_params)} model: {epochs}{why} at lr "
@@ -155,6 +158,18 @@ def planned_fields(plan: Plan, edited: set[str] | frozenset[str]) -> dict[str, A
     return {k: plan.settings[k] for k in PLAN_FIELDS if k not in edited and k in plan.settings}
 
 
+# A DPO pair costs about this many times an SFT row of prompt + chosen: both answers forward
+# and backward, and a no-grad reference forward of both (a third of that again).
+DPO_PAIR_COST = 2.7
+
+
+def rows_per_batch(cfg: RunConfig) -> int:
+    """Rows of the dataset in one device batch: DPO's pairs are two sequences each."""
+    from studio.train.recipe import pairs_per_batch
+
+    return pairs_per_batch(cfg.batch_size) if cfg.objective == "dpo" else cfg.batch_size
+
+
 # --- pre-flight: what a run will do, before Start ----------------------------------------------
 
 
@@ -182,10 +197,14 @@ class Preflight:
         """Steps and time for `cfg` (its batch, accumulation, epochs) over the kept rows."""
         from studio.train.recipe import plan_steps
 
-        batches = max(1, math.ceil(self.kept_rows / cfg.batch_size))
+        per_batch = rows_per_batch(cfg)
+        batches = max(1, math.ceil(self.kept_rows / per_batch))
         self.steps = plan_steps(cfg, batches)["total_steps"]
-        rows_seen = self.steps * cfg.batch_size * cfg.grad_accum
-        self.seconds = rows_seen * self.tokens_per_row / tokens_per_s if tokens_per_s else None
+        rows_seen = self.steps * per_batch * cfg.grad_accum
+        cost = DPO_PAIR_COST if cfg.objective == "dpo" else 1.0
+        self.seconds = (
+            rows_seen * self.tokens_per_row * cost / tokens_per_s if tokens_per_s else None
+        )
         return self
 
     def lines(self) -> list[str]:
@@ -383,7 +402,7 @@ def plan_run(cfg: RunConfig, tokenizer: Any, edited: set[str] | frozenset[str] =
         return RunPlan({}, "", pf, problems)
     if cfg.objective == "dpo":
         band = band.for_dpo()
-    plan = plan_recipe(band, n_params, pf.kept_rows, cfg.batch_size, cfg.grad_accum)
+    plan = plan_recipe(band, n_params, pf.kept_rows, rows_per_batch(cfg), cfg.grad_accum)
     planned = planned_fields(plan, edited)
     final = cfg.replace(**planned)
     pf.timed(final, tps)

@@ -451,7 +451,8 @@ def build_dpo_args(cfg: RunConfig, run_dir: Path, device: str, resume: bool):
 
     common = common_arguments(cfg, run_dir, device, False, resume)
     pairs = pairs_per_batch(cfg.batch_size)
-    common.update(per_device_train_batch_size=pairs, per_device_eval_batch_size=pairs)
+    # Scoring held-out pairs keeps no activations for a backward: twice the pairs fit.
+    common.update(per_device_train_batch_size=pairs, per_device_eval_batch_size=2 * pairs)
     args = DPOConfig(
         **common,
         beta=cfg.dpo_beta,

@@ -1,7 +1,7 @@
 """How `support_preferences.jsonl` was made from `support_tickets.jsonl` (rerun to rebuild it).
 
 `python -m studio.data.sample_data.build_preferences` writes the bundled preference sample:
-the first 80 single-question tickets without contact details (the PII gate stays green), with
+the first 60 short single-question tickets without contact details (the PII gate stays green), with
 a short system prompt asking for JSON. `chosen` is the ticket's JSON reply with its answer cut
 to its first clause (short rows keep a CPU step short); `rejected` is the same content in a
 form the prompt did not ask for, in turn: chatty prose, JSON cut off mid-string, or labelled
@@ -19,7 +19,8 @@ SOURCE = HERE / "support_tickets.jsonl"
 TARGET = HERE / "support_preferences.jsonl"
 SYSTEM = "Reply with a JSON object with keys category, priority and answer."
 MAX_WORDS = 14
-ROWS = 80  # small: 8 held-out pairs score in seconds on a CPU; a run takes only a few steps
+ROWS = 60  # small: 6 held-out pairs score quickly on a CPU; a run takes only a few steps
+MAX_USER_CHARS = 90  # short questions: a DPO step on a CPU costs by the token
 
 
 def short_answer(text: str) -> str:
@@ -50,7 +51,9 @@ def build() -> list[dict[str, object]]:
         users = [m["content"] for m in messages if m["role"] == "user"]
         if len(rows) == ROWS:
             break
-        if len(users) != 1 or users[0] in seen or pii.scan_text(users[0]):
+        if len(users) != 1 or len(users[0]) > MAX_USER_CHARS or users[0] in seen:
+            continue
+        if pii.scan_text(users[0]):
             continue
         seen.add(users[0])
         reply = json.loads(messages[-1]["content"])
