@@ -68,6 +68,9 @@ class RunConfig:
     # off, so no second copy of the model is loaded.
     objective: str = "sft"  # sft or dpo
     dpo_beta: float = 0.1  # how far DPO may move from the reference (higher: stays closer)
+    # Weight of an SFT loss on the chosen answers added to DPO's (RPO, Pang et al. 2024); 0:
+    # plain DPO. DPO alone may push rejected answers down and chosen ones with them.
+    dpo_sft_weight: float = 0.0
     # A finished SFT run's folder to continue from (its adapter is trained further and, for
     # DPO, is also the reference); empty: a fresh adapter on the base model.
     init_adapter: str = ""
@@ -127,6 +130,7 @@ class RunConfig:
         _check(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
         _check(self.objective in OBJECTIVES, "objective", "use sft or dpo (preference rows)")
         _check(0.0 < self.dpo_beta <= 10.0, "dpo_beta", "use a small positive value (0.1 is usual)")
+        _check(0.0 <= self.dpo_sft_weight <= 10.0, "dpo_sft_weight", "use 0 (plain DPO) to 10")
         if self.init_adapter and not (Path(self.init_adapter).expanduser() / "adapter").is_dir():
             raise ConfigError(
                 "init_adapter",

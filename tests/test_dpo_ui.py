@@ -46,7 +46,7 @@ def _click_through(page, url: str) -> None:
     expect(page.locator("#hw-preset input")).to_have_value(re.compile("^CPU"), timeout=60_000)
     page.get_by_role("tab", name="Train", exact=True).click()
     expect(page.locator("#train-objective input")).to_have_value("dpo", timeout=30_000)
-    expect(page.locator("#train-plan")).to_contain_text("~8 steps", timeout=60_000)
+    expect(page.locator("#train-plan")).to_contain_text("~12 steps", timeout=60_000)
     t0 = time.time()
     page.locator("#train-start").click()
     expect(page.locator("#train-notice")).to_contain_text("Started", timeout=60_000)

@@ -167,3 +167,24 @@ def test_preference_check_verdicts() -> None:
     nothing["after_prefers_chosen"] = 0.4
     assert [c["verdict"] for c in checks.preference_checks(nothing)] == ["red", "red"]
     assert checks.preference_checks({})[0]["verdict"] == "n/a"
+
+
+def test_chat_pairs_button_fills_dataset_and_train(tmp_path: Path) -> None:
+    """The Chat tab's handler: votes of the loaded run -> a new dataset, objective DPO,
+    continuing from that run's adapter; without votes only the message changes."""
+    from studio.chat import evaluate
+    from studio.ui.chat.blind import PAIR_TARGETS, make_pairs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    mine = {"has_adapter": True, "out_dir": str(run_dir), "label": "run"}
+    message, *rest = make_pairs(mine, list(PAIR_TARGETS))
+    assert "no blind votes" in message and len(rest) == len(PAIR_TARGETS)
+    answers = {"tuned": '{"a": 1}', "base": "Sure! a is 1."}
+    evaluate.record_blind_vote(
+        run_dir, "A", {"A": "tuned", "B": "base"}, prompt="a?", answers=answers
+    )
+    message, path, fmt, pii_count, objective, start = make_pairs(mine, list(PAIR_TARGETS))
+    assert "1** preference pairs" in message
+    assert (fmt, pii_count, objective, start) == ("preference", 0, "dpo", str(run_dir))
+    assert load_dataset_file(path).rows[0]["chosen"][0]["content"] == '{"a": 1}'

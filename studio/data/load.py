@@ -66,7 +66,7 @@ __all__ = [
 
 SAMPLE_DATASET = Path(__file__).resolve().parent / "sample_data" / "support_tickets.jsonl"
 # The bundled preference sample (DPO): the support sample's JSON replies preferred over chatty,
-# cut-off or plain-text ones (sample_data/build_preferences.py says how it was made).
+# chat-wrapped or plain-text ones (sample_data/build_preferences.py says how it was made).
 SAMPLE_PREFERENCES = SAMPLE_DATASET.with_name("support_preferences.jsonl")
 
 

@@ -27,7 +27,7 @@ KINDS = ("cuda", "cpu")
 # DPO's recipe per band (README "Preference tuning"); optional, so presets written before
 # DPO (a user's copy) still load, with these defaults: beta 0.1, the SFT rate / 10 (DPO moves
 # a model with far smaller steps than SFT), one pass.
-DPO_FIELDS = ("dpo_beta", "dpo_learning_rate", "dpo_epochs", "dpo_step_cap")
+DPO_FIELDS = ("dpo_beta", "dpo_learning_rate", "dpo_epochs", "dpo_step_cap", "dpo_sft_weight")
 # Model-size bands by parameter count; a model above the last band uses the last one.
 BANDS: dict[str, float] = {"up_to_1b": 1.0e9, "1b_to_4b": 4.0e9, "4b_to_9b": 9.0e9}
 BAND_LABELS = {"up_to_1b": "up to 1B", "1b_to_4b": "1B to 4B", "4b_to_9b": "4B to 9B"}
@@ -77,6 +77,7 @@ class BandDefaults:
     dpo_learning_rate: float = 0.0  # DPO's rate; 0: the SFT rate / 10
     dpo_epochs: float = 1.0  # passes over the preference pairs
     dpo_step_cap: int = 0  # at most this many DPO steps (0: the SFT step_cap)
+    dpo_sft_weight: float = 0.0  # SFT loss on the chosen answers beside DPO's (RPO); 0: none
 
     def __post_init__(self) -> None:
         _expect(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
@@ -132,6 +133,7 @@ class BandDefaults:
         )
         _expect(_is_number(self.dpo_epochs, 0.01, 100), "dpo_epochs", "a number of passes")
         _expect(_is_int(self.dpo_step_cap, 0, 10_000_000), "dpo_step_cap", "0 (none) or more")
+        _expect(_is_number(self.dpo_sft_weight, 0, 10), "dpo_sft_weight", "0 (plain DPO) to 10")
 
     def for_dpo(self) -> SimpleNamespace:
         """The band's recipe fields with DPO's in those the plan sizes (`plan.plan_recipe`):

@@ -346,18 +346,13 @@ def answer_budget(run: PreparedRun) -> tuple[int, int, str]:
     """Prompts and length limit of the answer checks, and why they are fewer ("" if not).
 
     A 4-bit base on the CPU gets 2 prompts with short answers (the limit rises to 1.5x the
-    longest one chosen, so "it stops" is still judged on answers that fit); DPO on the CPU,
-    whose pairs are short, gets the short limit only."""
+    longest one chosen, so "it stops" is still judged on answers that fit)."""
     if run.cfg.method == "qlora" and run.device == "cpu":
         why = (
             f" ({QUICK_CHECK_PROMPTS} prompts with short answers: 4-bit generation on the CPU"
             " is slow)"
         )
         return QUICK_CHECK_PROMPTS, QUICK_CHECK_TOKENS, why
-    if run.cfg.objective == "dpo" and run.device == "cpu":
-        # The limit still rises to 1.5x the longest reference answer (`pick_samples`): on the
-        # bundled pairs 96 tokens took 4 min on 2 busy cores, most of it answers running on.
-        return checks.SAMPLE_PROMPTS, QUICK_CHECK_TOKENS, ""
     return checks.SAMPLE_PROMPTS, checks.SAMPLE_TOKENS, ""
 
 
@@ -612,8 +607,8 @@ class _Progress:
                 run_eval, self.base_eval = self.base_eval, None
                 step0 = {**base, "step": 0, "eval_loss": run_eval()}
                 self.emit({"kind": "eval", **step0})
-            self.emit({"kind": "eval", **base, "eval_loss": float(logs["eval_loss"]),
-                       **_reward_figures(logs, "eval_")})  # fmt: skip
+            rewards = _reward_figures(logs, "eval_")
+            self.emit({"kind": "eval", **base, "eval_loss": float(logs["eval_loss"]), **rewards})
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -21,7 +21,8 @@ from studio.config import RunConfig
 
 # The RunConfig fields a plan fills where the user has not edited them. The LoRA shape comes
 # from the same band through the Hardware tab (one writer per field).
-PLAN_FIELDS = ("learning_rate", "epochs", "warmup_ratio", "dpo_beta")  # dpo_beta: DPO runs
+# The dpo_* fields: DPO runs only.
+PLAN_FIELDS = ("learning_rate", "epochs", "warmup_ratio", "dpo_beta", "dpo_sft_weight")
 TARGET_WORDS = {
     "qv": "q/v",
     "attention": "attention",
@@ -99,6 +100,7 @@ def plan_recipe(
     }
     if getattr(band, "objective", "") == "dpo":
         settings["dpo_beta"] = float(band.dpo_beta)
+        settings["dpo_sft_weight"] = float(band.dpo_sft_weight)
         if total * band.warmup_ratio < 1:  # a lone warmup step would train at rate 0
             settings["warmup_ratio"] = 0.0
     rate = tokens_per_s or getattr(band, "tokens_per_s", 0) or 0

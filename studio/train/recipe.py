@@ -456,6 +456,9 @@ def build_dpo_args(cfg: RunConfig, run_dir: Path, device: str, resume: bool):
     args = DPOConfig(
         **common,
         beta=cfg.dpo_beta,
+        # DPO's sigmoid loss, plus the SFT loss on the chosen answers when weighted (RPO)
+        loss_type=["sigmoid", "sft"] if cfg.dpo_sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.dpo_sft_weight] if cfg.dpo_sft_weight > 0 else None,
         max_length=cfg.max_seq_len,  # prompt + answer; longer pairs are cut at the end
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},

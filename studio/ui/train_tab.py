@@ -67,6 +67,12 @@ BASIC_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
     ("gradient_checkpointing", "Gradient checkpointing", "bool", {}),
 ]
 ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
+    (
+        "dpo_sft_weight",
+        "DPO: SFT loss weight on chosen",
+        "float",
+        {"info": "0: plain DPO; 1: also learn to write the chosen answers (RPO)"},
+    ),
     ("save_steps", "Checkpoint every N steps (0 = about 4 per run)", "int", {}),
     ("eval_steps", "Evaluate every N steps (0 = about 5 per run)", "int", {}),
     ("val_fraction", "Validation share", "float", {}),
@@ -558,7 +564,7 @@ def past_runs_updates():
         [
             r.name,
             r.status,
-            r.method,
+            r.method_words,
             r.base_model.rsplit("/", 1)[-1],
             f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps),
             _fmt(r.train_loss),

@@ -26,7 +26,7 @@ FINAL_ADAPTER = "final adapter"
 def _run_choices() -> list[tuple[str, str]]:
     try:
         chattable = runs.list_runs(chattable=True)
-        return [(f"{r.name} · {r.method} · {r.status}", str(r.path)) for r in chattable]
+        return [(f"{r.name} · {r.method_words} · {r.status}", str(r.path)) for r in chattable]
     except Exception:
         return []
 
