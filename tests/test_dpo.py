@@ -41,7 +41,7 @@ def fresh_adapter_run(embedded_model, root: Path) -> Path:
 
     run_dir = root / "sft-run"
     model = AutoModelForCausalLM.from_pretrained(str(embedded_model.path))
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     get_peft_model(model, config).save_pretrained(str(run_dir / runs.ADAPTER))
     runs.write_metadata(run_dir, {"run_name": "sft-run", "objective": "sft", "status": "completed"})
     return run_dir
@@ -89,4 +89,4 @@ def test_votes_become_pairs_and_train_a_dpo_run(embedded_model, tmp_path: Path) 
     names = {c["name"] for c in meta["checks"]}
     assert {"reward accuracy rose", "prefers the chosen answer", "adapter weights moved"} <= names
     saved = json.loads((result.run_dir / runs.ADAPTER / "adapter_config.json").read_text("utf-8"))
-    assert saved["r"] == 8  # the SFT run's adapter trained on, not a fresh one of cfg's shape
+    assert saved["r"] == 4  # the SFT run's adapter trained on, not a fresh one of cfg's r 8
