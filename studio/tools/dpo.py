@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.tools.common import PeakRSS, load_average, machine, mb, write_results
+from studio.train.plan import DPO_PAIR_COST
 
 HELP = "DPO vs SFT on the same preference rows: steps/s and peak memory"
 
@@ -48,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
         _print(objective, results[objective])
     sft, dpo = results["sft"], results["dpo"]
     ratio = dpo["s_per_step"] / sft["s_per_step"]
+    per_pair = ratio * sft["pairs_per_step"] / dpo["pairs_per_step"]
     results["dpo_step_vs_sft"] = round(ratio, 2)
+    results["dpo_pair_vs_sft_row"] = round(per_pair, 2)
     print(
         f"a DPO step takes {ratio:.2f}x an SFT step of the same settings"
         f" ({dpo['sequences_per_step']} vs {sft['sequences_per_step']} sequences a step);"
-        f" load average {load_average()}"
+        f" a pair costs {per_pair:.2f}x an SFT row of it (the plan assumes"
+        f" {DPO_PAIR_COST}); load average {load_average()}"
     )
     write_results(args, "dpo", results)
     return 0
@@ -87,12 +91,15 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         if cfg.objective == "dpo":
             args = recipe.build_dpo_args(cfg, out, device, False)
             trainer = recipe.build_dpo_trainer(cfg, model, tok, args, device, rows, None, [timer])
-            per_step = 2 * recipe.pairs_per_batch(cfg.batch_size)
+            pairs = recipe.pairs_per_batch(cfg.batch_size)
         else:
             args = recipe.build_training_args(cfg, out, device, False, False)
             tokenized, _ = tokenize_rows(tok, rows, cfg)
             trainer = recipe.build_trainer(cfg, model, tok, args, device, tokenized, None, [timer])
-            per_step = cfg.batch_size
+            pairs = cfg.batch_size  # each row is one pair's prompt + chosen
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the figures below, not raw log dicts
         trainer.args.save_strategy = "no"
         trainer.args.max_steps = cfg.max_steps
         if device == "cuda":
@@ -106,7 +113,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         "steps": len(timed),
         "s_per_step": round(s_per_step, 3),
         "steps_per_s": round(1 / s_per_step, 4) if s_per_step else None,
-        "sequences_per_step": per_step * cfg.grad_accum,
+        "pairs_per_step": pairs * cfg.grad_accum,
+        "sequences_per_step": (2 if cfg.objective == "dpo" else 1) * pairs * cfg.grad_accum,
         "peak_memory_bytes": int(peak),
         "memory_kind": "GPU peak allocated" if device == "cuda" else "process peak RSS",
     }
@@ -133,6 +141,7 @@ def _step_timer() -> Any:
 def _print(objective: str, r: dict[str, Any]) -> None:
     print(
         f"{objective.upper():>4} on {r['device']}: {r['steps_per_s']} steps/s"
-        f" ({r['s_per_step']} s a step, {r['sequences_per_step']} sequences),"
+        f" ({r['s_per_step']} s a step: {r['pairs_per_step']} pairs,"
+        f" {r['sequences_per_step']} sequences),"
         f" peak memory {mb(r['peak_memory_bytes'])} ({r['memory_kind']})"
     )
