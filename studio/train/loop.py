@@ -255,8 +255,8 @@ def _before_first_step(live: _Live, built: recipe.Built) -> None:
     if live.writes:
         runs.write_metadata(run.run_dir, run.meta)
     batch = f"batch {cfg.batch_size}"
-    if cfg.objective == "dpo":  # a pair is two sequences (`recipe.pairs_per_batch`)
-        pairs = recipe.pairs_per_batch(cfg.batch_size)
+    if cfg.objective == "dpo":  # a pair is two sequences: the recipe halves the batch
+        pairs = built.args.per_device_train_batch_size
         batch = f"DPO, {pairs} pair{'s' if pairs > 1 else ''} (chosen + rejected) per batch"
     live.say(
         f"Training {plan['total_steps']} steps: {batch} x accumulation "
