@@ -337,6 +337,15 @@ def install_compact_head(model: Any) -> None:
 # --- the trainer and its step plan ----------------------------------------------------------
 
 
+class CheckpointKillPoint:
+    """Mixed into the studio's trainers: tests/test_kill.py kills a run here, with a
+    checkpoint's weights and optimizer written and its trainer_state.json not yet."""
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        runs.kill_point(f"checkpoint-{self.state.global_step}")
+
+
 def trainer_class():
     """SFTTrainer with a compact loss head on CPU (`compact_head_ok`); TRL's elsewhere.
 
@@ -344,7 +353,7 @@ def trainer_class():
     """
     from trl import SFTTrainer
 
-    class StudioSFTTrainer(SFTTrainer):
+    class StudioSFTTrainer(CheckpointKillPoint, SFTTrainer):
         compact_head = False  # set by build_trainer; the benchmark may turn it off
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -370,11 +379,6 @@ def trainer_class():
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
-
-        def _save_rng_state(self, output_dir):
-            super()._save_rng_state(output_dir)
-            # tests/test_kill.py: weights and optimizer written, trainer_state.json not yet.
-            runs.kill_point(f"checkpoint-{self.state.global_step}")
 
     return StudioSFTTrainer
 
@@ -474,10 +478,8 @@ def dpo_trainer_class():
     """DPOTrainer with the studio's checkpoint kill point; defined lazily (no trl import)."""
     from trl import DPOTrainer
 
-    class StudioDPOTrainer(DPOTrainer):
-        def _save_rng_state(self, output_dir):
-            super()._save_rng_state(output_dir)
-            runs.kill_point(f"checkpoint-{self.state.global_step}")
+    class StudioDPOTrainer(CheckpointKillPoint, DPOTrainer):
+        pass
 
     return StudioDPOTrainer
 
