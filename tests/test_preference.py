@@ -188,3 +188,19 @@ def test_chat_pairs_button_fills_dataset_and_train(tmp_path: Path) -> None:
     assert "1** preference pairs" in message
     assert (fmt, pii_count, objective, start) == ("preference", 0, "dpo", str(run_dir))
     assert load_dataset_file(path).rows[0]["chosen"][0]["content"] == '{"a": 1}'
+
+
+def test_vram_estimate_knows_dpo_shape() -> None:
+    """DPO: chosen and rejected in one batch (batch_size // 2 pairs, at least one) plus a
+    no-grad reference forward; SFT's estimate is unchanged."""
+    from studio.hardware import vram
+
+    shape = vram.model_shape("HuggingFaceTB/SmolLM2-135M-Instruct")
+    sft = vram.estimate(shape, RunConfig(batch_size=4))
+    dpo = vram.estimate(shape, RunConfig(batch_size=4, objective="dpo"))
+    assert "reference" not in [p.key for p in sft.parts]
+    assert dpo.part("reference") > 0
+    assert dpo.part("activations") == sft.part("activations")  # 2 pairs = 4 sequences
+    assert dpo.total_bytes == sft.total_bytes + dpo.part("reference")
+    one = vram.estimate(shape, RunConfig(batch_size=1, objective="dpo"))
+    assert one.tokens_per_step == 2 * RunConfig().max_seq_len  # one pair is two sequences
