@@ -19,6 +19,9 @@ from studio import compat
 # The embedded SmolLM2 (`studio.models.loader` ships it): a run without a model picked uses it.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 METHODS = ("lora", "qlora")  # LoRA on a 16-bit base, or QLoRA on an NF4 4-bit base
+# What the adapter learns: SFT imitates answers; DPO prefers `chosen` over `rejected` answers
+# (preference rows). Apart from `method`, so QLoRA + DPO is one setting of each.
+OBJECTIVES = ("sft", "dpo")
 TARGETS = ("qv", "attention", "attention_mlp", "all_linear")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 DEVICES = ("auto", "cuda", "cpu")
@@ -50,7 +53,7 @@ class RunConfig:
     base_model: str = DEFAULT_MODEL  # local folder, hub id, or the embedded default
     trust_remote_code: bool = False  # runs code from the model repo: off unless ticked
     dataset_path: str = ""  # empty: the bundled sample dataset
-    dataset_format: str = "auto"  # auto, alpaca, sharegpt, messages
+    dataset_format: str = "auto"  # auto, alpaca, sharegpt, messages, preference
     val_fraction: float = 0.1  # share of rows held out for evaluation
     seed: int = 42
 
@@ -62,6 +65,18 @@ class RunConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str = "all_linear"  # qv, attention, attention_mlp, all_linear
+
+    # Preference tuning (README "Preference tuning"): `dpo` trains on prompt/chosen/rejected
+    # rows with TRL's DPOTrainer; the reference is the starting model with this run's adapter
+    # off, so no second copy of the model is loaded.
+    objective: str = "sft"  # sft or dpo
+    dpo_beta: float = 0.1  # how far DPO may move from the reference (higher: stays closer)
+    # Weight of an SFT loss on the chosen answers added to DPO's (RPO, Pang et al. 2024); 0:
+    # plain DPO. DPO alone may push rejected answers down and chosen ones with them.
+    dpo_sft_weight: float = 0.0
+    # A finished SFT run's folder to continue from (its adapter is trained further and, for
+    # DPO, is also the reference); empty: a fresh adapter on the base model.
+    init_adapter: str = ""
 
     max_seq_len: int = 512  # longer rows are truncated
     batch_size: int = 4  # per device
@@ -113,11 +128,21 @@ class RunConfig:
         self.run_name = name
         if not str(self.base_model).strip():
             raise ConfigError("base_model", "name a model folder or hub id")
-        if self.dataset_format not in ("auto", "alpaca", "sharegpt", "messages"):
-            raise ConfigError("dataset_format", "use auto, alpaca, sharegpt or messages")
+        if self.dataset_format not in ("auto", "alpaca", "sharegpt", "messages", "preference"):
+            raise ConfigError(
+                "dataset_format", "use auto, alpaca, sharegpt, messages or preference"
+            )
         if self.dataset_path and not Path(self.dataset_path).expanduser().is_file():
             raise ConfigError("dataset_path", f"no such file: {self.dataset_path}")
         _check(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
+        _check(self.objective in OBJECTIVES, "objective", "use sft or dpo (preference rows)")
+        _check(0.0 < self.dpo_beta <= 10.0, "dpo_beta", "use a small positive value (0.1 is usual)")
+        _check(0.0 <= self.dpo_sft_weight <= 10.0, "dpo_sft_weight", "use 0 (plain DPO) to 10")
+        if self.init_adapter and not (Path(self.init_adapter).expanduser() / "adapter").is_dir():
+            raise ConfigError(
+                "init_adapter",
+                f"{self.init_adapter} holds no adapter/ folder: name a finished run's folder",
+            )
         _check(self.target_modules in TARGETS, "target_modules", f"use one of {', '.join(TARGETS)}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
         _check(self.device in DEVICES, "device", f"use one of {', '.join(DEVICES)}")
@@ -161,6 +186,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Build from plain data, refusing unknown keys and coercing types by the defaults."""
         known = {f.name: f for f in fields(cls)}
+        data = _method_shorthand(data)
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(known)})")
@@ -183,6 +209,16 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _method_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """`method: dpo` (as the issue and other tools spell it) means objective dpo on LoRA;
+    `method: qlora` with `objective: dpo` is QLoRA + DPO. Anything else passes unchanged."""
+    if str(data.get("method", "")).strip().lower() != "dpo":
+        return data
+    if str(data.get("objective", "dpo")).strip().lower() != "dpo":
+        raise ConfigError("method", "method: dpo contradicts objective: sft; drop one of them")
+    return {**data, "method": "lora", "objective": "dpo"}
 
 
 def clean_run_name(name: str | None) -> str | None:

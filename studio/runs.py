@@ -78,6 +78,16 @@ class Run:
         return self.path / ADAPTER
 
     @property
+    def objective(self) -> str:
+        """What the adapter learned: sft, or dpo (preference pairs); runs before DPO: sft."""
+        return str(self.settings.get("objective") or "sft")
+
+    @property
+    def method_words(self) -> str:
+        """The method as lists show it: "lora", or "lora · dpo" for a preference run."""
+        return self.method if self.objective == "sft" else f"{self.method} · {self.objective}"
+
+    @property
     def has_adapter(self) -> bool:
         """A final adapter with its weights (what Export needs and Chat loads by default)."""
         return is_adapter_dir(self.adapter_dir) and any(self.adapter_dir.glob("adapter_model.*"))

@@ -117,11 +117,12 @@ def test_a_run_goes_one_way_through_the_train_package() -> None:
         "distributed": set(),  # a leaf: ranks, the stop file, the accelerate command
         "fused_loss": set(),  # a leaf: TRL's fused-head loss without host syncs
         "memory": set(),  # a leaf: GPU memory given back, a fatal CUDA error remembered
+        "dpo": set(),  # a leaf: DPO's CPU answer-token head and held-out pair figures
         "prepare": {"distributed"},  # rank 0 alone writes the token cache
-        "recipe": {"tracking", "distributed", "fused_loss"},
+        "recipe": {"tracking", "distributed", "fused_loss", "dpo"},
         "checks": set(),
         "plan": {"prepare", "recipe"},  # the Train tab's pre-flight, before any run starts
-        "loop": {"recipe", "checks", "tracking", "distributed", "memory"},
+        "loop": {"recipe", "checks", "tracking", "distributed", "memory", "dpo"},
         "jobs": {"prepare", "loop", "distributed"},
         "cli": {"prepare", "jobs", "loop", "distributed"},
     }

@@ -33,6 +33,7 @@ from studio.chat.evaluate import (
     VOTES_FILE,
     BatchItem,
     BatchResult,
+    VotePairs,
     batch_compare,
     blind_tally,
     load_prompt_file,
@@ -40,6 +41,7 @@ from studio.chat.evaluate import (
     record_blind_vote,
     summarize,
     validation_items,
+    votes_to_pairs,
     write_csv,
 )
 
@@ -63,6 +65,7 @@ __all__ = [
     "GenerationSettings",
     "GenerationStats",
     "LoadInfo",
+    "VotePairs",
     "batch_compare",
     "blind_tally",
     "load_prompt_file",
@@ -71,6 +74,7 @@ __all__ = [
     "resolve_adapter",
     "summarize",
     "validation_items",
+    "votes_to_pairs",
     "with_system",
     "write_csv",
 ]

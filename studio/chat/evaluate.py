@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from studio import runs
+from studio import paths, runs
 from studio.chat.engine import (
     SIDE_BASE,
     SIDE_TUNED,
@@ -121,6 +121,89 @@ def record_blind_vote(
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     return after
+
+
+@dataclass
+class VotePairs:
+    """A preference dataset made from blind votes: where it is and what went into it."""
+
+    path: Path
+    pairs: int
+    ties: int  # left out: a tie prefers neither answer
+    skipped: int  # left out: unreadable, no prompt, or both answers the same
+
+
+def votes_to_pairs(out_dir: str | Path, label: str = "") -> VotePairs:
+    """Write the blind votes of `<out_dir>/blind_votes.jsonl` as a new preference dataset.
+
+    Each decided vote becomes one row: the prompt, the winner's answer as `chosen`, the
+    loser's as `rejected`; ties and unusable votes are left out. The rows record their origin
+    (`meta`: the votes file, the adapter, when and which side won), and the file goes to the
+    data dir's datasets/ under a new name, never over an earlier one. The Dataset tab and
+    training read it through the same loader and checks as any file. ChatError when no vote
+    can become a pair.
+    """
+    source = Path(out_dir) / VOTES_FILE
+    if not source.is_file():
+        raise ChatError(f"{source}: no blind votes yet; vote in blind mode first")
+    rows, ties, skipped = [], 0, 0
+    for line in source.read_text(encoding="utf-8").splitlines():
+        row, why = _vote_row(line, source, label)
+        if row is not None:
+            rows.append(row)
+        elif why == "tie":
+            ties += 1
+        elif why:
+            skipped += 1
+    if not rows:
+        raise ChatError(
+            f"{source}: no vote picked a winner ({ties} ties, {skipped} unusable): a"
+            " preference pair needs an 'A is better' or 'B is better' vote"
+        )
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    stem = "votes-" + (Path(out_dir).name or "chat")
+    path = new_path(paths.datasets_dir(), stem, ".jsonl", create=_exclusive(text))
+    return VotePairs(path, len(rows), ties, skipped)
+
+
+def _vote_row(line: str, source: Path, label: str) -> tuple[dict[str, Any] | None, str]:
+    """One vote line as a preference row, or (None, why: "tie", "skip" or "" for a blank)."""
+    if not line.strip():
+        return None, ""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None, "skip"
+    winner = rec.get("winner") if isinstance(rec, dict) else None
+    if winner == "tie":
+        return None, "tie"
+    answers = rec.get("answers") or {}
+    if winner not in SIDES or not isinstance(answers, dict):
+        return None, "skip"
+    loser = SIDE_BASE if winner == SIDE_TUNED else SIDE_TUNED
+    chosen, rejected = str(answers.get(winner) or ""), str(answers.get(loser) or "")
+    prompt = str(rec.get("prompt") or "")
+    if not prompt.strip() or not chosen.strip() or not rejected.strip() or chosen == rejected:
+        return None, "skip"
+    meta = {
+        "origin": "blind votes",
+        "votes_file": str(source),
+        "adapter": rec.get("adapter") or label,
+        "voted": rec.get("time"),
+        "winner": winner,
+    }
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": meta}, ""
+
+
+def _exclusive(text: str) -> Callable[[Path], object]:
+    """A `new_path` creator that writes `text` to a name nobody holds (exclusive open)."""
+
+    def create(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("x", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+
+    return create
 
 
 def _mean(values: list[Any]) -> float | None:

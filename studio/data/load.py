@@ -36,6 +36,7 @@ from studio.data.normalize import (
     normalize_record,
     tool_use,
 )
+from studio.data.preference import normalize_preference, pair_stats
 from studio.data.read import (
     DatasetError,
     Record,
@@ -52,6 +53,7 @@ from studio.runs import Run
 # The API the stages use; DatasetError and Record come from read.py with the records.
 __all__ = [
     "SAMPLE_DATASET",
+    "SAMPLE_PREFERENCES",
     "DatasetError",
     "DatasetReport",
     "Record",
@@ -59,9 +61,13 @@ __all__ = [
     "check_json_replies",
     "load_dataset_file",
     "read_records",
+    "training_row",
 ]
 
 SAMPLE_DATASET = Path(__file__).resolve().parent / "sample_data" / "support_tickets.jsonl"
+# The bundled preference sample (DPO): the support sample's JSON replies preferred over chatty,
+# chat-wrapped or plain-text ones (sample_data/build_preferences.py says how it was made).
+SAMPLE_PREFERENCES = SAMPLE_DATASET.with_name("support_preferences.jsonl")
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class DatasetReport:
             "train_rows": n_train,
             "val_rows": n_val,
             "seed": DEFAULT_SEED,
+            **({"preference": pair_stats(self.rows)} if self.format == "preference" else {}),
         }
 
 
@@ -226,23 +233,23 @@ def _notes(report: DatasetReport, dropped: set[str]) -> list[str]:
 
 def _validate(
     records: list[Record], fmt: str, tokenizer: Any, unit: str
-) -> tuple[list[RowError], list[tuple[int, list[Message]]]]:
-    """Row errors, and the (line, messages) of the rows that are usable, in file order."""
+) -> tuple[list[RowError], list[tuple[int, Row]]]:
+    """Row errors, and the (line, row) of the rows that are usable, in file order."""
     errors: list[RowError] = []
-    good: list[tuple[int, list[Message]]] = []
+    good: list[tuple[int, Row]] = []
     for line, rec, err in records:
         if err is not None:
             errors.append(RowError(line, "", err, unit))
             continue
-        messages, problems = normalize_record(rec, fmt)
-        if messages is None:
+        row, problems = _normalize(rec, fmt)
+        if row is None:
             errors.extend(RowError(line, f, m, unit) for f, m in problems)
         else:
-            good.append((line, messages))
+            good.append((line, row))
     if tokenizer is not None and good:
         rejected = _template_problems(tokenizer, good)
         if rejected:
-            key = "conversations" if fmt == "sharegpt" else "messages"
+            key = {"sharegpt": "conversations", "preference": "prompt"}.get(fmt, "messages")
             for idx in sorted(rejected):
                 errors.append(RowError(good[idx][0], key, rejected[idx], unit))
             good = [g for i, g in enumerate(good) if i not in rejected]
@@ -250,29 +257,53 @@ def _validate(
     return errors, good
 
 
-def _template_problems(tokenizer: Any, items: list[tuple[int, list[Message]]]) -> dict[int, str]:
+def _normalize(rec: Any, fmt: str) -> tuple[Row | None, list[tuple[str, str]]]:
+    """One record as a row: {"messages"} for SFT formats, prompt/chosen/rejected as well for
+    preference rows (`studio.data.preference`)."""
+    if fmt == "preference":
+        return normalize_preference(rec)
+    messages, problems = normalize_record(rec, fmt)
+    return ({"messages": messages} if messages is not None else None), problems
+
+
+def _conversations(row: Row) -> list[list[Message]]:
+    """What the model reads of a row: its conversation, and prompt + rejected for a pair."""
+    if "rejected" in row:
+        return [row["messages"], row["prompt"] + row["rejected"]]
+    return [row["messages"]]
+
+
+def _template_problems(tokenizer: Any, items: list[tuple[int, Row]]) -> dict[int, str]:
     """Rows whose role order the model's chat template rejects, by index into items.
 
     Templates judge the role sequence, so one render per distinct sequence is enough; a
     rejected sequence is re-checked row by row in case the template looked at the content.
+    A preference row is judged on both of its conversations.
     """
-    by_pattern: dict[tuple[str, ...], list[int]] = {}
-    for idx, (_, msgs) in enumerate(items):
-        by_pattern.setdefault(tuple(m["role"] for m in msgs), []).append(idx)
+    by_pattern: dict[tuple[tuple[str, ...], ...], list[int]] = {}
+    for idx, (_, row) in enumerate(items):
+        key = tuple(tuple(m["role"] for m in conv) for conv in _conversations(row))
+        by_pattern.setdefault(key, []).append(idx)
     rejected: dict[int, str] = {}
     for pattern, idxs in by_pattern.items():
-        try:
-            chat_format.render(tokenizer, items[idxs[0]][1])
+        if _render_problem(tokenizer, items[idxs[0]][1]) is None:
             continue
-        except chat_format.TemplateError:
-            pass
-        order = ", ".join(pattern)
+        order = ", ".join(pattern[0])
         for idx in idxs:
-            try:
-                chat_format.render(tokenizer, items[idx][1])
-            except chat_format.TemplateError as exc:
-                rejected[idx] = f"role order ({order}) rejected: {exc}"
+            problem = _render_problem(tokenizer, items[idx][1])
+            if problem is not None:
+                rejected[idx] = f"role order ({order}) rejected: {problem}"
     return rejected
+
+
+def _render_problem(tokenizer: Any, row: Row) -> str | None:
+    """Why the chat template cannot render one of the row's conversations, or None."""
+    for conv in _conversations(row):
+        try:
+            chat_format.render(tokenizer, conv)
+        except chat_format.TemplateError as exc:
+            return str(exc)
+    return None
 
 
 def _report(
@@ -280,25 +311,26 @@ def _report(
     fmt: str,
     total: int,
     errors: list[RowError],
-    good: list[tuple[int, list[Message]]],
+    good: list[tuple[int, Row]],
 ) -> DatasetReport:
-    """The report's figures: roles, turns per row and groups of identical conversations."""
+    """The report's figures: roles, turns per row and groups of identical rows."""
     roles: Counter[str] = Counter()
     turn_counts: Counter[int] = Counter()
-    seen: dict[tuple[tuple[str, str], ...], list[int]] = {}
-    for line, msgs in good:
+    seen: dict[tuple, list[int]] = {}
+    for line, row in good:
         n_turns = 0
-        for m in msgs:
+        for m in row["messages"]:
             roles[m["role"]] += 1
             n_turns += m["role"] != "system"
         turn_counts[n_turns] += 1
-        seen.setdefault(tuple((m["role"], m["content"]) for m in msgs), []).append(line)
+        key = tuple((m["role"], m["content"]) for conv in _conversations(row) for m in conv)
+        seen.setdefault(key, []).append(line)
     duplicates = [lines for lines in seen.values() if len(lines) > 1]
     del seen
     return DatasetReport(
         path=path,
         format=fmt,
-        rows=[{"messages": m} for _, m in good],
+        rows=[row for _, row in good],
         row_numbers=[line for line, _ in good],
         errors=errors,
         total=total,
@@ -348,6 +380,12 @@ def check_json_replies(rows: list[Row], row_numbers: list[int] | None = None) ->
     }
 
 
+def training_row(row: Row) -> Row:
+    """A loaded row as a run keeps it: {"messages"}, plus prompt/chosen/rejected for a pair."""
+    keys = ("messages", "prompt", "chosen", "rejected") if "rejected" in row else ("messages",)
+    return {k: row[k] for k in keys}
+
+
 class ChangedDataError(ValueError):
     """A run's split cannot be rebuilt (its data file changed, went missing or is unreadable)."""
 
@@ -375,6 +413,6 @@ def run_split(run: Run) -> tuple[list[Row], list[Row]]:
         report = load_dataset_file(path, fmt=ds.get("format") or "auto")
     except DatasetError as exc:
         raise ChangedDataError(f"{path}: {exc}") from exc
-    rows = [{"messages": row["messages"]} for row in report.rows]
+    rows = [training_row(row) for row in report.rows]
     val_fraction = float(run.settings.get("val_fraction", DEFAULT_VAL_FRACTION))
     return split_rows(rows, val_fraction, int(run.settings.get("seed", DEFAULT_SEED)))

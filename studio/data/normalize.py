@@ -19,7 +19,7 @@ Message = dict[str, Any]  # role and content (text); "weight": 0 on a reply not 
 Row = dict[str, list[Message]]
 Problems = list[tuple[str, str]]  # (field, reason) pairs that make a row unusable
 
-FORMATS = ("messages", "sharegpt", "alpaca")
+FORMATS = ("messages", "sharegpt", "alpaca", "preference")  # preference: studio.data.preference
 FORMAT_CHOICES = ("auto", *FORMATS)
 ALPACA_FIELDS = ("instruction", "input", "output", "system")
 ROLES = ("system", "user", "assistant")
@@ -43,6 +43,8 @@ def guess_record_format(rec: Any) -> str | None:
     """The format one parsed row looks like, by its keys; None when it looks like none."""
     if not isinstance(rec, dict):
         return None
+    if "chosen" in rec and "rejected" in rec:
+        return "preference"
     if "messages" in rec:
         return "messages"
     if "conversations" in rec:
@@ -54,7 +56,7 @@ def guess_record_format(rec: Any) -> str | None:
 
 def _turns(rec: Any, fmt: str) -> list[Any]:
     """The row's list of turns in a chat format, or [] (Alpaca, or no list there)."""
-    if fmt == "alpaca" or not isinstance(rec, dict):
+    if fmt in ("alpaca", "preference") or not isinstance(rec, dict):
         return []
     turns = rec.get("messages" if fmt == "messages" else "conversations")
     return turns if isinstance(turns, list) else []

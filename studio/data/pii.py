@@ -652,23 +652,30 @@ def scan_text(text: str, row: int = 0, where: str = "") -> list[Finding]:
     ]
 
 
+def _message_keys(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The message lists of a normalized row: a preference pair's prompt and both answers
+    (its `messages` only repeats prompt + chosen), else its messages."""
+    return ("prompt", "chosen", "rejected") if "rejected" in row else ("messages",)
+
+
 def _texts(row: Any) -> Iterable[tuple[str, str]]:
     """(where, text) for every message text of a normalized row."""
     if not isinstance(row, Mapping):
         return
-    messages = row.get("messages")
-    if not isinstance(messages, list):
-        return
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping):
+    for key in _message_keys(row):
+        messages = row.get(key)
+        if not isinstance(messages, list):
             continue
-        content = msg.get("content")
-        if isinstance(content, str):
-            yield f"messages[{i}].content", content
-        elif isinstance(content, list):  # multi-part content: scan the text parts
-            for j, part in enumerate(content):
-                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                    yield f"messages[{i}].content[{j}].text", part["text"]
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, Mapping):
+                continue
+            content = msg.get("content")
+            if isinstance(content, str):
+                yield f"{key}[{i}].content", content
+            elif isinstance(content, list):  # multi-part content: scan the text parts
+                for j, part in enumerate(content):
+                    if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                        yield f"{key}[{i}].content[{j}].text", part["text"]
 
 
 def _row_number(row_numbers: Sequence[int] | Mapping[int, int] | None, index: int) -> int:
@@ -726,30 +733,40 @@ def redact_text(text: str, findings: Sequence[Finding] | None = None) -> str:
 
 
 def _redact_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A new row dict with every message text redacted; `row` is not modified."""
+    """A new row dict with every message text redacted; `row` is not modified. A preference
+    pair loses its derived `messages`, so the cleaned file is a preference file again."""
     new = dict(row)
-    messages = row.get("messages")
-    if not isinstance(messages, list):
-        return new
-    new_messages = []
-    for msg in messages:
-        if not isinstance(msg, Mapping):
-            new_messages.append(msg)
-            continue
-        m = dict(msg)
-        content = msg.get("content")
-        if isinstance(content, str):
-            m["content"] = redact_text(content)
-        elif isinstance(content, list):
-            m["content"] = [
-                {**p, "text": redact_text(p["text"])}
-                if isinstance(p, Mapping) and isinstance(p.get("text"), str)
-                else p
-                for p in content
-            ]
-        new_messages.append(m)
-    new["messages"] = new_messages
+    if "rejected" in row:
+        new.pop("messages", None)
+    for key in _message_keys(row):
+        if isinstance(row.get(key), list):
+            new[key] = [_redact_message(msg) for msg in row[key]]
     return new
+
+
+def _redact_message(msg: Any) -> Any:
+    """One message with its text (or text parts) redacted."""
+    if not isinstance(msg, Mapping):
+        return msg
+    m = dict(msg)
+    content = msg.get("content")
+    if isinstance(content, str):
+        m["content"] = redact_text(content)
+    elif isinstance(content, list):
+        m["content"] = [
+            {**p, "text": redact_text(p["text"])}
+            if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+            else p
+            for p in content
+        ]
+    return m
+
+
+def _as_written(row: Any) -> Any:
+    """A row as a cleaned file holds it: a preference pair without its derived messages."""
+    if isinstance(row, Mapping) and "rejected" in row:
+        return {k: v for k, v in row.items() if k != "messages"}
+    return row
 
 
 def redact_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -868,7 +885,7 @@ def write_cleaned(
     if action == "redact":
         cleaned: Sequence[Mapping[str, Any]] = redact_rows(rows)
     else:
-        cleaned = drop_rows(rows, before)
+        cleaned = [_as_written(row) for row in drop_rows(rows, before)]
     directory = paths.datasets_dir()
     stem = Path(source_path).stem or "dataset"
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{stem}-", suffix=".tmp")

@@ -379,7 +379,8 @@ def detect_format(path: Path, records: list[Record]) -> str:
     found = ", ".join(k for k, _ in keys.most_common(8)) or "no JSON objects"
     raise DatasetError(
         f"{path.name}: no recognizable dataset format (rows have keys: {found}). Expected"
-        " 'messages' (chat), 'conversations' (ShareGPT) or 'instruction' + 'output' (Alpaca)."
+        " 'messages' (chat), 'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca)"
+        " or 'prompt' + 'chosen' + 'rejected' (preference pairs)."
     )
 
 

@@ -10,9 +10,11 @@ file is reported with its path and field and never hides the others.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -22,14 +24,18 @@ from studio.config import METHODS, OPTIMIZERS, TARGETS
 
 REPO_PRESETS = Path(__file__).resolve().parents[2] / "presets"
 KINDS = ("cuda", "cpu")
+# DPO's recipe per band (README "Preference tuning"); optional, so presets written before
+# DPO (a user's copy) still load, with these defaults: beta 0.1, the SFT rate / 10 (DPO moves
+# a model with far smaller steps than SFT), one pass.
+DPO_FIELDS = ("dpo_beta", "dpo_learning_rate", "dpo_epochs", "dpo_step_cap", "dpo_sft_weight")
 # Model-size bands by parameter count; a model above the last band uses the last one.
 BANDS: dict[str, float] = {"up_to_1b": 1.0e9, "1b_to_4b": 4.0e9, "4b_to_9b": 9.0e9}
 BAND_LABELS = {"up_to_1b": "up to 1B", "1b_to_4b": "1B to 4B", "4b_to_9b": "4B to 9B"}
 # Band fields that are not RunConfig settings: studio/train/plan.py turns them into epochs.
-PLAN_ONLY = ("epochs", "min_steps", "step_cap", "max_epochs", "tokens_per_s")
+PLAN_ONLY = ("epochs", "min_steps", "step_cap", "max_epochs", "tokens_per_s", *DPO_FIELDS)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _CC_RE = re.compile(r"^\d+\.\d+$")
-_OPTIONAL_BAND_FIELDS = ("tokens_per_s",)
+_OPTIONAL_BAND_FIELDS = ("tokens_per_s", *DPO_FIELDS)
 # The recipe fields a preset written before recipes existed lacks; a user's copy of such a
 # file takes them from the repo's preset of its kind (with a notice) rather than failing.
 RECIPE_FIELDS = ("learning_rate", "warmup_ratio", "epochs", "min_steps", "step_cap", "max_epochs")
@@ -67,6 +73,11 @@ class BandDefaults:
     step_cap: int  # cap: a huge dataset gets fewer epochs (never under 1) to stay near this
     max_epochs: float  # the floor never raises epochs past this (tiny sets would memorize)
     tokens_per_s: float = 0.0  # rough training throughput for the time estimate; 0: unknown
+    dpo_beta: float = 0.1  # DPO: how close to the reference the adapter stays
+    dpo_learning_rate: float = 0.0  # DPO's rate; 0: the SFT rate / 10
+    dpo_epochs: float = 1.0  # passes over the preference pairs
+    dpo_step_cap: int = 0  # at most this many DPO steps (0: the SFT step_cap)
+    dpo_sft_weight: float = 0.0  # SFT loss on the chosen answers beside DPO's (RPO); 0: none
 
     def __post_init__(self) -> None:
         _expect(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
@@ -114,6 +125,32 @@ class BandDefaults:
             "a number of passes, at least epochs",
         )
         _expect(_is_number(self.tokens_per_s, 0, 1e9), "tokens_per_s", "0 (unknown) or more")
+        _expect(_is_number(self.dpo_beta, 0.001, 10), "dpo_beta", "a number such as 0.1")
+        _expect(
+            self.dpo_learning_rate == 0 or _is_number(self.dpo_learning_rate, 1e-8, 0.1),
+            "dpo_learning_rate",
+            "0 (the SFT rate / 10) or a number such as 5e-6",
+        )
+        _expect(_is_number(self.dpo_epochs, 0.01, 100), "dpo_epochs", "a number of passes")
+        _expect(_is_int(self.dpo_step_cap, 0, 10_000_000), "dpo_step_cap", "0 (none) or more")
+        _expect(_is_number(self.dpo_sft_weight, 0, 10), "dpo_sft_weight", "0 (plain DPO) to 10")
+
+    def for_dpo(self) -> SimpleNamespace:
+        """The band's recipe fields with DPO's in those the plan sizes (`plan.plan_recipe`):
+        its rate, passes and step cap, no floor (preference pairs are not repeated to reach
+        a step count), and a cap that may end a run inside its first pass (`objective`
+        "dpo"): on a CPU a few pairs already move the adapter, a whole pass would take long."""
+        return SimpleNamespace(
+            **{
+                **dataclasses.asdict(self),
+                "learning_rate": self.dpo_learning_rate or self.learning_rate / 10,
+                "epochs": self.dpo_epochs,
+                "min_steps": 1,
+                "step_cap": self.dpo_step_cap or self.step_cap,
+                "max_epochs": max(self.dpo_epochs, 1.0),
+                "objective": "dpo",
+            }
+        )
 
     def to_settings(self) -> dict[str, Any]:
         """The RunConfig fields the band sets as they are; the plan sizes the rest."""

@@ -542,6 +542,7 @@ _SETTING_FIELDS = (
     "grad_accum",
     "gradient_checkpointing",
     "optimizer",
+    "objective",  # DPO: chosen and rejected in one batch, plus a reference forward (`_dpo`)
 )
 
 
@@ -666,7 +667,7 @@ def estimate(
     the caller that knows the machine asks there (the estimate itself probes nothing).
     `offload_activations` and `liger_kernels`: the long-context options, on CUDA only (TRL's
     offloading needs an accelerator, Liger needs Triton); elsewhere they change nothing."""
-    s = run_settings(settings)
+    s = dpo_batch(run_settings(settings))
     if device not in KERNELS:
         raise ValueError(f"device must be one of {', '.join(KERNELS)}, not {device!r}")
     k = KERNELS[device]
@@ -699,6 +700,10 @@ def estimate(
             overhead_detail,
         ),
     ]
+    if s["objective"] == "dpo":
+        ref = dpo_reference(shape, k, tokens)
+        parts.insert(4, ref)
+        allocated += ref.bytes
     return VramEstimate(
         model=shape.name,
         n_params=shape.n_params,
@@ -715,6 +720,24 @@ def estimate(
         liger_kernels=opts.liger,
         host_bytes=int(host),
     )
+
+
+def dpo_batch(s: dict[str, Any]) -> dict[str, Any]:
+    """DPO's shape in the settings the estimate reads: a pair is two sequences, chosen and
+    rejected in one batch; the recipe gives each step batch_size // 2 pairs (at least one,
+    `studio.train.recipe.pairs_per_batch`): twice that many sequences."""
+    if s.get("objective") != "dpo":
+        return s
+    return {**s, "batch_size": 2 * max(1, s["batch_size"] // 2)}
+
+
+def dpo_reference(shape: ModelShape, k: Kernels, tokens: int) -> VramPart:
+    """DPO's reference forward (the base with the adapter off, no gradient): nothing is kept
+    for backward, so one layer's working buffers at a time and the hidden states of the
+    batch, while the policy's activations are held for its backward."""
+    working = tokens * (_backward_transient_per_token(shape, k) + 2 * shape.hidden_size * k.compute)
+    detail = f"{tokens} tokens through one layer at a time, no gradient (adapter off)"
+    return VramPart("reference", "DPO reference forward", int(working), detail)
 
 
 def _base_weights(shape: ModelShape, qlora: bool, k: Kernels) -> tuple[float, str]:

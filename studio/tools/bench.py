@@ -35,6 +35,11 @@ Run `python -m studio.bench <command>`; commands:
       the CPU preset's defaults, no edits. Prints minutes to finish, the did-it-learn
       verdicts, and on the validation split the format rate and ROUGE-L, base vs fine-tune.
 
+  dpo [--rows 16] [--steps 4] [--batch 2] [--max-len 256] [--data FILE] [--json FILE]
+      DPO against SFT on the same preference rows through the studio's recipe, each in its
+      own process: steps/s and peak memory (RSS on CPU, allocated on CUDA) of each, and what
+      a DPO step costs next to an SFT step; prints the machine and the load average.
+
   gpu [--tiny] [--steps 6] [--json FILE] [--work-dir DIR]
       On one CUDA card, under 8 minutes: the doctor, the self-test with the presets' recipe,
       training speed and memory of the studio against the tutorial on the embedded model and
@@ -50,7 +55,7 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from studio.tools import app, chat, data, firstrun, gpu, train, uipath
+from studio.tools import app, chat, data, dpo, firstrun, gpu, train, uipath
 
 COMMANDS: dict[str, ModuleType] = {
     "data": data,
@@ -59,6 +64,7 @@ COMMANDS: dict[str, ModuleType] = {
     "app": app,
     "chat": chat,
     "firstrun": firstrun,
+    "dpo": dpo,
     "gpu": gpu,
 }
 

@@ -173,6 +173,54 @@ def intended_device(device: str, expected: str) -> Check:
     return make_check(name, "green", f"trained on {device} (the settings suggested {expected})")
 
 
+# --- preference runs (DPO): held-out pairs, before and after ------------------------------
+
+REWARD_GOAL = 0.7  # the trained adapter ranks at least this share of held-out pairs right: green
+
+
+def preference_checks(figures: dict[str, Any]) -> list[Check]:
+    """ "Reward accuracy rose" and "prefers the chosen answer" on held-out pairs
+    (`studio.train.dpo.preference_figures`), with their before and after figures.
+
+    The reward accuracy starts at 0 (the adapter starts as the reference, every reward is 0),
+    so the second check carries the real before/after: how often the model itself gives the
+    chosen answer a higher probability than the rejected one."""
+    if not figures:
+        detail = "no held-out pairs (val_fraction 0)"
+        fix = "keep a validation split (val_fraction > 0)"
+        return [make_check("reward accuracy rose", "n/a", detail, fix)]
+    n = figures["pairs"]
+    acc, margin = figures["reward_accuracy"], figures["reward_margin"]
+    detail = (
+        f"DPO reward accuracy on {n} held-out pairs 0% -> {acc:.0%},"
+        f" reward margin 0 -> {margin:.3f}"
+    )
+    if acc >= REWARD_GOAL and margin > 0:
+        reward = make_check("reward accuracy rose", "green", detail)
+    else:
+        verdict = "amber" if acc > 0.5 and margin > 0 else "red"
+        reward = make_check("reward accuracy rose", verdict, detail, FIX_PREFERENCE)
+    before, after = figures["before_prefers_chosen"], figures["after_prefers_chosen"]
+    detail = (
+        f"prefers the chosen answer on {before:.0%} of held-out pairs before, {after:.0%} after"
+        f" (log-prob margin {figures['before_logp_margin']:.1f} ->"
+        f" {figures['after_logp_margin']:.1f})"
+    )
+    if after > before or (
+        after == 1.0 and figures["after_logp_margin"] > figures["before_logp_margin"]
+    ):
+        prefers = make_check("prefers the chosen answer", "green", detail)
+    else:
+        prefers = make_check("prefers the chosen answer", "red", detail, FIX_PREFERENCE)
+    return [reward, prefers]
+
+
+FIX_PREFERENCE = (
+    "raise the learning rate or train more steps; lower beta (e.g. 0.05) lets the adapter move"
+    " further from the reference; check that chosen and rejected differ in what you want"
+)
+
+
 # --- answers: the format the dataset's answers share ---------------------------------------
 
 

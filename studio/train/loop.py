@@ -258,8 +258,12 @@ def _before_first_step(live: _Live, built: recipe.Built) -> None:
         live.say(line)  # the options for long context, on or off, and why
     if live.writes:
         runs.write_metadata(run.run_dir, run.meta)
+    batch = f"batch {cfg.batch_size}"
+    if cfg.objective == "dpo":  # a pair is two sequences: the recipe halves the batch
+        pairs = built.args.per_device_train_batch_size
+        batch = f"DPO, {pairs} pair{'s' if pairs > 1 else ''} (chosen + rejected) per batch"
     live.say(
-        f"Training {plan['total_steps']} steps: batch {cfg.batch_size} x accumulation "
+        f"Training {plan['total_steps']} steps: {batch} x accumulation "
         f"{cfg.grad_accum}, {trainable:,} trainable of {total:,} parameters"
         + (f", resuming from {run.resume_from.name}" if run.resume_from else "")
     )
@@ -274,6 +278,7 @@ def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
     step = trainer.state.global_step
     result.status = "stopped" if live.callback.stopped else "completed"
     run.meta.setdefault("memory", {}).update(vram.measured_peak(run.device))
+    found = preference_checks(live, trainer) if run.cfg.objective == "dpo" else []
     result.final_metrics = checks.final_metrics(runs.load_log(run.run_dir), step)
     result.checks = checks.did_it_learn(
         runs.load_log(run.run_dir),
@@ -282,6 +287,7 @@ def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
         run.device,
         run.expected_device,
     )
+    result.checks += found
     n_prompts, limit, why = answer_budget(run)
     live.say("Checking the answers: base vs fine-tune on a few validation prompts" + why)
     with live.timed("answer_checks_s"):
@@ -292,13 +298,44 @@ def _record_success(live: _Live, trainer: Any, tok: Any) -> None:
         for check in answers["checks"]:
             check["detail"] += why
     result.checks += answers["checks"]
-    run.meta["did_it_learn"] = answers["figures"]
+    run.meta["did_it_learn"] = {**run.meta.get("did_it_learn", {}), **answers["figures"]}
     result.warnings = [c["detail"] for c in result.checks if c["ok"] is False]
     result.message = (
         f"Stopped at step {step}; the adapter at that step is saved."
         if result.status == "stopped"
         else f"Completed {step} steps."
     )
+
+
+def preference_checks(live: _Live, trainer: Any) -> list[checks.Check]:
+    """A DPO run's held-out pairs, scored by the reference (the start) and the trained
+    adapter: the checks, the figures into the metadata, and the eval loss at step 0 (ln 2:
+    the policy starts as the reference) and now into the log, so the curve and "eval loss
+    went down" read them like SFT's. Never raises (the adapter is saved already): a failure
+    is an amber check."""
+    from studio.train import dpo
+
+    live.say("Scoring the held-out pairs: the start (reference) vs the trained adapter")
+    try:
+        with live.timed("preference_checks_s"):
+            figures = dpo.preference_figures(trainer)
+    except Exception as exc:
+        detail = f"could not score the held-out pairs: {short_error(exc)}"
+        return [checks.make_check("reward accuracy rose", "amber", detail)]
+    live.run.meta["did_it_learn"] = {"preference": figures}
+    if figures:
+        step = trainer.state.global_step
+        live.emit({"kind": "eval", "step": 0, "eval_loss": math.log(2), "reward_accuracy": 0.0})
+        live.emit(
+            {
+                "kind": "eval",
+                "step": step,
+                "eval_loss": figures["eval_loss"],
+                "reward_accuracy": figures["reward_accuracy"],
+                "reward_margin": figures["reward_margin"],
+            }
+        )
+    return checks.preference_checks(figures)
 
 
 # 4-bit generation on the CPU goes through bitsandbytes' row-by-row gemv kernel (faster ones
@@ -562,6 +599,7 @@ class _Progress:
                 "power_w": self.watts,
                 "energy_kwh": round(kwh, 6),
                 "energy_cost": round(kwh * self.run.cfg.price_per_kwh, 6),
+                **_reward_figures(logs, ""),
             }
             self.emit(entry)
             if not math.isfinite(loss) and self.nan_step is None:
@@ -573,7 +611,8 @@ class _Progress:
                 run_eval, self.base_eval = self.base_eval, None
                 step0 = {**base, "step": 0, "eval_loss": run_eval()}
                 self.emit({"kind": "eval", **step0})
-            self.emit({"kind": "eval", **base, "eval_loss": float(logs["eval_loss"])})
+            rewards = _reward_figures(logs, "eval_")
+            self.emit({"kind": "eval", **base, "eval_loss": float(logs["eval_loss"]), **rewards})
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -586,6 +625,12 @@ class _Progress:
             self._hook.remove()
             self._hook = None
         return control
+
+
+def _reward_figures(logs: dict[str, Any], prefix: str) -> dict[str, float]:
+    """A DPO log line's reward accuracy and margin (TRL's `rewards/*`), when it has them."""
+    keys = {"reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins"}
+    return {k: float(logs[prefix + v]) for k, v in keys.items() if prefix + v in logs}
 
 
 def _num(value: Any) -> float | None:

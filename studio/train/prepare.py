@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from studio import __version__, runs
 from studio.config import ConfigError, RunConfig
 from studio.data.chat_format import TemplateError, tokenize_conversation
-from studio.data.load import SAMPLE_DATASET
+from studio.data.load import SAMPLE_DATASET, SAMPLE_PREFERENCES
 from studio.train import distributed
 
 if TYPE_CHECKING:
@@ -70,8 +70,11 @@ def now_iso() -> str:
 
 
 def dataset_file(cfg: RunConfig) -> Path:
-    """The file a run trains on: the configured one, or the bundled sample."""
-    return Path(cfg.dataset_path).expanduser().resolve() if cfg.dataset_path else SAMPLE_DATASET
+    """The file a run trains on: the configured one, or the bundled sample (the preference
+    sample for DPO)."""
+    if cfg.dataset_path:
+        return Path(cfg.dataset_path).expanduser().resolve()
+    return SAMPLE_PREFERENCES if cfg.objective == "dpo" else SAMPLE_DATASET
 
 
 def read_dataset(cfg: RunConfig) -> DatasetReport:
@@ -90,12 +93,21 @@ def read_dataset(cfg: RunConfig) -> DatasetReport:
     if not report.rows:
         first = str(report.errors[0]) if report.errors else "no usable conversations"
         raise ConfigError("dataset_path", f"{path.name}: no usable rows ({first})")
+    if cfg.objective == "dpo" and report.format != "preference":
+        raise ConfigError(
+            "objective",
+            f"DPO trains on preference rows (prompt, chosen, rejected); {path.name} holds"
+            f" {report.format} rows: pick a preference dataset, or SFT",
+        )
     return report
 
 
 def training_rows(report: DatasetReport) -> list[dict[str, Any]]:
-    """The rows a run trains on, as {"messages": [...]} dicts."""
-    return [{"messages": row["messages"]} for row in report.rows]
+    """The rows a run trains on, as {"messages": [...]} dicts (with prompt/chosen/rejected
+    for preference rows)."""
+    from studio.data.load import training_row
+
+    return [training_row(row) for row in report.rows]
 
 
 def load_training_rows(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -298,10 +310,25 @@ def tokenize_run(run: PreparedRun, say: Callable[[str], None]) -> Tokens:
     metadata. `say` is the run's message line (log.jsonl and the Train tab)."""
     base = _resolve_base_model(run, say)
     tok = _load_tokenizer(run, base.path)
+    if run.cfg.objective == "dpo":  # TRL's DPOTrainer tokenizes the pairs itself
+        return _preference_tokens(run, base, tok, say)
     t0 = time.time()
     train, val = _tokenize(run, tok, say)
     run.meta.setdefault("timings", {})["tokenize_s"] = round(time.time() - t0, 2)
     return Tokens(base, tok, train, val)
+
+
+def _preference_tokens(
+    run: PreparedRun, base: ResolvedModel, tok: Any, say: Callable[[str], None]
+) -> Tokens:
+    """A DPO run's rows as they are: TRL tokenizes prompt / chosen / rejected with the same
+    chat template (`studio.train.dpo`); the counts go into the metadata like SFT's."""
+    run.meta["dataset"].update(train_pairs=len(run.train_rows), val_pairs=len(run.val_rows))
+    say(
+        f"{len(run.train_rows)} train / {len(run.val_rows)} held-out preference pairs"
+        " (chosen and rejected answers to the same prompt)"
+    )
+    return Tokens(base, tok, run.train_rows, run.val_rows)
 
 
 def _resolve_base_model(run: PreparedRun, say: Callable[[str], None]) -> ResolvedModel:
@@ -514,7 +541,31 @@ def _new_run_meta(
         "hardware": hardware_info(device, cfg.gpu_index),
         "device": {"used": device, "reason": reason, "expected": expected_device(cfg)},
         "adapter_dir": runs.ADAPTER,
+        "objective": cfg.objective,
+        # What the adapter starts from: a fresh LoRA on the base, or a finished run's adapter.
+        "starts_from": _start_of(cfg),
         "error": None,
+    }
+
+
+def _start_of(cfg: RunConfig) -> dict[str, Any]:
+    """Where a run's adapter starts, for its metadata: the base, or an earlier run."""
+    if not cfg.init_adapter:
+        return {"kind": "base", "base_model": cfg.base_model}
+    folder = Path(cfg.init_adapter).expanduser().resolve()
+    earlier = runs.read_metadata(folder) if (folder / runs.METADATA).is_file() else {}
+    base = (earlier.get("base_model") or {}).get("name")
+    if base and base != cfg.base_model:
+        raise ConfigError(
+            "init_adapter",
+            f"{folder.name} trained an adapter of {base}, not of {cfg.base_model}: pick that"
+            " base model, or a run of this one",
+        )
+    return {
+        "kind": "run",
+        "run_dir": str(folder),
+        "run_name": earlier.get("run_name", folder.name),
+        "objective": earlier.get("objective", "sft"),
     }
 
 

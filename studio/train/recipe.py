@@ -121,6 +121,18 @@ def build_peft_config(cfg: RunConfig, model: Any):
     )
 
 
+def starting_adapter(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
+    """(model, peft_config) for a trainer: a fresh LoRA from `cfg`, or the adapter of the
+    finished run named in `init_adapter`, loaded trainable (the trainer then gets no
+    peft_config). The run's metadata records which (`prepare._new_run_meta`)."""
+    if not cfg.init_adapter:
+        return model, build_peft_config(cfg, model)
+    from peft import PeftModel
+
+    folder = Path(cfg.init_adapter).expanduser() / runs.ADAPTER
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True), None
+
+
 # --- training arguments --------------------------------------------------------------------
 
 
@@ -154,11 +166,45 @@ def build_training_args(
 
     `long_context` (`studio.hardware.longctx`): TRL's activation offloading and Liger's layer
     kernels, as chosen for the run; None: both off."""
-    import torch
     from trl import SFTConfig
 
-    dtype = precision(gpu.card(cfg.gpu_index, device)).torch_dtype
     args = SFTConfig(
+        **common_arguments(cfg, run_dir, device, has_eval, resume),
+        activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        # Whole rows (already truncated): padding-free or length-grouped; or packed blocks.
+        padding_free=padding_free and not cfg.packing,
+        train_sampling_strategy="random" if cfg.packing or padding_free else "group_by_length",
+        packing=cfg.packing,
+        max_length=cfg.max_seq_len if cfg.packing else None,
+        # Labels come from chat_format's assistant mask; TRL must not rebuild them.
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        **long_context_arguments(long_context),
+    )
+    if device == "cuda" and not distributed.launched():  # DDP: accelerate gives each rank its card
+        pin_to_one_gpu(args, cfg.gpu_index)
+    return args
+
+
+def long_context_arguments(long_context: LongContext | None) -> dict[str, bool]:
+    """The long-context options as SFTConfig and DPOConfig spell them (both have them)."""
+    return {
+        "activation_offloading": bool(long_context and long_context.offload.on),
+        # Layer kernels only: TRL 1.16 keeps its fused LM head and turns Liger's FLCE off.
+        "use_liger_kernel": bool(long_context and long_context.liger.on),
+    }
+
+
+def common_arguments(
+    cfg: RunConfig, run_dir: Path, device: str, has_eval: bool, resume: bool
+) -> dict[str, Any]:
+    """The TrainingArguments every objective shares (SFTConfig here, DPOConfig in
+    `studio.train.dpo`): batches, schedule, precision, logging, evals and checkpoints."""
+    import torch
+
+    dtype = precision(gpu.card(cfg.gpu_index, device)).torch_dtype
+    return dict(
         output_dir=str(run_dir / runs.CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -171,8 +217,6 @@ def build_training_args(
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optimizer,
-        activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default
-        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=dtype == torch.bfloat16,  # TRL defaults bf16 to True; on CPU this is autocast
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
@@ -196,21 +240,7 @@ def build_training_args(
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
-        # Whole rows (already truncated): padding-free or length-grouped; or packed blocks.
-        padding_free=padding_free and not cfg.packing,
-        train_sampling_strategy="random" if cfg.packing or padding_free else "group_by_length",
-        packing=cfg.packing,
-        max_length=cfg.max_seq_len if cfg.packing else None,
-        # Labels come from chat_format's assistant mask; TRL must not rebuild them.
-        assistant_only_loss=False,
-        completion_only_loss=False,
-        activation_offloading=bool(long_context and long_context.offload.on),
-        # Layer kernels only: TRL 1.16 keeps its fused LM head and turns Liger's FLCE off.
-        use_liger_kernel=bool(long_context and long_context.liger.on),
     )
-    if device == "cuda" and not distributed.launched():  # DDP: accelerate gives each rank its card
-        pin_to_one_gpu(args, cfg.gpu_index)
-    return args
 
 
 def pin_to_one_gpu(args: Any, index: int) -> None:
@@ -322,6 +352,15 @@ def install_compact_head(model: Any) -> None:
 # --- the trainer and its step plan ----------------------------------------------------------
 
 
+class CheckpointKillPoint:
+    """Mixed into the studio's trainers: tests/test_kill.py kills a run here, with a
+    checkpoint's weights and optimizer written and its trainer_state.json not yet."""
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        runs.kill_point(f"checkpoint-{self.state.global_step}")
+
+
 def trainer_class():
     """SFTTrainer with a compact loss head on CPU (`compact_head_ok`); TRL's elsewhere.
 
@@ -329,7 +368,7 @@ def trainer_class():
     """
     from trl import SFTTrainer
 
-    class StudioSFTTrainer(SFTTrainer):
+    class StudioSFTTrainer(CheckpointKillPoint, SFTTrainer):
         compact_head = False  # set by build_trainer; the benchmark may turn it off
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -356,11 +395,6 @@ def trainer_class():
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
-        def _save_rng_state(self, output_dir):
-            super()._save_rng_state(output_dir)
-            # tests/test_kill.py: weights and optimizer written, trainer_state.json not yet.
-            runs.kill_point(f"checkpoint-{self.state.global_step}")
-
     return StudioSFTTrainer
 
 
@@ -384,17 +418,126 @@ def build_trainer(
     from datasets import Dataset
 
     val_tok = sorted(val_tok or [], key=lambda row: len(row["input_ids"]))
+    model, peft_config = starting_adapter(cfg, model)
     trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_tok),
         eval_dataset=Dataset.from_list(val_tok) if val_tok else None,
         processing_class=tok,
-        peft_config=build_peft_config(cfg, model),
+        peft_config=peft_config,
         callbacks=list(callbacks) or None,
     )
     trainer.compact_head = compact_head_ok(model, device)
     tracking.point_tensorboard_at(trainer, Path(args.output_dir).parent)  # <run>/tensorboard
+    if adapters_need_fp32(cfg, args):
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return trainer
+
+
+# --- DPO: preference pairs (README "Preference tuning"; its computations in `dpo.py`) ------
+#
+# No `ref_model`: the reference is the same model with this run's adapter off (a fresh
+# adapter), or, continuing from an SFT run, a frozen copy of that run's adapter that TRL adds
+# as "ref". No second copy of the base model, with QLoRA too. The rows are TRL's
+# conversational preference rows; TRL tokenizes them with the model's chat template.
+
+
+def pairs_per_batch(batch_size: int) -> int:
+    """Pairs per device batch: `batch_size` counts sequences, the unit memory is sized in
+    (the preset and the VRAM estimate), and a pair is two (chosen and rejected), so the same
+    settings fit the same card for SFT and DPO. At least one pair."""
+    return max(1, batch_size // 2)
+
+
+def preference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's pairs as TRL's conversational preference rows (the loader's derived
+    `messages` dropped)."""
+    return [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
+
+
+def build_dpo_args(
+    cfg: RunConfig,
+    run_dir: Path,
+    device: str,
+    resume: bool,
+    long_context: LongContext | None = None,
+):
+    """DPOConfig for one run: the arguments every objective shares, plus DPO's own.
+
+    TRL turns gradient checkpointing on by default for DPO; here it follows the run's setting
+    like SFT. The Trainer does not evaluate: the held-out pairs are scored once, at the end,
+    by `preference_figures`, reference and policy in one pass, which gives the eval loss
+    too; at step 0 it is known (the policy is the reference: loss ln 2, rewards 0). On a CPU
+    each Trainer eval of 8 pairs cost as much as a training step."""
+    from trl import DPOConfig
+
+    common = common_arguments(cfg, run_dir, device, False, resume)
+    pairs = pairs_per_batch(cfg.batch_size)
+    # Scoring held-out pairs keeps no activations for a backward: twice the pairs fit.
+    common.update(per_device_train_batch_size=pairs, per_device_eval_batch_size=2 * pairs)
+    args = DPOConfig(
+        **common,
+        beta=cfg.dpo_beta,
+        # DPO's sigmoid loss, plus the SFT loss on the chosen answers when weighted (RPO)
+        loss_type=["sigmoid", "sft"] if cfg.dpo_sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.dpo_sft_weight] if cfg.dpo_sft_weight > 0 else None,
+        max_length=cfg.max_seq_len,  # prompt + answer; longer pairs are cut at the end
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        precompute_ref_log_probs=False,  # the reference forward runs in each step, no grad
+        dataset_num_proc=None,
+        **long_context_arguments(long_context),
+    )
+    if device == "cuda" and not distributed.launched():
+        pin_to_one_gpu(args, cfg.gpu_index)
+    return args
+
+
+def dpo_trainer_class():
+    """DPOTrainer with the studio's checkpoint kill point; defined lazily (no trl import)."""
+    from trl import DPOTrainer
+
+    class StudioDPOTrainer(CheckpointKillPoint, DPOTrainer):
+        pass
+
+    return StudioDPOTrainer
+
+
+def build_dpo_trainer(
+    cfg: RunConfig,
+    model: Any,
+    tok: Any,
+    args: Any,
+    device: str,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]] | None = None,
+    callbacks: Iterable[Any] = (),
+):
+    """The studio's DPOTrainer on preference rows, LoRA from `cfg` or the SFT run's adapter."""
+    from datasets import Dataset
+
+    from studio.train.dpo import install_compact_logps
+
+    model, peft_config = starting_adapter(cfg, model)
+    val = preference_rows(val_rows or [])
+    trainer = dpo_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(preference_rows(train_rows)),
+        eval_dataset=Dataset.from_list(val) if val else None,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=list(callbacks) or None,
+    )
+    # CPU only: it builds the logits of every answer token at once, fine for a CPU batch,
+    # not for a long GPU batch (there TRL's chunked head runs).
+    trainer.compact_head = device == "cpu" and compact_head_ok(trainer.model, device)
+    if trainer.compact_head:
+        install_compact_logps(trainer.model)
+    tracking.point_tensorboard_at(trainer, Path(args.output_dir).parent)
     if adapters_need_fp32(cfg, args):
         for p in trainer.model.parameters():
             if p.requires_grad:
@@ -435,17 +578,23 @@ def build(
     callbacks: Iterable[Any] = (),
 ) -> Built:
     """The run's recipe in one call: the frozen base, the SFTConfig (padding-free only where
-    it pays), the trainer with LoRA and the run's callbacks, and the step plan set on it."""
+    it pays), the trainer with LoRA and the run's callbacks, and the step plan set on it.
+    For `objective: dpo`, `train_tok` / `val_tok` are preference rows and the DPO recipe
+    builds the arguments and trainer instead."""
     from transformers import PrinterCallback
 
     long_context = for_run(cfg, str(model_path), gpu.card(cfg.gpu_index, device))  # before the load
     t0 = time.time()
     model = load_base_model(cfg, model_path, device)
     load_s = round(time.time() - t0, 2)
-    args = build_training_args(
-        cfg, run_dir, device, bool(val_tok), resume, padding_free_ok(model), long_context
-    )
-    trainer = build_trainer(cfg, model, tok, args, device, train_tok, val_tok, callbacks)
+    if cfg.objective == "dpo":
+        args = build_dpo_args(cfg, run_dir, device, resume, long_context)
+        trainer = build_dpo_trainer(cfg, model, tok, args, device, train_tok, val_tok, callbacks)
+    else:
+        args = build_training_args(
+            cfg, run_dir, device, bool(val_tok), resume, padding_free_ok(model), long_context
+        )
+        trainer = build_trainer(cfg, model, tok, args, device, train_tok, val_tok, callbacks)
     trainer.remove_callback(PrinterCallback)  # the run's callback logs; no raw dicts on stdout
     plan = apply_step_plan(trainer, cfg)
     summary = recipe_summary(cfg, device, trainer) | long_context.to_dict()
@@ -511,6 +660,7 @@ def recipe_summary(cfg: RunConfig, device: str, trainer: Any) -> dict[str, str]:
     else:
         batches = "length-grouped, padded per batch"
     return {
+        "objective": "DPO (preference pairs)" if cfg.objective == "dpo" else "SFT",
         "precision": precision(device).reason,
         "batches": batches,
         "loss_head": "compact (label positions only)" if trainer.compact_head else "TRL fused",

@@ -120,6 +120,14 @@ def _summary_md(
         f"**Roles:** {roles}  ",
         f"**Turns per row** (without system): {t['min']}–{t['max']}, mean {t['mean']}",
     ]
+    if report.format == "preference":
+        pref = report.summary()["preference"]
+        lines.append(
+            f"\n**Preference pairs:** {pref['pairs']:,}; answers average"
+            f" {pref['chosen_chars_mean']:.0f} characters chosen,"
+            f" {pref['rejected_chars_mean']:.0f} rejected; the chosen one is longer in"
+            f" {pref['chosen_longer']:,}. Train with the objective **DPO** (Train tab)."
+        )
     if report.json_check is not None:
         jc = report.json_check
         if jc["failed"]:
@@ -253,6 +261,9 @@ def _build_source(ui: dict[str, Any]) -> None:
             with gr.Row():
                 ui["load"] = gr.Button("Load file", variant="primary")
                 ui["sample"] = gr.Button("Load the bundled sample")
+                ui["sample_pref"] = gr.Button(
+                    "Load the preference sample (DPO)", elem_id="dataset-sample-pref"
+                )
     with gr.Accordion("…or a Hugging Face dataset by name", open=False):
         with gr.Row():
             ui["hub_id"] = gr.Textbox(
@@ -332,7 +343,8 @@ def _build_preview_and_pii(ui: dict[str, Any]) -> None:
         ui["preview"] = gr.HighlightedText(
             label="Training text",
             elem_id="dataset-preview",
-            color_map={"trained": "#22c55e"},
+            # a preference pair shows both answers as the model sees them
+            color_map={"trained": "#22c55e", "chosen": "#22c55e", "rejected": "#ef4444"},
             show_legend=True,
             combine_adjacent=True,
         )
@@ -414,6 +426,7 @@ def wire_dataset_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     ui["load"].click(partial(on_load, w), {ui["path"], *settings}, outputs)
     ui["path"].submit(partial(on_load, w), {ui["path"], *settings}, outputs)
     ui["sample"].click(partial(on_sample, w), settings, outputs)
+    ui["sample_pref"].click(partial(on_preference_sample, w), settings, outputs)
     hub_in = {ui["hub_id"], ui["hub_split"], ui["hub_map"], *settings}
     ui["hub_load"].click(partial(on_hub, w), hub_in, outputs)
     ui["upload"].upload(partial(on_upload, w), {ui["upload"], *settings}, outputs)
@@ -609,8 +622,16 @@ def on_load(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
 
 
 def on_sample(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    return _load_sample(w, data.SAMPLE_DATASET, values)
+
+
+def on_preference_sample(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
+    return _load_sample(w, data.SAMPLE_PREFERENCES, values)
+
+
+def _load_sample(w: DatasetWiring, sample: Path, values: dict[Any, Any]) -> dict[Any, Any]:
     opts = {**w.read_settings(values), "fmt": "auto"}
-    return _load(w, data.SAMPLE_DATASET, "the bundled sample (support_tickets.jsonl)", opts)
+    return _load(w, sample, f"the bundled sample ({sample.name})", opts)
 
 
 def on_hub(w: DatasetWiring, values: dict[Any, Any]) -> dict[Any, Any]:
@@ -671,6 +692,32 @@ def on_preview(w: DatasetWiring, values: dict[Any, Any]) -> tuple[str, Any]:
     return _preview(loaded, values.get(w.ui["preview_line"]), opts["model"], opts["max_len"])
 
 
+def _pair_preview(
+    row: dict[str, Any], tok: Any, model_name: str, line: Any, unit: str, max_len: int
+) -> tuple[str, Any]:
+    """A preference pair as the model sees it: prompt + chosen, then prompt + rejected, each
+    through the chat template; the answers are highlighted as chosen and rejected."""
+    try:
+        sides = [
+            (label, preview_row(row["prompt"] + row[label], tok, max_len))
+            for label in ("chosen", "rejected")
+        ]
+    except Exception as exc:
+        log.exception("preview failed")
+        return _box("error", f"Preview failed: {type(exc).__name__}: {exc}"), None
+    value: list[tuple[str, str | None]] = []
+    for label, segments in sides:
+        value.append((f"── {label} ──\n", None))
+        value += [(text, label if trained else None) for text, trained in segments]
+        value.append(("\n", None))
+    info = (
+        f"{unit} {line}: a preference pair. DPO raises the model's probability of the"
+        " **chosen** answer over the **rejected** one, relative to where it started"
+        f" (chat template of `{model_name}`)."
+    )
+    return info, value
+
+
 def on_clean(w: DatasetWiring, action: str, values: dict[Any, Any]) -> dict[Any, Any]:
     """Redact or drop the PII findings into a cleaned copy, then load that copy."""
     loaded = values.get(w.ui["loaded"])
@@ -711,6 +758,8 @@ def _preview(loaded: dict[str, Any], line: Any, model: str | None, max_len: int)
         msg = f"The preview needs the model's tokenizer, which is not available ({model_name})."
         return _box("warn", msg), None
     row = report.rows[idx]
+    if "rejected" in row:
+        return _pair_preview(row, tok, model_name, line, report.unit, max_len)
     try:
         segments = preview_row(row, tok, max_len)
         tc = chat_format.tokenize_conversation(tok, row["messages"], max_len)

@@ -25,6 +25,7 @@ from studio.config import (
     DEFAULT_MODEL,
     DEVICES,
     METHODS,
+    OBJECTIVES,
     OPTIMIZERS,
     SWITCHES,
     TARGETS,
@@ -38,6 +39,19 @@ from studio.train.plan import PLAN_FIELDS, RunPlan, plan_run
 
 # (field, label, kind, extra kwargs); kind: text, int, float, bool, or a tuple of choices.
 BASIC_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
+    (
+        "objective",
+        "Objective",
+        OBJECTIVES,
+        {"info": "SFT: imitate the answers · DPO: prefer chosen over rejected (preference data)"},
+    ),
+    ("dpo_beta", "DPO beta", "float", {"info": "Higher stays closer to the start (0.1 usual)"}),
+    (
+        "init_adapter",
+        "Continue from run (folder)",
+        "text",
+        {"info": "A finished run's folder: its adapter trains on (SFT then DPO). Empty: fresh"},
+    ),
     ("run_name", "Run name", "text", {}),
     ("method", "Method", METHODS, {"info": "QLoRA: 4-bit NF4 base, about 1/4 of the memory"}),
     ("target_modules", "LoRA targets", TARGETS, {}),
@@ -54,6 +68,12 @@ BASIC_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
     ("gradient_checkpointing", "Gradient checkpointing", "bool", {}),
 ]
 ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
+    (
+        "dpo_sft_weight",
+        "DPO: SFT loss weight on chosen",
+        "float",
+        {"info": "0: plain DPO; 1: also learn to write the chosen answers (RPO)"},
+    ),
     ("save_steps", "Checkpoint every N steps (0 = about 4 per run)", "int", {}),
     ("eval_steps", "Evaluate every N steps (0 = about 5 per run)", "int", {}),
     ("val_fraction", "Validation share", "float", {}),
@@ -105,7 +125,9 @@ CROSS_TAB = (
     "hardware.gpu",
 )
 # Settings that change the plan or the pre-flight (besides the other tabs' model, data, preset).
-PLAN_INPUTS = ("batch_size", "grad_accum", "max_seq_len", "val_fraction", "seed", "max_steps")
+PLAN_INPUTS = (
+    "batch_size", "grad_accum", "max_seq_len", "val_fraction", "seed", "max_steps", "objective",
+)  # fmt: skip
 RUN_HEADERS = [
     "run",
     "status",
@@ -305,6 +327,10 @@ def wire_train_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
             [ui["pii_group"], ui["pii_md"], ui["allow_pii"]],
         )
     _wire_plan(w, demo)
+    if "dataset.format" in ctx:  # preference data trains with DPO, other data with SFT
+        ctx["dataset.format"].change(
+            objective_for_format, [ctx["dataset.format"], ui["objective"]], ui["objective"]
+        )
     if "model.name" in ctx:  # one model for the run: this picker and the Hardware tab's agree
         ui["model"].input(lambda m: m, ui["model"], ctx["model.name"], show_progress="hidden")
         ctx["model.name"].change(
@@ -348,6 +374,15 @@ def _wire_plan(w: TrainWiring, demo: Any) -> None:
 # --- handlers -----------------------------------------------------------------------------------
 
 
+def objective_for_format(fmt: str | None, objective: str | None) -> Any:
+    """The objective that fits the loaded data: DPO for preference pairs, SFT for chat rows
+    (DPO cannot train on those); unchanged when it already fits."""
+    wanted = "dpo" if fmt == "preference" else "sft"
+    if fmt is None or objective == wanted:
+        return gr.skip()
+    return wanted
+
+
 def mark_edited(name: str, edited: list[str] | None) -> list[str]:
     """Remember that the user typed into a field: from now on their value wins over the fills
     they did not ask for. Changed in place, for the handlers already holding the list."""
@@ -386,9 +421,14 @@ def preview(w: TrainWiring, values: dict[Any, Any]) -> tuple[str, str]:
         cfg = config_from_ui(settings, extras)
     except ConfigError as exc:
         return f"# not valid yet: {exc}\n", f"⚠️ Setting `{exc.field}`: {exc}"
-    data = Path(cfg.dataset_path).name if cfg.dataset_path else "the bundled sample"
+    data = Path(cfg.dataset_path).name if cfg.dataset_path else _sample_name(cfg)
     preset = f" · preset **{cfg.preset}**" if cfg.preset else ""
     return cfg.to_yaml(), f"Base model **{cfg.base_model}** · dataset **{data}**{preset}"
+
+
+def _sample_name(cfg: RunConfig) -> str:
+    """What a run with no dataset picked trains on."""
+    return "the bundled preference sample" if cfg.objective == "dpo" else "the bundled sample"
 
 
 def start(w: TrainWiring, values: dict[Any, Any]) -> tuple[Any, Any, Any]:
@@ -398,6 +438,8 @@ def start(w: TrainWiring, values: dict[Any, Any]) -> tuple[Any, Any, Any]:
     try:
         get_manager().check_idle()  # busy first: no PII question when nothing can start
         cfg = config_from_ui(settings, extras)
+        if cfg.objective == "dpo" and not cfg.dataset_path:
+            pii = 0  # the count is the chat sample's; the engine's gate scans the pairs' own
         if pii and not cfg.allow_pii:
             gr.Warning("Confirm the PII findings first (or redact them in the Dataset tab).")
             group, text, _ = pii_notice(pii)
@@ -491,7 +533,8 @@ def config_from_ui(values: dict[str, Any], extras: dict[str, Any]) -> RunConfig:
     """A RunConfig from the widgets plus the other tabs' model, dataset and preset."""
     data: dict[str, Any] = {}
     for name, value in values.items():
-        if value is None or (isinstance(value, str) and not value.strip() and name != "run_name"):
+        optional = name in ("run_name", "init_adapter")
+        if value is None or (isinstance(value, str) and not value.strip() and not optional):
             raise ConfigError(name, "enter a value")
         data[name] = value
     data["base_model"] = extras.get("model.name") or DEFAULT_MODEL
@@ -534,7 +577,7 @@ def past_runs_updates():
         [
             r.name,
             r.status,
-            r.method,
+            r.method_words,
             r.base_model.rsplit("/", 1)[-1],
             f"{r.steps}/{r.total_steps}" if r.total_steps else str(r.steps),
             _fmt(r.train_loss),

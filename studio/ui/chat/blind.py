@@ -1,7 +1,10 @@
 """Chat tab, blind mode: vote on two hidden answers, then see which side was which.
 
 Votes are saved with the run (`studio.chat.evaluate.record_blind_vote`), and the tally gives
-the adapter's win rate.
+the adapter's win rate. "Make a preference dataset from my votes" turns them into
+prompt/chosen/rejected pairs (`studio.chat.evaluate.votes_to_pairs`) and points the Dataset
+and Train tabs at them: objective DPO, continuing from the voted run's adapter, so Start in
+the Train tab is the second click.
 """
 
 from __future__ import annotations
@@ -22,6 +25,65 @@ def build_votes(ui: dict[str, Any]) -> None:
         ui["vote_tie"] = gr.Button("Tie")
         ui["vote_b"] = gr.Button("B is better")
     ui["reveal"] = gr.Markdown("", elem_id="chat-reveal")
+    with gr.Row():
+        ui["make_pairs"] = gr.Button(
+            "Make a preference dataset from my votes", size="sm", elem_id="chat-make-pairs"
+        )
+    ui["pairs_md"] = gr.Markdown("", elem_id="chat-pairs")
+
+
+# The other tabs' components the pairs button fills (those present in ctx).
+PAIR_TARGETS = (
+    "dataset.path",
+    "dataset.format",
+    "dataset.pii_count",
+    "train.objective",
+    "train.init_adapter",
+)
+
+
+def wire_pairs(ui: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The pairs button: writes the dataset, then fills the other tabs that exist."""
+    targets = [key for key in PAIR_TARGETS if key in ctx]
+    ui["make_pairs"].click(
+        lambda mine: make_pairs(mine, targets),
+        ui["loaded"],
+        [ui["pairs_md"], *(ctx[key] for key in targets)],
+    )
+
+
+def make_pairs(mine: dict[str, Any] | None, targets: list[str]) -> list[Any]:
+    """(message, then a value per target) after writing the votes of the loaded run as a new
+    preference dataset; on failure only the message changes."""
+    from studio.data.scan import PIICheckError, file_pii_count
+
+    skip = [gr.skip() for _ in targets]
+    if not mine or not mine.get("has_adapter"):
+        return ["Load a run and vote in blind mode first.", *skip]
+    try:
+        made = chat.votes_to_pairs(mine["out_dir"], mine.get("label", ""))
+        pii = file_pii_count(made.path)
+    except (chat.ChatError, PIICheckError, OSError) as exc:
+        return [f"⚠️ {exc}", *skip]
+    run_dir = Path(mine["out_dir"])
+    start = str(run_dir) if (run_dir / "adapter").is_dir() else ""
+    values = {
+        "dataset.path": str(made.path),
+        "dataset.format": "preference",
+        "dataset.pii_count": pii,
+        "train.objective": "dpo",
+        "train.init_adapter": start,
+    }
+    text = (
+        f"Wrote **{made.pairs}** preference pairs to `{made.path}` (winner chosen, loser"
+        f" rejected; {made.ties} ties and {made.skipped} unusable votes left out). The Train"
+        " tab is set to **DPO** on them"
+        + (f", continuing from `{run_dir.name}`'s adapter" if start else "")
+        + ": press **Start training** there."
+    )
+    if pii:
+        text += f" ⚠️ {pii} possible personal-data finding(s): check them in the Dataset tab."
+    return [text, *(values[key] for key in targets)]
 
 
 def wire_votes(ui: dict[str, Any], engine: chat.ChatEngine) -> None:

@@ -17,7 +17,7 @@ import gradio as gr
 from studio import chat, runs
 from studio.config import DEFAULT_MODEL
 from studio.ui.chat.batch import build_batch, wire_batch
-from studio.ui.chat.blind import build_votes, wire_votes
+from studio.ui.chat.blind import build_votes, wire_pairs, wire_votes
 from studio.ui.chat.conversation import build_conversation, fresh, reset_outputs, wire_conversation
 
 FINAL_ADAPTER = "final adapter"
@@ -26,7 +26,7 @@ FINAL_ADAPTER = "final adapter"
 def _run_choices() -> list[tuple[str, str]]:
     try:
         chattable = runs.list_runs(chattable=True)
-        return [(f"{r.name} · {r.method} · {r.status}", str(r.path)) for r in chattable]
+        return [(f"{r.name} · {r.method_words} · {r.status}", str(r.path)) for r in chattable]
     except Exception:
         return []
 
@@ -112,6 +112,7 @@ def wire_chat_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     _wire_loader(ui, engine)
     wire_conversation(ui, engine)
     wire_votes(ui, engine)
+    wire_pairs(ui, ctx)
     wire_batch(ui, engine)
     run_dd = ui["run_dd"]
     refreshers = [ui["refresh"].click]
