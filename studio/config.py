@@ -72,8 +72,10 @@ class RunConfig:
     objective: str = "sft"  # sft or dpo
     dpo_beta: float = 0.1  # how far DPO may move from the reference (higher: stays closer)
     # Weight of an SFT loss on the chosen answers added to DPO's (RPO, Pang et al. 2024); 0:
-    # plain DPO. DPO alone may push rejected answers down and chosen ones with them.
-    dpo_sft_weight: float = 0.0
+    # plain DPO. DPO alone may push rejected answers down and chosen ones with them. 1.0 is
+    # the CPU preset's value for the embedded model, like the other defaults here: at lr 1e-3
+    # plain DPO ranked every held-out pair right and answered in runaway nested JSON.
+    dpo_sft_weight: float = 1.0
     # A finished SFT run's folder to continue from (its adapter is trained further and, for
     # DPO, is also the reference); empty: a fresh adapter on the base model.
     init_adapter: str = ""
