@@ -111,7 +111,7 @@ def normalize_record(
         return None, [*problems, (key, f"must be a non-empty list, got {json_type(turns)}")]
     messages: list[Message] = []
     for i, turn in enumerate(turns):
-        message = _normalize_turn(turn, f"{key}[{i}]", fmt, problems)
+        message = normalize_turn(turn, f"{key}[{i}]", fmt, problems)
         if message is not None:
             messages.append(message)
     if problems:
@@ -119,7 +119,7 @@ def normalize_record(
     return _check_turns(messages, key, answer_required)
 
 
-def _normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Message | None:
+def normalize_turn(turn: Any, where: str, fmt: str, problems: Problems) -> Message | None:
     """One chat or ShareGPT turn as a message; its problems are appended to `problems`."""
     role_key, text_key = ("role", "content") if fmt == "messages" else ("from", "value")
     if not isinstance(turn, dict):

@@ -24,8 +24,8 @@ from studio.data.normalize import (
     META_KEYS,
     Message,
     Problems,
-    _normalize_turn,
     json_type,
+    normalize_turn,
 )
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
@@ -84,7 +84,7 @@ def _turns(
         problems.append((key, f"must be text or a non-empty message list, got {json_type(value)}"))
         return None
     before = len(problems)
-    turns = [_normalize_turn(t, f"{key}[{i}]", "messages", problems) for i, t in enumerate(value)]
+    turns = [normalize_turn(t, f"{key}[{i}]", "messages", problems) for i, t in enumerate(value)]
     if len(problems) > before:
         return None
     return [t for t in turns if t is not None]
