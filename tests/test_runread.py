@@ -207,6 +207,7 @@ def test_chat_export_and_checks_serve_the_runs_tokenizer_and_stop_at_the_marker(
 
     run = runs.open_run(marker_run)
     eng = chat.ChatEngine()
+    eng.batch_sides = True  # the batched pass too, though fp32 on a CPU would pick A then B
     eng.load(marker_run, device="cpu")
     try:
         assert f"You are {RUN_WHO}." in eng.prompt_text(QUESTION)
