@@ -186,6 +186,29 @@ def test_tool_call_rows_are_counted_not_errors(tmp_path: Path) -> None:
     assert "lines 2, 3" in tool_notes[0]
 
 
+def test_a_runs_log_and_metadata_say_the_datasets_notes(
+    tmp_path: Path, studio_home: Path, embedded_model
+) -> None:
+    """The CLI and the Train tab print the run's log: the rows left out are said there too,
+    not only in the Dataset tab's summary."""
+    from studio import runs
+    from studio.train.prepare import prepare_run, tokenize_run
+
+    rows = [PLAIN_ROW, *TOOL_ROWS, OPENAI_ROW, PLAIN_ROW, OPENAI_ROW]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    cfg = RunConfig(dataset_path=str(path), device="cpu", val_fraction=0.0, allow_pii=True)
+    run = prepare_run(cfg)
+    said: list[str] = []
+    try:
+        tokenize_run(run, said.append)
+    finally:
+        runs.mark_done(run.run_dir)
+    notes = runs.read_metadata(run.run_dir)["dataset"]["notes"]
+    assert any("2 rows call tools" in n for n in notes), notes
+    assert any("weight 0" in n for n in notes), notes
+    assert [line for line in said if line in notes] == notes
+
+
 def test_empty_tool_fields_do_not_make_a_tool_row(tmp_path: Path) -> None:
     """Exports write "tool_calls": null on plain replies and "tools": [] on plain rows."""
     row = {

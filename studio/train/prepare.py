@@ -308,6 +308,8 @@ def tokenize_run(run: PreparedRun, say: Callable[[str], None]) -> Tokens:
     """The base model resolved, its tokenizer loaded, the rows tokenized once (or the cached
     tokens of an unchanged Start reused); what was kept, cut and dropped goes into the
     metadata. `say` is the run's message line (log.jsonl and the Train tab)."""
+    for note in run.meta.get("dataset", {}).get("notes", []):
+        say(note)  # what the Dataset tab's summary says, in the log and on the CLI too
     base = _resolve_base_model(run, say)
     tok = _load_tokenizer(run, base.path)
     if run.cfg.objective == "dpo":  # TRL's DPOTrainer tokenizes the pairs itself
@@ -501,6 +503,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     rows = training_rows(report)
     train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.seed)
     meta = _new_run_meta(cfg, device, reason, len(rows), len(train_rows), len(val_rows))
+    meta["dataset"]["notes"] = list(report.notes)  # rows read but not trained as written
     run_dir = runs.new_run_dir(cfg.run_name)
     meta["run_dir"] = str(run_dir)
     runs.mark_live(run_dir)  # released by the run's record (`loop.recording`), which must follow
