@@ -96,6 +96,8 @@ class RunConfig:
     activation_offloading: str = "auto"
     # Liger's Triton kernels for RMSNorm/SwiGLU/RoPE (`use_liger_kernel`; CUDA with Triton)
     liger_kernels: str = "auto"
+    # The MLP in shards, recomputed in backward (`studio.train.tiled_mlp`; any device, 1 GPU)
+    tiled_mlp: str = "auto"
     assistant_only_loss: bool = True  # loss on assistant turns (with their end token) only
     packing: bool = False  # False: padding-free batches of whole rows
 
@@ -148,7 +150,7 @@ class RunConfig:
         _check(self.target_modules in TARGETS, "target_modules", f"use one of {', '.join(TARGETS)}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
         _check(self.device in DEVICES, "device", f"use one of {', '.join(DEVICES)}")
-        for name in ("activation_offloading", "liger_kernels"):
+        for name in ("activation_offloading", "liger_kernels", "tiled_mlp"):
             _check(getattr(self, name) in SWITCHES, name, f"use one of {', '.join(SWITCHES)}")
         _check(self.gpu_index >= 0, "gpu_index", "use 0 for the first GPU, 1 for the second...")
         _check(0.0 <= self.val_fraction < 0.5, "val_fraction", "use 0 to 0.5 (0.1 is usual)")

@@ -196,7 +196,7 @@ def test_cuda_falls_back_to_the_compact_head_when_the_probe_fails(triton_install
 def test_cuda_uses_the_compact_head_exactly_when_triton_is_missing(
     monkeypatch, triton, compact
 ) -> None:
-    monkeypatch.setattr(detect, "triton_ready", lambda: detect.Choice(triton, "faked"))
+    monkeypatch.setattr(detect, "triton_ready", lambda **_: detect.Choice(triton, "faked"))
     model = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=None))
     assert recipe.compact_head_ok(model, "cuda") is compact
     assert recipe.compact_head_ok(model, "cpu") is True

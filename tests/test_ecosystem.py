@@ -342,37 +342,14 @@ def test_every_run_writes_tensorboard_event_files_into_its_folder(two_step_run: 
 
 
 @pytest.mark.slow
-def test_q4_k_m_export_writes_the_route_it_took(two_step_run: Path) -> None:
-    from studio.export import run as export
-
-    result = export.export_run(two_step_run, gguf="Q4_K_M", n_prompts=1, max_new_tokens=8)
-    names = [p for p, _ in result.files]
-    found = gguf.local_quantizer()
-    if isinstance(found, str):  # this machine: Ollama quantizes the checked f16 file
-        assert any(n.endswith("-f16.gguf") for n in names)
-        assert not any("q4_K_M" in n for n in names)
-        assert result.gguf_type == "f16" and result.gguf_check is not None
-        assert result.gguf_check.passed, result.gguf_check.summary
-        assert "--quantize q4_K_M -f" in result.create_command
-        assert "ollama create --quantize q4_K_M" in result.gguf_route
-        assert "NOT checked" in result.gguf_route
-        assert "--quantize q4_K_M -f Modelfile" in result.modelfile
-        assert "FROM ./" in result.modelfile and "-f16.gguf" in result.modelfile
-    else:  # llama.cpp's own quantizer loaded: the q4_K_M file is written here
-        assert any(n.endswith("-q4_K_M.gguf") for n in names)
-        assert "--quantize" not in result.create_command
-        assert "llama_model_quantize" in result.gguf_route
-    assert 'PARAMETER stop "<|im_end|>"' in result.modelfile
-
-
-@pytest.mark.slow
 @pytest.mark.browser
 def test_export_section_q4_k_m_says_which_route_makes_the_file(
     two_step_run: Path, start_app, page
 ) -> None:
     """Export in the browser with q4_K_M picked. Without llama.cpp's quantizer (this machine:
     its wheel needs glibc 2.38) the section says so, keeps the checked f16 GGUF, and prints
-    the `ollama create --quantize q4_K_M` command that makes the q4_K_M model."""
+    the `ollama create --quantize q4_K_M` command that makes the q4_K_M model; the Modelfile
+    says the same, and stops at the model's end-of-turn marker."""
     import re
 
     from playwright.sync_api import expect
@@ -404,8 +381,14 @@ def test_export_section_q4_k_m_says_which_route_makes_the_file(
         expect(files).not_to_contain_text("q4_K_M.gguf")
         f16 = sorted(two_step_run.glob("export*/*-f16.gguf"))
         assert f16 and f16[-1].stat().st_size > 100e6  # 135M parameters at 2 bytes each
+        expect(status).to_contain_text("✅ GGUF file (loaded back) vs merged folder")
     else:  # llama.cpp's quantizer loaded: the q4_K_M file is written here
         expect(status).to_contain_text("llama_model_quantize")
         expect(files).to_contain_text("-q4_K_M.gguf")
         expect(commands).not_to_contain_text("--quantize")
+    (modelfile,) = (p for p in two_step_run.glob("export*/Modelfile") if p.is_file())
+    text = modelfile.read_text(encoding="utf-8")
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    if isinstance(found, str):
+        assert "--quantize q4_K_M -f Modelfile" in text and "-f16.gguf" in text
     assert "Traceback" not in page.content()

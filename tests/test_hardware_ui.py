@@ -30,11 +30,41 @@ def test_cpu_estimate_follows_the_precision_rule(monkeypatch: pytest.MonkeyPatch
 
 def _wiring():
     """The tab's wiring with names standing in for the components (handlers key by them)."""
-    from studio.ui.hardware_tab import SETTING_FIELDS, HardwareWiring
+    from studio.ui.hardware_tab import SETTING_FIELDS, WATCHED_FIELDS, HardwareWiring
 
     names = ("preset", "model", "settings", "report", "model_info", "verdict", "chart")
     train = {k: f"train.{k}" for k in SETTING_FIELDS}
-    return HardwareWiring({n: n for n in names}, train, edited="edited", note="note")
+    watched = {k: f"train.{k}" for k in WATCHED_FIELDS}
+    return HardwareWiring({n: n for n in names}, train, "edited", "note", watched)
+
+
+def test_the_estimate_follows_the_train_tabs_long_context_switches() -> None:
+    """The 🧩 lines and the verdict are the run's: the Train tab's switches reach the
+    estimate (a 12 GB card, Llama-3.1-8B QLoRA at 16k tokens), and no preset fill sets them."""
+    from studio.ui.hardware_tab import on_pick, on_settings_change
+
+    w = _wiring()
+    run = {"method": "qlora", "batch_size": 1, "grad_accum": 1, "max_seq_len": 16_384,
+           "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit", "lora_r": 32,
+           "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all_linear"}  # fmt: skip
+    values = {"preset": "rtx3060-12gb", "model": "meta-llama/Llama-3.1-8B-Instruct"}
+    values |= {"settings": {}, "report": None, "edited": []}
+    values |= {f"train.{k}": v for k, v in run.items()}
+
+    def verdict(**switches: str) -> str:
+        return on_settings_change(w, values | {f"train.{k}": v for k, v in switches.items()})[
+            "verdict"
+        ]
+
+    off = verdict(activation_offloading="off", liger_kernels="off", tiled_mlp="off")
+    assert "🧩 Tiled MLP off: off in the run's settings" in off
+    assert "🧩 Activation offloading off: off in the run's settings" in off
+    assert "won't fit" in off.lower()
+    tiled = verdict(activation_offloading="on", liger_kernels="off", tiled_mlp="on")
+    assert "🧩 Tiled MLP on: on in the run's settings" in tiled
+    assert "won't fit" not in tiled.lower()
+    filled = on_pick(w, values | {"train.tiled_mlp": "off"})
+    assert not any(k in filled for k in w.watched.values())  # a fill leaves the switches
 
 
 def test_an_automatic_fill_keeps_typed_fields_and_a_pick_replaces_them_saying_so() -> None:

@@ -95,6 +95,7 @@ def test_a_run_killed_anywhere_is_interrupted_and_resumes_to_the_end(
     )
     killed = train([str(cfg.save(tmp_path / "run.yaml"))], studio_home, kill_at=point)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert "Run folder:" in killed.stdout  # said before any work, so a kill leaves it known
     (run_dir,) = (studio_home / "runs").glob(f"{name}-*")
 
     listed = {info.path: info for info in runs.list_runs(studio_home / "runs")}

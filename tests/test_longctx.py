@@ -1,10 +1,12 @@
-"""Long context on a 12 GB card: TRL's activation offloading and Liger's kernels, tested on CPU.
+"""Long context on a 12 GB card: TRL's activation offloading, Liger's kernels and the tiled
+MLP, tested on CPU.
 
 The estimate's figures for Llama-3.1-8B QLoRA r32 batch 1 (Unsloth's published run), the
 choice the studio makes for each machine (capabilities faked as a machine would report them:
 a 12 GiB card, Triton, liger-kernel, free RAM), that SFTConfig receives the choice, and that a
-CPU run turns offloading off with the reason. Training with the options needs a GPU: `python -m
-studio.bench gpu` measures it (its long-context section).
+CPU run turns offloading off with the reason. The tiled MLP is plain PyTorch: it trains the real
+embedded model here, with gradients checked against the untiled MLP. Training with the other
+two needs a GPU: `python -m studio.bench gpu` measures it (its long-context section).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def unsloth_run(seq_len: int, **changes) -> dict:
             "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit", **changes}  # fmt: skip
 
 
-def longest(options: bool, **changes) -> int:
+def longest(options: bool, tiled: bool = False, **changes) -> int:
     """The longest length (multiple of 256) the estimate does not call "won't fit" on 12 GiB."""
     from studio.tools.gpu import _longest
 
@@ -38,7 +40,8 @@ def longest(options: bool, **changes) -> int:
 
     def fits(n: int) -> bool:
         est = vram.estimate(shape, unsloth_run(n, **changes), capacity_bytes=CARD_12GB,
-                            offload_activations=options, liger_kernels=options)  # fmt: skip
+                            offload_activations=options, liger_kernels=options,
+                            tiled_mlp=tiled)  # fmt: skip
         return est.verdict != "won't fit"
 
     return _longest(fits) or 0
@@ -53,7 +56,42 @@ def test_offloading_and_liger_take_the_8b_run_from_8k_to_15k_tokens_on_12_gib() 
     assert longest(True) == 15_360
     # Unsloth's notebooks train with LoRA dropout 0: no per-module dropped-out copies.
     assert longest(True, lora_dropout=0.0) == 18_688
-    assert longest(True, lora_dropout=0.0) < 21_848  # the goal: not reached by this stack
+    assert longest(True, lora_dropout=0.0) < 21_848  # the goal: not without the tiled MLP
+
+
+def test_the_tiled_mlp_takes_the_8b_run_past_unsloths_21848_tokens_on_12_gib() -> None:
+    assert longest(True, tiled=True) >= 21_848  # the presets' LoRA dropout 0.05
+    # Without Triton (Windows): no Liger, offloading and the tiled MLP still go past 16k.
+    assert longest(False, tiled=True) < longest(True, tiled=True)
+    shape = vram.model_shape(LLAMA_8B)
+    on = dict(offload_activations=True, liger_kernels=True)
+    windows = vram.estimate(shape, unsloth_run(16_384), capacity_bytes=CARD_12GB,
+                            offload_activations=True, tiled_mlp=True)  # fmt: skip
+    assert windows.verdict != "won't fit"
+    tiled = vram.estimate(shape, unsloth_run(21_848), capacity_bytes=CARD_12GB,
+                          tiled_mlp=True, **on)  # fmt: skip
+    assert tiled.verdict != "won't fit" and tiled.to_dict()["tiled_mlp"] is True
+    assert any("tiled MLP" in n and "20%" in n for n in tiled.notes)  # its cost, stated
+
+
+def test_the_tiled_mlp_keeps_the_mlps_input_instead_of_its_activations() -> None:
+    """By hand, for LoRA dropout 0 in bf16 (one saved copy per input, shared by the modules
+    reading it): the recomputed layer's MLP keeps gate, silu(gate) and up (3 x intermediate),
+    the LoRA inputs of gate/up (hidden) and down (intermediate), and lora_A's outputs (r each);
+    tiled, it keeps its input (hidden). Its backward's buffers are then the attention's (the
+    gradients of q, k, v and its output), not SiLU-mul's 3 x intermediate. One shard's worth
+    (a hidden size of tokens) of the MLP's activations and gradients comes back in backward."""
+    shape = vram.model_shape(LLAMA_8B)
+    T, c, r = 16_384, 2, 32
+    h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
+    run = unsloth_run(T, lora_dropout=0.0)
+    plain = vram.estimate(shape, run)
+    tiled = vram.estimate(shape, run, tiled_mlp=True)
+    mlp = 3 * c * i + c * h + c * i + 3 * c * r
+    saved = mlp - c * h
+    buffers = 3 * c * i - c * (2 * q + 2 * kv)
+    shard = h * (mlp + 3 * c * i)
+    assert plain.part("activations") - tiled.part("activations") == T * (saved + buffers) - shard
 
 
 def test_offloading_leaves_two_layer_inputs_on_the_gpu_and_pins_all_of_them_in_ram() -> None:
@@ -139,6 +177,32 @@ def test_without_triton_liger_stays_off_with_triton_s_reason() -> None:
     assert not chosen.liger.on and "no Python.h" in chosen.liger.reason
 
 
+def test_auto_tiles_the_mlp_last_when_the_other_two_are_not_enough() -> None:
+    chosen = choose(21_848)
+    assert chosen.offload.on and chosen.liger.on and chosen.tiled.on, chosen.lines()
+    assert "won't fit" in chosen.tiled.reason
+    assert chosen.estimate.verdict != "won't fit" and chosen.estimate.tiled_mlp
+    assert chosen.to_dict()["tiled_mlp_reason"] == chosen.tiled.reason
+    assert chosen.options == vram.Options(True, True, True)
+    short = choose(8192)  # offloading and Liger are enough: no extra MLP forward
+    assert not short.tiled.on and short.tiled.reason.startswith("auto: not needed")
+
+
+def test_without_triton_the_tiled_mlp_still_comes_on() -> None:
+    """Windows: no Triton, so no Liger; offloading and the tiled MLP are plain PyTorch."""
+    caps = longctx.Capabilities(True, False, "Triton is not installed", False, 24 * GIB)
+    chosen = choose(16_384, caps)
+    assert not chosen.liger.on and chosen.offload.on and chosen.tiled.on, chosen.lines()
+    assert chosen.estimate.verdict != "won't fit"
+
+
+def test_a_multi_gpu_rank_never_tiles_the_mlp() -> None:
+    caps = longctx.Capabilities(True, True, "ok", True, 24 * GIB, multi_process=True)
+    chosen = choose(21_848, caps, tiled_mlp="on")
+    assert not chosen.tiled.on and "multi-GPU" in chosen.tiled.reason
+    assert chosen.offload.on
+
+
 def test_offloading_checks_host_ram() -> None:
     caps = longctx.Capabilities(True, True, "ok", True, 4 * GIB)  # 14k tokens pin 7 GiB
     chosen = choose(14_336, caps)
@@ -165,6 +229,9 @@ def test_a_cpu_run_decides_on_this_machine(embedded_model) -> None:
     chosen = longctx.for_run(cfg, str(embedded_model), "cpu")
     assert not chosen.offload.on and "needs an accelerator" in chosen.offload.reason
     assert not chosen.liger.on
+    tiled = longctx.for_run(RunConfig(tiled_mlp="on"), str(embedded_model), "cpu")
+    assert tiled.tiled.on and tiled.tiled.reason == "on in the run's settings"
+    assert not longctx.for_run(RunConfig(tiled_mlp="on"), str(embedded_model), "cpu", True).tiled.on
 
 
 def test_the_switches_are_validated() -> None:
@@ -172,7 +239,10 @@ def test_the_switches_are_validated() -> None:
         RunConfig(activation_offloading="yes").validate()
     with pytest.raises(ConfigError, match="liger_kernels"):
         RunConfig.from_dict({"liger_kernels": "maybe"}).validate()
+    with pytest.raises(ConfigError, match="tiled_mlp"):
+        RunConfig(tiled_mlp=True).validate()
     assert RunConfig().activation_offloading == RunConfig().liger_kernels == "auto"
+    assert RunConfig().tiled_mlp == "auto"
 
 
 # --- SFTConfig and the bench ------------------------------------------------------------------
@@ -192,6 +262,7 @@ def test_the_gpu_bench_estimates_with_and_without_the_options() -> None:
     from studio.tools.gpu import long_context_section
 
     found = long_context_section({"device": "cpu"})
-    assert found["estimate_longest"] == 15_360
+    assert found["estimate_longest"] == longest(True, tiled=True)
+    assert found["estimate_longest_without_tiled_mlp"] == 15_360
     assert found["estimate_longest_without_options"] == 8192
     assert found["measured_longest"] is None and "needs CUDA" in found["note"]

@@ -39,7 +39,7 @@ def test_compact_head_is_only_for_plain_heads_on_cpu(monkeypatch) -> None:
     from studio.hardware import detect
 
     # a GPU with Triton (without it, CUDA uses the compact head too: test_cuda_decisions)
-    monkeypatch.setattr(detect, "triton_ready", lambda: detect.Choice(True, "faked"))
+    monkeypatch.setattr(detect, "triton_ready", lambda **_: detect.Choice(True, "faked"))
 
     tiny = LlamaConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

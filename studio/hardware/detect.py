@@ -517,6 +517,20 @@ def triton_ready(fresh: bool = False, probe: bool = True) -> Choice:
     return Choice(found.ok, found.reason)
 
 
+def compact_head_on(device: str, triton_ok: bool | None = None, probe: bool = True) -> bool:
+    """Whether runs on `device` score the loss with the studio's compact head instead of
+    TRL's fused one: on a CPU, and on a GPU where Triton is not ready. The one statement of
+    the rule: the recipe adds only the model's own exception (logit scaling,
+    `studio.train.recipe.compact_head_ok`), the estimate and the Hardware tab ask here.
+    `triton_ok`: a verdict already in hand; else Triton's (probed, or cached with `probe=False`).
+    """
+    if not device.startswith("cuda"):
+        return True
+    if triton_ok is None:
+        triton_ok = bool(triton_ready(probe=probe).value)
+    return not triton_ok
+
+
 def estimate_kernel(device: str) -> str:
     """The VRAM estimate's profile for a run on `device`: "cuda", "cpu-bf16" or "cpu".
 

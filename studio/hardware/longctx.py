@@ -1,7 +1,7 @@
-"""Long context on a small card: whether a run uses TRL's activation offloading and Liger's
-kernels, each with its reason.
+"""Long context on a small card: whether a run uses TRL's activation offloading, Liger's
+kernels and a tiled MLP, each with its reason.
 
-Both are maintained parts, not the studio's own kernels:
+The first two are maintained parts, not the studio's own kernels:
 - TRL's `activation_offloading` (SFTConfig) copies what autograd saves outside the checkpointed
   layers, their inputs, to pinned host RAM; it needs an accelerator, so a CPU run never uses it;
 - Liger's kernels through `use_liger_kernel` (RMSNorm, SwiGLU, RoPE) need Triton and the
@@ -9,11 +9,15 @@ Both are maintained parts, not the studio's own kernels:
   since its own fused LM head already scores without the full-vocabulary logits (or, where
   Triton is not ready, the studio's compact head does). One home per concern: the loss head.
 
+The third, `studio.train.tiled_mlp`, is plain PyTorch (DeepSpeed's TiledMLP design): it runs
+wherever the run does, Windows without Triton included, but costs an extra MLP forward a step.
+
 `choose` decides from the VRAM estimate (`studio.hardware.vram`): with "auto", Liger first
 (it costs no speed), then offloading if the estimate is still not "fits" and the pinned copies
-fit in the RAM available. "on" and "off" in the run's settings override; "on" where the machine
-cannot run it is "off" with the reason, never a crash. The answer is plain data: the Hardware
-tab shows it and a run records it in its metadata.
+fit in the RAM available, then the tiled MLP if the estimate is still not "fits". "on" and
+"off" in the run's settings override; "on" where the machine cannot run it is "off" with the
+reason, never a crash. The answer is plain data: the Hardware tab shows it and a run records
+it in its metadata.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Capabilities:
     triton_reason: str
     liger_installed: bool
     host_available_bytes: int  # RAM free for the pinned copies
+    multi_process: bool = False  # a multi-GPU (DDP) rank: no tiled MLP
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,21 @@ class Switch:
     reason: str
 
 
+OFF = Switch(False, "off")
+
+
 @dataclass
 class LongContext:
-    """The two choices and the estimate with them (None where the model's shape is unknown)."""
+    """The three choices and the estimate with them (None where the model's shape is unknown)."""
 
     offload: Switch
     liger: Switch
     estimate: vram.VramEstimate | None = None
+    tiled: Switch = OFF
+
+    @property
+    def options(self) -> vram.Options:
+        return vram.Options(self.offload.on, self.liger.on, self.tiled.on)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,12 +77,15 @@ class LongContext:
             "activation_offloading_reason": self.offload.reason,
             "liger_kernels": self.liger.on,
             "liger_kernels_reason": self.liger.reason,
+            "tiled_mlp": self.tiled.on,
+            "tiled_mlp_reason": self.tiled.reason,
         }
 
     def lines(self) -> list[str]:
         return [
             f"Activation offloading {'on' if self.offload.on else 'off'}: {self.offload.reason}",
             f"Liger kernels {'on' if self.liger.on else 'off'}: {self.liger.reason}",
+            f"Tiled MLP {'on' if self.tiled.on else 'off'}: {self.tiled.reason}",
         ]
 
 
@@ -103,13 +119,16 @@ def detect_for(device: str, probe: bool = True) -> Capabilities:
     )
 
 
-def settings_of(settings: RunConfig | Mapping[str, Any]) -> tuple[str, str]:
-    """(activation_offloading, liger_kernels) of a run's settings; "auto" where unset."""
-    if isinstance(settings, RunConfig):
-        return settings.activation_offloading, settings.liger_kernels
-    return (
-        str(settings.get("activation_offloading") or "auto"),
-        str(settings.get("liger_kernels") or "auto"),
+def settings_of(settings: RunConfig | Mapping[str, Any]) -> tuple[str, str, str]:
+    """(activation_offloading, liger_kernels, tiled_mlp) of a run's settings; "auto" where
+    unset."""
+    return tuple(  # type: ignore[return-value]
+        str(
+            getattr(settings, name)
+            if isinstance(settings, RunConfig)
+            else settings.get(name) or "auto"
+        )
+        for name in ("activation_offloading", "liger_kernels", "tiled_mlp")
     )
 
 
@@ -124,9 +143,9 @@ def choose(
     compact_head: bool = False,
 ) -> LongContext:
     """The options for a run of `shape` with `settings` on a card of `capacity_bytes`."""
-    offload_mode, liger_mode = settings_of(settings)
+    offload_mode, liger_mode, tiled_mode = settings_of(settings)
 
-    def est(offload: bool, liger: bool) -> vram.VramEstimate:
+    def est(offload: bool, liger: bool, tiled: bool = False) -> vram.VramEstimate:
         return vram.estimate(
             shape,
             settings,
@@ -136,21 +155,28 @@ def choose(
             compact_head=compact_head,
             offload_activations=offload,
             liger_kernels=liger,
+            tiled_mlp=tiled,
         )
 
     plain = est(False, False)
     liger = _decide(liger_mode, plain, _liger_blocker(shape.model_type, caps))
     with_liger = est(False, liger.on)
     offload = _decide(offload_mode, with_liger, _offload_blocker(caps, est(True, liger.on)))
-    return LongContext(offload, liger, est(offload.on, liger.on))
+    tiled = _decide(tiled_mode, est(offload.on, liger.on), _tiled_blocker(caps))
+    return LongContext(offload, liger, est(offload.on, liger.on, tiled.on), tiled)
 
 
-def for_run(cfg: RunConfig, model_path: str, device: str) -> LongContext:
+def for_run(
+    cfg: RunConfig, model_path: str, device: str, multi_process: bool = False
+) -> LongContext:
     """The options a run takes, decided as it starts: this machine probed, the card's memory
-    measured before the model loads (`device`: the run's torch device, "cuda:N" or "cpu")."""
-    from studio.hardware.detect import estimate_kernel
+    measured before the model loads (`device`: the run's torch device, "cuda:N" or "cpu";
+    `multi_process`: this is one rank of a multi-GPU run)."""
+    from dataclasses import replace
 
-    caps = detect_for(device)
+    from studio.hardware.detect import compact_head_on, estimate_kernel
+
+    caps = replace(detect_for(device), multi_process=multi_process)
     capacity, in_use = _memory_now(device)
     try:
         shape = vram.model_shape(str(model_path))
@@ -163,7 +189,7 @@ def for_run(cfg: RunConfig, model_path: str, device: str) -> LongContext:
         capacity_bytes=capacity,
         in_use_bytes=in_use,
         device=estimate_kernel(device),
-        compact_head=caps.accelerator and not caps.triton_ok,
+        compact_head=compact_head_on(device, caps.triton_ok),
     )
 
 
@@ -184,11 +210,14 @@ def _without_estimate(cfg: RunConfig, caps: Capabilities, why: str) -> LongConte
     """No shape to estimate with: "on" is honoured where the machine can run it."""
     liger = _decide(cfg.liger_kernels, None, _liger_blocker("", caps, check_family=False))
     offload = _decide(cfg.activation_offloading, None, _offload_blocker(caps, None))
+    tiled = _decide(cfg.tiled_mlp, None, _tiled_blocker(caps))
     if not liger.on and cfg.liger_kernels == "auto":
         liger = Switch(False, f"auto: {why}")
     if not offload.on and cfg.activation_offloading == "auto":
         offload = Switch(False, f"auto: {why}")
-    return LongContext(offload, liger)
+    if not tiled.on and cfg.tiled_mlp == "auto":
+        tiled = Switch(False, f"auto: {why}")
+    return LongContext(offload, liger, tiled=tiled)
 
 
 def _decide(mode: str, before: vram.VramEstimate | None, blocker: str) -> Switch:
@@ -236,4 +265,11 @@ def _offload_blocker(caps: Capabilities, offloaded: vram.VramEstimate | None) ->
             f" {caps.host_available_bytes / vram.GIB:.1f} GiB is available"
             f" (the studio uses up to {vram.HOST_RAM_SHARE:.0%} of it)"
         )
+    return ""
+
+
+def _tiled_blocker(caps: Capabilities) -> str:
+    """Why the tiled MLP cannot run here, or "" when it can (plain PyTorch: any device)."""
+    if caps.multi_process:
+        return "a multi-GPU run: DDP's gradient hooks do not expect the tiled MLP's inner backward"
     return ""

@@ -132,6 +132,8 @@ _INPUT_GROUP = {
     "up_proj": "mlp_in",
     "down_proj": "down_in",
 }
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PART_LABELS = {
     "in_use": "Already in use",
     "base": "Base weights",
@@ -196,6 +198,7 @@ class Options:
 
     offload: bool = False  # TRL's activation offloading: saved layer inputs in host RAM
     liger: bool = False  # Liger's RMSNorm/SwiGLU/RoPE kernels (`use_liger_kernel`)
+    tiled_mlp: bool = False  # the MLP in shards, recomputed in backward (`studio.train.tiled_mlp`)
 
 
 class ModelShapeError(ValueError):
@@ -441,6 +444,7 @@ class VramEstimate:
     # Long context: the options the estimate assumed, and the host RAM offloading pins.
     activation_offloading: bool = False
     liger_kernels: bool = False
+    tiled_mlp: bool = False
     host_bytes: int = 0
 
     @property
@@ -488,6 +492,7 @@ class VramEstimate:
             "notes": list(self.notes),
             "activation_offloading": self.activation_offloading,
             "liger_kernels": self.liger_kernels,
+            "tiled_mlp": self.tiled_mlp,
             "host_bytes": self.host_bytes,
         }
 
@@ -588,13 +593,16 @@ def optimizer_bytes(shape: ModelShape, s: dict[str, Any], param_bytes: int) -> i
     return int(total * shape.num_layers)
 
 
-def _lora_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int) -> float:
+def _lora_saved_per_token(
+    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, modules: tuple[str, ...] = ()
+) -> float:
     """Bytes per token one layer's LoRA branches keep for backward.
 
     peft runs `lora_B(lora_A(dropout(x)))` after casting x to the adapter dtype: lora_A keeps
     its input (in the autocast dtype under autocast). With dropout each module keeps its own
     dropped-out copy and the mask (CUDA: 1-byte bool; CPU: a noise tensor in x's dtype);
-    without dropout or cast, the modules reading the same tensor share it.
+    without dropout or cast, the modules reading the same tensor share it. `modules`: only
+    these of the run's targets (all of them when empty).
     """
     shapes = shape.linear_shapes()
     dropout = s["lora_dropout"] > 0
@@ -604,6 +612,8 @@ def _lora_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adap
     total = 0.0
     groups: set[str] = set()
     for module in TARGET_MODULES[s["target_modules"]]:
+        if modules and module not in modules:
+            continue
         d_in = shapes[module][0]
         if cast or dropout:
             total += kept * d_in + (mask * d_in if dropout else 0)
@@ -615,7 +625,12 @@ def _lora_saved_per_token(shape: ModelShape, s: dict[str, Any], k: Kernels, adap
 
 
 def layer_saved_per_token(
-    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, liger: bool = False
+    shape: ModelShape,
+    s: dict[str, Any],
+    k: Kernels,
+    adapter: int,
+    liger: bool = False,
+    tiled: bool = False,
 ) -> float:
     """Bytes per token that one decoder layer keeps for backward (without checkpointing).
 
@@ -624,26 +639,62 @@ def layer_saved_per_token(
     fp32 copy of its input; attention (SDPA flash / memory-efficient) keeps q, k, v, its output
     and the log-sum-exp; the SwiGLU MLP keeps gate, silu(gate) and up. Liger's kernels
     (`liger`) keep less: its RMSNorm the input as it is plus one fp32 rstd per row, its
-    SiLU-mul only gate and up (silu is recomputed in its backward).
+    SiLU-mul only gate and up (silu is recomputed in its backward). A tiled MLP (`tiled`)
+    keeps only its input: its activations and its LoRA inputs exist one shard at a time, in
+    backward (`mlp_per_token`).
     """
-    c, h, i = k.compute, shape.hidden_size, shape.intermediate_size
+    c, h = k.compute, shape.hidden_size
     # With a mask (several rows), transformers repeats k/v to all heads for SDPA.
     repeat = s["batch_size"] > 1 and shape.num_kv_heads < shape.num_heads
     kv_dim = shape.q_dim if repeat else shape.kv_dim
     norms = 2 * (c * h + 4) if liger else 2 * 4 * h
     attention = c * (2 * shape.q_dim + 2 * kv_dim) + 4 * shape.num_heads
-    mlp = (2 if liger else 3) * c * i
-    return norms + attention + mlp + _lora_saved_per_token(shape, s, k, adapter)
+    if tiled:
+        lora = _lora_saved_per_token(shape, s, k, adapter, ATTENTION_MODULES)
+        return norms + attention + c * h + lora
+    return (
+        norms
+        + attention
+        + mlp_per_token(shape, s, k, adapter, liger)
+        + (_lora_saved_per_token(shape, s, k, adapter, ATTENTION_MODULES))
+    )
 
 
-def _backward_transient_per_token(shape: ModelShape, k: Kernels, liger: bool = False) -> float:
+def mlp_per_token(
+    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, liger: bool = False
+) -> float:
+    """Bytes per token the MLP keeps for backward: gate, silu(gate) and up (Liger: gate and
+    up), and its LoRA branches' inputs."""
+    mlp = (2 if liger else 3) * k.compute * shape.intermediate_size
+    return mlp + _lora_saved_per_token(shape, s, k, adapter, MLP_MODULES)
+
+
+def _backward_transient_per_token(
+    shape: ModelShape, k: Kernels, liger: bool = False, tiled: bool = False
+) -> float:
     """Gradient buffers alive while one layer runs backward: the MLP's, plus fp32 norm grads.
 
     The MLP's peak is its SiLU-mul backward: the incoming gradient and the new gradients of
     silu(gate) and up (3 x intermediate). Liger's SiLU-mul writes its gradients into the saved
     gate and up, so the peak is earlier: down_proj's input gradient from the base and from
-    LoRA, summed (2 x intermediate)."""
-    return (2 if liger else 3) * k.compute * shape.intermediate_size + 3 * 4 * shape.hidden_size
+    LoRA, summed (2 x intermediate). A tiled MLP's backward holds the input's gradient for the
+    whole sequence (its shard's own buffers are `_tiled_shard`), and the attention's backward
+    then is the larger: the gradients of q, k, v and the attention output."""
+    norms = 3 * 4 * shape.hidden_size
+    if tiled:
+        return k.compute * (2 * shape.q_dim + 2 * shape.kv_dim) + norms
+    return (2 if liger else 3) * k.compute * shape.intermediate_size + norms
+
+
+def _tiled_shard(
+    shape: ModelShape, s: dict[str, Any], k: Kernels, adapter: int, liger: bool
+) -> float:
+    """Bytes of one tiled-MLP shard's backward: its activations and gradients, for the
+    shard's tokens (`studio.train.tiled_mlp` cuts each row's sequence into pieces of about
+    the hidden size)."""
+    shard = s["batch_size"] * min(s["max_seq_len"], shape.hidden_size)
+    grads = (2 if liger else 3) * k.compute * shape.intermediate_size
+    return shard * (mlp_per_token(shape, s, k, adapter, liger) + grads)
 
 
 def estimate(
@@ -657,6 +708,7 @@ def estimate(
     compact_head: bool = False,
     offload_activations: bool = False,
     liger_kernels: bool = False,
+    tiled_mlp: bool = False,
 ) -> VramEstimate:
     """Peak memory of training `shape` with `settings` (RunConfig field names), in parts.
 
@@ -666,7 +718,8 @@ def estimate(
     on CUDA, which the recipe uses where TRL's Triton path is not (`detect.triton_ready`):
     the caller that knows the machine asks there (the estimate itself probes nothing).
     `offload_activations` and `liger_kernels`: the long-context options, on CUDA only (TRL's
-    offloading needs an accelerator, Liger needs Triton); elsewhere they change nothing."""
+    offloading needs an accelerator, Liger needs Triton); elsewhere they change nothing.
+    `tiled_mlp` (plain PyTorch) counts on every device."""
     s = dpo_batch(run_settings(settings))
     if device not in KERNELS:
         raise ValueError(f"device must be one of {', '.join(KERNELS)}, not {device!r}")
@@ -678,7 +731,7 @@ def estimate(
 
     base, base_detail = _base_weights(shape, qlora, k)
     lora, lora_detail = _lora_weights(shape, s, adapter, n_lora)
-    opts = Options(offload_activations and k is CUDA, liger_kernels and k is CUDA)
+    opts = Options(offload_activations and k is CUDA, liger_kernels and k is CUDA, tiled_mlp)
     act, layer_transient, host, act_detail = _activations(shape, s, k, adapter, n_lora, opts)
     if compact_head and k is CUDA:
         logits, logits_detail = _compact_head(shape, k, tokens, layer_transient)
@@ -718,6 +771,7 @@ def estimate(
         notes=_notes(s, k) + _option_notes(opts, host, shape),
         activation_offloading=opts.offload,
         liger_kernels=opts.liger,
+        tiled_mlp=opts.tiled_mlp,
         host_bytes=int(host),
     )
 
@@ -795,22 +849,23 @@ def _activations(
     """
     c, h, L = k.compute, shape.hidden_size, shape.num_layers
     T = s["batch_size"] * s["max_seq_len"]
-    layer = layer_saved_per_token(shape, s, k, adapter, opts.liger)
-    transient = _backward_transient_per_token(shape, k, opts.liger)
+    layer = layer_saved_per_token(shape, s, k, adapter, opts.liger, opts.tiled_mlp)
+    transient = _backward_transient_per_token(shape, k, opts.liger, opts.tiled_mlp)
+    shard = _tiled_shard(shape, s, k, adapter, opts.liger) if opts.tiled_mlp else 0
     per_token_once = 4 * h + 2 * shape.head_dim * c + BATCH_INPUT_BYTES  # final norm, rope, batch
     mask, layer_mask = _attention_masks(s, c)
     gc = s["gradient_checkpointing"]
     kept = L if not opts.offload else min(L, OFFLOAD_GPU_LAYERS)
     if gc:
         # Each layer keeps only its input; backward recomputes one layer at a time.
-        act = T * (kept * c * h + layer + transient + per_token_once) + mask + layer_mask
+        act = T * (kept * c * h + layer + transient + per_token_once) + mask + layer_mask + shard
         host = T * L * c * h if opts.offload else 0
         detail = (
             f"{T} tokens x ({kept} layer inputs x {c * h} B + one recomputed layer"
             f" {layer / 1024:.0f} KiB + backward buffers {transient / 1024:.0f} KiB)"
         )
     else:
-        act = T * (kept * layer + transient + per_token_once) + mask + kept * layer_mask
+        act = T * (kept * layer + transient + per_token_once) + mask + kept * layer_mask + shard
         host = (T * L * layer + L * layer_mask) if opts.offload else 0
         detail = (
             f"{T} tokens x ({kept} layers x {layer / 1024:.0f} KiB"
@@ -818,21 +873,23 @@ def _activations(
         )
     if layer_mask:
         detail += f" + attention masks {(mask + layer_mask * (1 if gc else kept)) / MIB:.0f} MiB"
-    detail += _options_detail(opts, L, host)
+    detail += _options_detail(opts, L, host, shard)
     if k.autocast and adapter != c:  # autocast caches a bf16 copy of each fp32 adapter
         act += n_lora * c
     # With checkpointing, the recomputed layer exists only during the layers' backward.
-    layer_transient = T * transient + (T * layer + layer_mask if gc else 0)
+    layer_transient = T * transient + shard + (T * layer + layer_mask if gc else 0)
     return act, layer_transient, host, detail
 
 
-def _options_detail(opts: Options, layers: int, host: float) -> str:
+def _options_detail(opts: Options, layers: int, host: float, shard: float) -> str:
     """What the long-context options changed, for the activations row."""
     words = []
     if opts.offload:
         words.append(f"all {layers} inputs copied to {host / GIB:.1f} GiB of pinned host RAM")
     if opts.liger:
         words.append("Liger RMSNorm/SwiGLU")
+    if opts.tiled_mlp:
+        words.append(f"MLP tiled, one shard's backward {shard / MIB:.0f} MiB")
     return f"; {', '.join(words)}" if words else ""
 
 
@@ -940,6 +997,12 @@ def _option_notes(opts: Options, host: float, shape: ModelShape) -> list[str]:
         notes.append(
             "Liger kernels: RMSNorm and SwiGLU keep less for backward and are usually faster;"
             " the loss stays on TRL's fused LM head (no full-vocabulary logits either way)"
+        )
+    if opts.tiled_mlp:
+        notes.append(
+            "tiled MLP: the MLP runs in shards and its backward recomputes one shard at a"
+            " time, so its activations never exist for the whole sequence; the MLP's forward"
+            " runs once more per step, about 20% of a step"
         )
     return notes
 
@@ -1114,6 +1177,7 @@ def run_estimate(
             compact_head=device.startswith("cuda") and compact_head,
             offload_activations=options.offload,
             liger_kernels=options.liger,
+            tiled_mlp=options.tiled_mlp,
         )
     except (ModelShapeError, ValueError, KeyError) as exc:
         return {"estimate_bytes": None, "estimate_allocated_bytes": None, "why": str(exc)}

@@ -13,7 +13,7 @@ JSON report (`gpu-<card>.json`) and a table. Each section is a result, never a c
   the measured peak (random weights measure speed and memory truthfully, with no hub);
 - long_context: the longest sequence that trains for Llama-3.1-8B QLoRA r32 batch 1 within
   12 GiB (`torch.cuda.set_per_process_memory_fraction` caps a bigger card) with TRL's activation
-  offloading and Liger's kernels on, and the estimate's answer with and without them;
+  offloading, Liger's kernels and the tiled MLP on, and the estimate's answer with and without;
 - chat: the A/B turn in one pass against A then B, and the per-row adapter switch on a 4-bit
   base (each side's greedy text the same as alone).
 
@@ -150,20 +150,20 @@ def train_section(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def long_context_section(ctx: dict[str, Any]) -> dict[str, Any]:
-    """The longest sequence that trains in 12 GiB with TRL's activation offloading and
-    Liger's kernels on (where this machine has them), measured, next to the estimate's:
-    with both options, without them, and with LoRA dropout 0 (Unsloth's notebooks' setting;
-    the studio's presets use 0.05)."""
+    """The longest sequence that trains in 12 GiB with TRL's activation offloading, Liger's
+    kernels (where this machine has them) and the tiled MLP on, measured, next to the
+    estimate's: with all three, without the tiled MLP, without any, and with LoRA dropout 0
+    (Unsloth's notebooks' setting; the studio's presets use 0.05)."""
     from studio.hardware import vram
 
     shape = vram.model_shape(LONG_CONTEXT_MODEL)
     cap = CARD_CAP_GIB * vram.GIB
 
-    def estimate_longest(options: bool, dropout: float = 0.05) -> int | None:
+    def estimate_longest(options: bool, dropout: float = 0.05, tiled: bool = True) -> int | None:
         def fits(n: int) -> bool:
             settings = _long_settings(n) | {"lora_dropout": dropout}
-            est = vram.estimate(shape, settings, capacity_bytes=cap,
-                                offload_activations=options, liger_kernels=options)  # fmt: skip
+            est = vram.estimate(shape, settings, capacity_bytes=cap, offload_activations=options,
+                                liger_kernels=options, tiled_mlp=options and tiled)  # fmt: skip
             return est.verdict != "won't fit"
 
         return _longest(fits)
@@ -171,6 +171,7 @@ def long_context_section(ctx: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "goal": LONG_CONTEXT_GOAL,
         "estimate_longest": estimate_longest(True),
+        "estimate_longest_without_tiled_mlp": estimate_longest(True, tiled=False),
         "estimate_longest_without_options": estimate_longest(False),
         "estimate_longest_dropout_0": estimate_longest(True, 0.0),
     }
@@ -314,7 +315,7 @@ def one_long_step(folder: str, seq_len: int, cap_bytes: int) -> bool:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total))
     cfg = RunConfig(base_model=folder, max_steps=1, device="cuda", **_long_settings(seq_len))
-    cfg.activation_offloading = cfg.liger_kernels = "on"  # off, with the reason, where missing
+    cfg.activation_offloading = cfg.liger_kernels = cfg.tiled_mlp = "on"  # off where missing
     rows = [{"input_ids": list(range(10, 10 + seq_len)), "completion_mask": [1] * seq_len}]
     try:
         model = recipe.load_base_model(cfg, Path(folder), "cuda")
@@ -326,7 +327,9 @@ def one_long_step(folder: str, seq_len: int, cap_bytes: int) -> bool:
         args.save_strategy = "no"
         from studio.models.loader import load_tokenizer
 
-        trainer = recipe.build_trainer(cfg, model, load_tokenizer(folder), args, "cuda", rows)
+        callbacks = recipe.long_context_callbacks(options)
+        tok = load_tokenizer(folder)
+        trainer = recipe.build_trainer(cfg, model, tok, args, "cuda", rows, callbacks=callbacks)
         trainer.train()
         return True
     except torch.OutOfMemoryError:
@@ -378,7 +381,8 @@ def _summary(name: str, s: dict[str, Any]) -> str:
         )  # fmt: skip
     if name == "long_context":
         return (f"measured {s.get('measured_longest')} tokens, estimate"
-                f" {s.get('estimate_longest')} (without offloading/Liger"
+                f" {s.get('estimate_longest')} (without the tiled MLP"
+                f" {s.get('estimate_longest_without_tiled_mlp')}, with no option"
                 f" {s.get('estimate_longest_without_options')}), goal {s['goal']}")  # fmt: skip
     return "; ".join(
         f"{m}: {(v.get('lines') or ['?'])[1] if 'lines' in v else v.get('error')},"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from studio.train import heads
+
 # --- the compact head: log-probs of the answer tokens only ----------------------------------
 
 
@@ -54,32 +56,18 @@ def compact_logps(hidden: Any, head: Any, labels: Any) -> dict[str, Any]:
 def install_compact_logps(model: Any) -> None:
     """Answer `fused_lm_head=True` calls of the causal LM under `model` with `compact_logps`.
 
-    Wraps the forward TRL installed (`add_fused_lm_head`), so every other call (generation,
-    the studio's own evals) still goes to the model's own forward. Installed once."""
-    import functools
+    Wraps the forward TRL installed (`add_fused_lm_head`) through `heads.install_head`, so
+    every other call (generation, the studio's own evals) still goes to the model's own."""
+    heads.install_head(model, "fused_lm_head", _compact_output)
 
+
+def _compact_output(causal_lm: Any, hidden: Any, labels: Any, _count: Any) -> Any:
     from trl.trainer.utils import FusedCausalLMOutput
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(causal_lm, "_studio_compact_logps", False):
-        return
-    inner = causal_lm.forward
-
-    @functools.wraps(inner)
-    def forward(*args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
-        if not fused_lm_head:
-            return inner(*args, **kwargs)
-        labels = kwargs.pop("labels")
-        kwargs.pop("num_items_in_batch", None)
-        kwargs["use_cache"] = False
-        hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
-        fields = compact_logps(hidden, causal_lm.get_output_embeddings(), labels)
-        count = fields.pop("count").clamp(min=1)
-        loss = -fields["log_probs"].sum() / count
-        return FusedCausalLMOutput(loss=loss, **fields)
-
-    causal_lm.forward = forward
-    causal_lm._studio_compact_logps = True
+    fields = compact_logps(hidden, causal_lm.get_output_embeddings(), labels)
+    count = fields.pop("count").clamp(min=1)
+    loss = -fields["log_probs"].sum() / count
+    return FusedCausalLMOutput(loss=loss, **fields)
 
 
 # --- held-out pairs: before and after ---------------------------------------------------------

@@ -250,7 +250,7 @@ def _before_first_step(live: _Live, built: recipe.Built) -> None:
     }
     run.meta["recipe"] = built.summary
     lc = built.long_context
-    options = vram.Options(lc.offload.on, lc.liger.on) if lc else vram.Options()
+    options = lc.options if lc else vram.Options()
     run.meta["memory"] = vram.run_estimate(
         run.meta["base_model"]["path"], cfg, run.device, trainer.compact_head, options
     )

@@ -23,7 +23,7 @@ from studio.hardware.longctx import LongContext, for_run
 from studio.hardware.vram import HEAD_CHUNK_VALUES
 from studio.models.loader import load_model
 from studio.models.precision import precision
-from studio.train import distributed, fused_loss, tracking
+from studio.train import distributed, fused_loss, heads, tiled_mlp, tracking
 
 KEEP_CHECKPOINTS = 2
 
@@ -196,6 +196,12 @@ def long_context_arguments(long_context: LongContext | None) -> dict[str, bool]:
     }
 
 
+def long_context_callbacks(long_context: LongContext | None) -> list[Any]:
+    """The trainer callbacks the long-context options need: the tiled MLP is installed as
+    training begins, once Liger has patched the MLPs (`Trainer.train` does that)."""
+    return [tiled_mlp.callback()] if long_context and long_context.tiled.on else []
+
+
 def common_arguments(
     cfg: RunConfig, run_dir: Path, device: str, has_eval: bool, resume: bool
 ) -> dict[str, Any]:
@@ -282,11 +288,10 @@ def compact_head_ok(model: Any, device: str) -> bool:
     in Python-level ops: measured at about 40% of a CPU step. Models that scale or cap their
     logits keep TRL's head, which knows how.
     """
-    if device != "cpu":
-        from studio.hardware.detect import triton_ready
+    from studio.hardware.detect import compact_head_on
 
-        if triton_ready().value:
-            return False
+    if not compact_head_on(device):
+        return False
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return not any(getattr(text, key, None) not in (None, 1.0) for key in _SCALED_HEAD_KEYS)
@@ -314,39 +319,21 @@ def head_loss_sum(hidden: Any, head: Any, targets: Any) -> Any:
 
 
 def install_compact_head(model: Any) -> None:
-    """Give the causal LM under `model` (PEFT or not) a `studio_compact_head=True` forward.
+    """Give the causal LM under `model` (PEFT or not) a `studio_compact_head=True` forward
+    (`heads.install_head`): the loss over the label positions only, by `head_loss_sum`."""
+    heads.install_head(model, "studio_compact_head", _compact_loss)
 
-    Like TRL's `fused_lm_head`, it is a keyword of the model's own forward, so whatever hooks
-    the model's forward (the progress callback's token count, tests' injected failures)
-    still sees every training step. Installed once; other calls go to the original forward.
-    """
-    import functools
 
+def _compact_loss(causal_lm: Any, hidden: Any, labels: Any, count: Any) -> Any:
     import torch
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(causal_lm, "_studio_compact_head", False):
-        return
-    inner = causal_lm.forward
-
-    @functools.wraps(inner)
-    def forward(*args: Any, studio_compact_head: bool = False, **kwargs: Any) -> Any:
-        if not studio_compact_head:
-            return inner(*args, **kwargs)
-        labels = kwargs.pop("labels")[:, 1:]
-        count = kwargs.pop("num_items_in_batch", None)
-        kwargs["use_cache"] = False
-        hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
-        mask = labels != -100
-        head = causal_lm.get_output_embeddings()
-        total = head_loss_sum(hidden[:, :-1][mask], head, labels[mask])
-        count = mask.sum() if count is None else count
-        # a batch without labels gives a zero loss, still connected to the model
-        return CausalLMOutputWithPast(loss=total / torch.as_tensor(count).clamp(min=1))
-
-    causal_lm.forward = forward
-    causal_lm._studio_compact_head = True
+    labels = labels[:, 1:]
+    mask = labels != -100
+    total = head_loss_sum(hidden[:, :-1][mask], causal_lm.get_output_embeddings(), labels[mask])
+    count = mask.sum() if count is None else count
+    # a batch without labels gives a zero loss, still connected to the model
+    return CausalLMOutputWithPast(loss=total / torch.as_tensor(count).clamp(min=1))
 
 
 # --- the trainer and its step plan ----------------------------------------------------------
@@ -583,7 +570,9 @@ def build(
     builds the arguments and trainer instead."""
     from transformers import PrinterCallback
 
-    long_context = for_run(cfg, str(model_path), gpu.card(cfg.gpu_index, device))  # before the load
+    card = gpu.card(cfg.gpu_index, device)
+    long_context = for_run(cfg, str(model_path), card, distributed.launched())  # before the load
+    callbacks = [*callbacks, *long_context_callbacks(long_context)]
     t0 = time.time()
     model = load_base_model(cfg, model_path, device)
     load_s = round(time.time() - t0, 2)

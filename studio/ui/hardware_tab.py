@@ -12,7 +12,7 @@ work; this module only turns its plain data into components.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ SETTING_FIELDS = (
     "lora_dropout",
     "target_modules",
 )
+# The Train tab's long-context switches: read by the estimate (its 🧩 lines follow them), never
+# filled by a preset (they are the run's choices, "auto" by default).
+WATCHED_FIELDS = ("activation_offloading", "liger_kernels", "tiled_mlp")
 _STATUS_ICON = {"ok": "✅", "warning": "⚠️", "problem": "❌"}
 GIB = vram.GIB
 
@@ -164,11 +167,11 @@ def _memory_target(
     )
 
 
-def _triton_ready() -> bool:
-    """Whether this machine's runs use TRL's Triton head (else the compact one is estimated)."""
-    from studio.hardware.detect import triton_ready
+def _compact_head_here() -> bool:
+    """Whether this machine's GPU runs use the compact head (not TRL's Triton one)."""
+    from studio.hardware.detect import compact_head_on
 
-    return bool(triton_ready(probe=False).value)  # a cached verdict: no compile here
+    return compact_head_on("cuda", probe=False)  # a cached Triton verdict: no compile here
 
 
 def model_markdown(model: str) -> str:
@@ -226,7 +229,7 @@ def estimate_view(
             capacity_bytes=capacity,
             in_use_bytes=in_use,
             device=device,
-            compact_head=how == "measured on your card" and not _triton_ready(),
+            compact_head=how == "measured on your card" and _compact_head_here(),
         )
         est = options.estimate
     except (vram.ModelShapeError, ValueError, KeyError) as exc:
@@ -425,13 +428,16 @@ class HardwareWiring:
     train: dict[str, Any]  # SETTING_FIELDS name -> the Train tab's component, where present
     edited: Any = None  # the Train tab's "train.edited" State (fields the user typed into)
     note: Any = None  # the Train tab's "train.fill_note" Markdown (what a fill did)
+    watched: dict[str, Any] = field(default_factory=dict)  # WATCHED_FIELDS, read only
 
     def inputs(self) -> set[Any]:
         """What every handler reads: pickers, detection report, settings, Train fields."""
         ui = self.ui
         mine = {ui["preset"], ui["model"], ui["settings"], ui["report"]}
         mine |= {ui["gpu"]} if "gpu" in ui else set()
-        return mine | set(self.train.values()) | ({self.edited} - {None})
+        return (
+            mine | set(self.train.values()) | set(self.watched.values()) | ({self.edited} - {None})
+        )
 
     def typed(self, values: dict[Any, Any]) -> list[str]:
         """The Train fields the user typed into: the session's own list, so marks made while
@@ -443,7 +449,7 @@ class HardwareWiring:
         """(preset, model, settings merged with the Train fields, detection report)."""
         ui = self.ui
         settings = dict(values.get(ui["settings"]) or {})
-        for key, comp in self.train.items():
+        for key, comp in {**self.train, **self.watched}.items():
             if values.get(comp) is not None:
                 settings[key] = values[comp]
         if values.get(ui.get("gpu")) is not None:  # the card that trains: the estimate's
@@ -467,7 +473,10 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     """Fill the Train tab's fields from presets/models; re-estimate when any of them changes."""
     # The Train tab may not exist yet (or may lack a field): fill and watch what is there.
     train_fields = {k: ctx[f"train.{k}"] for k in SETTING_FIELDS if f"train.{k}" in ctx}
-    w = HardwareWiring(ui, train_fields, ctx.get("train.edited"), ctx.get("train.fill_note"))
+    watched = {k: ctx[f"train.{k}"] for k in WATCHED_FIELDS if f"train.{k}" in ctx}
+    w = HardwareWiring(
+        ui, train_fields, ctx.get("train.edited"), ctx.get("train.fill_note"), watched
+    )
     inputs, train = w.inputs(), list(w.train.values())
     note = [w.note] if w.note is not None else []
     fill_outputs = [ui["settings"], *train, ui["model_info"], ui["verdict"], ui["chart"], *note]
@@ -506,11 +515,11 @@ def wire_hardware_tab(ctx: dict[str, Any], ui: dict[str, Any]) -> None:
     # The card picked to train: the estimate measures that card (free memory, its preset).
     estimate_out = [ui["settings"], ui["verdict"], ui["chart"]]
     ui["gpu"].input(partial(on_settings_change, w), inputs=inputs, outputs=estimate_out, **quiet)
-    if train:
+    if train or watched:
         # The user's edits only: a fill writes every field and has estimated already; one
         # estimate per filled field read half-updated fields and flashed wrong verdicts.
         gr.on(
-            triggers=[c.input for c in train],
+            triggers=[c.input for c in [*train, *watched.values()]],
             fn=partial(on_settings_change, w),
             inputs=inputs,
             outputs=[ui["settings"], ui["verdict"], ui["chart"]],

@@ -100,6 +100,12 @@ ADVANCED_FIELDS: list[tuple[str, str, Any, dict[str, Any]]] = [
         {"info": "auto: on when the fit check says tight or won't fit (GPU with Triton)"},
     ),
     (
+        "tiled_mlp",
+        "Tiled MLP (long context)",
+        SWITCHES,
+        {"info": "auto: on when the other two are not enough (any GPU; about 20% slower)"},
+    ),
+    (
         "wandb",
         "Also log to Weights & Biases",
         "bool",
