@@ -396,5 +396,3 @@ def test_disk_full_while_saving_fails_the_run_and_keeps_earlier_checkpoints(tiny
         3,
         4,
     ]
-
-
