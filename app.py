@@ -83,9 +83,10 @@ def _close_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from studio import compat, paths
+    from studio import compat, heavy, paths
 
     compat.console_safe()  # a cp1252 console must not crash on a Vietnamese run name
+    heavy.guard_imports()  # handlers' threads: the first heavy import waits for heavy.ready()
 
     paths.set_data_dir(args.data_dir)
     if args.share:

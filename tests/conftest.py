@@ -27,6 +27,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 OWN_SOURCES = (str(ROOT / "studio"), str(ROOT / "app.py"))
 # Processes the tests start (the CLIs, the app) report a missing encoding too (PEP 597).
 os.environ["PYTHONWARNDEFAULTENCODING"] = "1"
+# Two xdist workers share the cores: one torch thread each (and in the processes they
+# start), not two each fighting over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_report_header() -> str:

@@ -75,6 +75,32 @@ def test_ui_build_imports_no_torch() -> None:
         assert f"'{name}'" in tabs, tabs
 
 
+def test_a_handlers_first_heavy_import_waits_for_the_one_import_thread() -> None:
+    """With the app's import guard on, a thread's plain `from transformers import ...` waits
+    while another thread runs `heavy.ready()` (held here by its lock), then goes through it:
+    no two threads import the heavy packages at once (the half-initialised-module race)."""
+    code = (
+        "import builtins, sys, threading, time\n"
+        "from studio import heavy\n"
+        "plain = builtins.__import__\n"
+        "heavy.guard_imports()\n"
+        "assert builtins.__import__ is not plain\n"
+        "heavy._lock.acquire()  # another thread is in ready()\n"
+        "def handler():\n"
+        "    from transformers import AutoTokenizer  # noqa\n"
+        "t = threading.Thread(target=handler); t.start(); time.sleep(1.5)\n"
+        "assert t.is_alive() and 'transformers' not in sys.modules, 'imported beside ready()'\n"
+        "heavy._lock.release(); t.join(120)\n"
+        "assert not t.is_alive() and heavy._done and 'peft' in sys.modules\n"
+        "assert builtins.__import__ is plain  # the guard is gone once ready() has run\n"
+        "print('OK')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
 def test_engine_never_imports_gradio() -> None:
     offenders = []
     for path in (ROOT / "studio").rglob("*.py"):

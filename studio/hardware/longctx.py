@@ -122,14 +122,13 @@ def detect_for(device: str, probe: bool = True) -> Capabilities:
 def settings_of(settings: RunConfig | Mapping[str, Any]) -> tuple[str, str, str]:
     """(activation_offloading, liger_kernels, tiled_mlp) of a run's settings; "auto" where
     unset."""
-    return tuple(  # type: ignore[return-value]
-        str(
-            getattr(settings, name)
-            if isinstance(settings, RunConfig)
-            else settings.get(name) or "auto"
-        )
-        for name in ("activation_offloading", "liger_kernels", "tiled_mlp")
-    )
+    if isinstance(settings, RunConfig):
+        return settings.activation_offloading, settings.liger_kernels, settings.tiled_mlp
+
+    def mode(name: str) -> str:
+        return str(settings.get(name) or "auto")
+
+    return mode("activation_offloading"), mode("liger_kernels"), mode("tiled_mlp")
 
 
 def choose(
@@ -271,5 +270,5 @@ def _offload_blocker(caps: Capabilities, offloaded: vram.VramEstimate | None) ->
 def _tiled_blocker(caps: Capabilities) -> str:
     """Why the tiled MLP cannot run here, or "" when it can (plain PyTorch: any device)."""
     if caps.multi_process:
-        return "a multi-GPU run: DDP's gradient hooks do not expect the tiled MLP's inner backward"
+        return "a multi-GPU run: the tiled MLP's inner backward is untested with DDP's hooks"
     return ""

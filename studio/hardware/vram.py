@@ -649,15 +649,9 @@ def layer_saved_per_token(
     kv_dim = shape.q_dim if repeat else shape.kv_dim
     norms = 2 * (c * h + 4) if liger else 2 * 4 * h
     attention = c * (2 * shape.q_dim + 2 * kv_dim) + 4 * shape.num_heads
-    if tiled:
-        lora = _lora_saved_per_token(shape, s, k, adapter, ATTENTION_MODULES)
-        return norms + attention + c * h + lora
-    return (
-        norms
-        + attention
-        + mlp_per_token(shape, s, k, adapter, liger)
-        + (_lora_saved_per_token(shape, s, k, adapter, ATTENTION_MODULES))
-    )
+    attention += _lora_saved_per_token(shape, s, k, adapter, ATTENTION_MODULES)
+    mlp = c * h if tiled else mlp_per_token(shape, s, k, adapter, liger)
+    return norms + attention + mlp
 
 
 def mlp_per_token(

@@ -251,9 +251,14 @@ def _find_wheel(progress: Progress) -> Path:
 
 def ensure_embedded_model(progress: Progress | None = None) -> ResolvedModel:
     """Convert the embedded GGUF into a safetensors folder once; reuse it afterwards."""
+    from filelock import FileLock  # huggingface_hub's own cross-process lock
+
     progress = progress or _noop
     target = embedded_model_dir()
-    with _convert_lock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Threads of this process, then other processes (a second app, a CLI run, test workers):
+    # one converts, the others wait and reuse its folder.
+    with _convert_lock, FileLock(str(target.with_name(target.name + ".lock"))):
         if embedded_ready():
             meta = json.loads((target / _DONE_MARKER).read_text(encoding="utf-8"))
             return ResolvedModel(DEFAULT_MODEL, target, "embedded", meta.get("content_hash"))

@@ -10,8 +10,8 @@ does not install on Windows, where a 12 GB card needs this the most. No kernel i
 
 Cost: the MLP's forward runs once more per step (under gradient checkpointing, three times
 instead of two), about 20% of a step. So `studio.hardware.longctx` turns it on only where the
-run does not fit otherwise. Multi-process runs never use it: DDP's gradient hooks do not
-expect a backward inside a backward.
+run does not fit otherwise. Multi-process runs do not use it: DDP reduces gradients from hooks
+as they accumulate, and how those meet a backward run inside the backward is untested here.
 """
 
 from __future__ import annotations
@@ -126,10 +126,10 @@ def install(model: Any, tokens_per_shard: int | None = None) -> int:
 
     `tokens_per_shard`: None takes the model's hidden size (DeepSpeed's and Liger's default:
     a shard's activations are then about the size of the layer's weights)."""
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 4096)
     mlps = dense_mlps(model)
     for mlp in mlps:
-        shard = tokens_per_shard or int(getattr(getattr(model, "config", None), "hidden_size", 0))
-        _wrap(mlp, shard or 4096)
+        _wrap(mlp, tokens_per_shard or hidden)
     return len(mlps)
 
 
