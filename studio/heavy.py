@@ -64,9 +64,11 @@ def guard_imports() -> None:
     global _plain_import
     if _done or _plain_import is not None:
         return
-    _plain_import = builtins.__import__
+    plain = _plain_import = builtins.__import__
 
     def guarded(name: str, *args: Any, **kwargs: Any) -> Any:
+        # `plain`, not the global: a thread still in here when `ready()` removes the guard
+        # (the global is then None) imports on.
         level = kwargs.get("level", args[3] if len(args) > 3 else 0)
         if (
             not _done
@@ -75,7 +77,7 @@ def guard_imports() -> None:
             and not getattr(_inside, "active", False)
         ):
             ready()
-        return _plain_import(name, *args, **kwargs)
+        return plain(name, *args, **kwargs)
 
     builtins.__import__ = guarded
 

@@ -33,6 +33,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The longest files first (CI's log: `--durations`): two workers each take the next file as
+# they free up, so the long ones start early and the short ones fill the end; a long file
+# collected last would run alone at the end, on one worker's single thread.
+LONGEST_FILES = (
+    "test_journey.py",
+    "test_bench.py",
+    "test_chat.py",
+    "test_distributed.py",
+    "test_export.py",
+    "test_dpo_ui.py",
+    "test_architectures.py",
+    "test_train.py",
+    "test_train_ui.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 def pytest_report_header() -> str:
     on = "on" if sys.flags.warn_default_encoding else "off (run python -X warn_default_encoding)"
     return f"encoding guard: {on}"
