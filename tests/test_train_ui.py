@@ -211,9 +211,9 @@ def test_values_typed_before_the_page_load_fill_are_kept_and_used(start_app, pag
     page.locator("#train-allow-pii input").check()  # the sample's planted PII
     page.locator("#train-start").click()
     notice = page.locator("#train-notice")
-    expect(notice).to_contain_text(re.compile(r"▶️ Started \S+"), timeout=30_000)
-    page.locator("#train-stop").click()
+    expect(notice).to_contain_text(re.compile(r"▶️ Started \S+\."), timeout=30_000)
     name = re.search(r"Started (\S+)\.", notice.inner_text()).group(1).strip("*")
+    page.locator("#train-stop").click()  # then the notice says Stop's news, not the name
     run_yaml = (tmp_path / "runs" / name / runs.RUN_YAML).read_text(encoding="utf-8")
     for _value, line in TYPED.values():
         assert line in run_yaml, (line, run_yaml)
