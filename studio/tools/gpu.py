@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import tempfile
 import time
 import traceback
@@ -66,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
         print("No CUDA GPU here: `python -m studio.bench gpu --tiny` checks the script on CPU.")
         return 2
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lora-studio-gpu-"))
+    try:
+        return _run_sections(args, device, work)
+    finally:
+        if not args.work_dir:  # the random-weight models: gigabytes at the real shapes
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_sections(args: argparse.Namespace, device: str, work: Path) -> int:
     ctx = {"device": device, "tiny": args.tiny, "steps": args.steps, "work": work}
     report: dict[str, Any] = {"machine": machine(), "card": _card(device), "tiny": args.tiny}
     started = time.time()
